@@ -1,0 +1,168 @@
+"""Pure mathematics of exact speculative verification for equal-variance Gaussian kernels.
+
+Draft kernel p = N(mh, s^2 I), target kernel q = N(m, s^2 I); norms run over the whole sample, so every
+function takes flattened float64 tensors ``(B, D)`` (means, states) and ``(B,)`` scalars.
+With ``d = |m - mh| / s``:
+
+- reflection maximal coupling (RMC, seed FREE-supplementary §B, eqs. 13-14): accept the draft xh with
+  probability min(1, q(xh)/p(xh)), else output ``m + (I - 2 e e^T)(xh - mh)``, ``e = (mh - m)/|mh - m|``;
+  P(reject) = TV(p, q) = 2 Phi(d/2) - 1.
+- block verification (Sun et al. 2025, Alg. 2; seed BlockVerification-summary) with the residual mass
+  ``R(c, d) = c Phi(d/2 + ln c / d) - Phi(-d/2 + ln c / d)`` and the continuous residual sampler of
+  ``norm(max(0, c q - p))``.
+
+Everything is evaluated in float64 and in log space where a naive ratio would overflow.
+A step with s = 0 (the deterministic last step) is handled as a point mass: d = inf, the draft is
+rejected unless it equals the target mean, and the residual is the target mean itself.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.special import log_ndtr, ndtr
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate near 0 and for very negative x (Maechler 2012)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _bcast(v: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(v, dtype=torch.float64, device=like.device).expand(like.shape[0])
+
+
+def mean_gap(m_target: torch.Tensor, m_draft: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """d = |m - mh| / s, (B,); inf where s = 0 and the means differ, 0 where they agree."""
+    gap = (m_target - m_draft).norm(dim=1)  # (B,)
+    s = _bcast(sigma, gap)
+    return torch.where(gap == 0, torch.zeros_like(gap), gap / s)
+
+
+def log_density_ratio(
+    x: torch.Tensor, m_target: torch.Tensor, m_draft: torch.Tensor, sigma: torch.Tensor | float
+) -> torch.Tensor:
+    """log q(x)/p(x) = (|x - mh|^2 - |x - m|^2) / (2 s^2) = (m - mh).(2x - m - mh) / (2 s^2), (B,).
+
+    The second form never forms a density, so it is exact for huge gaps. s = 0: 0 if m = mh else -inf."""
+    num = ((m_target - m_draft) * (2.0 * x - m_target - m_draft)).sum(dim=1)  # (B,)
+    s = _bcast(sigma, num)
+    same = (m_target == m_draft).all(dim=1)
+    point = torch.where(same, torch.zeros_like(num), torch.full_like(num, -math.inf))
+    return torch.where(s > 0, num / (2.0 * s.clamp_min(1e-300) ** 2), point)
+
+
+def reflect(x_draft: torch.Tensor, m_draft: torch.Tensor, m_target: torch.Tensor) -> torch.Tensor:
+    """Reflection map S(x) = m + (I - 2 e e^T)(x - mh), e = (mh - m)/|mh - m| (FREE eq. 14), (B, D)."""
+    diff = m_draft - m_target  # (B, D)
+    norm = diff.norm(dim=1, keepdim=True)
+    e = diff / torch.where(norm > 0, norm, torch.ones_like(norm))
+    v = x_draft - m_draft
+    return m_target + v - 2.0 * e * (e * v).sum(dim=1, keepdim=True)
+
+
+def rmc(
+    x_draft: torch.Tensor,
+    m_draft: torch.Tensor,
+    m_target: torch.Tensor,
+    sigma: torch.Tensor | float,
+    log_u: torch.Tensor,
+    log_ratio: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reflection maximal coupling: returns (output (B, D), accepted (B,) bool).
+
+    ``log_u``: (B,) log of uniforms; accept iff log u <= log q(xh)/p(xh). The output is distributed
+    exactly as q whatever the draft mean. ``log_ratio`` may be given (e.g. relaxed) instead of computed.
+    """
+    if log_ratio is None:
+        log_ratio = log_density_ratio(x_draft, m_target, m_draft, sigma)
+    accepted = log_u <= log_ratio
+    out = torch.where(accepted[:, None], x_draft, reflect(x_draft, m_draft, m_target))
+    return out, accepted
+
+
+def tv_distance(d: torch.Tensor) -> torch.Tensor:
+    """TV(N(m, s^2 I), N(mh, s^2 I)) = 2 Phi(d/2) - 1 = erf(d / (2 sqrt 2))."""
+    return torch.erf(d / (2.0 * math.sqrt(2.0)))
+
+
+def _log_residual_cdf(u: torch.Tensor, log_c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """log G(u), G(u) = c Phi(u) - Phi(u - d), valid for u <= u* (where G is increasing)."""
+    lp = log_ndtr(u)
+    return log_c + lp + log1mexp((log_ndtr(u - d) - lp - log_c).clamp_max(0.0))
+
+
+def residual_threshold(log_c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """u* = d/2 + ln(c)/d: the residual c phi(u) - phi(u - d) is positive exactly on u < u*."""
+    return d / 2.0 + log_c / d
+
+
+def log_residual_mass(log_c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """log R(c, d), R = integral max(0, c q - p) = c Phi(u*) - Phi(u* - d), for c in (0, 1], d >= 0.
+
+    R = 0 (log R = -inf) when d = 0 (c <= 1) or c = 0; R = c when d = inf (point-mass target)."""
+    log_c = torch.as_tensor(log_c, dtype=torch.float64).expand_as(d)
+    finite = (d > 0) & torch.isfinite(d) & torch.isfinite(log_c)
+    d_safe = torch.where(finite, d, torch.ones_like(d))
+    lc_safe = torch.where(finite, log_c, torch.zeros_like(log_c))
+    val = _log_residual_cdf(residual_threshold(lc_safe, d_safe), lc_safe, d_safe)
+    out = torch.where(finite, val, torch.full_like(d, -math.inf))
+    return torch.where(torch.isinf(d) & (d > 0), log_c, out)
+
+
+def residual_mass(c: torch.Tensor | float, d: torch.Tensor) -> torch.Tensor:
+    """R(c, d) = c Phi(d/2 + ln c / d) - Phi(-d/2 + ln c / d) (DESIGN.md "Block verification")."""
+    c = torch.as_tensor(c, dtype=torch.float64).expand_as(d)
+    return log_residual_mass(torch.log(c), d).exp()
+
+
+def sample_residual_coordinate(
+    log_c: torch.Tensor, d: torch.Tensor, w: torch.Tensor, iters: int = 80
+) -> torch.Tensor:
+    """Draw u ~ norm(max(0, c phi(u) - phi(u - d))) by inverting its CDF G(u)/R (vectorised bisection in
+    float64 and log space; a fixed number of iterations, so no random run time).
+
+    log_c, d, w: (B,), w uniform in (0, 1). Requires d in (0, inf) and c > 0; returns u (B,), measured
+    from the target mean towards the draft mean in units of s."""
+    u_star = residual_threshold(log_c, d)
+    target = torch.log(w) + _log_residual_cdf(u_star, log_c, d)  # log(w R)
+    # G(u) <= c Phi(u), so G(lo) <= w R once c Phi(lo) <= w R: a safe lower bracket.
+    lo = torch.minimum(u_star, torch.full_like(u_star, -40.0))
+    lo = torch.where(log_ndtr(lo) + log_c <= target, lo, lo - 40.0)
+    hi = u_star.clone()
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        below = _log_residual_cdf(mid, log_c, d) < target
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def sample_residual(
+    m_target: torch.Tensor,
+    m_draft: torch.Tensor,
+    sigma: torch.Tensor | float,
+    log_c: torch.Tensor,
+    w: torch.Tensor,
+    z_perp: torch.Tensor,
+) -> torch.Tensor:
+    """A draw from norm(max(0, c q - p)), (B, D).
+
+    Only the component along e = (mh - m)/|mh - m| differs from q; orthogonal to e the residual is the
+    target's own Gaussian. ``z_perp`` (B, D) are fresh standard normals (their e-component is removed)
+    and ``w`` (B,) fresh uniforms for the inverse CDF along e. Fresh draws are required for block
+    verification: its decision depends on later drafts, which depend on the whole of xh_{tau+1}.
+    A point-mass target (s = 0) returns m.
+    """
+    d = mean_gap(m_target, m_draft, sigma)  # (B,)
+    s = _bcast(sigma, d)
+    diff = m_draft - m_target
+    norm = diff.norm(dim=1, keepdim=True)
+    e = diff / torch.where(norm > 0, norm, torch.ones_like(norm))  # (B, D)
+    ok = (d > 0) & torch.isfinite(d)
+    u = sample_residual_coordinate(
+        torch.where(ok, log_c, torch.zeros_like(log_c)), torch.where(ok, d, torch.ones_like(d)), w
+    )
+    u = torch.where(ok, u, torch.zeros_like(u))
+    perp = z_perp - e * (e * z_perp).sum(dim=1, keepdim=True)
+    return m_target + s[:, None] * (u[:, None] * e + perp)

@@ -1,0 +1,52 @@
+"""The drafter contract and the generic "model as drafter" adapter.
+
+A drafter proposes the eps of each draft step of a round, autoregressively:
+
+    carry = drafter.start(context)                       # once per round
+    eps_hat_j, carry = drafter.step(xh_{j-1}, t_j, y, carry)   # j = 1..L
+
+``context`` carries the latest target output of each chain (computed in the previous round's batch), so a
+drafter may reuse it at no cost. Any drafter keeps the speculative samplers exact; only acceptance
+depends on its quality.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from specdit.models.base import EpsModel
+
+
+@dataclass
+class DraftContext:
+    x: torch.Tensor  # (B, *shape) round start states, float64
+    k: torch.Tensor  # (B,) int64 state index of the round start
+    y: torch.Tensor | None  # (B,) labels
+    last_eps: torch.Tensor | None  # (B, *shape) latest target eps of each chain (rows valid where has_last)
+    last_features: torch.Tensor | None  # (B, ...) latest target top-block features, if the target has them
+    has_last: torch.Tensor  # (B,) bool
+
+
+class Drafter(Protocol):
+    cost: int  # network evaluations per draft step (0: free)
+
+    def start(self, ctx: DraftContext) -> Any: ...
+
+    def step(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, carry: Any) -> tuple[torch.Tensor, Any]: ...
+
+
+class ModelDrafter:
+    """Any (cheaper or perturbed) eps model used as a drafter: eps_hat_j = drafter_model(xh_{j-1}, t_j, y)."""
+
+    cost = 1
+
+    def __init__(self, model: EpsModel):
+        self.model = model
+
+    def start(self, ctx: DraftContext) -> None:
+        return None
+
+    def step(self, x, t, y, carry):
+        return self.model(x, t, y).eps.double(), carry

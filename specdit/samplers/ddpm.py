@@ -1,0 +1,41 @@
+"""Baseline ancestral sampler of the eta family (DDPM at eta = 1, DDIM at eta = 0).
+
+One target call per step: x_{k-1} = mean_k(x_k, eps(x_k, tau_k)) + sigma_k z_k, z_k keyed by (seed, k).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from specdit.models.base import EpsModel
+from specdit.noise import NoiseStreams, Purpose
+from specdit.samplers.common import call_model, initial_noise
+from specdit.schedule import Schedule
+from specdit.stats import SampleStats
+
+
+def sample_ddpm(
+    model: EpsModel,
+    schedule: Schedule,
+    streams: NoiseStreams,
+    *,
+    y: torch.Tensor | None = None,
+    callback: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, SampleStats]:
+    """Returns (samples (B, *shape) float64, stats). ``callback(n)`` reports n more steps done per chain."""
+    shape = tuple(model.sample_shape)
+    B, S = len(streams), schedule.num_steps
+    x = initial_noise(streams, shape)  # (B, *shape)
+    for k in range(S, 0, -1):
+        kk = torch.full((B,), k, dtype=torch.int64)
+        eps = call_model(model, x, schedule.timesteps[kk], y).eps
+        x = schedule.step_mean(x, eps, kk)
+        if schedule.sigma[k] > 0:
+            x = x + schedule.sigma[k] * streams.normal(Purpose.STEP, k, shape=shape)
+        if callback is not None:
+            callback(1)
+    stats = SampleStats.zeros(B, S)
+    stats.rounds += S
+    stats.target_evals += S
+    return x, stats

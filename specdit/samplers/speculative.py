@@ -1,0 +1,179 @@
+"""Speculative sampling of a diffusion chain (DESIGN.md "Speculative round"; FREE Alg. 1-2; Sun et al.).
+
+Each round, for every chain at state index k with draft length L_b = min(L, k):
+
+1. the drafter proposes means mh_1..mh_{L_b} autoregressively, xh_j = mh_j + sigma_{k-j+1} z_j;
+2. ONE batched target call on [xh_0 = x, xh_1, ..., xh_{L_b - 1}] (each at its own timestep) gives the
+   target means m_1..m_{L_b};
+3. token-wise RMC or block verification decides how many drafts to keep and draws the next state.
+
+Chains advance by different amounts, so each keeps its own state index and target calls are batched
+with per-item timesteps. All random numbers of a round are keyed by (seed, purpose, k, position): the
+round start k is unique per chain, so no draw is ever reused by a later round.
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+
+from specdit.drafters.base import DraftContext, Drafter
+from specdit.models.base import EpsModel
+from specdit.noise import NoiseStreams, Purpose
+from specdit.samplers.common import call_model, flat, initial_noise
+from specdit.schedule import Schedule
+from specdit.stats import SampleStats
+from specdit.verify import Proposal, Verdict, verify_block, verify_token
+
+Verification = Literal["token", "block"]
+
+
+def _draft(drafter: Drafter, ctx: DraftContext, schedule: Schedule, streams: NoiseStreams, length: torch.Tensor):
+    """Step 1: autoregressive drafts. Returns states [xh_0..xh_Lmax] (B, Lmax+1, *shape), draft means
+    (B, Lmax, *shape) and draft eps (B, Lmax, *shape); positions beyond a chain's length are padding."""
+    shape = ctx.x.shape[1:]
+    carry = drafter.start(ctx)
+    states, means, eps_hats = [ctx.x], [], []
+    for j in range(1, int(length.max()) + 1):
+        kj = (ctx.k - j + 1).clamp_min(1)  # (B,) state index of the step taken at position j
+        eps_hat, carry = drafter.step(states[-1], schedule.timesteps[kj], ctx.y, carry)
+        mean = schedule.step_mean(states[-1], eps_hat, kj)
+        z = streams.normal(Purpose.DRAFT, ctx.k, j, shape=tuple(shape))
+        sig = schedule.sigma[kj].view(-1, *([1] * len(shape)))
+        states.append(mean + sig * z)
+        means.append(mean)
+        eps_hats.append(eps_hat.double())
+    return torch.stack(states, 1), torch.stack(means, 1), torch.stack(eps_hats, 1)
+
+
+def _verify_batch(model: EpsModel, schedule: Schedule, states, k, y, length):
+    """Step 2: one batched target call on xh_0..xh_{L_b-1} of every chain.
+
+    Returns target eps (B, Lmax, *shape), target means (B, Lmax, *shape) and features (or None)."""
+    B, Lmax = states.shape[0], states.shape[1] - 1
+    pos = torch.arange(Lmax)[None, :]
+    items = pos < length[:, None]  # (B, Lmax) which (chain, position) pairs are evaluated
+    kk = (k[:, None] - pos).clamp_min(1)  # (B, Lmax) state index of item j: k - j
+    yy = None if y is None else y[:, None].expand(B, Lmax)[items]
+    out = call_model(model, states[:, :Lmax][items], schedule.timesteps[kk[items]], yy)
+    eps = torch.zeros(B, Lmax, *states.shape[2:], dtype=torch.float64)
+    eps[items] = out.eps
+    feats = None
+    if out.features is not None:
+        feats = torch.zeros(B, Lmax, *out.features.shape[1:], dtype=out.features.dtype)
+        feats[items] = out.features
+    m_target = schedule.step_mean(states[:, :Lmax].flatten(0, 1), eps.flatten(0, 1), kk.flatten())
+    return eps, m_target.view(eps.shape), feats
+
+
+def speculative_round(
+    model: EpsModel,
+    drafter: Drafter,
+    schedule: Schedule,
+    streams: NoiseStreams,
+    ctx: DraftContext,
+    *,
+    draft_length: int,
+    verification: Verification,
+    relax: float = 0.0,
+):
+    """One round for a batch of chains (all with k >= 1). Returns (verdict, target eps, features, L_b)."""
+    length = ctx.k.clamp_max(draft_length)  # (B,)
+    states, m_draft, eps_hat = _draft(drafter, ctx, schedule, streams, length)
+    eps_t, m_target, feats = _verify_batch(model, schedule, states, ctx.k, ctx.y, length)
+    B, Lmax = eps_t.shape[:2]
+    kk = (ctx.k[:, None] - torch.arange(Lmax)[None, :]).clamp_min(1)
+    temper = None
+    if relax > 0:
+        # Uncertainty-guided relaxation: divide log q/p by 1 + lambda * mean((eps_hat - eps)^2).
+        temper = 1.0 + relax * (eps_hat - eps_t).flatten(2).pow(2).mean(-1)
+    proposal = Proposal(
+        x_draft=states[:, 1:].flatten(2), m_draft=m_draft.flatten(2), m_target=m_target.flatten(2),
+        sigma=schedule.sigma[kk], length=length, temper=temper,
+    )
+    if verification == "token":
+        log_u = streams.uniform(Purpose.ACCEPT, ctx.k, n=Lmax).log()
+        verdict = verify_token(proposal, log_u)
+    elif verification == "block":
+        D = proposal.x_draft.shape[2]
+        verdict = verify_block(
+            proposal,
+            streams.uniform(Purpose.BLOCK, ctx.k, n=Lmax),
+            streams.uniform(Purpose.RESIDUAL, ctx.k, n=1)[:, 0],
+            streams.normal(Purpose.RESIDUAL, ctx.k, shape=(D,)),
+        )
+    else:
+        raise ValueError(f"verification must be 'token' or 'block', got {verification!r}")
+    return verdict, eps_t, feats, length
+
+
+def _record(stats: SampleStats, rows: torch.Tensor, k: torch.Tensor, verdict: Verdict, length: torch.Tensor, cost: int):
+    """Add one round of chains ``rows`` to the statistics."""
+    Lmax = int(length.max())
+    pos = torch.arange(1, Lmax + 1)[None, :]
+    idx = (k[:, None] - pos + 1).clamp_min(0)  # state index of each position
+    judged = (pos <= torch.minimum(verdict.kept + 1, length)[:, None]).long()
+    kept = (pos <= verdict.kept[:, None]).long()
+    stats.rounds[rows] += 1
+    stats.target_evals[rows] += length
+    stats.draft_evals[rows] += cost * length
+    stats.proposed[rows] = stats.proposed[rows].scatter_add(1, idx, judged)
+    stats.accepted[rows] = stats.accepted[rows].scatter_add(1, idx, kept)
+
+
+def sample_speculative(
+    model: EpsModel,
+    drafter: Drafter,
+    schedule: Schedule,
+    streams: NoiseStreams,
+    *,
+    y: torch.Tensor | None = None,
+    draft_length: int = 8,
+    verification: Verification = "block",
+    relax: float = 0.0,
+    callback: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, SampleStats]:
+    """Exact speculative sampling (for relax = 0). Returns (samples (B, *shape) float64, stats).
+
+    ``callback(n)`` reports the total number of steps all chains advanced in a round."""
+    if draft_length < 1:
+        raise ValueError(f"draft length must be >= 1, got {draft_length}")
+    if relax < 0:
+        raise ValueError(f"relaxation must be >= 0, got {relax}")
+    if schedule.eta <= 0:
+        raise ValueError("speculative sampling needs a stochastic kernel (eta > 0)")
+    shape = tuple(model.sample_shape)
+    B, S = len(streams), schedule.num_steps
+    x = initial_noise(streams, shape)  # (B, *shape)
+    k = torch.full((B,), S, dtype=torch.int64)
+    last_eps = torch.zeros_like(x)
+    last_feats: torch.Tensor | None = None
+    has_last = torch.zeros(B, dtype=torch.bool)
+    stats = SampleStats.zeros(B, S)
+    while True:
+        rows = (k > 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            break
+        ctx = DraftContext(
+            x=x[rows], k=k[rows], y=None if y is None else y[rows], last_eps=last_eps[rows],
+            last_features=None if last_feats is None else last_feats[rows], has_last=has_last[rows],
+        )
+        verdict, eps_t, feats, length = speculative_round(
+            model, drafter, schedule, streams.subset(rows), ctx,
+            draft_length=draft_length, verification=verification, relax=relax,
+        )
+        _record(stats, rows, ctx.k, verdict, length, drafter.cost)
+        x[rows] = verdict.state.view(-1, *shape)
+        k[rows] = ctx.k - verdict.steps
+        # The latest target output of each chain: item steps-1 (the state one step before the new one).
+        latest = (verdict.steps - 1).clamp_min(0)
+        ar = torch.arange(rows.numel())
+        last_eps[rows] = eps_t[ar, latest]
+        if feats is not None:
+            if last_feats is None:
+                last_feats = torch.zeros(B, *feats.shape[2:], dtype=feats.dtype)
+            last_feats[rows] = feats[ar, latest]
+        has_last[rows] = True
+        if callback is not None:
+            callback(int(verdict.steps.sum()))
+    return x, stats
