@@ -1,0 +1,30 @@
+# Fresh machine: `make run` (set up + sample the built-in model), `make test` (set up + test suite).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/specdit generate --model $(or $(MODEL),mnist-dit) --sampler speculative --drafter $(or $(DRAFTER),free) \
+		--verify block --draft-length 8 --cfg 1.5 --steps 250 --num-samples 64 --out outputs/run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=15
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/specdit bench --model gmm-2d --steps 250 --num-samples 2000 --markdown
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,94 @@
+"""Writing a generation to disk: an ``.npz`` of samples, labels, seeds and per-sample statistics, a JSON
+summary beside it, and for image models PNGs and a grid. Files are written to a temporary name and
+renamed, so a crash never leaves a half-written output behind."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specdit.api import Generation, SamplerConfig
+
+
+def _atomic_save_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile uint8 images (N, H, W, C) into one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) image."""
+    n, h, w, c = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
+    return grid
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp)
+    os.replace(tmp, path)
+
+
+def save_generation(gen: Generation, seeds: torch.Tensor, out: str | Path, *, model_name: str,
+                    config: SamplerConfig, images: np.ndarray | None = None) -> dict:
+    """Save to ``out`` (a ``.npz`` file, or a directory for image models); returns the JSON summary."""
+    out = Path(out)
+    summary = {"model": model_name, "config": config.to_dict(), "wall_time_s": gen.wall_time,
+               "stats": gen.stats.summary()}
+    arrays = {"samples": gen.samples.numpy(), "seeds": seeds.numpy(),
+              **{f"stats_{k}": v for k, v in gen.stats.to_arrays().items()}}
+    if gen.labels is not None:
+        arrays["labels"] = gen.labels.numpy()
+    if out.suffix == ".npz":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save_npz(out, **arrays)
+        _atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2))
+        return summary
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_save_npz(out / "samples.npz", **arrays)
+    if images is not None:
+        for i, img in enumerate(images):
+            save_png(out / f"{i:05d}.png", img)
+        save_png(out / "grid.png", image_grid(images))
+    _atomic_write_text(out / "stats.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, seed: int, label_policy: str,
+                     out: str | Path, *, batch_size: int = 64, device: str = "cpu", threads: int | None = None,
+                     progress=None) -> dict:
+    """Load ``model_name``, sample ``num_samples`` chains with seeds f(seed, i) and labels from
+    ``label_policy``, and save them to ``out`` (see ``save_generation``). Returns the summary."""
+    from specdit.api import generate, load_model
+    from specdit.labels import labels_for
+    from specdit.noise import sample_seed
+
+    if num_samples < 1:
+        raise ValueError(f"number of samples must be >= 1, got {num_samples}")
+    config.validate()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model = load_model(model_name, device=device)
+    idx = torch.arange(num_samples)
+    seeds = sample_seed(seed, idx)
+    labels = labels_for(label_policy, idx, seeds, model.num_classes)
+    gen = generate(model, config, seeds, labels, batch_size=batch_size, device=device, progress=progress)
+    images = model.to_images(gen.samples) if hasattr(model, "to_images") else None
+    return save_generation(gen, seeds, out, model_name=model_name, config=config, images=images)
