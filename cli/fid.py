@@ -1,0 +1,83 @@
+"""``specdit fid`` and ``specdit fid-ref``: FID between two sources, and cached reference statistics."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+class Features(str, Enum):
+    inception = "inception"
+    mnist = "mnist"
+    raw = "raw"
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"Error: {msg}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code=2)
+
+
+def _accuracy_line(src, name: str) -> Optional[str]:
+    """Class accuracy of a labelled MNIST-sized image source, else None."""
+    if src.labels is None or src.data is None:
+        return None
+    from specdit.metrics.mnist_classifier import class_accuracy
+
+    try:
+        acc = class_accuracy(src.images_uint8(), src.labels)
+    except ValueError:
+        return None  # not MNIST-shaped images
+    return f"class accuracy ({name}): {acc:.4f}  (n={src.labels.shape[0]})"
+
+
+def fid(
+    source_a: str = typer.Argument(..., help="Folder of images, .npz of samples or FeatureStats, or a named reference (mnist)."),
+    source_b: str = typer.Argument("mnist", help="Second source (default: the built-in MNIST reference)."),
+    features: Features = typer.Option(Features.inception, "--features", "-f", help="Feature extractor."),
+    batch_size: Optional[int] = typer.Option(None, help="Extractor batch size (default per extractor)."),
+    save_stats: Optional[Path] = typer.Option(None, help="Also save SOURCE_A's FeatureStats to this .npz."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Compute the FID between two sources (plus class accuracy when an .npz carries labels)."""
+    from specdit.metrics.fid import frechet_distance
+    from specdit.metrics.sources import load_source, source_stats
+
+    try:
+        a, b = load_source(source_a), load_source(source_b)
+        sa = source_stats(a, features.value, batch_size=batch_size, progress=progress)
+        sb = source_stats(b, features.value, batch_size=batch_size, progress=progress)
+        if save_stats is not None:
+            typer.echo(f"saved {sa.save(save_stats)}")
+        value = frechet_distance(sa, sb)
+        lines = [_accuracy_line(a, "A"), _accuracy_line(b, "B")] if features != Features.raw else []
+    except (ValueError, OSError) as e:  # SourceError is a ValueError; FileNotFoundError an OSError
+        _fail(str(e))
+    typer.echo(f"FID[{features.value}] = {value:.6g}  (n_A={sa.n}, n_B={sb.n})")
+    for line in lines:
+        if line:
+            typer.echo(line)
+
+
+def fid_ref(
+    name: str = typer.Argument("mnist", help="Named reference data set."),
+    features: Features = typer.Option(Features.inception, "--features", "-f"),
+    recompute: bool = typer.Option(False, help="Ignore cached/shipped statistics."),
+    out: Optional[Path] = typer.Option(None, help="Write here instead of the user cache."),
+    batch_size: Optional[int] = typer.Option(None),
+) -> None:
+    """Compute (once) and cache the FID reference statistics of a built-in data set."""
+    from specdit.metrics.reference import reference_stats, reference_stats_path
+
+    try:
+        stats = reference_stats(name, features.value, recompute=recompute, out=out, batch_size=batch_size)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    where = out or reference_stats_path(name, features.value)
+    typer.echo(f"{name}/{features.value}: n={stats.n} dim={stats.dim} checksum={stats.checksum} -> {where}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("fid")(fid)
+    app.command("fid-ref")(fid_ref)
