@@ -89,17 +89,14 @@ class Generation:
 
 def load_model(name: str, device: str = "cpu") -> EpsModel:
     """A registered model by name (analytic mixtures, the built-in DiT) or a checkpoint path."""
-    from specdit.models.gmm import GMM_PRESETS
-
-    if name in GMM_PRESETS:
-        return GMM_PRESETS[name]()
     from specdit.models.registry import load_model as _load
 
     return _load(name, device=device)
 
 
-def make_drafter(spec: str, target: EpsModel, device: str = "cpu") -> Drafter:
-    """Build the drafter named by ``spec`` (see SamplerConfig) for ``target``."""
+def make_drafter(spec: str, target: EpsModel, device: str = "cpu", model_name: str | None = None) -> Drafter:
+    """Build the drafter named by ``spec`` (see SamplerConfig) for ``target``. ``feature`` loads the drafter
+    shipped beside the built-in ``model_name``; ``feature:<folder>`` loads a trained drafter folder."""
     kind, _, arg = spec.partition(":")
     if kind == "free":
         return FreeDrafter()
@@ -109,8 +106,10 @@ def make_drafter(spec: str, target: EpsModel, device: str = "cpu") -> Drafter:
         return ModelDrafter(load_model(arg, device=device))
     if kind == "feature":
         from specdit.drafters.feature import load_feature_drafter
+        from specdit.models.registry import builtin_drafter_folder
 
-        return load_feature_drafter(target, device=device)
+        folder = arg or builtin_drafter_folder(model_name)
+        return load_feature_drafter(target, folder)
     raise ValueError(f"unknown drafter {spec!r}")
 
 
@@ -118,10 +117,10 @@ def guided(model: EpsModel, scale: float) -> EpsModel:
     """Classifier-free guidance of a class-conditional model (identity at scale 1)."""
     if scale == 1.0:
         return model
-    if model.num_classes is None:
-        raise ValueError("classifier-free guidance needs a class-conditional model")
-    from specdit.models.dit import CFGDenoiser
+    from specdit.models.dit import CFGDenoiser, DiTDenoiser
 
+    if not isinstance(model, DiTDenoiser):
+        raise ValueError("classifier-free guidance is implemented for DiT models (use --cfg 1 otherwise)")
     return CFGDenoiser(model, scale)
 
 
@@ -170,7 +169,8 @@ def generate(
     elif base.num_classes is not None:
         labels = torch.full_like(seeds, base.num_classes)
     target = guided(base, config.cfg_scale)
-    drafter = make_drafter(config.drafter, target, device) if config.sampler == "speculative" else None
+    name = model if isinstance(model, str) else None
+    drafter = make_drafter(config.drafter, target, device, name) if config.sampler == "speculative" else None
     start = time.perf_counter()
     outs, stats = [], []
     for lo in range(0, seeds.numel(), batch_size):

@@ -90,5 +90,5 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
     seeds = sample_seed(seed, idx)
     labels = labels_for(label_policy, idx, seeds, model.num_classes)
     gen = generate(model, config, seeds, labels, batch_size=batch_size, device=device, progress=progress)
-    images = model.to_images(gen.samples) if hasattr(model, "to_images") else None
+    images = model.to_images(gen.samples).numpy() if hasattr(model, "to_images") else None
     return save_generation(gen, seeds, out, model_name=model_name, config=config, images=images)

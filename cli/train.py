@@ -1,0 +1,46 @@
+"""``specdit train-drafter``: train a FREE feature drafter for a DiT (resumes from OUT automatically)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.common import user_errors
+
+
+def train_drafter(
+    model: str = typer.Option("mnist-dit", "--model", "-m", help="DiT to draft for (name or path)."),
+    data: str = typer.Option("mnist", help="'mnist' or an .npz of samples 'x' and 'labels' in model space."),
+    out: Path = typer.Option(Path("runs/drafter"), "--out", "-o", help="Run folder (checkpoints, loss log)."),
+    export: Optional[Path] = typer.Option(None, help="Where to write the trained drafter (default OUT/drafter)."),
+    steps: int = typer.Option(3000, help="Optimisation steps."),
+    batch_size: int = typer.Option(64),
+    lr: float = typer.Option(3e-4),
+    lambda_feat: float = typer.Option(0.5, help="Weight of L_feat."),
+    lambda_smooth: float = typer.Option(0.005, help="Weight of L_smooth."),
+    ema: float = typer.Option(0.999, help="EMA decay."),
+    sample_steps: int = typer.Option(250, help="Sampling steps S the drafter will draft on."),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+) -> None:
+    """Train the drafter against the frozen DiT with on-the-fly supervision; prints the final losses."""
+    import torch
+
+    from specdit.api import load_model
+    from specdit.data import load_training_data
+    from specdit.training.drafter import DrafterTrainConfig, train_drafter as run
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cfg = DrafterTrainConfig(steps=steps, batch_size=batch_size, lr=lr, lambda_feat=lambda_feat,
+                             lambda_smooth=lambda_smooth, ema_decay=ema, sample_steps=sample_steps, seed=seed)
+    target = load_model(model)
+    if not hasattr(target, "eps_from_features"):
+        raise ValueError(f"model {model!r} has no top-block features: the feature drafter needs a DiT")
+    folder = run(target, load_training_data(data), cfg, out, export_dir=export)
+    typer.echo(f"drafter written to {folder} (log: {out / 'loss_log.csv'})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train-drafter")(user_errors(train_drafter))

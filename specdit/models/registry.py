@@ -1,0 +1,83 @@
+"""Named models and paths -> EpsModel (DESIGN.md style rule 5: a registry of named variants).
+
+``load_model(name_or_path)`` resolves, in order:
+
+1. a built-in DiT (``mnist-dit``: the MNIST DiT shipped in ``specdit/assets/mnist-dit``);
+2. an analytic Gaussian-mixture preset from ``specdit.models.gmm.GMM_PRESETS`` (imported lazily);
+3. a path: a diffusers folder (``config.json`` or a ``DiTPipeline`` folder with ``transformer/``), an original
+   DiT checkpoint (``.pt``/``.pth``), or our single-file ``.safetensors``.
+
+``guidance_scale`` wraps a DiT in :class:`~specdit.models.dit.CFGDenoiser`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from specdit.models.base import EpsModel
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUILTIN_DITS: dict[str, Path] = {"mnist-dit": ASSETS / "mnist-dit"}
+BUILTIN_DRAFTERS: dict[str, Path] = {"mnist-dit": ASSETS / "mnist-dit-drafter"}
+
+
+def builtin_drafter_folder(name: str | None) -> Path:
+    """The FREE feature drafter shipped beside a built-in DiT."""
+    if name not in BUILTIN_DRAFTERS:
+        raise ValueError(f"no built-in feature drafter for model {name!r}; pass --drafter feature:<folder> "
+                         f"(built-in: {', '.join(BUILTIN_DRAFTERS)})")
+    return BUILTIN_DRAFTERS[name]
+
+
+def _gmm_presets() -> dict[str, Callable[[], EpsModel]]:
+    try:
+        from specdit.models.gmm import GMM_PRESETS
+    except ImportError:
+        return {}
+    return dict(GMM_PRESETS)
+
+
+def known_names() -> list[str]:
+    return sorted([*BUILTIN_DITS, *_gmm_presets()])
+
+
+def load_model(name_or_path: str, device: str = "cpu", *, guidance_scale: float | None = None,
+               guided_channels: int | None = None, vae: str | None = None, dtype=None,
+               num_heads: int | None = None) -> EpsModel:
+    """Resolve a built-in name, a GMM preset or a checkpoint path to an EpsModel.
+
+    ``num_heads`` is only needed for an original DiT checkpoint whose hidden size is not a multiple of 64.
+    Raises ``ValueError`` (one line, listing the known names) for an unknown name or an unusable path."""
+    from specdit.models import dit
+
+    name = str(name_or_path)
+    model = None
+    if name in BUILTIN_DITS:
+        folder = BUILTIN_DITS[name]
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"built-in model {name!r} has no weights at {folder} (train it with "
+                             f"`python -m specdit.training.train_mnist_dit`)")
+        model = dit.load_dit_diffusers(folder, device=device, dtype=dtype, vae=vae)
+    else:
+        presets = _gmm_presets()
+        if name in presets:
+            if guidance_scale is not None:
+                raise ValueError(f"guidance_scale applies to DiT models, not the analytic preset {name!r}")
+            return presets[name]()
+        path = Path(name).expanduser()
+        if path.is_dir():
+            if not ((path / "config.json").is_file() or (path / "transformer" / "config.json").is_file()):
+                raise ValueError(f"folder {path} is not a diffusers DiT (no config.json); known names: "
+                                 f"{', '.join(known_names())}")
+            model = dit.load_dit_diffusers(path, device=device, dtype=dtype, vae=vae)
+        elif path.is_file() and path.suffix in {".pt", ".pth", ".bin", ".ckpt"}:
+            model = dit.load_dit_original(path, device=device, dtype=dtype, vae=vae, num_heads=num_heads)
+        elif path.is_file() and path.suffix == ".safetensors":
+            model = dit.load_dit_safetensors(path, device=device, dtype=dtype, vae=vae)
+        else:
+            what = "unsupported file type" if path.is_file() else "unknown model name or missing path"
+            raise ValueError(f"{what}: {name!r}; known names: {', '.join(known_names())}; or pass a diffusers "
+                             f"folder, an original DiT .pt or a specdit .safetensors")
+    if guidance_scale is not None:
+        return dit.CFGDenoiser(model, guidance_scale, guided_channels)
+    return model

@@ -1,0 +1,198 @@
+"""Training the FREE feature drafter against a frozen DiT (seed FREE-supplementary §A).
+
+Each step, on the fly (no stored features):
+
+1. a batch of data x0 with labels, 10% replaced by the null class (the DiT's own label embedding is used);
+2. a state index k ~ U{2..S} of the sampling schedule, x_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps;
+3. the frozen DiT at (x_k, tau_k) gives (f_k, eps_k); one kernel step gives x_{k-1}; the DiT at
+   (x_{k-1}, tau_{k-1}) gives the teacher (f_ref, eps_ref);
+4. the drafter predicts f_hat = net(f_k, x_{k-1}, c(tau_{k-1}, y)), eps_hat = FinalLayer(f_hat);
+
+    L = L_noise + lambda_f L_feat + lambda_s L_smooth,
+    L_noise = mse(eps_hat, eps_ref),  L_feat = mse(f_hat, f_ref),  L_smooth = mse(f_hat, f_k).
+
+L_smooth (its form is not in the seeds) is a temporal-stability prior: it penalises the predicted change of
+the top-block feature over one step, which FREE's Fig. 3 shows to be small; lambda_s is small (0.005 at
+256^2, 0.01 at 512^2 in FREE) so it regularises without fighting L_feat. Transitions follow the sampling
+schedule the drafter is used with (S respaced steps), since a draft step is a respaced step.
+
+Optimisation: AdamW, EMA of the weights, gradient clipping. Every random number of step s comes from a
+generator seeded by (seed, s), so a run resumed from a checkpoint retraces the uninterrupted run exactly.
+Checkpoints hold tensors and plain numbers only and load with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from specdit.drafters.feature import FeatureDrafterConfig, FeatureDrafterNet, save_feature_drafter
+from specdit.noise import mix64_reference
+from specdit.schedule import Schedule
+
+LOG_FIELDS = ["step", "loss", "noise", "feat", "smooth"]
+
+
+@dataclass
+class DrafterTrainConfig:
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    lambda_feat: float = 0.5
+    lambda_smooth: float = 0.005
+    ema_decay: float = 0.999
+    label_drop: float = 0.1
+    sample_steps: int = 250  # S of the schedule the drafter drafts on
+    eta: float = 1.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    ckpt_every: int = 250
+    log_every: int = 10
+
+    def validate(self) -> "DrafterTrainConfig":
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch size must be >= 1")
+        if not 0 <= self.label_drop < 1 or not 0 <= self.ema_decay < 1:
+            raise ValueError("label_drop and ema_decay must lie in [0, 1)")
+        if self.sample_steps < 2:
+            raise ValueError("sample_steps must be >= 2")
+        return self
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of training step ``step``: a pure function of (seed, step)."""
+    return torch.Generator().manual_seed(mix64_reference(mix64_reference(seed) ^ (step + 1)) & ((1 << 63) - 1))
+
+
+def drafter_losses(net: FeatureDrafterNet, target, x0: torch.Tensor, y: torch.Tensor, schedule: Schedule,
+                   g: torch.Generator, label_drop: float) -> dict[str, torch.Tensor]:
+    """The three loss terms on one batch (x0 (N, C, H, W), labels y (N,)), supervision on the fly."""
+    n = x0.shape[0]
+    S = schedule.num_steps
+    drop = torch.rand(n, generator=g) < label_drop
+    y = torch.where(drop, torch.full_like(y, target.num_classes), y)
+    k = torch.randint(2, S + 1, (n,), generator=g)  # (N,) state index of x_k
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    z = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    bshape = (-1,) + (1,) * (x0.dim() - 1)
+    abar = schedule.abar[k].view(bshape)
+    x_k = abar.sqrt() * x0.double() + (1 - abar).sqrt() * noise
+    t_k, t_prev = schedule.timesteps[k], schedule.timesteps[k - 1]
+    with torch.no_grad():
+        out_k = target(x_k.to(target.dtype), t_k, y)  # teacher at x_k: (f_k, eps_k)
+        x_prev = schedule.step_mean(x_k, out_k.eps, k) + schedule.sigma[k].view(bshape) * z
+        ref = target(x_prev.to(target.dtype), t_prev, y)  # teacher at x_{k-1}: (f_ref, eps_ref)
+        tokens = target.transformer.pos_embed(x_prev.to(target.dtype))
+        cond = target.embed(t_prev, y)
+    f_hat = net(out_k.features, tokens, cond)  # (N, T, D)
+    eps_hat = target.eps_from_features(f_hat, t_prev, y)
+    return {
+        "noise": F.mse_loss(eps_hat, ref.eps),
+        "feat": F.mse_loss(f_hat, ref.features),
+        "smooth": F.mse_loss(f_hat, out_k.features),
+    }
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _read_log(path: Path, upto: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [r for r in csv.DictReader(f) if int(r["step"]) <= upto]
+
+
+def train_drafter(target, data: tuple[torch.Tensor, torch.Tensor], cfg: DrafterTrainConfig, out_dir: str | Path, *,
+                  export_dir: str | Path | None = None, stop_after: int | None = None,
+                  progress: bool = True, on_log: Callable[[dict], None] | None = None) -> Path:
+    """Train (or resume) a feature drafter for the frozen DiT ``target`` on ``data = (x0, labels)``.
+
+    ``out_dir`` holds ``ckpt.pt`` (resumed automatically), ``loss_log.csv`` and ``config.json``; the EMA
+    weights are exported to ``export_dir`` (default ``out_dir/drafter``). ``stop_after`` ends the run early
+    at that step (after checkpointing), as if it had been interrupted. Returns the export folder."""
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    export = Path(export_dir) if export_dir is not None else out / "drafter"
+    x_all, y_all = data
+    if x_all.shape[1:] != tuple(target.sample_shape):
+        raise ValueError(f"data shape {tuple(x_all.shape[1:])} does not match the model's {tuple(target.sample_shape)}")
+    schedule = Schedule.create(cfg.sample_steps, cfg.eta)
+    torch.manual_seed(cfg.seed)  # initial weights
+    net = FeatureDrafterNet(FeatureDrafterConfig(target.hidden_size, cfg.heads, cfg.mlp_ratio))
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    ckpt_path = out / "ckpt.pt"
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck["config"] != asdict(cfg):
+            raise ValueError(f"{ckpt_path} was written with a different training config; use a new output folder")
+        net.load_state_dict(ck["net"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        start = int(ck["step"])
+    (out / "config.json").write_text(json.dumps({"train": asdict(cfg), "drafter": asdict(net.cfg)}, indent=2))
+    rows = _read_log(out / "loss_log.csv", start)
+    params = sum(p.numel() for p in net.parameters())
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"drafter ({params / 1e3:.0f}k params)")
+
+    def checkpoint(step: int) -> None:
+        _atomic_torch_save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                            "step": step, "config": asdict(cfg)}, ckpt_path)
+        with (out / "loss_log.csv.tmp").open("w", newline="") as f:
+            w = csv.DictWriter(f, LOG_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(out / "loss_log.csv.tmp", out / "loss_log.csv")
+
+    net.train()
+    for step in range(start, end):
+        g = step_generator(cfg.seed, step)
+        idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=g)
+        terms = drafter_losses(net, target, x_all[idx], y_all[idx], schedule, g, cfg.label_drop)
+        loss = terms["noise"] + cfg.lambda_feat * terms["feat"] + cfg.lambda_smooth * terms["smooth"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 1 - decay)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+            row = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
+            rows.append(row)
+            if on_log is not None:
+                on_log(row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['loss']:.4f}", noise=f"{row['noise']:.4f}")
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end:
+            checkpoint(step + 1)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    save_feature_drafter(ema, export, {"train": asdict(cfg), "trained_steps": end, "parameters": params,
+                                       "final_loss": rows[-1] if rows else None})
+    return export
+
