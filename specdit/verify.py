@@ -109,10 +109,12 @@ def verify_block(p: Proposal, eta: torch.Tensor, w: torch.Tensor, z_perp: torch.
     pos = torch.arange(1, L + 1, device=eta.device)[None, :]
     kept = torch.where(hit, pos, torch.zeros_like(pos)).amax(dim=1)  # (B,)
     rejected = kept < p.length
-    residual = coupling.sample_residual(
-        _pick(p.m_target, kept), _pick(p.m_draft, kept), _pick(p.sigma, kept),
-        log_p[torch.arange(B, device=eta.device), kept], w, z_perp,
-    )
-    last = _pick(p.x_draft, p.length - 1)
-    state = torch.where(rejected[:, None], residual, last)
+    state = _pick(p.x_draft, p.length - 1).clone()
+    rows = rejected.nonzero().squeeze(1)  # the residual sampler runs only where a draft was rejected
+    if rows.numel():
+        at = kept[rows]
+        state[rows] = coupling.sample_residual(
+            _pick(p.m_target[rows], at), _pick(p.m_draft[rows], at), _pick(p.sigma[rows], at),
+            log_p[rows, at], w[rows], z_perp[rows],
+        )
     return Verdict(state, kept, torch.where(rejected, kept + 1, kept))
