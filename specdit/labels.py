@@ -23,11 +23,11 @@ def check_policy(policy: str, num_classes: int | None) -> None:
     if policy.startswith("fixed:"):
         c = int(policy.split(":")[1])
         if num_classes is None:
-            raise ValueError(f"label policy {policy!r} needs a class-conditional model (use 'none')")
+            raise ValueError(f"label policy {policy!r} does not apply to an unconditional model (use 'none')")
         if not 0 <= c < num_classes:
             raise ValueError(f"class label {c} out of range [0, {num_classes})")
     elif policy in ("uniform", "random") and num_classes is None:
-        raise ValueError(f"label policy {policy!r} needs a class-conditional model (use 'none')")
+        raise ValueError(f"label policy {policy!r} does not apply to an unconditional model (use 'none')")
 
 
 def labels_for(policy: str, indices: torch.Tensor, seeds: torch.Tensor, num_classes: int | None) -> torch.Tensor | None:

@@ -23,7 +23,7 @@ def sample_ddpm(
     y: torch.Tensor | None = None,
     callback: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
-    """Returns (samples (B, *shape) float64, stats). ``callback(n)`` reports n more steps done per chain."""
+    """Returns (samples (B, *shape) float64, stats). ``callback(n)`` reports n more chain-steps done."""
     shape = tuple(model.sample_shape)
     B, S = len(streams), schedule.num_steps
     x = initial_noise(streams, shape)  # (B, *shape)
@@ -34,7 +34,7 @@ def sample_ddpm(
         if schedule.sigma[k] > 0:
             x = x + schedule.sigma[k] * streams.normal(Purpose.STEP, k, shape=shape)
         if callback is not None:
-            callback(1)
+            callback(B)
     stats = SampleStats.zeros(B, S)
     stats.rounds += S
     stats.target_evals += S

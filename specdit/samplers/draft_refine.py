@@ -38,7 +38,8 @@ def sample_draft_refine(
     mode: RefineMode = "conservative",
     callback: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
-    """Returns (samples (B, *shape) float64, stats). All chains share the same k (same schedule)."""
+    """Returns (samples (B, *shape) float64, stats). All chains share the same k (same schedule).
+    ``callback(n)`` reports n more chain-steps done."""
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
     if mode not in ("conservative", "aggressive"):
@@ -65,7 +66,7 @@ def sample_draft_refine(
                 x = x + schedule.sigma[k] * streams.normal(Purpose.STEP, k, shape=shape)
             k -= 1
             if callback is not None:
-                callback(1)
+                callback(B)
             continue
         # 2. skip-transition drafts x'_{k-i}, i = 1..K, and their eps in one batched call.
         drafts = []
@@ -88,5 +89,5 @@ def sample_draft_refine(
         stale_eps = eps_d[:, -1]
         k -= K + 1
         if callback is not None:
-            callback(K + 1)
+            callback(B * (K + 1))
     return x, stats

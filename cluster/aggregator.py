@@ -1,0 +1,254 @@
+"""The aggregator: once every shard of a job is recorded, verify each shard file, merge FID feature sums
+exactly and per-sample speed statistics, and write the job report (JSON + acceptance-by-timestep plot).
+
+A shard file that is missing or fails its checksum is not counted: its result is forgotten and the shard
+queued again (workers recompute it; the last one to finish triggers aggregation again).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from cluster.errors import CorruptShard, ServiceError
+from cluster.queue import JobQueue
+from cluster.records import JobRecord, JobStatus
+from cluster.spec import JobSpec
+from cluster.storage import read_shard
+from workers import evaluation
+from workers.engine import Engine, EngineError
+
+log = logging.getLogger("specdit.aggregator")
+
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Aggregator:
+    def __init__(self, queue: JobQueue, engine: Engine | None = None, owner: str | None = None):
+        self.q = queue
+        self.engine = engine
+        # Lock token: a worker retrying after a lost Redis reply must find its own lock, not a stranger's.
+        self.owner = owner or uuid.uuid4().hex
+        self.requeued: list[tuple[int, str]] = []  # (shard, why) queued again by the last finalize()
+
+    # --------------------------------------------------------------------------------------------------
+    def finalize(self, job_id: str, *, force: bool = False) -> dict | None:
+        """Aggregate a job whose shards are all recorded. Returns the report, or None if the job is not
+        ready (shards missing, a corrupt shard was queued again, or another aggregator holds the lock)."""
+        k = self.q.keys
+        token = f"{self.owner}:{job_id}"
+        lock = k.aggregate_lock(job_id)
+        if not self.q.r.set(lock, token, nx=True, ex=600) and self.q.r.get(lock) != token:
+            return None
+        try:
+            rec = self.q.get(job_id)
+            if rec.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+                return None
+            if rec.status == JobStatus.DONE and not force:
+                return self.report(job_id)
+            return self._aggregate(rec)
+        finally:
+            self.q.r.eval(_RELEASE, 1, k.aggregate_lock(job_id), token)
+
+    def report(self, job_id: str) -> dict | None:
+        raw = self.q.r.get(self.q.keys.report(job_id))
+        return json.loads(raw) if raw else None
+
+    # --------------------------------------------------------------------------------------------------
+    def _aggregate(self, rec: JobRecord) -> dict | None:
+        spec, job_id = rec.spec, rec.id
+        self.requeued = []
+        done = self.q.done_results(job_id)
+        if len(done) < spec.num_shards:
+            return None
+        # The job's directory as the workers wrote it (absolute paths); refuse to judge files we cannot see.
+        job_dir = Path(next(iter(done.values())).path).parent.parent
+        if not (job_dir / "shards").is_dir():
+            raise ServiceError(f"job {job_id}: its shard directory {job_dir / 'shards'} is not visible from here; "
+                               "aggregate where the output directory is mounted")
+        fid_parts, stat_parts, times, corrupt = [], [], [], []
+        for s in range(spec.num_shards):
+            res = done.get(s)
+            a, b = spec.shard_range(s)
+            if res is None or (res.start, res.stop) != (a, b):
+                corrupt.append((s, f"shard {s} has no valid record"))
+                continue
+            try:
+                arrays = read_shard(res.path, res.checksum)
+                idx = arrays.get("indices")
+                if idx is None or not np.array_equal(idx, np.arange(a, b)):
+                    raise CorruptShard(f"shard file {res.path} holds the wrong sample indices")
+            except CorruptShard as e:
+                corrupt.append((s, str(e)))
+                continue
+            stat_parts.append({key[len(evaluation.STAT_PREFIX):]: v for key, v in arrays.items()
+                               if key.startswith(evaluation.STAT_PREFIX)})
+            fid = {key[len(evaluation.FID_PREFIX):]: v for key, v in arrays.items()
+                   if key.startswith(evaluation.FID_PREFIX)}
+            if fid:
+                fid_parts.append(fid)
+                extractor_key = str(arrays.get("feature_extractor", "raw"))
+            times.append(arrays["time_per_sample"])
+            del arrays
+        if corrupt:
+            for s, why in corrupt:
+                log.warning("job %s: %s; shard queued again", job_id, why)
+                self.q.requeue_shard(job_id, s, why)
+            self.requeued = corrupt
+            return None
+        # Temp files of writers killed mid-write were never counted; remove the stale ones (a late duplicate
+        # writer may still be using a fresh one).
+        for tmp in (job_dir / "shards").glob("*.tmp"):
+            try:
+                if time.time() - tmp.stat().st_mtime > 600:
+                    tmp.unlink()
+            except OSError:
+                pass
+
+        n = spec.num_samples
+        report: dict = {
+            "job_id": job_id, "name": spec.name, "model": spec.model, "status": JobStatus.DONE.value,
+            "sampler": spec.sampler.model_dump(mode="json"), "labels": spec.labels, "base_seed": spec.base_seed,
+            "num_samples": n, "num_shards": spec.num_shards, "shard_size": spec.shard_size,
+            "unique_samples": int(sum(len(t) for t in times)),
+        }
+        # Speed statistics
+        if spec.evaluate.speed and stat_parts and "rounds" in stat_parts[0]:
+            stats = evaluation.concat_stats(stat_parts)
+            report["speed"] = evaluation.speed_summary(stats, np.concatenate(times))
+        else:
+            report["speed"] = None
+        results = self.q.done_results(job_id)
+        first = min(r.started_at for r in results.values())
+        last = max(r.finished_at for r in results.values())
+        report["wall_time"] = {
+            "job_seconds": last - first,
+            "job_seconds_per_sample": (last - first) / n,
+            "samples_per_second": n / max(last - first, 1e-9),
+            "engine_seconds_per_sample": float(np.concatenate(times).mean()),
+            "workers": sorted({r.worker for r in results.values()}),
+        }
+        # FID
+        report["fid"] = None
+        report["fid_reference"] = spec.evaluate.fid_reference
+        if spec.evaluate.fid and fid_parts:
+            merged = evaluation.merge_feature_stats(fid_parts)
+            stats_path = job_dir / "feature_stats.npz"
+            merged.save(stats_path)
+            report["fid_extractor"] = merged.extractor
+            report["feature_stats"] = str(stats_path)
+            ref = self._reference(spec, extractor_key, job_dir.parent)
+            if ref is not None:
+                report["fid"] = evaluation.frechet_distance(merged, ref)
+        # Baseline
+        report["baseline"] = self.baseline_for(spec, report)
+        # Files
+        report["files"] = {"report": str(job_dir / "report.json"), "shards": str(job_dir / "shards")}
+        if report["speed"] is not None and any(v is not None for v in report["speed"]["acceptance_by_timestep"]):
+            plot = job_dir / "acceptance.png"
+            try:
+                plot_acceptance(report, plot)
+                report["files"]["plot"] = str(plot)
+            except Exception as e:  # noqa: BLE001 - a missing plot must not lose the report
+                log.warning("job %s: no plot (%s)", job_id, e)
+        report["finished_at"] = time.time()
+        _atomic_write_text(job_dir / "report.json", json.dumps(report, indent=2))
+        self.q.r.set(self.q.keys.report(job_id), json.dumps(report))
+        if spec.sampler.sampler == "ddpm":
+            self.q.r.sadd(self.q.keys.baseline(spec.baseline_fingerprint()), job_id)
+        self.q.mark_done(job_id)
+        log.info("job %s done: %d samples, FID %s", job_id, n, report["fid"])
+        return report
+
+    def _reference(self, spec: JobSpec, extractor: str, root: Path):
+        ref = spec.evaluate.fid_reference
+        if ref is None:
+            return None
+        if not (ref == "auto" or ref.startswith(("data:", "ref:"))):
+            try:
+                return evaluation.load_feature_stats(ref)
+            except (OSError, ValueError, KeyError) as e:
+                raise ServiceError(f"cannot read FID reference statistics {ref}: {e}") from None
+        safe = lambda x: re.sub(r"[^\w.\-]", "_", x)  # noqa: E731
+        cache = root / "_references" / (
+            f"{safe(spec.model)}-{safe(spec.labels)}-{safe(extractor)}-{safe(ref)}.npz")
+        if cache.is_file():
+            try:
+                return evaluation.load_feature_stats(str(cache))
+            except (OSError, ValueError, KeyError):
+                pass
+        if self.engine is None:
+            return None
+        try:
+            arrays = self.engine.reference_stats(spec.model, spec.labels, extractor, ref)
+        except EngineError as e:
+            raise ServiceError(str(e)) from None
+        stats = evaluation.feature_stats_from_arrays(arrays)
+        stats.save(cache)
+        return stats
+
+    def baseline_for(self, spec: JobSpec, report: dict) -> dict | None:
+        """Speed-up against a DDPM job with the same model, seeds, labels and steps, when one is done."""
+        choice = spec.evaluate.baseline
+        if choice is None or report.get("speed") is None:
+            return None
+        if choice == "auto":
+            if spec.sampler.sampler == "ddpm":
+                return None
+            candidates = sorted(self.q.r.smembers(self.q.keys.baseline(spec.baseline_fingerprint())))
+        else:
+            candidates = [choice]
+        for bid in candidates:
+            base = self.report(bid)
+            if not base or not base.get("speed"):
+                continue
+            mine, theirs = report["speed"], base["speed"]
+            return {
+                "job_id": bid,
+                "rounds_per_sample": theirs["rounds_per_sample"],
+                "speedup_rounds": theirs["rounds_per_sample"] / mine["rounds_per_sample"],
+                "engine_seconds_per_sample": theirs["engine_seconds_per_sample"],
+                "speedup_wall": theirs["engine_seconds_per_sample"] / max(mine["engine_seconds_per_sample"], 1e-12),
+                "fid": base.get("fid"),
+            }
+        return None
+
+
+def plot_acceptance(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = report["speed"]["acceptance_by_timestep"]
+    k = np.arange(len(acc))
+    y = np.array([np.nan if v is None else v for v in acc], dtype=float)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(k, y, lw=1.2)
+    ax.set_xlabel("state index k (S = noise, 0 = data)")
+    ax.set_ylabel("acceptance (kept / judged)")
+    ax.set_ylim(0, 1.02)
+    ax.invert_xaxis()
+    s = report["sampler"]
+    ax.set_title(f"{report['model']} {s['sampler']} L={s['draft_length']} {s['verify']} "
+                 f"({report['num_samples']} samples)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

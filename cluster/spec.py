@@ -1,0 +1,190 @@
+"""Job specs (pydantic): what to sample, how, how many, where to put it and what to evaluate.
+
+A spec is validated field by field on load (YAML, JSON or CLI flags). Its id is a hash of its canonical
+JSON, so submitting the same spec twice names the same job (idempotent submission). Sample ``i`` of a job
+uses seed ``sample_seed(base_seed, i)`` and a label derived from ``i`` alone, so results depend neither on
+the number of workers nor on the shard size.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cluster.errors import SpecError
+
+_DRAFTER = re.compile(r"^(free|feature|perturbed:\d+(\.\d*)?([eE][-+]?\d+)?|model:[\w.\-/]+)$")
+_LABELS = re.compile(r"^(none|uniform|random|fixed:\d+)$")
+MAX_SEED = 2**63 - 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplerSettings(_Strict):
+    """Mirror of ``specdit.api.SamplerConfig`` (same field names, validated here without torch)."""
+
+    sampler: Literal["ddpm", "speculative", "draft_refine"] = "speculative"
+    steps: int = Field(250, ge=1, le=1000)
+    eta: float = Field(1.0, ge=0.0, le=1.0)
+    draft_length: int = Field(8, ge=1, le=1000)
+    verify: Literal["token", "block"] = "block"
+    drafter: str = "free"
+    relax: float = Field(0.0, ge=0.0)
+    cfg_scale: float = Field(1.0, ge=0.0)
+    refine_mode: Literal["conservative", "aggressive"] = "conservative"
+    parallel: int = Field(4, ge=1)
+
+    @field_validator("drafter")
+    @classmethod
+    def _drafter(cls, v: str) -> str:
+        if not _DRAFTER.match(v):
+            raise ValueError("drafter must be 'free', 'feature', 'perturbed:<error>' or 'model:<name>'")
+        return v
+
+
+class OutputSpec(_Strict):
+    dir: str = "outputs/jobs"  # shared by all workers; the job writes under <dir>/<job id>/
+    save_samples: bool = True
+    sample_dtype: Literal["float32", "float16", "uint8"] = "float32"  # uint8 maps [-1, 1] -> [0, 255]
+
+
+class EvaluateSpec(_Strict):
+    fid: bool = True
+    # "auto": ground truth for analytic models ("data:10000"), the named data set for built-in DiTs
+    # ("ref:mnist"); "data:<n>": n ground-truth samples of the model's data distribution;
+    # "ref:<name>": a named reference data set (specdit.metrics.reference);
+    # a path to an .npz of FeatureStats arrays; None: report feature statistics only.
+    fid_reference: str | None = "auto"
+    extractor: str = "auto"  # "raw", "inception", "mnist" or "auto" (chosen from the model)
+    speed: bool = True
+    baseline: str | None = "auto"  # a job id, "auto" (a done DDPM job with the same model and seeds), None
+
+    @field_validator("fid_reference")
+    @classmethod
+    def _ref(cls, v: str | None) -> str | None:
+        if v is not None and v.startswith("ref:") and not re.match(r"^ref:[\w.\-]+$", v):
+            raise ValueError("fid_reference 'ref:<name>' needs a data set name")
+        if v is None or not v.startswith("data:"):
+            return v
+        n = v.removeprefix("data:")
+        if not n.isdigit() or int(n) < 2:
+            raise ValueError("fid_reference 'data:<n>' needs an integer n >= 2")
+        return v
+
+
+class JobSpec(_Strict):
+    name: str | None = Field(None, max_length=200)
+    model: str = Field(min_length=1, max_length=500)
+    sampler: SamplerSettings = SamplerSettings()
+    labels: str = "uniform"  # "none" | "uniform" (i % C) | "random" (from the seed) | "fixed:<c>"
+    num_samples: int = Field(gt=0, le=100_000_000)
+    base_seed: int = Field(0, ge=0, le=MAX_SEED)
+    shard_size: int = Field(64, gt=0, le=1_000_000)
+    batch_size: int = Field(64, gt=0, le=100_000)
+    output: OutputSpec = OutputSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: str) -> str:
+        if not _LABELS.match(v):
+            raise ValueError("labels must be 'none', 'uniform', 'random' or 'fixed:<class>'")
+        return v
+
+    # Derived quantities
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_size)
+
+    def shard_range(self, k: int) -> tuple[int, int]:
+        """Index range [start, stop) of shard k."""
+        if not 0 <= k < self.num_shards:
+            raise IndexError(f"shard {k} out of range [0, {self.num_shards})")
+        start = k * self.shard_size
+        return start, min(self.num_samples, start + self.shard_size)
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def job_id(self) -> str:
+        return "j" + hashlib.sha256(self.canonical_json().encode()).hexdigest()[:15]
+
+    def job_dir(self) -> Path:
+        return Path(self.output.dir) / self.job_id
+
+    def baseline_fingerprint(self) -> str:
+        """Jobs with equal fingerprints sample the same model, seeds and labels: DDPM among them is the
+        speed baseline of the others."""
+        s = self.sampler
+        key = dict(model=self.model, n=self.num_samples, seed=self.base_seed, labels=self.labels,
+                   steps=s.steps, eta=s.eta, cfg=s.cfg_scale)
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def fixed_label(self) -> int | None:
+        return int(self.labels.split(":")[1]) if self.labels.startswith("fixed:") else None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line: 'field.path: message; other: message'."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "spec"
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def spec_from_dict(data: Any) -> JobSpec:
+    if not isinstance(data, dict):
+        raise SpecError("invalid job spec: expected a mapping at the top level")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(f"invalid job spec: {format_validation_error(e)}") from None
+
+
+def load_spec_file(path: str | Path) -> dict:
+    """Read a YAML or JSON spec file into a dict (not validated yet: CLI flags may override fields)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError(f"cannot read spec file {p}: {e.strerror or e}") from None
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpecError(f"cannot parse spec file {p}: {first}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid job spec in {p}: expected a mapping at the top level")
+    return data
+
+
+def merge_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """Apply dotted-key overrides ('sampler.steps': 50) to a nested dict (None values are skipped)."""
+    out = json.loads(json.dumps(data))
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return out

@@ -1,0 +1,281 @@
+"""The shard loop behind ``specdit worker``: a plain process, no Ray needed.
+
+Loop: take a task (a dead worker's stale one first, else a new one) -> load the job's model through the
+engine -> sample the shard while a heartbeat thread keeps the task alive -> write the shard file atomically
+-> record the result and XACK in one transaction -> if that was the job's last shard, aggregate.
+
+Failures: an engine error (model cannot be loaded, sampler raised) is recorded and the shard queued again;
+after ``max_attempts`` the job fails with that error. SIGTERM/SIGINT abort the shard in flight at its next
+progress report and give it back without counting an attempt, then exit 0. A lost Redis connection is
+retried with backoff (a finished shard's result is kept and recorded once Redis is back).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import redis
+
+from cluster.aggregator import Aggregator
+from cluster.errors import ModelUnavailable, ServiceError
+from cluster.queue import JobQueue, Task
+from cluster.records import JobStatus, ShardResult
+from cluster.storage import shard_path, write_shard
+from workers.engine import Engine, EngineError, ShardWork, check_labels
+
+log = logging.getLogger("specdit.worker")
+
+_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
+
+
+class ShardAborted(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason  # "shutdown" | "cancelled" | "failed"
+
+
+@dataclass
+class WorkerOptions:
+    job_id: str | None = None  # serve only this job
+    poll_interval: float = 0.5
+    max_idle: float | None = None  # exit after this long without work (None: run forever)
+    max_shards: int | None = None  # exit after this many shards (tests, batch use)
+    redis_retry_seconds: float = 300.0  # give up after Redis stayed unreachable this long
+    aggregate: bool = True
+
+
+class ShardWorker:
+    def __init__(self, queue: JobQueue, engine: Engine, options: WorkerOptions | None = None,
+                 name: str | None = None):
+        self.q = queue
+        self.engine = engine
+        self.opt = options or WorkerOptions()
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.stop = threading.Event()  # shutdown requested
+        self._abort: str | None = None  # reason to abort the shard in flight
+        self.shards_done = 0
+        self.aggregator = Aggregator(queue, engine, owner=self.name)
+
+    # --------------------------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            log.info("worker %s: %s received, giving back the shard in flight and stopping",
+                     self.name, signal.Signals(signum).name)
+            self.stop.set()
+            self._abort = "shutdown"
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self) -> int:
+        """The shard loop; returns the process exit code."""
+        log.info("worker %s started (engine %s%s)", self.name, self.engine.name,
+                 f", job {self.opt.job_id}" if self.opt.job_id else "")
+        idle_since = time.monotonic()
+        down_since: float | None = None
+        backoff = 0.2
+        try:
+            while not self.stop.is_set():
+                try:
+                    self.register()
+                    if self.opt.job_id is not None:
+                        rec = self.q.get(self.opt.job_id)
+                        if rec.status.terminal:
+                            log.info("job %s is %s; nothing to do", rec.id, rec.status.value)
+                            return 0
+                        task = self.q.next_task(self.name, [self.opt.job_id])
+                    else:
+                        task = self.q.next_task(self.name)
+                    if down_since is not None:
+                        log.info("Redis is reachable again")
+                        down_since, backoff = None, 0.2
+                except _REDIS_ERRORS as e:
+                    down_since = down_since or time.monotonic()
+                    if time.monotonic() - down_since > self.opt.redis_retry_seconds:
+                        raise ServiceError(f"Redis unreachable for {self.opt.redis_retry_seconds:g}s: {e}") from None
+                    log.warning("Redis unreachable (%s); retrying in %.1fs", " ".join(str(e).split()), backoff)
+                    self.stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                if task is None:
+                    if self.opt.max_idle is not None and time.monotonic() - idle_since > self.opt.max_idle:
+                        log.info("worker %s idle for %.0fs; exiting", self.name, self.opt.max_idle)
+                        return 0
+                    self.stop.wait(self.opt.poll_interval)
+                    continue
+                try:
+                    self.process(task)
+                except _REDIS_ERRORS as e:
+                    # The task stays pending under our name; XAUTOCLAIM hands it out again after the timeout.
+                    log.warning("Redis lost while handling job %s shard %d (%s)", task.job_id, task.shard,
+                                " ".join(str(e).split()))
+                    self.stop.wait(backoff)
+                    continue
+                idle_since = time.monotonic()
+                if self.opt.max_shards is not None and self.shards_done >= self.opt.max_shards:
+                    return 0
+            return 0
+        finally:
+            try:
+                self.q.unregister_worker(self.name)
+            except _REDIS_ERRORS:
+                pass
+            try:
+                self.engine.close()
+            except Exception as e:  # noqa: BLE001 - shutting down anyway
+                log.warning("engine close failed: %s", e)
+            log.info("worker %s stopped after %d shards", self.name, self.shards_done)
+
+    def register(self, task: Task | None = None) -> None:
+        self.q.register_worker(self.name, {"name": self.name, "host": socket.gethostname(), "pid": os.getpid(),
+                                           "engine": self.engine.name, "shards_done": self.shards_done,
+                                           "job": task.job_id if task else None,
+                                           "shard": task.shard if task else None})
+
+    # --------------------------------------------------------------------------------------------------
+    def process(self, task: Task) -> None:
+        rec = self.q.get(task.job_id)
+        spec = rec.spec
+        if rec.status.terminal:
+            self.q.ack(task)  # cancelled/failed/done: drop the task
+            return
+        if self.q.is_done(task):
+            self.q.ack(task)  # a duplicate delivery of a finished shard
+            return
+        attempt = self.q.begin(task)
+        if attempt > self.q.max_attempts:
+            self.q.ack(task)
+            self.q.fail_job(task.job_id, self.q.failure_message(task, attempt - 1))
+            log.error("job %s failed: %s", task.job_id, self.q.get(task.job_id).error)
+            return
+        self.q.mark_running(task.job_id)
+        start, stop = spec.shard_range(task.shard)
+        log.info("job %s shard %d [%d, %d) attempt %d%s", task.job_id, task.shard, start, stop, attempt,
+                 " (reclaimed)" if task.reclaimed else "")
+        # Load the model (cached by the engine).
+        try:
+            info = self.engine.model_info(spec.model)
+            check_labels(spec.labels, info)
+        except EngineError as e:
+            msg = str(e)
+            failed = self.q.release(task, error=msg)
+            log.error("job %s: %s%s", task.job_id, msg, " (job failed)" if failed else "")
+            if self.opt.job_id is not None:
+                raise ModelUnavailable(f"worker cannot run job {task.job_id}: {msg}") from None
+            return
+        extractor = None
+        if spec.evaluate.fid:
+            extractor = info.default_extractor if spec.evaluate.extractor == "auto" else spec.evaluate.extractor
+        work = ShardWork(model=spec.model, sampler=spec.sampler.model_dump(mode="json"), labels=spec.labels,
+                         base_seed=spec.base_seed, start=start, stop=stop, batch_size=spec.batch_size,
+                         extractor=extractor, sample_dtype=spec.output.sample_dtype,
+                         save_samples=spec.output.save_samples)
+        self._abort = "shutdown" if self.stop.is_set() else None
+        beat = _Heartbeat(self, task)
+        beat.start()
+        started = time.time()
+        try:
+            out = self.engine.run(work, progress=beat.progress)
+        except ShardAborted as e:
+            beat.stop()
+            self._handle_abort(task, e.reason)
+            return
+        except EngineError as e:
+            beat.stop()
+            failed = self.q.release(task, error=str(e))
+            log.error("job %s shard %d: %s%s", task.job_id, task.shard, e, " (job failed)" if failed else "")
+            return
+        except Exception as e:  # noqa: BLE001 - a sampler bug must not kill the worker or lose the shard
+            beat.stop()
+            msg = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            failed = self.q.release(task, error=msg)
+            log.exception("job %s shard %d raised%s", task.job_id, task.shard, " (job failed)" if failed else "")
+            return
+        beat.stop()
+        path = shard_path(spec.job_dir().resolve(), start, stop)  # absolute: any process can find it
+        try:
+            digest = write_shard(path, out.arrays)
+        except (OSError, TypeError, ValueError) as e:
+            failed = self.q.release(task, error=f"cannot write {path}: {e}")
+            log.error("job %s shard %d: cannot write %s: %s%s", task.job_id, task.shard, path, e,
+                      " (job failed)" if failed else "")
+            return
+        result = ShardResult(shard=task.shard, start=start, stop=stop, path=str(path), checksum=digest,
+                             worker=self.name, started_at=started, finished_at=time.time(),
+                             wall_time=out.wall_time, attempt=attempt)
+        done = self._retry_redis(lambda: self.q.complete(task, result))
+        self.shards_done += 1
+        log.info("job %s shard %d done in %.2fs (%d/%d shards)", task.job_id, task.shard, out.wall_time, done,
+                 spec.num_shards)
+        if done >= spec.num_shards and self.opt.aggregate:
+            try:
+                self._retry_redis(lambda: self.aggregator.finalize(task.job_id))
+            except Exception as e:  # noqa: BLE001 - keep serving; 'specdit results --recompute' retries
+                msg = " ".join(str(e).split()) if isinstance(e, ServiceError) else f"{type(e).__name__}: {e}"
+                log.error("job %s: aggregation failed: %s", task.job_id, msg)
+                self._retry_redis(lambda: self.q.r.hset(self.q.keys.job(task.job_id), "error",
+                                                        f"aggregation failed: {msg}"))
+
+    def _handle_abort(self, task: Task, reason: str) -> None:
+        if reason == "cancelled":
+            self._retry_redis(lambda: self.q.ack(task))
+            log.info("job %s cancelled; dropped shard %d", task.job_id, task.shard)
+        else:
+            self._retry_redis(lambda: self.q.release(task, count_attempt=False))
+            log.info("gave back job %s shard %d", task.job_id, task.shard)
+
+    def _retry_redis(self, fn):
+        """Run fn, retrying while Redis is unreachable (results on disk must get recorded)."""
+        t0, backoff = time.monotonic(), 0.2
+        while True:
+            try:
+                return fn()
+            except _REDIS_ERRORS as e:
+                if time.monotonic() - t0 > self.opt.redis_retry_seconds:
+                    raise ServiceError(f"Redis unreachable for {self.opt.redis_retry_seconds:g}s: {e}") from None
+                log.warning("Redis unreachable (%s); retrying in %.1fs", " ".join(str(e).split()), backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+
+class _Heartbeat:
+    """Keeps the task in flight alive (every timeout/3 s) and watches for cancellation."""
+
+    def __init__(self, worker: ShardWorker, task: Task):
+        self.w, self.task = worker, task
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+        self.interval = max(0.1, worker.q.heartbeat_timeout / 3)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def progress(self, k: int) -> None:
+        """Engine callback: k samples of the shard finished. Raises to abort the shard."""
+        self.samples = int(k)
+        if self.w._abort is not None:
+            raise ShardAborted(self.w._abort)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.w.q.touch(self.task, self.w.name, self.samples)
+                self.w.register(self.task)
+                rec = self.w.q.get(self.task.job_id)
+                if rec.status in (JobStatus.CANCELLED, JobStatus.FAILED):
+                    self.w._abort = "cancelled"
+            except _REDIS_ERRORS as e:
+                log.warning("heartbeat failed (%s)", " ".join(str(e).split()))
+            except Exception as e:  # noqa: BLE001
+                log.warning("heartbeat error: %s", e)
