@@ -1,0 +1,48 @@
+"""Entry point: ``python -m specdit.training.train_mnist_dit --out runs/mnist-dit --steps 10000``.
+
+Trains the built-in ``mnist-dit`` (see ``specdit.training.dit_trainer``); resumes from ``<out>/checkpoint.pt``
+when it exists. ``--bench N`` only times N steps (to pick a model size for a wall-time budget).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from specdit.training.dit_trainer import MnistDiTConfig, TrainConfig, train, write_model_card
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default="runs/mnist-dit")
+    p.add_argument("--export-dir", default=None, help="EMA export folder (diffusers); default <out>/export")
+    p.add_argument("--steps", type=int, default=10_000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="0: adaptive 1-or-2 threads (shared machine)")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ckpt-every", type=int, default=1000)
+    p.add_argument("--export-every", type=int, default=1000)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--bench", type=int, default=0)
+    p.add_argument("--card", action="store_true", help="only (re)write the export's README.md model card")
+    p.add_argument("--samples-png", default=None, help="with --card: a sample grid to mention in the card")
+    a = p.parse_args(argv)
+    cfg = TrainConfig(
+        out=a.out, export_dir=a.export_dir, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
+        ema_decay=a.ema_decay, seed=a.seed, threads=a.threads, ckpt_every=a.ckpt_every,
+        export_every=a.export_every, max_minutes=a.max_minutes,
+        model=MnistDiTConfig(hidden=a.hidden, depth=a.depth, heads=a.heads),
+    )
+    if a.card:
+        print(write_model_card(cfg), flush=True)
+        return
+    print(json.dumps(train(cfg, bench_steps=a.bench)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
