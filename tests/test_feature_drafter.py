@@ -52,10 +52,13 @@ def test_resume_retraces_the_uninterrupted_run(tiny_dit, tiny_data, tmp_path):
     assert a[-1]["loss"] < a[0]["loss"]  # it learns something even in 12 steps
 
 
-def test_changed_config_refuses_to_resume(tiny_dit, tiny_data, tmp_path):
+def test_resume_may_extend_but_not_change_the_recipe(tiny_dit, tiny_data, tmp_path):
     train_drafter(tiny_dit, tiny_data, DrafterTrainConfig(steps=2, batch_size=4, sample_steps=10), tmp_path, progress=False)
+    train_drafter(tiny_dit, tiny_data, DrafterTrainConfig(steps=4, batch_size=4, sample_steps=10), tmp_path, progress=False)
+    assert [r["step"] for r in _log(tmp_path / "loss_log.csv")] == [2, 4]  # logged at each run's end
     with pytest.raises(ValueError, match="different training config"):
-        train_drafter(tiny_dit, tiny_data, DrafterTrainConfig(steps=3, batch_size=4, sample_steps=10), tmp_path, progress=False)
+        train_drafter(tiny_dit, tiny_data, DrafterTrainConfig(steps=6, batch_size=4, sample_steps=10, lr=1e-3),
+                      tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 1.5])

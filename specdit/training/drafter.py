@@ -75,8 +75,11 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def drafter_losses(net: FeatureDrafterNet, target, x0: torch.Tensor, y: torch.Tensor, schedule: Schedule,
-                   g: torch.Generator, label_drop: float) -> dict[str, torch.Tensor]:
-    """The three loss terms on one batch (x0 (N, C, H, W), labels y (N,)), supervision on the fly."""
+                   g: torch.Generator, label_drop: float, rows: slice | None = None) -> dict[str, torch.Tensor]:
+    """The three loss terms on one batch (x0 (N, C, H, W), labels y (N,)), supervision on the fly.
+
+    ``rows`` (data parallel): draw the random numbers of the whole batch, then compute only these rows, so
+    that the ranks of a data-parallel run together see exactly the samples of the single-process batch."""
     n = x0.shape[0]
     S = schedule.num_steps
     drop = torch.rand(n, generator=g) < label_drop
@@ -84,6 +87,8 @@ def drafter_losses(net: FeatureDrafterNet, target, x0: torch.Tensor, y: torch.Te
     k = torch.randint(2, S + 1, (n,), generator=g)  # (N,) state index of x_k
     noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     z = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    if rows is not None:
+        x0, y, k, noise, z = x0[rows], y[rows], k[rows], noise[rows], z[rows]
     bshape = (-1,) + (1,) * (x0.dim() - 1)
     abar = schedule.abar[k].view(bshape)
     x_k = abar.sqrt() * x0.double() + (1 - abar).sqrt() * noise
@@ -103,6 +108,11 @@ def drafter_losses(net: FeatureDrafterNet, target, x0: torch.Tensor, y: torch.Te
     }
 
 
+def _recipe(config: dict) -> dict:
+    """The settings a resumed run must share with the checkpoint (it may change its length and cadence)."""
+    return {k: v for k, v in config.items() if k not in ("steps", "ckpt_every", "log_every")}
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -116,15 +126,36 @@ def _read_log(path: Path, upto: int) -> list[dict]:
         return [r for r in csv.DictReader(f) if int(r["step"]) <= upto]
 
 
+def _all_reduce_grads(world, net: torch.nn.Module) -> None:
+    """Sum every parameter's gradient across ranks (one flat buffer, one collective)."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = world.all_reduce_sum(flat)
+    at = 0
+    for p in params:
+        p.grad = flat[at:at + p.numel()].view_as(p).clone()
+        at += p.numel()
+
+
 def train_drafter(target, data: tuple[torch.Tensor, torch.Tensor], cfg: DrafterTrainConfig, out_dir: str | Path, *,
                   export_dir: str | Path | None = None, stop_after: int | None = None,
-                  progress: bool = True, on_log: Callable[[dict], None] | None = None) -> Path:
+                  progress: bool = True, on_log: Callable[[dict], None] | None = None, world=None) -> Path:
     """Train (or resume) a feature drafter for the frozen DiT ``target`` on ``data = (x0, labels)``.
 
     ``out_dir`` holds ``ckpt.pt`` (resumed automatically), ``loss_log.csv`` and ``config.json``; the EMA
-    weights are exported to ``export_dir`` (default ``out_dir/drafter``). ``stop_after`` ends the run early
-    at that step (after checkpointing), as if it had been interrupted. Returns the export folder."""
+    weights are exported to ``export_dir`` (default ``out_dir/drafter``) at every checkpoint. ``stop_after`` ends the run early
+    at that step (after checkpointing), as if it had been interrupted. Returns the export folder.
+
+    ``world`` (optional, see ``specdit.training.distributed``) trains data-parallel: rank r of a world of
+    size W computes rows [r B / W, (r + 1) B / W) of every batch, gradients and logged losses are summed
+    across ranks (weighted by each rank's share), so every rank takes the single-process step; only rank 0
+    writes checkpoints, logs and the export. Every rank must see the same ``out_dir``."""
     cfg.validate()
+    rank, size = (0, 1) if world is None else (world.rank, world.size)
+    if cfg.batch_size < size:
+        raise ValueError(f"batch size {cfg.batch_size} is smaller than the number of data-parallel ranks {size}")
+    part = None if world is None else slice(rank * cfg.batch_size // size, (rank + 1) * cfg.batch_size // size)
+    share = 1.0 if part is None else (part.stop - part.start) / cfg.batch_size
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     export = Path(export_dir) if export_dir is not None else out / "drafter"
@@ -140,23 +171,26 @@ def train_drafter(target, data: tuple[torch.Tensor, torch.Tensor], cfg: DrafterT
     ckpt_path = out / "ckpt.pt"
     if ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck["config"] != asdict(cfg):
+        if _recipe(ck["config"]) != _recipe(asdict(cfg)):
             raise ValueError(f"{ckpt_path} was written with a different training config; use a new output folder")
         net.load_state_dict(ck["net"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
         start = int(ck["step"])
-    (out / "config.json").write_text(json.dumps({"train": asdict(cfg), "drafter": asdict(net.cfg)}, indent=2))
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps({"train": asdict(cfg), "drafter": asdict(net.cfg)}, indent=2))
     rows = _read_log(out / "loss_log.csv", start)
     params = sum(p.numel() for p in net.parameters())
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc=f"drafter ({params / 1e3:.0f}k params)")
 
     def checkpoint(step: int) -> None:
+        if rank != 0:
+            return
         _atomic_torch_save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                             "step": step, "config": asdict(cfg)}, ckpt_path)
         with (out / "loss_log.csv.tmp").open("w", newline="") as f:
@@ -164,15 +198,24 @@ def train_drafter(target, data: tuple[torch.Tensor, torch.Tensor], cfg: DrafterT
             w.writeheader()
             w.writerows(rows)
         os.replace(out / "loss_log.csv.tmp", out / "loss_log.csv")
+        save_feature_drafter(ema, export, {"train": asdict(cfg), "trained_steps": step, "parameters": params,
+                                           "final_loss": rows[-1] if rows else None})
 
     net.train()
     for step in range(start, end):
         g = step_generator(cfg.seed, step)
         idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=g)
-        terms = drafter_losses(net, target, x_all[idx], y_all[idx], schedule, g, cfg.label_drop)
+        terms = drafter_losses(net, target, x_all[idx], y_all[idx], schedule, g, cfg.label_drop, part)
         loss = terms["noise"] + cfg.lambda_feat * terms["feat"] + cfg.lambda_smooth * terms["smooth"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if world is None:
+            loss.backward()
+        else:
+            # Data parallel: sum of share-weighted local means = the mean over the whole batch.
+            (loss * share).backward()
+            _all_reduce_grads(world, net)
+            logged = world.all_reduce_sum(torch.stack([loss.detach(), *(v.detach() for v in terms.values())]) * share)
+            loss, terms = logged[0], dict(zip(terms, logged[1:]))
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
@@ -192,7 +235,5 @@ def train_drafter(target, data: tuple[torch.Tensor, torch.Tensor], cfg: DrafterT
             bar.update(1)
     if bar is not None:
         bar.close()
-    save_feature_drafter(ema, export, {"train": asdict(cfg), "trained_steps": end, "parameters": params,
-                                       "final_loss": rows[-1] if rows else None})
     return export
 
