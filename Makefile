@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/specdit generate --model $(or $(MODEL),mnist-dit) --sampler speculative --drafter $(or $(DRAFTER),free) \
+	$(BIN)/specdit generate --model $(or $(MODEL),mnist-dit) --sampler speculative --drafter $(or $(DRAFTER),feature) \
 		--verify block --draft-length 8 --cfg 1.5 --steps 250 --num-samples 64 --out outputs/run
 
 test: $(STAMP)
