@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 # Command-group modules under cli/ (each defines register(app)).
-_GROUPS = ["generate", "bench", "fid", "jobs", "train"]
+_GROUPS = ["generate", "bench", "fid", "jobs", "train", "pool"]
 
 for _name in _GROUPS:
     importlib.import_module(f"cli.{_name}").register(app)

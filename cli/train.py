@@ -23,6 +23,10 @@ def train_drafter(
     sample_steps: int = typer.Option(250, help="Sampling steps S the drafter will draft on."),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Train data-parallel on a Ray actor "
+                                              "pool: a cluster address (auto | host:port) or 'local'."),
+    workers: int = typer.Option(2, "--workers", help="Data-parallel ranks (pool actors) with --ray-address."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="Use this named pool ('specdit pool start')."),
 ) -> None:
     """Train the drafter against the frozen DiT with on-the-fly supervision; prints the final losses."""
     import torch
@@ -35,11 +39,35 @@ def train_drafter(
         torch.set_num_threads(threads)
     cfg = DrafterTrainConfig(steps=steps, batch_size=batch_size, lr=lr, lambda_feat=lambda_feat,
                              lambda_smooth=lambda_smooth, ema_decay=ema, sample_steps=sample_steps, seed=seed)
+    if ray_address is not None:
+        from workers.actors import PoolError
+        from workers.distributed_training import train_on_cluster
+
+        show = lambda p: typer.echo(f"step {p['step']}: loss {p['loss']:.4f}", err=True)  # noqa: E731
+        try:
+            rep = train_on_cluster(ray_address, model, data, cfg, out, export_dir=export, pool=pool,
+                                   workers=workers, threads=threads or 1, on_progress=_every_new_step(show))
+        except PoolError as e:
+            raise ValueError(str(e)) from None
+        typer.echo(f"drafter written to {rep.export} ({rep.workers} workers, {rep.wall_s:.1f}s, "
+                   f"{len(rep.failures)} restarts; log: {out / 'loss_log.csv'})")
+        return
     target = load_model(model)
     if not hasattr(target, "eps_from_features"):
         raise ValueError(f"model {model!r} has no top-block features: the feature drafter needs a DiT")
     folder = run(target, load_training_data(data), cfg, out, export_dir=export)
     typer.echo(f"drafter written to {folder} (log: {out / 'loss_log.csv'})")
+
+
+def _every_new_step(fn):
+    last = [None]
+
+    def cb(p):
+        if p.get("step") != last[0]:
+            last[0] = p.get("step")
+            fn(p)
+
+    return cb
 
 
 def register(app: typer.Typer) -> None:

@@ -13,6 +13,7 @@ round start k is unique per chain, so no draw is ever reused by a later round.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
@@ -66,6 +67,56 @@ def _verify_batch(model: EpsModel, schedule: Schedule, states, k, y, length):
     return eps, m_target.view(eps.shape), feats
 
 
+@dataclass
+class DraftBatch:
+    """What the drafter hands the verifier for one round of a batch of chains (step 1)."""
+
+    states: torch.Tensor  # (B, Lmax+1, *shape) xh_0 = x, xh_1..xh_Lmax (padding beyond a chain's length)
+    m_draft: torch.Tensor  # (B, Lmax, *shape) draft kernel means
+    eps_hat: torch.Tensor  # (B, Lmax, *shape) draft eps, float64
+    length: torch.Tensor  # (B,) int64 draft length L_b = min(L, k)
+
+
+def draft_round(drafter: Drafter, schedule: Schedule, streams: NoiseStreams, ctx: DraftContext,
+                draft_length: int) -> DraftBatch:
+    """Step 1 of a round: the drafter's proposals (runs wherever the drafter lives)."""
+    length = ctx.k.clamp_max(draft_length)  # (B,)
+    return DraftBatch(*_draft(drafter, ctx, schedule, streams, length), length)
+
+
+def target_batch(model: EpsModel, schedule: Schedule, draft: DraftBatch, k: torch.Tensor, y: torch.Tensor | None):
+    """Step 2: the one batched target call (runs wherever the target lives): (eps, means, features)."""
+    return _verify_batch(model, schedule, draft.states, k, y, draft.length)
+
+
+def decide(schedule: Schedule, streams: NoiseStreams, k: torch.Tensor, draft: DraftBatch, eps_t: torch.Tensor,
+           m_target: torch.Tensor, *, verification: Verification, relax: float = 0.0) -> Verdict:
+    """Step 3: token-wise or block verification of the drafts against the target means (pure maths)."""
+    states, m_draft, eps_hat, length = draft.states, draft.m_draft, draft.eps_hat, draft.length
+    B, Lmax = eps_t.shape[:2]
+    kk = (k[:, None] - torch.arange(Lmax)[None, :]).clamp_min(1)
+    temper = None
+    if relax > 0:
+        # Uncertainty-guided relaxation: divide log q/p by 1 + lambda * mean((eps_hat - eps)^2).
+        temper = 1.0 + relax * (eps_hat - eps_t).flatten(2).pow(2).mean(-1)
+    proposal = Proposal(
+        x_draft=states[:, 1:].flatten(2), m_draft=m_draft.flatten(2), m_target=m_target.flatten(2),
+        sigma=schedule.sigma[kk], length=length, temper=temper,
+    )
+    if verification == "token":
+        log_u = streams.uniform(Purpose.ACCEPT, k, n=Lmax).log()
+        return verify_token(proposal, log_u)
+    if verification == "block":
+        D = proposal.x_draft.shape[2]
+        return verify_block(
+            proposal,
+            streams.uniform(Purpose.BLOCK, k, n=Lmax),
+            streams.uniform(Purpose.RESIDUAL, k, n=1)[:, 0],
+            streams.normal(Purpose.RESIDUAL, k, shape=(D,)),
+        )
+    raise ValueError(f"verification must be 'token' or 'block', got {verification!r}")
+
+
 def speculative_round(
     model: EpsModel,
     drafter: Drafter,
@@ -78,33 +129,10 @@ def speculative_round(
     relax: float = 0.0,
 ):
     """One round for a batch of chains (all with k >= 1). Returns (verdict, target eps, features, L_b)."""
-    length = ctx.k.clamp_max(draft_length)  # (B,)
-    states, m_draft, eps_hat = _draft(drafter, ctx, schedule, streams, length)
-    eps_t, m_target, feats = _verify_batch(model, schedule, states, ctx.k, ctx.y, length)
-    B, Lmax = eps_t.shape[:2]
-    kk = (ctx.k[:, None] - torch.arange(Lmax)[None, :]).clamp_min(1)
-    temper = None
-    if relax > 0:
-        # Uncertainty-guided relaxation: divide log q/p by 1 + lambda * mean((eps_hat - eps)^2).
-        temper = 1.0 + relax * (eps_hat - eps_t).flatten(2).pow(2).mean(-1)
-    proposal = Proposal(
-        x_draft=states[:, 1:].flatten(2), m_draft=m_draft.flatten(2), m_target=m_target.flatten(2),
-        sigma=schedule.sigma[kk], length=length, temper=temper,
-    )
-    if verification == "token":
-        log_u = streams.uniform(Purpose.ACCEPT, ctx.k, n=Lmax).log()
-        verdict = verify_token(proposal, log_u)
-    elif verification == "block":
-        D = proposal.x_draft.shape[2]
-        verdict = verify_block(
-            proposal,
-            streams.uniform(Purpose.BLOCK, ctx.k, n=Lmax),
-            streams.uniform(Purpose.RESIDUAL, ctx.k, n=1)[:, 0],
-            streams.normal(Purpose.RESIDUAL, ctx.k, shape=(D,)),
-        )
-    else:
-        raise ValueError(f"verification must be 'token' or 'block', got {verification!r}")
-    return verdict, eps_t, feats, length
+    draft = draft_round(drafter, schedule, streams, ctx, draft_length)
+    eps_t, m_target, feats = target_batch(model, schedule, draft, ctx.k, ctx.y)
+    verdict = decide(schedule, streams, ctx.k, draft, eps_t, m_target, verification=verification, relax=relax)
+    return verdict, eps_t, feats, draft.length
 
 
 def _record(stats: SampleStats, rows: torch.Tensor, k: torch.Tensor, verdict: Verdict, length: torch.Tensor, cost: int):
@@ -121,6 +149,50 @@ def _record(stats: SampleStats, rows: torch.Tensor, k: torch.Tensor, verdict: Ve
     stats.accepted[rows] = stats.accepted[rows].scatter_add(1, idx, kept)
 
 
+class Chains:
+    """The per-chain state of a speculative sampler: current states, step indices, each chain's latest target
+    output (for drafters that reuse it) and the statistics. Rows of a round are any subset of chains."""
+
+    def __init__(self, x, k, last_eps, last_feats, has_last, stats):
+        self.x, self.k, self.last_eps, self.last_feats, self.has_last = x, k, last_eps, last_feats, has_last
+        self.stats = stats
+
+    @staticmethod
+    def start(streams: NoiseStreams, shape: tuple[int, ...], steps: int) -> "Chains":
+        B = len(streams)
+        x = initial_noise(streams, shape)  # (B, *shape)
+        return Chains(x, torch.full((B,), steps, dtype=torch.int64), torch.zeros_like(x), None,
+                      torch.zeros(B, dtype=torch.bool), SampleStats.zeros(B, steps))
+
+    def active(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices of unfinished chains (among ``rows`` if given)."""
+        if rows is None:
+            return (self.k > 0).nonzero().squeeze(1)
+        return rows[self.k[rows] > 0]
+
+    def context(self, rows: torch.Tensor, y: torch.Tensor | None) -> DraftContext:
+        return DraftContext(
+            x=self.x[rows], k=self.k[rows], y=None if y is None else y[rows], last_eps=self.last_eps[rows],
+            last_features=None if self.last_feats is None else self.last_feats[rows], has_last=self.has_last[rows],
+        )
+
+    def advance(self, rows, k, verdict: Verdict, eps_t, feats, length, cost: int) -> None:
+        """Apply a round's verdict to chains ``rows`` (whose round started at ``k``)."""
+        _record(self.stats, rows, k, verdict, length, cost)
+        shape = self.x.shape[1:]
+        self.x[rows] = verdict.state.view(-1, *shape)
+        self.k[rows] = k - verdict.steps
+        # The latest target output of each chain: item steps-1 (the state one step before the new one).
+        latest = (verdict.steps - 1).clamp_min(0)
+        ar = torch.arange(rows.numel())
+        self.last_eps[rows] = eps_t[ar, latest]
+        if feats is not None:
+            if self.last_feats is None:
+                self.last_feats = torch.zeros(self.x.shape[0], *feats.shape[2:], dtype=feats.dtype)
+            self.last_feats[rows] = feats[ar, latest]
+        self.has_last[rows] = True
+
+
 def sample_speculative(
     model: EpsModel,
     drafter: Drafter,
@@ -135,45 +207,24 @@ def sample_speculative(
 ) -> tuple[torch.Tensor, SampleStats]:
     """Exact speculative sampling (for relax = 0). Returns (samples (B, *shape) float64, stats).
 
-    ``callback(n)`` reports the total number of steps all chains advanced in a round."""
+    ``callback(n)`` reports n more chain-steps done (the steps all chains advanced in a round)."""
     if draft_length < 1:
         raise ValueError(f"draft length must be >= 1, got {draft_length}")
     if relax < 0:
         raise ValueError(f"relaxation must be >= 0, got {relax}")
     if schedule.eta <= 0:
         raise ValueError("speculative sampling needs a stochastic kernel (eta > 0)")
-    shape = tuple(model.sample_shape)
-    B, S = len(streams), schedule.num_steps
-    x = initial_noise(streams, shape)  # (B, *shape)
-    k = torch.full((B,), S, dtype=torch.int64)
-    last_eps = torch.zeros_like(x)
-    last_feats: torch.Tensor | None = None
-    has_last = torch.zeros(B, dtype=torch.bool)
-    stats = SampleStats.zeros(B, S)
+    chains = Chains.start(streams, tuple(model.sample_shape), schedule.num_steps)
     while True:
-        rows = (k > 0).nonzero().squeeze(1)
+        rows = chains.active()
         if rows.numel() == 0:
             break
-        ctx = DraftContext(
-            x=x[rows], k=k[rows], y=None if y is None else y[rows], last_eps=last_eps[rows],
-            last_features=None if last_feats is None else last_feats[rows], has_last=has_last[rows],
-        )
+        ctx = chains.context(rows, y)
         verdict, eps_t, feats, length = speculative_round(
             model, drafter, schedule, streams.subset(rows), ctx,
             draft_length=draft_length, verification=verification, relax=relax,
         )
-        _record(stats, rows, ctx.k, verdict, length, drafter.cost)
-        x[rows] = verdict.state.view(-1, *shape)
-        k[rows] = ctx.k - verdict.steps
-        # The latest target output of each chain: item steps-1 (the state one step before the new one).
-        latest = (verdict.steps - 1).clamp_min(0)
-        ar = torch.arange(rows.numel())
-        last_eps[rows] = eps_t[ar, latest]
-        if feats is not None:
-            if last_feats is None:
-                last_feats = torch.zeros(B, *feats.shape[2:], dtype=feats.dtype)
-            last_feats[rows] = feats[ar, latest]
-        has_last[rows] = True
+        chains.advance(rows, ctx.k, verdict, eps_t, feats, length, drafter.cost)
         if callback is not None:
             callback(int(verdict.steps.sum()))
-    return x, stats
+    return chains.x, chains.stats

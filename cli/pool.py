@@ -1,0 +1,95 @@
+"""``specdit pool start | list | stop``: the verifier/drafter actor pool on an existing Ray cluster.
+
+Start a cluster first (``ray start --head --port 6380 --num-cpus 2`` locally, or the compose services),
+then ``specdit pool start --address 127.0.0.1:6380``; workers attach with
+``SPECDIT_RAY_ADDRESS=... SPECDIT_RAY_POOL=<name> specdit worker --engine ray``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from typing import Optional
+
+import typer
+
+from cli.common import fail
+
+pool_app = typer.Typer(help="The Ray actor pool (verifier + drafter on separate devices).", no_args_is_help=True)
+
+Address = typer.Option("auto", "--address", envvar="SPECDIT_RAY_ADDRESS",
+                       help="Ray cluster address: auto | host:port | ray://host:port.")
+
+
+def _pool_errors(fn):
+    """PoolError -> one line and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from workers.actors import PoolError
+
+        try:
+            return fn(*args, **kwargs)
+        except PoolError as e:
+            fail(str(e), 1)
+
+    return wrapper
+
+
+def _table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("pool", "actor", "role", "device", "threads", "host", "pid")
+    for r in rows:
+        dev = r["device"] if r["device"] == "cpu" else f"{r['device']} ({r['device_name']}, "\
+                                                       f"CUDA_VISIBLE_DEVICES={r['cuda_visible_devices']})"
+        t.add_row(r.get("pool", ""), r.get("actor") or "", r["role"], dev, str(r["threads"]), r["host"], str(r["pid"]))
+    Console().print(t)
+
+
+@pool_app.command("start")
+@_pool_errors
+def start(
+    name: str = typer.Argument("specdit", help="Pool name (actors are named <name>-<rank>-<role>)."),
+    address: str = Address,
+    actors: int = typer.Option(2, "--actors", "-n",
+                               help="Actors: (verifier, drafter) pairs; a single actor holds both roles."),
+    threads: int = typer.Option(1, help="CPU threads per actor (CPU actors)."),
+    device: str = typer.Option("auto", help="auto (GPUs if the cluster has enough) | cpu | cuda."),
+):
+    """Start a named, detached pool; it lives until 'specdit pool stop'."""
+    from workers.actors import start_pool
+
+    _table(start_pool(address, name, actors, threads, device))
+
+
+@pool_app.command("list")
+@_pool_errors
+def list_(
+    name: Optional[str] = typer.Argument(None, help="Pool name (default: every pool)."),
+    address: str = Address,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """List the pools' actors and their devices."""
+    from workers.actors import list_pool
+
+    rows = list_pool(address, name)
+    if as_json:
+        typer.echo(json.dumps(rows))
+    elif not rows:
+        typer.echo("no specdit pools on this cluster")
+    else:
+        _table(rows)
+
+
+@pool_app.command("stop")
+@_pool_errors
+def stop(name: str = typer.Argument("specdit", help="Pool name."), address: str = Address):
+    """Kill a pool's actors and free its placement group."""
+    from workers.actors import stop_pool
+
+    typer.echo(f"stopped pool {name!r} ({stop_pool(address, name)} actors)")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(pool_app, name="pool")

@@ -1,0 +1,411 @@
+"""The actor pool: a verifier (holds the frozen DiT) and a drafter, each on its own device.
+
+The work is done by plain classes (:class:`Verifier`, :class:`Drafter`, both :class:`DeviceWorker`); Ray
+only wraps them (:func:`remote_class`). A :class:`Pool` is a list of such actors placed together by one
+placement group: (verifier, drafter) pairs, member 0 verifying and member 1 drafting, then further pairs
+(one actor holding both roles in a pool of one). Every member holds the frozen target, so all of them
+serve DRiffusion evaluations and data-parallel training. Each member takes ``num_gpus=1`` when the cluster has
+enough GPUs, else ``num_cpus=threads`` (a CPU actor with that many torch threads).
+
+A pool is either private to one engine (created and removed by it) or *named* and detached
+(``specdit pool start``): then any process on the cluster attaches to it by name and ``specdit pool stop``
+removes it.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+NAMESPACE = "specdit"
+
+
+class PoolError(Exception):
+    """A pool cannot be started, found or used (one-line message)."""
+
+
+# ------------------------------------------------------------------------------------------------------
+# Plain classes (no Ray): what runs on each device
+# ------------------------------------------------------------------------------------------------------
+class DeviceWorker:
+    """Holds models on one device and runs the pieces of sampling and training placed on it."""
+
+    role = "device"
+
+    def __init__(self, device: str = "cpu", threads: int = 1, rank: int = 0):
+        from workers.engine import LocalEngine, set_threads
+
+        if threads:
+            set_threads(threads)
+        self.device, self.threads, self.rank = device, threads, rank
+        self.engine = LocalEngine(device=device, threads=threads)  # model cache, model_info, references
+        self._setups: dict[tuple[str, str], tuple] = {}
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+    def info(self) -> dict:
+        import torch
+
+        gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+        name = torch.cuda.get_device_name(0) if self.device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+        return {"role": self.role, "rank": self.rank, "host": socket.gethostname(), "ip": _node_ip(),
+                "pid": os.getpid(), "device": self.device, "device_name": name, "threads": torch.get_num_threads(),
+                "cuda_visible_devices": gpus}
+
+    def free_port(self) -> int:
+        """A free TCP port on this node (for the torch.distributed rendezvous)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return int(s.getsockname()[1])
+
+    def model_info(self, model: str):
+        return self.engine.model_info(model)
+
+    def reference_stats(self, model: str, labels: str, extractor: str, source: str):
+        return self.engine.reference_stats(model, labels, extractor, source)
+
+    # -- sampling ------------------------------------------------------------------------------------
+    def setup(self, model: str, sampler: dict) -> dict:
+        """Load the model and build the (guided) target, the drafter and the schedule for these settings;
+        cached by (model, settings). Returns what the coordinator needs to know."""
+        import json
+
+        key = (model, json.dumps(sampler, sort_keys=True))
+        if key not in self._setups:
+            from specdit.api import SamplerConfig, guided, make_drafter
+            from specdit.schedule import Schedule
+
+            base = self.engine._load(model)
+            config = SamplerConfig(**sampler).validate()
+            target = guided(base, config.cfg_scale)
+            drafter = None
+            if config.sampler == "speculative" and hasattr(self, "draft"):
+                drafter = make_drafter(config.drafter, target, self.device, model)
+            self._setups[key] = (target, drafter, Schedule.create(config.steps, config.eta), config)
+        target, drafter, _, _ = self._setups[key]
+        return {"draft_cost": getattr(drafter, "cost", 0), "dtype": str(getattr(target, "dtype", "torch.float64"))}
+
+    def _get(self, model: str, sampler: dict):
+        import json
+
+        key = (model, json.dumps(sampler, sort_keys=True))
+        if key not in self._setups:
+            self.setup(model, sampler)
+        return self._setups[key]
+
+    def evaluate(self, model: str, sampler: dict, x, t, y):
+        """One target call (a chunk of a DRiffusion batch): (ModelOutput without features, busy interval)."""
+        from workers.pipeline import VerifyComputer
+
+        target, _, _, _ = self._get(model, sampler)
+        return VerifyComputer(target).evaluate(x, t, y)
+
+    def sample(self, model: str, sampler: dict, seeds, labels):
+        """A whole batch sampled here (samplers that need no second device, e.g. DDPM):
+        (samples float32, stats arrays, wall seconds)."""
+        import torch
+
+        from specdit.api import run_sampler
+        from specdit.noise import NoiseStreams
+
+        target, _, _, config = self._get(model, sampler)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x, st = run_sampler(target, None, config, NoiseStreams(seeds), labels)
+        return x.float().cpu(), st, time.perf_counter() - t0
+
+    # -- training ------------------------------------------------------------------------------------
+    def train_drafter(self, model: str, data: str, cfg: dict, out_dir: str, export_dir: str | None,
+                      init_method: str, world_size: int, rank: int) -> str:
+        """Data-parallel drafter training as rank ``rank`` of ``world_size`` (see
+        ``workers.distributed_training``). The frozen DiT already held here produces the supervision."""
+        from workers.distributed_training import train_rank
+
+        return train_rank(self, model, data, cfg, out_dir, export_dir, init_method, world_size, rank)
+
+
+class Verifier(DeviceWorker):
+    """Holds the frozen target; runs the one batched target call of each speculative round."""
+
+    role = "verifier"
+
+    def verify(self, model: str, sampler: dict, draft, k, y):
+        from workers.pipeline import VerifyComputer
+
+        target, _, schedule, _ = self._get(model, sampler)
+        return VerifyComputer(target, schedule).verify(draft, k, y)
+
+
+class Drafter(DeviceWorker):
+    """Holds the drafter (and the frozen target, which FREE's drafter needs and training uses)."""
+
+    role = "drafter"
+
+    def draft(self, model: str, sampler: dict, seeds, ctx, draft_length: int):
+        from workers.pipeline import DraftComputer
+
+        _, drafter, schedule, _ = self._get(model, sampler)
+        return DraftComputer(drafter, schedule).draft(seeds, ctx, draft_length)
+
+
+class VerifierDrafter(Verifier, Drafter):
+    """Both roles on one device (a pool of one actor)."""
+
+    role = "verifier+drafter"
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray
+        return "127.0.0.1"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Ray: connection, the thin actor wrappers, the pool
+# ------------------------------------------------------------------------------------------------------
+def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect this process to Ray. ``address``: "auto", "host:port" or "ray://..."; None starts a private
+    local cluster (``num_cpus``). Returns True when this call started Ray here (the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("SPECDIT_RAY_ADDRESS") or None
+    if address and address != "auto" and "://" not in address:
+        _check_reachable(address)  # ray.init would retry an unreachable address for a long time
+    try:
+        if address:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+        else:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, local, throw-away cluster
+            ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise PoolError(f"cannot connect to Ray at {address or 'a new local cluster'}: "
+                        f"{' '.join(str(e).split())[:300]}") from None
+    return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise PoolError(f"bad Ray address {address!r}: expected host:port, auto or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise PoolError(f"cannot reach a Ray cluster at {address}: {e.strerror or e} (start one with "
+                        "'ray start --head --port <port>')") from None
+
+
+_REMOTE: dict[type, object] = {}
+
+
+def remote_class(cls):
+    """The Ray actor class wrapping a plain class (one wrapper per class, made on first use)."""
+    import ray
+
+    if cls not in _REMOTE:
+        _REMOTE[cls] = ray.remote(cls)
+    return _REMOTE[cls]
+
+
+@dataclass
+class Member:
+    handle: object
+    role: str
+    rank: int
+    name: str | None = None
+
+
+class Pool:
+    """``size`` actors ((verifier, drafter) pairs) in one placement group.
+
+    ``device``: "auto" (GPUs when the cluster has ``size`` of them), "cpu" or "cuda"."""
+
+    def __init__(self, members: list[Member], pg, device: str, owned: bool, name: str | None = None):
+        self.members, self.pg, self.device, self.owned, self.name = members, pg, device, owned, name
+
+    @property
+    def verifier(self):
+        return self.members[0].handle
+
+    @property
+    def drafter(self):
+        return self.members[1].handle if len(self.members) > 1 else self.members[0].handle
+
+    @property
+    def handles(self) -> list:
+        return [m.handle for m in self.members]
+
+    @staticmethod
+    def create(size: int = 2, *, threads: int = 1, device: str = "auto", name: str | None = None,
+               strategy: str = "PACK", timeout: float = 60.0) -> "Pool":
+        """Start a pool (named and detached when ``name`` is given). Raises PoolError when the cluster
+        cannot place it."""
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if size < 1:
+            raise PoolError(f"a pool needs at least 1 actor, got {size}")
+        if name is not None and _find_pg(name) is not None:
+            raise PoolError(f"a pool named {name!r} is already running (stop it with 'specdit pool stop {name}')")
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if device == "auto":
+            device = "cuda" if gpus >= size else "cpu"
+        if device.startswith("cuda") and gpus < size:
+            raise PoolError(f"the cluster has {gpus:g} GPUs; a pool of {size} GPU actors needs {size}")
+        bundle = {"GPU": 1, "CPU": 1} if device.startswith("cuda") else {"CPU": threads}
+        pg = placement_group([dict(bundle)] * size, strategy=strategy, name=f"{name}-pg" if name else "",
+                             lifetime="detached" if name else None)
+        try:
+            ray.get(pg.ready(), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(pg)
+            have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+            raise PoolError(f"cannot place {size} actors of {bundle} within {timeout:g}s (available: {have}); "
+                            "use fewer actors (--actors) or threads") from None
+        members = []
+        for rank in range(size):
+            # (verifier, drafter) pairs: even ranks verify, odd ranks draft; all of them evaluate and train.
+            cls = VerifierDrafter if size == 1 else Verifier if rank % 2 == 0 else Drafter
+            role = cls.role
+            opts = dict(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+                        max_restarts=-1, max_task_retries=0, num_cpus=bundle.get("CPU", 1),
+                        num_gpus=bundle.get("GPU", 0), namespace=NAMESPACE)
+            aname = f"{name}-{rank}-{role}" if name else None
+            if name:
+                opts.update(name=aname, lifetime="detached")
+            h = remote_class(cls).options(**opts).remote("cuda" if device.startswith("cuda") else "cpu",
+                                                          threads, rank)
+            members.append(Member(h, role, rank, aname))
+        pool = Pool(members, pg, device, owned=name is None, name=name)
+        pool.wait_ready(timeout)
+        return pool
+
+    @staticmethod
+    def attach(name: str) -> "Pool":
+        """The named pool started by ``specdit pool start``."""
+        import ray
+
+        members = []
+        for n in _actor_names():
+            pname, rank, role = n.rsplit("-", 2)
+            if pname == name and rank.isdigit():
+                members.append(Member(ray.get_actor(n, namespace=NAMESPACE), role, int(rank), n))
+        if not members:
+            raise PoolError(f"no pool named {name!r} on this Ray cluster (start one with 'specdit pool start')")
+        members.sort(key=lambda m: m.rank)
+        info = ray.get(members[0].handle.info.remote())
+        return Pool(members, _find_pg(name), info["device"], owned=False, name=name)
+
+    def wait_ready(self, timeout: float = 60.0) -> list[dict]:
+        import ray
+
+        try:
+            return ray.get([h.info.remote() for h in self.handles], timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise PoolError(f"pool actors did not start within {timeout:g}s") from None
+
+    def describe(self) -> list[dict]:
+        return self.wait_ready()
+
+    def restart(self, ranks: list[int] | None = None, timeout: float = 60.0) -> None:
+        """Kill (and let Ray restart in place, same bundle) the given members, e.g. ones stuck in a
+        collective after another member died. Their models are reloaded on first use."""
+        import ray
+
+        for m in self.members:
+            if ranks is None or m.rank in ranks:
+                try:
+                    ray.kill(m.handle, no_restart=False)
+                except Exception:  # noqa: BLE001 - already dead: Ray restarts it
+                    pass
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if time.monotonic() > deadline:
+                    raise PoolError("pool actors did not come back after a restart") from None
+                time.sleep(0.2)
+
+    def shutdown(self) -> None:
+        """Kill the actors (no restart) and free the placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for m in self.members:
+            try:
+                ray.kill(m.handle, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001
+                pass
+            # Resources come back asynchronously; a pool created right after would otherwise wait on them.
+            tag = self.pg.id.hex()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(tag in k for k in ray.available_resources()):
+                time.sleep(0.1)
+
+
+def _actor_names() -> list[str]:
+    """Names of the pool actors (``<pool>-<rank>-<role>``) in specdit's namespace."""
+    import ray
+
+    out = []
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        n, ns = (a["name"], a["namespace"]) if isinstance(a, dict) else (a, NAMESPACE)
+        parts = n.rsplit("-", 2)
+        if ns == NAMESPACE and len(parts) == 3 and parts[1].isdigit():
+            out.append(n)
+    return out
+
+
+def _find_pg(name: str):
+    from ray.util.placement_group import get_placement_group
+
+    try:
+        return get_placement_group(f"{name}-pg")
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Cluster commands (called by ``specdit pool ...``)
+# ------------------------------------------------------------------------------------------------------
+def start_pool(address: str, name: str, size: int, threads: int, device: str) -> list[dict]:
+    """Start a named, detached pool on the cluster at ``address``; returns its actors' descriptions."""
+    connect(address)
+    return Pool.create(size, threads=threads, device=device, name=name).describe()
+
+
+def list_pool(address: str, name: str | None) -> list[dict]:
+    """Describe the actors of one pool (or of every specdit pool) on the cluster."""
+    connect(address)
+    names = sorted({n.rsplit("-", 2)[0] for n in _actor_names()})
+    if name is not None:
+        if name not in names:
+            raise PoolError(f"no pool named {name!r} on this Ray cluster")
+        names = [name]
+    out = []
+    for pname in names:
+        pool = Pool.attach(pname)
+        for m, info in zip(pool.members, pool.describe()):
+            out.append({"pool": pname, "actor": m.name, **info})
+    return out
+
+
+def stop_pool(address: str, name: str) -> int:
+    """Kill a named pool's actors and free its placement group; returns the number of actors stopped."""
+    connect(address)
+    pool = Pool.attach(name)
+    pool.shutdown()
+    return len(pool.members)

@@ -1,0 +1,265 @@
+"""The Ray engine: the service's ``Engine`` protocol on an actor pool (verifier + drafter on separate devices).
+
+- ``speculative``: the overlapped pipeline (``workers.pipeline.speculative_pipeline``): the drafter actor
+  drafts one group of chains while the verifier actor evaluates another group's batch; verification maths
+  runs here. With several verifier/drafter pairs in the pool, batches are spread over the pairs.
+- ``draft_refine`` (DRiffusion): each target call (the K parallel evaluations of an iteration) is split
+  over all actors of the pool (``ShardedModel``).
+- ``ddpm``: whole batches are spread over the actors.
+
+Sample i depends only on its seed, so the samples equal ``LocalEngine``'s for the same job (bit-identical
+for the analytic models; float32 DiTs differ at ~1e-5 where batch composition differs).
+
+Settings come from keyword arguments or the environment (so ``specdit worker --engine ray`` needs no
+extra flags): ``SPECDIT_RAY_ADDRESS`` (default: a private local cluster), ``SPECDIT_RAY_POOL`` (attach to
+a named pool from ``specdit pool start``), ``SPECDIT_RAY_ACTORS`` (pool size, default 2),
+``SPECDIT_RAY_GROUPS`` (chain groups in flight, default 2), ``SPECDIT_RAY_OVERLAP`` (1/0).
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+
+from workers.actors import Pool, PoolError, connect
+from workers.engine import (EngineError, ModelInfo, ShardOutput, ShardWork, _encode_samples, _features,
+                            _stats_arrays, labels_for, seeds_for)
+
+
+class _Remote:
+    """An actor handle as a pipeline executor: methods return ``concurrent.futures.Future``s."""
+
+    def __init__(self, handle, model: str, sampler: dict):
+        self.h, self.model, self.sampler = handle, model, sampler
+
+    def draft(self, seeds, ctx, draft_length):
+        return self.h.draft.remote(self.model, self.sampler, seeds, ctx, draft_length).future()
+
+    def verify(self, draft, k, y):
+        return self.h.verify.remote(self.model, self.sampler, draft, k, y).future()
+
+    def evaluate(self, x, t, y):
+        return self.h.evaluate.remote(self.model, self.sampler, x, t, y).future()
+
+
+class RayEngine:
+    name = "ray"
+
+    def __init__(self, device: str = "auto", threads: int | None = 1, *, address: str | None = None,
+                 pool: str | None = None, actors: int | None = None, groups: int | None = None,
+                 overlap: bool | None = None, num_cpus: int | None = None):
+        env = os.environ.get
+        self.groups = int(groups if groups is not None else env("SPECDIT_RAY_GROUPS", "2"))
+        self.overlap = overlap if overlap is not None else env("SPECDIT_RAY_OVERLAP", "1") not in ("0", "false")
+        size = int(actors if actors is not None else env("SPECDIT_RAY_ACTORS", "2"))
+        pool = pool if pool is not None else env("SPECDIT_RAY_POOL") or None
+        device = env("SPECDIT_RAY_DEVICE", device)  # "auto": GPUs when the cluster has enough
+        try:
+            self._started_ray = connect(address, num_cpus=num_cpus)
+            self.pool = Pool.attach(pool) if pool else Pool.create(size, threads=threads or 1, device=device)
+        except PoolError as e:
+            raise EngineError(str(e)) from None
+        self._infos: dict[str, ModelInfo] = {}
+        self.last_timeline = None  # the pipeline timeline of the latest speculative batch (benchmarks)
+
+    # -- protocol ------------------------------------------------------------------------------------
+    def model_info(self, model: str) -> ModelInfo:
+        import ray
+
+        if model not in self._infos:
+            try:
+                self._infos[model] = ray.get(self.pool.verifier.model_info.remote(model))
+            except ray.exceptions.RayTaskError as e:
+                cause = e.as_instanceof_cause()
+                if isinstance(cause, EngineError):
+                    raise EngineError(str(cause).splitlines()[0]) from None
+                raise
+        return self._infos[model]
+
+    def check_sampler(self, sampler: dict) -> None:
+        from workers.engine import LocalEngine
+
+        LocalEngine().check_sampler(sampler)  # pure validation, no model
+
+    def reference_stats(self, model: str, labels: str, extractor: str, source: str) -> dict[str, np.ndarray]:
+        import ray
+
+        try:
+            return ray.get(self.pool.verifier.reference_stats.remote(model, labels, extractor, source))
+        except ray.exceptions.RayTaskError as e:
+            cause = e.as_instanceof_cause()
+            if isinstance(cause, EngineError):
+                raise EngineError(str(cause).splitlines()[0]) from None
+            raise
+
+    def run(self, work: ShardWork, progress: Callable[[int], None] | None = None) -> ShardOutput:
+        import ray
+        import torch
+
+        from specdit.api import SamplerConfig
+        from specdit.stats import SampleStats
+
+        info = self.model_info(work.model)
+        config = SamplerConfig(**work.sampler).validate()
+        sampler = config.to_dict()
+        ray.get([h.setup.remote(work.model, sampler) for h in self.pool.handles])
+        seeds = seeds_for(work.base_seed, work.start, work.stop)  # (n,)
+        indices = torch.arange(work.start, work.stop, dtype=torch.int64)
+        labels = labels_for(work.labels, indices, seeds, info.num_classes)
+        n = work.stop - work.start
+        # Same batches and labels as LocalEngine / specdit.api.generate (null class for "no label").
+        y_all = labels if labels is not None or info.num_classes is None else torch.full_like(seeds, info.num_classes)
+        batches = [(a, min(n, a + work.batch_size)) for a in range(0, n, work.batch_size)]
+        results: dict[int, tuple] = {}
+        t0 = time.perf_counter()
+        try:
+            if config.sampler == "speculative":
+                self._run_speculative(work, config, info, seeds, y_all, batches, results, progress)
+            elif config.sampler == "draft_refine":
+                self._run_draft_refine(work, config, info, seeds, y_all, batches, results, progress)
+            else:
+                self._run_whole_batches(work, sampler, seeds, y_all, batches, results, progress)
+        except ray.exceptions.RayActorError as e:
+            raise EngineError(f"a pool actor died: {' '.join(str(e).split())[:200]}") from None
+        wall = time.perf_counter() - t0
+        parts = [results[i] for i in range(len(batches))]
+        samples = torch.cat([p[0] for p in parts])
+        arrays: dict[str, np.ndarray] = {
+            "indices": indices.numpy(), "seeds": seeds.numpy(),
+            "labels": (labels if labels is not None else torch.full((n,), -1, dtype=torch.int64)).numpy(),
+            "time_per_sample": np.concatenate([np.full(b - a, p[2] / (b - a)) for (a, b), p in zip(batches, parts)]),
+        }
+        if work.save_samples:
+            arrays["samples"] = _encode_samples(samples, work.sample_dtype)
+        for k, v in SampleStats.concat([p[1] for p in parts]).to_arrays().items():
+            arrays[f"stat_{k}"] = np.asarray(v)
+        if work.extractor:
+            feats, ext_name = _features(work.extractor, samples)
+            arrays.update(_stats_arrays(feats, ext_name))
+            arrays["feature_extractor"] = np.array(work.extractor)
+        return ShardOutput(arrays, wall)
+
+    def close(self) -> None:
+        import ray
+
+        if getattr(self, "pool", None) is not None and self.pool.owned:
+            self.pool.shutdown()
+        self.pool = None
+        if getattr(self, "_started_ray", False) and ray.is_initialized():
+            ray.shutdown()
+            self._started_ray = False
+
+    # -- samplers ------------------------------------------------------------------------------------
+    def _pairs(self) -> list[tuple]:
+        h = self.pool.handles
+        if len(h) < 2:
+            return [(h[0], h[0])]
+        return [(h[i], h[i + 1]) for i in range(0, len(h) - 1, 2)]  # (verifier, drafter) pairs
+
+    def _run_speculative(self, work, config, info, seeds, y_all, batches, results, progress):
+        import ray
+
+        from specdit.schedule import Schedule
+        from workers.pipeline import Timeline, speculative_pipeline
+
+        schedule = Schedule.create(config.steps, config.eta)
+        sampler = config.to_dict()
+        cost = ray.get(self.pool.drafter.setup.remote(work.model, sampler))["draft_cost"]
+        done = [0]
+
+        def one(pair, i):
+            (verifier, drafter), (a, b) = pair, batches[i]
+            tl = Timeline()
+            t0 = time.perf_counter()
+            tick = (lambda _steps: progress(done[0])) if progress is not None else None
+            x, st = speculative_pipeline(
+                _Remote(drafter, work.model, sampler), _Remote(verifier, work.model, sampler), schedule,
+                seeds[a:b], None if y_all is None else y_all[a:b], info.sample_shape,
+                draft_length=config.draft_length, verification=config.verify, relax=config.relax,
+                draft_cost=cost, groups=self.groups, overlap=self.overlap, callback=tick, timeline=tl)
+            results[i] = (x.float(), st, time.perf_counter() - t0)
+            self.last_timeline = tl
+            done[0] += b - a
+            if progress is not None:
+                progress(done[0])
+
+        self._spread(self._pairs(), len(batches), one)
+
+    def _run_draft_refine(self, work, config, info, seeds, y_all, batches, results, progress):
+        import torch
+
+        from specdit.noise import NoiseStreams
+        from specdit.samplers.draft_refine import sample_draft_refine
+        from specdit.schedule import Schedule
+        from workers.pipeline import ShardedModel
+
+        schedule = Schedule.create(config.steps, config.eta)
+        sampler = config.to_dict()
+        from workers.pipeline import Timeline
+
+        self.last_timeline = tl = Timeline(start=time.time())
+        model = ShardedModel([_Remote(h, work.model, sampler) for h in self.pool.handles], info.sample_shape,
+                             info.num_classes, dtype=torch.float64, timeline=tl)
+        done = 0
+        for i, (a, b) in enumerate(batches):
+            t0 = time.perf_counter()
+            tick = (lambda _steps: progress(done)) if progress is not None else None
+            x, st = sample_draft_refine(model, schedule, NoiseStreams(seeds[a:b]),
+                                        y=None if y_all is None else y_all[a:b], parallel=config.parallel,
+                                        mode=config.refine_mode, callback=tick)
+            results[i] = (x.float(), st, time.perf_counter() - t0)
+            done = b
+            tl.end = time.time()
+            if progress is not None:
+                progress(done)
+
+    def _run_whole_batches(self, work, sampler, seeds, y_all, batches, results, progress):
+        import ray
+
+        done = [0]
+
+        def one(handle, i):
+            a, b = batches[i]
+            x, st, wall = ray.get(handle.sample.remote(work.model, sampler, seeds[a:b],
+                                                       None if y_all is None else y_all[a:b]))
+            results[i] = (x, st, wall)
+            done[0] += b - a
+            if progress is not None:
+                progress(done[0])
+
+        self._spread(self.pool.handles, len(batches), one)
+
+    @staticmethod
+    def _spread(slots: list, count: int, fn) -> None:
+        """Run fn(slot, i) for batches i = 0..count-1, one thread per slot, batches taken in order.
+        The first exception (e.g. an abort from ``progress``) stops the others at their next batch."""
+        if len(slots) == 1 or count <= 1:
+            for i in range(count):
+                fn(slots[0], i)
+            return
+        nxt, errors = [0], []
+        import threading
+
+        lock = threading.Lock()
+
+        def worker(slot):
+            while True:
+                with lock:
+                    if errors or nxt[0] >= count:
+                        return
+                    i = nxt[0]
+                    nxt[0] += 1
+                try:
+                    fn(slot, i)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                    with lock:
+                        errors.append(e)
+                    return
+
+        with ThreadPoolExecutor(len(slots)) as ex:
+            list(ex.map(worker, slots))
+        if errors:
+            raise errors[0]
