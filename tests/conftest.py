@@ -13,3 +13,22 @@ def gmm2d():
     from specdit.models.gmm import GMM_PRESETS
 
     return GMM_PRESETS["gmm-2d"]()
+
+
+def tiny_dit_transformer(seed: int = 0):
+    """A tiny random class-conditional DiT (8x8x1 pixels, patch 2 -> 16 tokens, hidden 32, 3 classes)."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=1,
+                               num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=3)
+    with torch.no_grad():  # make every layer clearly non-trivial (adaLN-Zero starts at zero)
+        for p in tr.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return tr.eval()
+
+
+def tiny_training_data():
+    """64 random 8x8 'images' in [-1, 1] with labels in {0, 1, 2}."""
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(64, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 3, (64,), generator=g)

@@ -9,25 +9,17 @@ from specdit.drafters.feature import FeatureDrafter, load_feature_drafter
 from specdit.models.dit import DiTDenoiser
 from specdit.noise import sample_seed
 from specdit.training.drafter import DrafterTrainConfig, train_drafter
+from tests.conftest import tiny_dit_transformer, tiny_training_data
 
 
 @pytest.fixture(scope="module")
 def tiny_dit():
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=1,
-                               num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=3)
-    with torch.no_grad():
-        for p in tr.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return DiTDenoiser(tr)
+    return DiTDenoiser(tiny_dit_transformer())
 
 
 @pytest.fixture(scope="module")
 def tiny_data():
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(64, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 3, (64,), generator=g)
+    return tiny_training_data()
 
 
 def _log(path):

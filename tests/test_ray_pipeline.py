@@ -97,22 +97,16 @@ def test_feature_drafter_pipeline_matches_sampler(tmp_path):
 # Data-parallel training with a thread "world" (the Ray pool runs the same code with gloo)
 # ------------------------------------------------------------------------------------------------------
 def _tiny_dit():
-    from diffusers import DiTTransformer2DModel
-
     from specdit.models.dit import DiTDenoiser
+    from tests.conftest import tiny_dit_transformer
 
-    torch.manual_seed(0)
-    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=1,
-                               num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=3)
-    with torch.no_grad():
-        for p in tr.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return DiTDenoiser(tr)
+    return DiTDenoiser(tiny_dit_transformer())
 
 
 def _tiny_data():
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(64, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 3, (64,), generator=g)
+    from tests.conftest import tiny_training_data
+
+    return tiny_training_data()
 
 
 class _ThreadWorld:

@@ -74,15 +74,9 @@ def engine(cluster):
 
 
 def _tiny_dit(folder: Path) -> str:
-    from diffusers import DiTTransformer2DModel
+    from tests.conftest import tiny_dit_transformer
 
-    torch.manual_seed(0)
-    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=1,
-                               num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=3)
-    with torch.no_grad():
-        for p in tr.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    tr.save_pretrained(folder)
+    tiny_dit_transformer().save_pretrained(folder)
     return str(folder)
 
 
