@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.special import log_ndtr, ndtr
+from torch.special import log_ndtr
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,3 @@ def initial_noise(streams: NoiseStreams, shape: tuple[int, ...]) -> torch.Tensor
     """x_S ~ N(0, I) from each sample's own stream, (B, *shape) float64."""
     return streams.normal(Purpose.INIT, shape=shape)
 
-
-def flat(x: torch.Tensor) -> torch.Tensor:
-    """(B, *shape) -> (B, D)."""
-    return x.reshape(x.shape[0], -1)

@@ -21,7 +21,7 @@ import torch
 from specdit.drafters.base import DraftContext, Drafter
 from specdit.models.base import EpsModel
 from specdit.noise import NoiseStreams, Purpose
-from specdit.samplers.common import call_model, flat, initial_noise
+from specdit.samplers.common import call_model, initial_noise
 from specdit.schedule import Schedule
 from specdit.stats import SampleStats
 from specdit.verify import Proposal, Verdict, verify_block, verify_token
