@@ -149,10 +149,12 @@ def generate(
     batch_size: int = 64,
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
+    model_name: str | None = None,
 ) -> Generation:
     """Sample ``len(seeds)`` chains. ``labels`` (N,) int64 class labels (``num_classes`` = null class);
     None samples a conditional model unconditionally. ``progress(n)`` reports steps done (summed over
-    chains) as they happen."""
+    chains) as they happen. ``model_name`` names a model passed as an object (to find its built-in
+    feature drafter)."""
     config.validate()
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -169,7 +171,7 @@ def generate(
     elif base.num_classes is not None:
         labels = torch.full_like(seeds, base.num_classes)
     target = guided(base, config.cfg_scale)
-    name = model if isinstance(model, str) else None
+    name = model if isinstance(model, str) else model_name
     drafter = make_drafter(config.drafter, target, device, name) if config.sampler == "speculative" else None
     start = time.perf_counter()
     outs, stats = [], []

@@ -89,6 +89,7 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
     idx = torch.arange(num_samples)
     seeds = sample_seed(seed, idx)
     labels = labels_for(label_policy, idx, seeds, model.num_classes)
-    gen = generate(model, config, seeds, labels, batch_size=batch_size, device=device, progress=progress)
+    gen = generate(model, config, seeds, labels, batch_size=batch_size, device=device, progress=progress,
+                   model_name=model_name)
     images = model.to_images(gen.samples).numpy() if hasattr(model, "to_images") else None
     return save_generation(gen, seeds, out, model_name=model_name, config=config, images=images)

@@ -45,3 +45,13 @@ def test_bench_runs_side_by_side(tmp_path):
     names = [row["name"] for row in rows]
     assert names[0] == "ddpm" and "spec free L=4 block" in names and "driffusion aggressive k=4" in names
     assert rows[0]["wall_vs_ddpm"] == 1.0 and all(row["ks"] is not None for row in rows)
+
+
+def test_generate_builtin_model_with_its_feature_drafter(tmp_path):
+    """`make run`'s path: the built-in DiT with the drafter shipped beside it, PNGs and a grid."""
+    r = runner.invoke(app, ["generate", "--model", "mnist-dit", "--drafter", "feature", "--cfg", "1.5", "-n", "3",
+                            "--steps", "6", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "grid.png").is_file() and (tmp_path / "run" / "00002.png").is_file()
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())["stats"]
+    assert stats["draft_evals_per_sample"] > 0
