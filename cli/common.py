@@ -10,8 +10,8 @@ EXIT_USAGE = 2
 
 
 def fail(msg: str, code: int = EXIT_USAGE) -> None:
-    """Print ``Error: msg`` to stderr and exit with ``code``."""
-    typer.secho(f"Error: {msg}", err=True, fg=typer.colors.RED)
+    """Print ``error: msg`` (one line) to stderr and exit with ``code``."""
+    typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
 
 

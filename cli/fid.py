@@ -7,16 +7,13 @@ from typing import Optional
 
 import typer
 
+from cli.common import fail
+
 
 class Features(str, Enum):
     inception = "inception"
     mnist = "mnist"
     raw = "raw"
-
-
-def _fail(msg: str) -> None:
-    typer.secho(f"Error: {msg}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=2)
 
 
 def _accuracy_line(src, name: str) -> Optional[str]:
@@ -53,7 +50,7 @@ def fid(
         value = frechet_distance(sa, sb)
         lines = [_accuracy_line(a, "A"), _accuracy_line(b, "B")] if features != Features.raw else []
     except (ValueError, OSError) as e:  # SourceError is a ValueError; FileNotFoundError an OSError
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"FID[{features.value}] = {value:.6g}  (n_A={sa.n}, n_B={sb.n})")
     for line in lines:
         if line:
@@ -73,7 +70,7 @@ def fid_ref(
     try:
         stats = reference_stats(name, features.value, recompute=recompute, out=out, batch_size=batch_size)
     except (ValueError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
     where = out or reference_stats_path(name, features.value)
     typer.echo(f"{name}/{features.value}: n={stats.n} dim={stats.dim} checksum={stats.checksum} -> {where}")
 

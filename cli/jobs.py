@@ -17,6 +17,8 @@ from typing import Optional
 
 import typer
 
+from cli.common import fail
+
 # Service log records reach stderr only where a command configures logging (the worker does); the other
 # commands report through their one-line messages.
 logging.getLogger("specdit").addHandler(logging.NullHandler())
@@ -25,11 +27,6 @@ RedisUrl = typer.Option(None, "--redis-url", envvar="SPECDIT_REDIS_URL",
                         help="redis://[:password@]host:port/db (default redis://127.0.0.1:6379/0). "
                              "A password may also come from SPECDIT_REDIS_PASSWORD.")
 Prefix = typer.Option(None, "--prefix", envvar="SPECDIT_REDIS_PREFIX", help="Redis key prefix (default specdit:).")
-
-
-def _err(msg: str, code: int) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
 
 
 def _guard(fn):
@@ -47,16 +44,16 @@ def _guard(fn):
         except (typer.Exit, typer.Abort):
             raise
         except ServiceError as e:
-            _err(str(e), e.exit_code)
+            fail(str(e), e.exit_code)
         except (redis.ConnectionError, redis.TimeoutError) as e:
-            _err(f"lost connection to Redis at {redact(resolve_url(kwargs.get('redis_url')))}: "
+            fail(f"lost connection to Redis at {redact(resolve_url(kwargs.get('redis_url')))}: "
                  f"{' '.join(str(e).split())}", 3)
         except KeyboardInterrupt:
-            _err("interrupted", 130)
+            fail("interrupted", 130)
         except Exception as e:  # noqa: BLE001
             if os.environ.get("SPECDIT_DEBUG"):
                 raise
-            _err(f"internal error: {type(e).__name__}: {' '.join(str(e).split())} "
+            fail(f"internal error: {type(e).__name__}: {' '.join(str(e).split())} "
                  "(set SPECDIT_DEBUG=1 for a traceback)", 1)
 
     return wrapper

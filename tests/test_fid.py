@@ -212,7 +212,7 @@ def test_cli_fid_npz_and_bad_path(runner_app, tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["fid", str(tmp_path / "missing.npz"), "mnist", "-f", "mnist"])
     assert r.exit_code == 2
-    assert "Error:" in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert "error:" in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
 
 
 def test_metrics_import_without_ray_redis_typer():
