@@ -8,6 +8,25 @@ torch.set_num_threads(1)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+REDIS_TEST_URL = os.environ.get("SPECDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def redis_env():
+    """(client, key prefix) on the test Redis under a fresh random prefix, removed afterwards."""
+    from cluster.connection import connect
+    from cluster.errors import RedisUnavailable
+    from cluster.testing import cleanup_prefix, make_prefix
+
+    try:
+        client = connect(REDIS_TEST_URL)
+    except RedisUnavailable as e:
+        pytest.skip(str(e))
+    prefix = make_prefix()
+    yield client, prefix
+    cleanup_prefix(client, prefix)
+
+
 @pytest.fixture(scope="session")
 def gmm2d():
     from specdit.models.gmm import GMM_PRESETS

@@ -116,38 +116,29 @@ def test_ray_engine_bit_identical_to_local_engine(engine, sampler):
             engine.overlap = True
 
 
-def test_job_through_the_service_with_the_ray_engine(engine, tmp_path, monkeypatch):
-    from cluster.connection import connect
-    from cluster.errors import RedisUnavailable
+def test_job_through_the_service_with_the_ray_engine(engine, tmp_path, monkeypatch, redis_env):
     from cluster.keys import Keys
     from cluster.queue import JobQueue
     from cluster.records import JobStatus
     from cluster.spec import spec_from_dict
     from cluster.worker import ShardWorker, WorkerOptions
 
-    try:
-        client = connect(URL)
-    except RedisUnavailable as e:
-        pytest.skip(str(e))
-    prefix = make_prefix()
-    try:
-        q = JobQueue(client, Keys(prefix), heartbeat_timeout=5.0)
-        spec = spec_from_dict({"model": "gmm-2d", "num_samples": 48, "shard_size": 24, "batch_size": 16,
-                               "base_seed": 11, "output": {"dir": str(tmp_path)},
-                               "sampler": {"sampler": "speculative", "steps": 30, "draft_length": 4},
-                               "evaluate": {"fid_reference": "data:500"}})
-        q.submit(spec)
-        w = ShardWorker(q, engine, WorkerOptions(max_idle=0.3, poll_interval=0.05))
-        monkeypatch.setattr(engine, "close", lambda: None)  # the module's engine outlives this worker
-        assert w.run() == 0
-        assert q.get(spec.job_id).status == JobStatus.DONE, q.get(spec.job_id).error
-        xs = load_job_samples(spec.job_dir())
-        ref = make_engine("local").run(ShardWork(model="gmm-2d", sampler=spec.sampler.model_dump(mode="json"),
-                                                 labels=spec.labels, base_seed=11, start=0, stop=48, batch_size=16))
-        assert np.array_equal(xs["indices"], np.arange(48))
-        assert np.array_equal(xs["samples"], ref.arrays["samples"])
-    finally:
-        cleanup_prefix(client, prefix)
+    client, prefix = redis_env
+    q = JobQueue(client, Keys(prefix), heartbeat_timeout=5.0)
+    spec = spec_from_dict({"model": "gmm-2d", "num_samples": 48, "shard_size": 24, "batch_size": 16,
+                           "base_seed": 11, "output": {"dir": str(tmp_path)},
+                           "sampler": {"sampler": "speculative", "steps": 30, "draft_length": 4},
+                           "evaluate": {"fid_reference": "data:500"}})
+    q.submit(spec)
+    w = ShardWorker(q, engine, WorkerOptions(max_idle=0.3, poll_interval=0.05))
+    monkeypatch.setattr(engine, "close", lambda: None)  # the module's engine outlives this worker
+    assert w.run() == 0
+    assert q.get(spec.job_id).status == JobStatus.DONE, q.get(spec.job_id).error
+    xs = load_job_samples(spec.job_dir())
+    ref = make_engine("local").run(ShardWork(model="gmm-2d", sampler=spec.sampler.model_dump(mode="json"),
+                                             labels=spec.labels, base_seed=11, start=0, stop=48, batch_size=16))
+    assert np.array_equal(xs["indices"], np.arange(48))
+    assert np.array_equal(xs["samples"], ref.arrays["samples"])
 
 
 def _log(path):

@@ -7,12 +7,10 @@ import os
 
 import pytest
 
-from cluster.connection import connect
-from cluster.errors import RedisUnavailable
 from cluster.keys import Keys
 from cluster.queue import JobQueue
 from cluster.records import JobStatus
-from cluster.testing import (choose_engine, cleanup_prefix, free_port, make_prefix, redis_server, run_cli,
+from cluster.testing import (choose_engine, free_port, make_prefix, redis_server, run_cli,
                              spawn_worker)
 
 pytestmark = pytest.mark.timeout(150)
@@ -20,14 +18,8 @@ URL = os.environ.get("SPECDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @pytest.fixture
-def env():
-    try:
-        client = connect(URL)
-    except RedisUnavailable as e:
-        pytest.skip(str(e))
-    prefix = make_prefix()
-    yield client, prefix
-    cleanup_prefix(client, prefix)
+def env(redis_env):
+    return redis_env
 
 
 def _one_line_error(res, code: int | None = None):

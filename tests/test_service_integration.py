@@ -19,12 +19,11 @@ import pytest
 
 from cluster.aggregator import Aggregator
 from cluster.connection import connect
-from cluster.errors import RedisUnavailable
 from cluster.keys import Keys
 from cluster.queue import JobQueue
 from cluster.records import JobStatus
 from cluster.spec import spec_from_dict
-from cluster.testing import (choose_engine, cleanup_prefix, load_job_samples, make_prefix, redis_server,
+from cluster.testing import (choose_engine, load_job_samples, make_prefix, redis_server,
                              spawn_worker, wait_for)
 from cluster.worker import ShardWorker, WorkerOptions
 from workers.engine import ShardWork, make_engine
@@ -61,14 +60,9 @@ def _assert_exact(q, spec, n):
 
 
 @pytest.fixture
-def q():
-    try:
-        client = connect(URL)
-    except RedisUnavailable as e:
-        pytest.skip(str(e))
-    prefix = make_prefix()
-    yield JobQueue(client, Keys(prefix), heartbeat_timeout=2.0)
-    cleanup_prefix(client, prefix)
+def q(redis_env):
+    client, prefix = redis_env
+    return JobQueue(client, Keys(prefix), heartbeat_timeout=2.0)
 
 
 def test_sigkill_mid_shard_two_workers_bit_identical(q, tmp_path):

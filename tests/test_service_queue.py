@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 
 from cluster.aggregator import Aggregator
-from cluster.connection import connect
-from cluster.errors import RedisUnavailable
 from cluster.keys import Keys
 from cluster.queue import JobQueue
 from cluster.records import JobStatus
 from cluster.spec import spec_from_dict
-from cluster.testing import choose_engine, cleanup_prefix, load_job_samples, make_prefix
+from cluster.testing import choose_engine, load_job_samples
 from cluster.worker import ShardWorker, WorkerOptions
 from workers.engine import make_engine
 
@@ -24,15 +22,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def q():
-    try:
-        client = connect(None)
-    except RedisUnavailable as e:
-        pytest.skip(str(e))
-    prefix = make_prefix()
-    queue = JobQueue(client, Keys(prefix), heartbeat_timeout=1.0, max_attempts=3)
-    yield queue
-    cleanup_prefix(client, prefix)
+def q(redis_env):
+    client, prefix = redis_env
+    return JobQueue(client, Keys(prefix), heartbeat_timeout=1.0, max_attempts=3)
 
 
 def _spec(tmp_path, model="synthetic-2d", n=40, shard=16, **kw):
