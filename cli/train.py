@@ -22,6 +22,8 @@ def train_drafter(
     ema: float = typer.Option(0.999, help="EMA decay."),
     sample_steps: int = typer.Option(250, help="Sampling steps S the drafter will draft on."),
     seed: int = typer.Option(0),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Warm start from a trained drafter folder "
+                                             "(e.g. the previous drafter of a model that was trained further)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Train data-parallel on a Ray actor "
                                               "pool: a cluster address (auto | host:port) or 'local'."),
@@ -38,7 +40,8 @@ def train_drafter(
     if threads is not None:
         torch.set_num_threads(threads)
     cfg = DrafterTrainConfig(steps=steps, batch_size=batch_size, lr=lr, lambda_feat=lambda_feat,
-                             lambda_smooth=lambda_smooth, ema_decay=ema, sample_steps=sample_steps, seed=seed)
+                             lambda_smooth=lambda_smooth, ema_decay=ema, sample_steps=sample_steps, seed=seed,
+                             init_from=str(init_from) if init_from else None)
     if ray_address is not None:
         from workers.actors import PoolError
         from workers.distributed_training import train_on_cluster

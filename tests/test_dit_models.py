@@ -360,3 +360,43 @@ def test_trainer_resume_is_exact(tmp_path):
     wb = load_file(tmp_path / "b" / "export" / "diffusion_pytorch_model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert load_dit_diffusers(tmp_path / "a" / "export").sample_shape == (1, 32, 32)
+
+
+def test_min_snr_loss_weights_match_the_formula():
+    from specdit.schedule import training_alphas_cumprod
+    from specdit.training.dit_trainer import MnistDiTConfig, ddpm_loss
+
+    torch.manual_seed(0)
+    model = MnistDiTConfig(hidden=16, depth=1, heads=2, patch_size=8).build().eval()  # no label dropout
+    x0, y = torch.rand(6, 1, 32, 32) * 2 - 1, torch.arange(6)
+    ab = training_alphas_cumprod().float()
+    sa, s1 = ab.sqrt(), (1 - ab).sqrt()
+    plain = ddpm_loss(model, x0, y, sa, s1, torch.Generator().manual_seed(3))
+    weighted = ddpm_loss(model, x0, y, sa, s1, torch.Generator().manual_seed(3), snr_gamma=5.0)
+    # recompute by hand with the same draws: t then eps from the same generator
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (6,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        pred = model(sa[t].view(-1, 1, 1, 1) * x0 + s1[t].view(-1, 1, 1, 1) * eps, timestep=t, class_labels=y).sample
+    per = (pred - eps).pow(2).flatten(1).mean(1)
+    snr = ab[t] / (1 - ab[t])
+    assert plain.item() == pytest.approx(per.mean().item(), rel=1e-5)
+    assert weighted.item() == pytest.approx((torch.minimum(snr, torch.tensor(5.0)) / snr * per).mean().item(), rel=1e-5)
+    assert weighted.item() < plain.item()  # weights are <= 1
+
+
+def test_trainer_init_from_starts_at_the_given_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from specdit.training.dit_trainer import MnistDiTConfig, TrainConfig, train
+
+    def cfg(out, **kw):
+        return TrainConfig(out=str(out), steps=2, batch_size=4, warmup=0, threads=1, log_every=1,
+                           model=MnistDiTConfig(hidden=16, depth=1, heads=2, patch_size=8), **kw)
+
+    train(cfg(tmp_path / "a"))
+    train(cfg(tmp_path / "b", lr=0.0, init_from=str(tmp_path / "a" / "export")))  # lr 0: nothing moves
+    wa = load_file(tmp_path / "a" / "export" / "diffusion_pytorch_model.safetensors")
+    wb = load_file(tmp_path / "b" / "export" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -53,6 +53,21 @@ def test_resume_may_extend_but_not_change_the_recipe(tiny_dit, tiny_data, tmp_pa
                       tmp_path, progress=False)
 
 
+def test_warm_start_begins_from_the_given_drafter(tiny_dit, tiny_data, tmp_path):
+    first = train_drafter(tiny_dit, tiny_data, DrafterTrainConfig(steps=3, batch_size=4, sample_steps=10),
+                          tmp_path / "a", progress=False)
+    # lr 0: the warm-started run's export must be exactly the weights it started from
+    warm = DrafterTrainConfig(steps=2, batch_size=4, sample_steps=10, lr=0.0, init_from=str(first))
+    second = train_drafter(tiny_dit, tiny_data, warm, tmp_path / "b", progress=False)
+    wa = load_feature_drafter(tiny_dit, first).net.state_dict()
+    wb = load_feature_drafter(tiny_dit, second).net.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    cold = train_drafter(tiny_dit, tiny_data, DrafterTrainConfig(steps=2, batch_size=4, sample_steps=10, lr=0.0),
+                         tmp_path / "c", progress=False)
+    wc = load_feature_drafter(tiny_dit, cold).net.state_dict()
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
 @pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
 def test_speculative_with_feature_drafter(tiny_dit, tiny_data, tmp_path, cfg_scale):
     folder = train_drafter(tiny_dit, tiny_data, DrafterTrainConfig(steps=3, batch_size=4, sample_steps=30),

@@ -83,6 +83,8 @@ class TrainConfig:
     export_every: int = 1000
     log_every: int = 50
     max_minutes: float | None = None  # stop (checkpoint + export) after this much wall time
+    snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (see ddpm_loss); None: uniform
+    init_from: str | None = None  # fresh run only: start model and EMA from this diffusers folder's weights
     model: MnistDiTConfig = field(default_factory=MnistDiTConfig)
 
 
@@ -92,6 +94,19 @@ def load_mnist_tensor() -> tuple[torch.Tensor, torch.Tensor]:
     from specdit.data import mnist32_tensor
 
     return mnist32_tensor()
+
+
+def init_weights(model, ema, folder: str) -> None:
+    """Copy a diffusers folder's weights (safetensors) into ``model`` and ``ema`` (a warm start: optimiser
+    state, step count and lr schedule begin afresh)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "diffusion_pytorch_model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"--init-from: no {path.name} in {folder}")
+    state = load_file(str(path))
+    model.load_state_dict(state)
+    ema.load_state_dict(state)
 
 
 def disable_internal_label_dropout(model) -> None:
@@ -109,14 +124,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def ddpm_loss(model, x0: torch.Tensor, y: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1mab: torch.Tensor,
-              gen: torch.Generator) -> torch.Tensor:
-    """Eps-prediction DDPM loss on a batch x0 (N, C, H, W) with labels y (N,) (already label-dropped)."""
+              gen: torch.Generator, snr_gamma: float | None = None) -> torch.Tensor:
+    """Eps-prediction DDPM loss on a batch x0 (N, C, H, W) with labels y (N,) (already label-dropped).
+
+    ``snr_gamma``: Min-SNR-gamma weighting (Hang et al. 2023, eq. 6 for eps-prediction): example i is
+    weighted ``min(SNR_t, gamma) / SNR_t`` with ``SNR_t = abar_t / (1 - abar_t)``, which caps the weight of
+    the nearly-clean timesteps and shifts the model's capacity to the mid-noise range where the digit's
+    shape is decided. None: the plain (uniformly weighted) loss."""
     n = x0.shape[0]
     t = torch.randint(0, sqrt_ab.numel(), (n,), generator=gen)  # (N,)
     eps = torch.randn(x0.shape, generator=gen)  # (N, C, H, W)
     xt = sqrt_ab[t].view(-1, 1, 1, 1) * x0 + sqrt_1mab[t].view(-1, 1, 1, 1) * eps
     pred = model(xt, timestep=t, class_labels=y).sample  # (N, C, H, W)
-    return F.mse_loss(pred, eps)
+    if snr_gamma is None:
+        return F.mse_loss(pred, eps)
+    snr = (sqrt_ab[t] / sqrt_1mab[t]) ** 2  # (N,)
+    weight = snr.clamp(max=snr_gamma) / snr  # (N,)
+    return (weight * (pred - eps).pow(2).flatten(1).mean(1)).mean()
 
 
 @torch.no_grad()
@@ -207,6 +231,9 @@ def train(cfg: TrainConfig, bench_steps: int = 0) -> dict:
         step = int(ck["step"])
         wall_before = float(ck["wall_s"])
         print(f"resumed from {ckpt_path} at step {step}", flush=True)
+    elif cfg.init_from and not bench_steps:
+        init_weights(model, ema, cfg.init_from)
+        print(f"initialised model and EMA from {cfg.init_from}", flush=True)
 
     n_params = sum(p.numel() for p in model.parameters())
     (out / "config.json").write_text(json.dumps({**asdict(cfg), "n_params": n_params}, indent=2))
@@ -250,7 +277,7 @@ def train(cfg: TrainConfig, bench_steps: int = 0) -> dict:
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = ddpm_loss(model, x0, y, sqrt_ab, sqrt_1mab, gen)
+        loss = ddpm_loss(model, x0, y, sqrt_ab, sqrt_1mab, gen, cfg.snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:

@@ -33,7 +33,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from specdit.drafters.feature import FeatureDrafterConfig, FeatureDrafterNet, save_feature_drafter
+from specdit.drafters.feature import (FeatureDrafterConfig, FeatureDrafterNet, load_feature_drafter_net,
+                                     save_feature_drafter)
 from specdit.noise import mix64_reference
 from specdit.schedule import Schedule
 
@@ -58,6 +59,7 @@ class DrafterTrainConfig:
     mlp_ratio: float = 2.0
     ckpt_every: int = 250
     log_every: int = 10
+    init_from: str | None = None  # warm start: a trained drafter folder (same architecture) for net and EMA
 
     def validate(self) -> "DrafterTrainConfig":
         if self.steps < 1 or self.batch_size < 1:
@@ -165,6 +167,11 @@ def train_drafter(target, data: tuple[torch.Tensor, torch.Tensor], cfg: DrafterT
     schedule = Schedule.create(cfg.sample_steps, cfg.eta)
     torch.manual_seed(cfg.seed)  # initial weights
     net = FeatureDrafterNet(FeatureDrafterConfig(target.hidden_size, cfg.heads, cfg.mlp_ratio))
+    if cfg.init_from is not None:
+        warm = load_feature_drafter_net(cfg.init_from)
+        if warm.cfg != net.cfg:
+            raise ValueError(f"--init-from {cfg.init_from}: drafter {warm.cfg} differs from {net.cfg}")
+        net.load_state_dict(warm.state_dict())
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0

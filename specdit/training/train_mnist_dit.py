@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt-every", type=int, default=1000)
     p.add_argument("--export-every", type=int, default=1000)
     p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (e.g. 5)")
+    p.add_argument("--init-from", default=None, help="fresh run: start from this diffusers folder's weights")
     p.add_argument("--bench", type=int, default=0)
     p.add_argument("--card", action="store_true", help="only (re)write the export's README.md model card")
     p.add_argument("--samples-png", default=None, help="with --card: a sample grid to mention in the card")
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(
         out=a.out, export_dir=a.export_dir, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
         ema_decay=a.ema_decay, seed=a.seed, threads=a.threads, ckpt_every=a.ckpt_every,
-        export_every=a.export_every, max_minutes=a.max_minutes,
+        export_every=a.export_every, max_minutes=a.max_minutes, init_from=a.init_from, snr_gamma=a.snr_gamma,
         model=MnistDiTConfig(hidden=a.hidden, depth=a.depth, heads=a.heads),
     )
     if a.card:
