@@ -158,17 +158,26 @@ class ShardWorker:
         start, stop = spec.shard_range(task.shard)
         log.info("job %s shard %d [%d, %d) attempt %d%s", task.job_id, task.shard, start, stop, attempt,
                  " (reclaimed)" if task.reclaimed else "")
+        # The heartbeat covers the model load too: loading a large DiT can outlast the heartbeat timeout,
+        # and a silent worker's shard would be reclaimed (and sampled twice).
+        self._abort = "shutdown" if self.stop.is_set() else None
+        beat = _Heartbeat(self, task)
+        beat.start()
         # Load the model (cached by the engine).
         try:
             info = self.engine.model_info(spec.model)
             check_labels(spec.labels, info)
         except EngineError as e:
+            beat.stop()
             msg = str(e)
             failed = self.q.release(task, error=msg)
             log.error("job %s: %s%s", task.job_id, msg, " (job failed)" if failed else "")
             if self.opt.job_id is not None:
                 raise ModelUnavailable(f"worker cannot run job {task.job_id}: {msg}") from None
             return
+        except BaseException:
+            beat.stop()
+            raise
         extractor = None
         if spec.evaluate.fid:
             extractor = info.default_extractor if spec.evaluate.extractor == "auto" else spec.evaluate.extractor
@@ -176,9 +185,6 @@ class ShardWorker:
                          base_seed=spec.base_seed, start=start, stop=stop, batch_size=spec.batch_size,
                          extractor=extractor, sample_dtype=spec.output.sample_dtype,
                          save_samples=spec.output.save_samples)
-        self._abort = "shutdown" if self.stop.is_set() else None
-        beat = _Heartbeat(self, task)
-        beat.start()
         started = time.time()
         try:
             out = self.engine.run(work, progress=beat.progress)

@@ -212,3 +212,28 @@ def test_resubmit_cancelled_job_with_all_shards_done(q, tmp_path):
     assert res.resumed and res.queued_shards == 0 and q.get(jid).status == JobStatus.QUEUED
     assert Aggregator(q, make_engine("synthetic")).finalize(jid)["unique_samples"] == 40
     assert q.get(jid).status == JobStatus.DONE
+
+
+def test_slow_model_load_keeps_the_shard(q, tmp_path):
+    """A model load longer than the heartbeat timeout (1 s here) is covered by the heartbeat: while the worker
+    loads, another consumer finds nothing stale to reclaim, and each shard is attempted exactly once."""
+    import time
+
+    jid = q.submit(_spec(tmp_path)).job_id
+    eng = make_engine("synthetic")
+    model_info = eng.model_info
+    stale = []
+
+    def slow_model_info(name):
+        if not stale:  # the first load only
+            time.sleep(2.5 * q.heartbeat_timeout)
+            res = q.r.xautoclaim(q.keys.stream(jid), q.keys.group, "someone-else",
+                                 int(q.heartbeat_timeout * 1000), start_id="0-0", count=10)
+            stale.append([msg_id for msg_id, _ in res[1]])  # shards idle longer than the heartbeat timeout
+        return model_info(name)
+
+    eng.model_info = slow_model_info
+    _ = ShardWorker(q, eng, WorkerOptions(max_idle=0.3, poll_interval=0.05)).run()
+    assert stale == [[]]
+    assert q.get(jid).status == JobStatus.DONE
+    assert {int(v) for v in q.r.hgetall(q.keys.attempts(jid)).values()} == {1}
