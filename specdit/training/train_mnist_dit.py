@@ -17,12 +17,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--export-dir", default=None, help="EMA export folder (diffusers); default <out>/export")
     p.add_argument("--steps", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="0: adaptive 1-or-2 threads (shared machine)")
-    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=96)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--ckpt-every", type=int, default=1000)
@@ -32,7 +32,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init-from", default=None, help="fresh run: start from this diffusers folder's weights")
     p.add_argument("--bench", type=int, default=0)
     p.add_argument("--card", action="store_true", help="only (re)write the export's README.md model card")
-    p.add_argument("--samples-png", default=None, help="with --card: a sample grid to mention in the card")
     a = p.parse_args(argv)
     cfg = TrainConfig(
         out=a.out, export_dir=a.export_dir, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
