@@ -233,7 +233,7 @@ def test_slow_model_load_keeps_the_shard(q, tmp_path):
         return model_info(name)
 
     eng.model_info = slow_model_info
-    _ = ShardWorker(q, eng, WorkerOptions(max_idle=0.3, poll_interval=0.05)).run()
+    assert ShardWorker(q, eng, WorkerOptions(max_idle=0.3, poll_interval=0.05)).run() == 0
     assert stale == [[]]
     assert q.get(jid).status == JobStatus.DONE
     assert {int(v) for v in q.r.hgetall(q.keys.attempts(jid)).values()} == {1}
