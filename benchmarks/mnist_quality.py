@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -64,6 +65,13 @@ def sample_cell(model, cfg: SamplerConfig, seed: int, n: int, batch_size: int, p
     return cell
 
 
+@functools.cache
+def mnist_reference(features: str):
+    """The MNIST reference statistics under ``features``, read once per run and only when a FID is computed
+    (a finished sweep's table needs neither the Inception reference nor its 32 MB file)."""
+    return reference_stats("mnist", features)
+
+
 def cell_fid(path: Path, images: np.ndarray, features: str) -> float:
     """FID of a cell's images against the MNIST reference under ``features``, cached beside the cell in
     ``<cell>.fid.json`` (Inception costs ~0.2 s per image here; a cached value is never recomputed, so
@@ -71,7 +79,7 @@ def cell_fid(path: Path, images: np.ndarray, features: str) -> float:
     side = path.with_suffix(".fid.json")
     cache = json.loads(side.read_text()) if side.is_file() else {}
     if features not in cache:
-        cache[features] = frechet_distance(compute_stats(images, features), reference_stats("mnist", features))
+        cache[features] = frechet_distance(compute_stats(images, features), mnist_reference(features))
         side.write_text(json.dumps(cache, indent=1) + "\n")
     return cache[features]
 
@@ -157,6 +165,7 @@ def _difference(a: list[float], b: list[float], sd: float, df: int) -> str:
     d = float(np.mean(a) - np.mean(b))
     half = float(t_dist.ppf(0.975, df)) * sd * (1 / len(a) + 1 / len(b)) ** 0.5 if df else float("nan")
     return f"{d:+.3f} ± {half:.3f}" + (" *" if abs(d) > half else "")
+
 
 if __name__ == "__main__":
     main()
