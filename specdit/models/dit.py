@@ -8,9 +8,10 @@
 - :class:`CFGDenoiser` is classifier-free guidance (Ho & Salimans 2022) ``e_u + w (e_c - e_u)`` with both
   halves in one batched call, optionally only on the first 3 channels as the original DiT's
   ``forward_with_cfg`` does.
-- Loaders: a diffusers folder, an original DiT checkpoint (``DiT-XL-2-256x256.pt`` layout, converted here),
-  our own single-file safetensors; an ``AutoencoderKL`` folder for latent models (SD-VAE,
-  ``latent = 0.18215 * vae.encode(x)``).
+- Loaders: a diffusers folder, an original DiT checkpoint (a released ``DiT-XL-2-256x256.pt`` or a DiT
+  ``train.py`` checkpoint, read with ``weights_only`` and converted here; the architecture comes from DiT's
+  model table, :data:`DIT_ARCHITECTURES`), our own single-file safetensors; an ``AutoencoderKL`` folder for
+  latent models (SD-VAE, ``latent = 0.18215 * vae.encode(x)``).
 
 Two places where diffusers' DiT differs from the original DiT, which the original loader corrects so that the
 converted model reproduces the original forward (checked against an independent reference in the tests):
