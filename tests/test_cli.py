@@ -111,3 +111,14 @@ def test_generate_and_bench_pass_dit_options_through(tmp_path):
     assert r.exit_code == 0, r.output
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert all(row["config"]["cfg_channels"] == 1 for row in rows)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "gmm-2d", "--cfg-scale", "2"], "'gmm-2d' is an analytic preset"),
+    (["--model", "gmm-2d", "--steps", "1"], "only t = 0"),
+])
+def test_submit_refuses_before_anything_is_queued(args, message):
+    """Refused while validating the spec: the Redis URL below is never dialled (exit 2, not 3)."""
+    r = runner.invoke(app, ["submit", *args, "-n", "4", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
