@@ -595,6 +595,9 @@ def test_train_py_args_name_the_architecture_and_the_classes(tmp_path):
     _train_checkpoint(tmp_path / "bad.pt", args_model="DiT-B/4")
     with pytest.raises(ValueError, match="args name DiT-B/4 but the weights have hidden size 384"):
         load_model(str(tmp_path / "bad.pt"))
+    _train_checkpoint(tmp_path / "badn.pt", num_classes=1000)
+    with pytest.raises(ValueError, match="num_classes=1000 but the class table has 11 rows"):
+        load_model(str(tmp_path / "badn.pt"))
     # a DiT trained without class dropout has no null-class row: it loads, but cannot be guided
     _train_checkpoint(tmp_path / "nonull.pt", null_class=False)
     model = load_model(str(tmp_path / "nonull.pt"))

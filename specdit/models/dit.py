@@ -449,8 +449,10 @@ def original_dit_config(sd: dict, num_heads: int | None = None, args=None) -> di
     out_ch = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
     rows = sd["y_embedder.embedding_table.weight"].shape[0]
     num_classes = getattr(args, "num_classes", None)
-    if not isinstance(num_classes, int) or num_classes not in (rows, rows - 1):
-        num_classes = rows - 1  # last row: null class (class dropout > 0)
+    if num_classes is None:
+        num_classes = rows - 1  # last row: the null class (class dropout > 0, as every released DiT)
+    elif not isinstance(num_classes, int) or num_classes not in (rows, rows - 1):
+        raise ValueError(f"checkpoint args give num_classes={num_classes!r} but the class table has {rows} rows")
     if num_heads is None:
         num_heads = _heads_from_args(args, hidden, patch)
     if num_heads is None:
