@@ -72,7 +72,7 @@ def sample_draft_refine(
         drafts = []
         for i in range(1, K + 1):
             mean, std = schedule.skip_mean_std(x, eps_k, kk, torch.full((B,), i, dtype=torch.int64))
-            drafts.append(mean + std.view(bshape) * streams.normal(Purpose.DRAFT, k, i, shape=shape))
+            drafts.append(mean + std.view(bshape) * streams.normal(Purpose.SKIP_DRAFT, k, i, shape=shape))
         d = torch.stack(drafts, 1)  # (B, K, *shape)
         kd = (k - torch.arange(1, K + 1)).repeat(B)  # (B*K,) state indices k - i
         yy = None if y is None else y.repeat_interleave(K)

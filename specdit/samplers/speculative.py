@@ -8,8 +8,9 @@ Each round, for every chain at state index k with draft length L_b = min(L, k):
 3. token-wise RMC or block verification decides how many drafts to keep and draws the next state.
 
 Chains advance by different amounts, so each keeps its own state index and target calls are batched
-with per-item timesteps. All random numbers of a round are keyed by (seed, purpose, k, position): the
-round start k is unique per chain, so no draw is ever reused by a later round.
+with per-item timesteps. All random numbers of a round are keyed by (seed, purpose, kind, k[, position]),
+each draw site with its own purpose (``DRAFT``, ``ACCEPT``, ``BLOCK``, ``RESIDUAL_COORD``): the round
+start k is unique per chain, so no draw is ever reused by a later round or by another site.
 """
 from __future__ import annotations
 
@@ -107,13 +108,9 @@ def decide(schedule: Schedule, streams: NoiseStreams, k: torch.Tensor, draft: Dr
         log_u = streams.uniform(Purpose.ACCEPT, k, n=Lmax).log()
         return verify_token(proposal, log_u)
     if verification == "block":
-        D = proposal.x_draft.shape[2]
-        return verify_block(
-            proposal,
-            streams.uniform(Purpose.BLOCK, k, n=Lmax),
-            streams.uniform(Purpose.RESIDUAL, k, n=1)[:, 0],
-            streams.normal(Purpose.RESIDUAL, k, shape=(D,)),
-        )
+        eta = streams.uniform(Purpose.BLOCK, k, n=Lmax)  # (B, Lmax)
+        w = streams.uniform(Purpose.RESIDUAL_COORD, k, n=1)[:, 0]  # (B,)
+        return verify_block(proposal, eta, w)
     raise ValueError(f"verification must be 'token' or 'block', got {verification!r}")
 
 
