@@ -57,7 +57,7 @@ def sample_draft_refine(
         if mode == "aggressive" and stale_eps is not None:
             eps_k = stale_eps
         else:
-            eps_k = call_model(model, x, schedule.timesteps[kk], y).eps  # 1. sequential call
+            eps_k = call_model(model, x, schedule.timesteps[kk], y, steps=kk).eps  # 1. sequential call
             stats.rounds += 1
             stats.target_evals += 1
         if K == 0:  # the last step: a plain kernel step
@@ -76,7 +76,8 @@ def sample_draft_refine(
         d = torch.stack(drafts, 1)  # (B, K, *shape)
         kd = (k - torch.arange(1, K + 1)).repeat(B)  # (B*K,) state indices k - i
         yy = None if y is None else y.repeat_interleave(K)
-        eps_d = call_model(model, d.flatten(0, 1), schedule.timesteps[kd], yy).eps.view(d.shape)
+        eps_d = call_model(model, d.flatten(0, 1), schedule.timesteps[kd], yy, steps=kd,
+                           rows=torch.arange(B).repeat_interleave(K)).eps.view(d.shape)
         stats.rounds += 1
         stats.target_evals += K
         # 3. sequential refinement with the drafts' eps.
