@@ -217,7 +217,7 @@ def test_cli_refuses_non_finite_perturbation(tmp_path, drafter):
 def test_cli_non_finite_target_is_one_line_with_exit_code_6(tmp_path, monkeypatch, gmm2d):
     import specdit.api as api
 
-    monkeypatch.setattr(api, "load_model", lambda name, device="cpu": BandFault(gmm2d, 400, 600, math.nan, label=1))
+    monkeypatch.setattr(api, "load_model", lambda name, device="cpu", **kw: BandFault(gmm2d, 400, 600, math.nan, label=1))
     r = _cli(["--labels", "uniform"], tmp_path)  # sample 1 is the first with label 1
     assert r.exit_code == 6 and isinstance(r.exception, SystemExit)
     lines = _stderr_lines(r)
@@ -232,7 +232,7 @@ def test_cli_shows_one_warning_line_for_replaced_drafts(tmp_path, monkeypatch, g
 
     real = api.load_model
     faulty = BandFault(gmm2d, 300, 700, math.nan)
-    monkeypatch.setattr(api, "load_model", lambda name, device="cpu": faulty if name == "faulty" else real(name, device))
+    monkeypatch.setattr(api, "load_model", lambda name, device="cpu", **kw: faulty if name == "faulty" else real(name, device, **kw))
     r = _cli(["--drafter", "model:faulty", "--batch-size", "2"], tmp_path)
     assert r.exit_code == 0, r.output
     warn = [line for line in _stderr_lines(r) if line.startswith("warning:")]
@@ -278,7 +278,7 @@ def test_worker_engine_reports_the_job_index_in_one_line_and_counts_fallbacks(gm
     import specdit.api as api
 
     real = api.load_model
-    api.load_model = lambda name, device="cpu": eng._models[name]
+    api.load_model = lambda name, device="cpu", **kw: eng._models[name]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", DraftFallbackWarning)
