@@ -130,12 +130,13 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
     spec = spec_from_dict(data)
     q = _queue(redis_url, prefix)  # reach Redis before the (slower) model check
     if check_model:
-        from workers.engine import EngineError, check_labels, make_engine
+        from workers.engine import EngineError, check_labels, check_store, make_engine
 
         try:
             eng = make_engine(engine)
             info = eng.model_info(spec.model)
             check_labels(spec.labels, info)
+            check_store(spec.output.store, info)
             eng.check_sampler(spec.sampler.model_dump(mode="json"))
         except EngineError as e:
             raise SpecError(f"invalid job spec: {e}") from None
