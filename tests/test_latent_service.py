@@ -255,3 +255,24 @@ def test_store_latents_and_images(job, pipeline, tmp_path):
     with pytest.raises(EngineError, match="samples vectors, not images"):
         check_store("images", gmm)
     check_store("auto", gmm)
+
+
+def test_builtin_latent_model_service_matches_generate(tmp_path, redis_env):
+    """Acceptance on the built-in latent model (skipped until it ships): the benchmark script's check at a
+    small size (``benchmarks/latent_service_fid.py``; the closing-note numbers use -n 1000 --steps 250)."""
+    import importlib.util
+    from pathlib import Path
+
+    from specdit.models.registry import known_names
+
+    if "mnist-latent-dit" not in known_names():
+        pytest.skip("the built-in latent model mnist-latent-dit is not in this checkout")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "latent_service_fid.py"
+    spec = importlib.util.spec_from_file_location("latent_service_fid", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.main(["--model", "mnist-latent-dit", "-n", "16", "--steps", "20", "--batch-size", "8",
+                  "--shard-size", "8", "--out", str(tmp_path)])
+    assert r["images_identical"] and r["export_identical"]
+    assert r["stored_image_shape"][1:] == [32, 32, 1]
+    assert r["fid_rel_diff"] < 1e-6
