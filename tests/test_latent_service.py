@@ -142,6 +142,14 @@ def test_vae_scaling_factor_comes_from_its_config(pipeline):
 
     assert vae_scaling_factor(NoFactor()) == SD_VAE_SCALE
     torch.testing.assert_close(decode_latents(model.vae, z), want, rtol=0, atol=0)
+    # diffusers' shift_factor convention (SD3-style VAEs): decode(z / scale + shift)
+    from diffusers import AutoencoderKL
+
+    shifted = AutoencoderKL.from_config({**model.vae.config, "shift_factor": 0.25})
+    shifted.load_state_dict(model.vae.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(decode_latents(shifted, z), shifted.decode(z / SCALE + 0.25).sample,
+                                   rtol=0, atol=0)
 
 
 def test_job_stores_generate_images_and_merged_fid_equals_direct_fid(job, generated):
@@ -263,9 +271,11 @@ def test_builtin_latent_model_service_matches_generate(tmp_path, redis_env):
     import importlib.util
     from pathlib import Path
 
-    from specdit.models.registry import known_names
+    from specdit.models.registry import load_model
 
-    if "mnist-latent-dit" not in known_names():
+    try:
+        shape = load_model("mnist-latent-dit").image_shape
+    except ValueError:
         pytest.skip("the built-in latent model mnist-latent-dit is not in this checkout")
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "latent_service_fid.py"
     spec = importlib.util.spec_from_file_location("latent_service_fid", script)
@@ -274,5 +284,5 @@ def test_builtin_latent_model_service_matches_generate(tmp_path, redis_env):
     r = mod.main(["--model", "mnist-latent-dit", "-n", "16", "--steps", "20", "--batch-size", "8",
                   "--shard-size", "8", "--out", str(tmp_path)])
     assert r["images_identical"] and r["export_identical"]
-    assert r["stored_image_shape"][1:] == [32, 32, 1]
+    assert r["stored_image_shape"][1:] == list(shape)  # the VAE's resolution
     assert r["fid_rel_diff"] < 1e-6

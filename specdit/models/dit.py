@@ -281,11 +281,15 @@ def vae_scaling_factor(vae) -> float:
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor, scale: float | None = None,
                    batch_size: int | None = None) -> torch.Tensor:
-    """Latents (N, C_z, h, w) -> images (N, C, f h, f w) in roughly [-1, 1]: ``vae.decode(z / scale)`` on the
-    VAE's device, ``batch_size`` latents at a time. ``scale`` None reads :func:`vae_scaling_factor`."""
+    """Latents (N, C_z, h, w) -> images (N, C, f h, f w) in roughly [-1, 1]: ``vae.decode(z / scale + shift)``
+    on the VAE's device, ``batch_size`` latents at a time. ``scale`` None reads :func:`vae_scaling_factor`;
+    ``shift`` is the config's ``shift_factor`` where set (diffusers' convention; None for SD-VAE: 0)."""
     scale = vae_scaling_factor(vae) if scale is None else scale
+    shift = getattr(getattr(vae, "config", None), "shift_factor", None)
     p = next(vae.parameters())
     z = latents.to(device=p.device, dtype=p.dtype) / scale
+    if shift is not None:
+        z = z + shift
     if batch_size is None or batch_size >= z.shape[0]:
         return vae.decode(z).sample
     return torch.cat([vae.decode(chunk).sample for chunk in z.split(batch_size)])
