@@ -286,3 +286,20 @@ def test_builtin_latent_model_service_matches_generate(tmp_path, redis_env):
     assert r["images_identical"] and r["export_identical"]
     assert r["stored_image_shape"][1:] == list(shape)  # the VAE's resolution
     assert r["fid_rel_diff"] < 1e-6
+
+
+def test_results_export_cli(job, tmp_path):
+    """``specdit results ID --export``: the file, and one-line refusals with exit code 1."""
+    from cluster.testing import run_cli
+
+    q, spec, _, _ = job
+    url, prefix = "redis://127.0.0.1:6379/0", q.keys.prefix
+    r = run_cli("results", spec.job_id, "--export", str(tmp_path / "s.npz"), redis_url=url, prefix=prefix)
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {tmp_path / 's.npz'}: arr_0 ({N}, 32, 32, 3) uint8, arr_1 labels" in r.stdout
+    assert "FID" in r.stdout  # the report follows
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["arr_0"].shape == (N, 32, 32, 3)
+    r = run_cli("results", spec.job_id, "--export", str(tmp_path / "s.png"), redis_url=url, prefix=prefix)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
+    assert "export path" in r.stderr and "must end in .npz" in r.stderr
