@@ -91,11 +91,14 @@ def export_images(q: JobQueue, job_id: str, path: str | Path) -> Export:
             labels.append(np.asarray(arrays["labels"], dtype=np.int64))
             yield _rgb(images)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with NpzStreamWriter(path) as out:
-        out.write_array("arr_0", shape, np.uint8, blocks())
-        y = np.concatenate(labels)
-        conditional = bool((y >= 0).any())
-        if conditional:
-            out.write_array("arr_1", y.shape, np.int64, [y])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with NpzStreamWriter(path) as out:
+            out.write_array("arr_0", shape, np.uint8, blocks())
+            y = np.concatenate(labels)
+            conditional = bool((y >= 0).any())
+            if conditional:
+                out.write_array("arr_1", y.shape, np.int64, [y])
+    except OSError as e:
+        raise ServiceError(f"cannot write {path}: {e.strerror or e}") from None
     return Export(path, shape, conditional)

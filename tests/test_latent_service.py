@@ -303,3 +303,18 @@ def test_results_export_cli(job, tmp_path):
     r = run_cli("results", spec.job_id, "--export", str(tmp_path / "s.png"), redis_url=url, prefix=prefix)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
     assert "export path" in r.stderr and "must end in .npz" in r.stderr
+
+
+def test_export_refuses_a_job_without_images(redis_env, tmp_path):
+    from cluster.export import export_images
+    from workers.engine import SyntheticEngine
+
+    client, prefix = redis_env
+    q = JobQueue(client, Keys(prefix), heartbeat_timeout=5.0)
+    spec = spec_from_dict({"model": "synthetic-2d", "num_samples": 4, "shard_size": 2,
+                           "output": {"dir": str(tmp_path)}, "evaluate": {"fid": False}})
+    q.submit(spec)
+    assert ShardWorker(q, SyntheticEngine(), WorkerOptions(max_idle=0.2, poll_interval=0.05)).run() == 0
+    with pytest.raises(ServiceError, match=r"stored vectors \(output.store='auto'.*nothing to export as images"):
+        export_images(q, spec.job_id, tmp_path / "s.npz")
+    assert not (tmp_path / "s.npz").exists()
