@@ -18,6 +18,7 @@ assertion, so no false alarms).
 """
 from __future__ import annotations
 
+import struct
 import zipfile
 
 import numpy as np
@@ -226,9 +227,15 @@ def test_export_writes_adm_sample_batch_in_order(job, generated, tmp_path):
     path = tmp_path / "sub" / "samples.npz"
     ex = export_images(q, spec.job_id, path)
     assert ex.shape == (N, 32, 32, 3) and ex.labels
-    with zipfile.ZipFile(path) as zf:  # one stored member per array, zip64 extra records present
+    with zipfile.ZipFile(path) as zf:  # one stored (uncompressed) member per array
         assert sorted(zf.namelist()) == ["arr_0.npy", "arr_1.npy"]
         assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
+        offset = zf.getinfo("arr_0.npy").header_offset
+    raw = path.read_bytes()
+    # The local header announces zip64 (sizes 0xFFFFFFFF, extra field id 0x0001), as a > 4 GiB member needs.
+    _, _, _, _, _, _, _, csize, usize, name_len, extra_len = struct.unpack_from("<4s5H3L2H", raw, offset)
+    assert csize == usize == 0xFFFFFFFF and extra_len >= 20
+    assert raw[offset + 30 + name_len: offset + 32 + name_len] == b"\x01\x00"
     with np.load(path) as z:
         arr, labels = z["arr_0"], z["arr_1"]
     assert arr.dtype == np.uint8 and arr.shape == (N, 32, 32, 3)
