@@ -325,3 +325,18 @@ def test_export_refuses_a_job_without_images(redis_env, tmp_path):
     with pytest.raises(ServiceError, match=r"stored vectors \(output.store='auto'.*nothing to export as images"):
         export_images(q, spec.job_id, tmp_path / "s.npz")
     assert not (tmp_path / "s.npz").exists()
+
+
+def test_submit_refuses_images_of_a_vector_model(redis_env, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.jobs import standalone_app
+
+    client, prefix = redis_env
+    res = CliRunner().invoke(standalone_app(), ["submit", "--model", "gmm-2d", "-n", "8", "--store", "images",
+                                                "-o", str(tmp_path), "--redis-url", "redis://127.0.0.1:6379/0",
+                                                "--prefix", prefix])
+    assert res.exit_code == 2
+    line = res.output.strip()
+    assert "\n" not in line and "invalid job spec" in line and "samples vectors, not images" in line
+    assert client.zcard(Keys(prefix).jobs) == 0

@@ -32,6 +32,7 @@ def test_spec_defaults_and_id_stable():
     ({"model": "gmm-2d", "num_samples": 10, "base_seed": -1}, "base_seed"),
     ({"model": "", "num_samples": 10}, "model"),
     ({"model": "gmm-2d", "num_samples": 10, "evaluate": {"fid_reference": "data:x"}}, "fid_reference"),
+    ({"model": "gmm-2d", "num_samples": 10, "output": {"store": "pixels"}}, "output.store"),
 ])
 def test_invalid_specs_give_one_line(data, needle):
     with pytest.raises(SpecError) as e:
