@@ -272,6 +272,7 @@ def test_store_latents_and_images(job, pipeline, tmp_path):
     check_store("auto", gmm)
 
 
+@pytest.mark.slow
 def test_builtin_latent_model_service_matches_generate(tmp_path, redis_env):
     """Acceptance on the built-in latent model (skipped until it ships): the benchmark script's check at a
     small size (``benchmarks/latent_service_fid.py``; the closing-note numbers use -n 1000 --steps 250)."""
