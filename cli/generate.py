@@ -18,6 +18,12 @@ def generate(
     steps: int = typer.Option(250, help="Sampling steps S."),
     eta: float = typer.Option(1.0, help="Stochasticity (1 = DDPM posterior variance, 0 = DDIM)."),
     cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale."),
+    cfg_channels: str = typer.Option("all", "--cfg-channels",
+                                     help="Guided channels: all | 3 (3: the original DiT's forward_with_cfg)."),
+    num_heads: Optional[int] = typer.Option(None, "--num-heads",
+                                            help="Attention heads of an original DiT .pt (default: DiT's table)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="ema | model: weights of a DiT train.py checkpoint "
+                                                                  "(default: ema)."),
     relax: float = typer.Option(0.0, help="Uncertainty-guided relaxation lambda (0 = exact)."),
     refine_mode: str = typer.Option("conservative", help="DRiffusion mode: conservative | aggressive"),
     parallel: int = typer.Option(4, help="DRiffusion parallel evaluations k."),
@@ -30,14 +36,15 @@ def generate(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Generate samples and print speed statistics (rounds, parallel efficiency, acceptance)."""
-    from specdit.api import SamplerConfig
+    from specdit.api import SamplerConfig, parse_cfg_channels
     from specdit.outputs import generate_to_disk
 
     config = SamplerConfig(sampler=sampler, steps=steps, eta=eta, draft_length=draft_length, verify=verify,
-                           drafter=drafter, relax=relax, cfg_scale=cfg, refine_mode=refine_mode, parallel=parallel)
+                           drafter=drafter, relax=relax, cfg_scale=cfg, cfg_channels=parse_cfg_channels(cfg_channels),
+                           refine_mode=refine_mode, parallel=parallel)
     with step_progress(num_samples * steps, f"{sampler} on {model}", progress) as advance:
         summary = generate_to_disk(model, config, num_samples, seed, labels, out, batch_size=batch_size,
-                                   threads=threads, progress=advance)
+                                   threads=threads, progress=advance, num_heads=num_heads, weights=weights)
     s = summary["stats"]
     typer.echo(f"wrote {out}")
     typer.echo(f"{s['samples']} samples x {s['steps']} steps in {summary['wall_time_s']:.2f} s | "

@@ -137,7 +137,7 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
 
         try:
             eng = make_engine(engine)
-            info = eng.model_info(spec.model)
+            info = eng.model_info(spec.model, spec.model_options())
             check_labels(spec.labels, info)
             check_store(spec.output.store, info)
             eng.check_sampler(spec.sampler.model_dump(mode="json"))

@@ -165,7 +165,7 @@ class ShardWorker:
         beat.start()
         # Load the model (cached by the engine).
         try:
-            info = self.engine.model_info(spec.model)
+            info = self.engine.model_info(spec.model, spec.model_options())
             check_labels(spec.labels, info)
             check_store(spec.output.store, info)
         except EngineError as e:
@@ -185,7 +185,8 @@ class ShardWorker:
         work = ShardWork(model=spec.model, sampler=spec.sampler.model_dump(mode="json"), labels=spec.labels,
                          base_seed=spec.base_seed, start=start, stop=stop, batch_size=spec.batch_size,
                          extractor=extractor, sample_dtype=spec.output.sample_dtype,
-                         save_samples=spec.output.save_samples, store=spec.output.store)
+                         save_samples=spec.output.save_samples, store=spec.output.store,
+                         model_options=spec.model_options())
         started = time.time()
         try:
             out = self.engine.run(work, progress=beat.progress)

@@ -51,6 +51,7 @@ class ShardWork:
     sample_dtype: str = "float32"
     save_samples: bool = True
     store: str = "auto"  # "auto" | "images" | "latents" | "images+latents" (``workers.shard_arrays``)
+    model_options: dict = field(default_factory=dict)  # ``specdit.api.load_model`` keywords (num_heads, weights)
 
 
 @dataclass
@@ -62,8 +63,8 @@ class ShardOutput:
 class Engine(Protocol):
     name: str
 
-    def model_info(self, model: str) -> ModelInfo:
-        """Load (and cache) a model; raise :class:`EngineError` if it cannot be loaded."""
+    def model_info(self, model: str, options: dict | None = None) -> ModelInfo:
+        """Load (and cache) a model with load ``options``; raise :class:`EngineError` if it cannot be loaded."""
 
     def run(self, work: ShardWork, progress: Callable[[int], None] | None = None) -> ShardOutput:
         """Sample a shard. ``progress(k)`` reports k samples finished; it may raise to abort."""
@@ -190,9 +191,10 @@ class LocalEngine:
         self._models: dict[str, object] = {}
         self._threads_set = False
 
-    def _load(self, model: str):
-        if model in self._models:
-            return self._models[model]
+    def _load(self, model: str, options: dict | None = None):
+        key = model if not options else f"{model} {sorted(options.items())}"
+        if key in self._models:
+            return self._models[key]
         if self.threads and not self._threads_set:
             set_threads(self.threads)
             self._threads_set = True
@@ -201,24 +203,24 @@ class LocalEngine:
         except ImportError as e:
             raise EngineError(f"the sampling library is not available: {e}") from None
         try:
-            m = load_model(model, device=self.device)
+            m = load_model(model, device=self.device, **(options or {}))
         except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as e:
             msg = " ".join(str(e).split()) or type(e).__name__
             raise EngineError(f"cannot load model {model!r}: {msg}") from None
-        self._models[model] = m
+        self._models[key] = m
         return m
 
-    def model_info(self, model: str) -> ModelInfo:
-        m = self._load(model)
+    def model_info(self, model: str, options: dict | None = None) -> ModelInfo:
+        m = self._load(model, options)
         shape = tuple(int(s) for s in m.sample_shape)
         default = "raw" if len(shape) == 1 else ("mnist" if "mnist" in model else "inception")
         image_shape = tuple(int(s) for s in m.image_shape) if hasattr(m, "to_images") else None
         return ModelInfo(model, shape, m.num_classes, default, image_shape)
 
-    def to_images(self, model: str, samples):
+    def to_images(self, model: str, samples, options: dict | None = None):
         """One batch of samples (B, *shape) -> uint8 images (B, H, W, C) numpy: the model's VAE decode (on
         this engine's device) and DiT's quantisation, the pixels ``specdit generate`` writes."""
-        return self._load(model).to_images(samples).numpy()
+        return self._load(model, options).to_images(samples).numpy()
 
     def check_sampler(self, sampler: dict) -> None:
         """Raise EngineError if the library rejects these sampler settings."""
@@ -236,8 +238,8 @@ class LocalEngine:
 
         from specdit.api import SamplerConfig, generate
 
-        model = self._load(work.model)
-        info = self.model_info(work.model)
+        model = self._load(work.model, work.model_options)
+        info = self.model_info(work.model, work.model_options)
         config = SamplerConfig(**work.sampler)
         if hasattr(config, "validate"):
             config.validate()
@@ -251,7 +253,7 @@ class LocalEngine:
         # lets us report finished samples (and abort between batches). The library's own callback (steps
         # advanced) is passed through so that an abort request is seen within a round.
         tick = (lambda _steps: progress(done)) if progress is not None else None
-        out = shard_arrays_for(work, info, lambda x: self.to_images(work.model, x))
+        out = shard_arrays_for(work, info, lambda x: self.to_images(work.model, x, work.model_options))
         done, stats, times = 0, [], []
         t0 = time.perf_counter()
         for a in range(0, n, work.batch_size):
@@ -332,7 +334,9 @@ class SyntheticEngine:
         self.cost = float(os.environ.get("SPECDIT_SYNTHETIC_COST", "0") or 0)
         self.sleep = float(os.environ.get("SPECDIT_SYNTHETIC_SLEEP", "0") or 0)
 
-    def model_info(self, model: str) -> ModelInfo:
+    def model_info(self, model: str, options: dict | None = None) -> ModelInfo:
+        if options:
+            raise EngineError(f"the synthetic engine takes no model load options, got {sorted(options)}")
         if model == os.environ.get("SPECDIT_SYNTHETIC_FAIL"):
             raise EngineError(f"cannot load model {model!r}: disabled on this worker (SPECDIT_SYNTHETIC_FAIL)")
         if not (model.startswith("synthetic-") and model.endswith("d") and model[10:-1].isdigit()):
@@ -362,7 +366,7 @@ class SyntheticEngine:
 
         from specdit.noise import NoiseStreams, Purpose
 
-        info = self.model_info(work.model)
+        info = self.model_info(work.model, work.model_options)
         steps = int(work.sampler.get("steps", self.steps_default))
         t0 = time.perf_counter()
         indices = torch.arange(work.start, work.stop, dtype=torch.int64)
