@@ -56,7 +56,7 @@ def main() -> None:
     sampler = {"sampler": "speculative", "steps": a.steps, "draft_length": a.draft_length, "verify": a.verify,
                "drafter": a.drafter}
     work = ShardWork(model=a.model, sampler=sampler, labels="uniform", base_seed=2024, start=0, stop=a.n,
-                     batch_size=a.n, save_samples=True)
+                     batch_size=a.n, save_samples=True, store="latents")  # raw samples: compared below
     warm = ShardWork(**{**work.__dict__, "stop": 2, "batch_size": 2})
     eng.run(warm)  # load the model and the drafter on both actors
     rows: dict[str, list] = {m: [] for m in MODES}

@@ -87,7 +87,10 @@ def submit(
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Chains sampled together."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output directory shared by workers."),
-    fid_reference: Optional[str] = typer.Option(None, "--fid-ref", help="data:<n> or reference stats .npz."),
+    store: Optional[str] = typer.Option(None, "--store", help="What shards store: auto | images | latents | "
+                                                              "images+latents (auto: decoded images)."),
+    fid_reference: Optional[str] = typer.Option(None, "--fid-ref", help="data:<n>, ref:<name>, or a statistics "
+                                                                        ".npz (ours, or ADM-style mu/sigma)."),
     extractor: Optional[str] = typer.Option(None, help="FID features: auto | raw | mnist | inception."),
     no_fid: bool = typer.Option(False, "--no-fid", help="Do not compute FID statistics."),
     baseline: Optional[str] = typer.Option(None, help="Baseline job id for speed-up (default: auto)."),
@@ -106,7 +109,7 @@ def submit(
 
 @_guard
 def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter, relax, cfg_scale, refine_mode,
-            parallel, labels, num_samples, seed, shard_size, batch_size, output, fid_reference, extractor, no_fid,
+            parallel, labels, num_samples, seed, shard_size, batch_size, output, store, fid_reference, extractor, no_fid,
             baseline, name, engine, check_model, watch, quiet, redis_url, prefix):
     from cluster.errors import SpecError
     from cluster.spec import load_spec_file, merge_overrides, spec_from_dict
@@ -114,7 +117,7 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
     data = load_spec_file(spec_file) if spec_file is not None else {}
     overrides = {
         "model": model, "name": name, "labels": labels, "num_samples": num_samples, "base_seed": seed,
-        "shard_size": shard_size, "batch_size": batch_size, "output.dir": output,
+        "shard_size": shard_size, "batch_size": batch_size, "output.dir": output, "output.store": store,
         "sampler.sampler": sampler, "sampler.steps": steps, "sampler.eta": eta,
         "sampler.draft_length": draft_length, "sampler.verify": verify, "sampler.drafter": drafter,
         "sampler.relax": relax, "sampler.cfg_scale": cfg_scale, "sampler.refine_mode": refine_mode,
@@ -130,12 +133,13 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
     spec = spec_from_dict(data)
     q = _queue(redis_url, prefix)  # reach Redis before the (slower) model check
     if check_model:
-        from workers.engine import EngineError, check_labels, make_engine
+        from workers.engine import EngineError, check_labels, check_store, make_engine
 
         try:
             eng = make_engine(engine)
             info = eng.model_info(spec.model, spec.model_options())
             check_labels(spec.labels, info)
+            check_store(spec.output.store, info)
             eng.check_sampler(spec.sampler.model_dump(mode="json"))
         except EngineError as e:
             raise SpecError(f"invalid job spec: {e}") from None
@@ -248,17 +252,19 @@ def results(
     job_id: str = typer.Argument(..., help="Job id."),
     as_json: bool = typer.Option(False, "--json", help="Print the report JSON."),
     recompute: bool = typer.Option(False, "--recompute", help="Aggregate the shards again."),
+    export: Optional[Path] = typer.Option(None, "--export", help="Also write the job's images to this .npz "
+                                          "(arr_0: (N, H, W, 3) uint8 in sample order; ADM/DiT format)."),
     engine: str = typer.Option("local", help="Engine for a 'data:<n>' FID reference (local | ray | synthetic)."),
     redis_url: Optional[str] = RedisUrl,
     prefix: Optional[str] = Prefix,
 ):
     """The report of a finished job: FID, sample count, rounds per sample, efficiency, speed-up."""
-    _results(job_id=job_id, as_json=as_json, recompute=recompute, engine=engine, redis_url=redis_url,
-             prefix=prefix)
+    _results(job_id=job_id, as_json=as_json, recompute=recompute, export=export, engine=engine,
+             redis_url=redis_url, prefix=prefix)
 
 
 @_guard
-def _results(job_id, as_json, recompute, engine, redis_url, prefix):
+def _results(job_id, as_json, recompute, export, engine, redis_url, prefix):
     from cluster.aggregator import Aggregator
     from cluster.errors import ServiceError
     from cluster.records import JobStatus
@@ -266,6 +272,12 @@ def _results(job_id, as_json, recompute, engine, redis_url, prefix):
 
     q = _queue(redis_url, prefix)
     rec = q.get(job_id)
+    if export is not None:
+        from cluster.export import export_images
+
+        ex = export_images(q, job_id, export)
+        typer.echo(f"wrote {ex.path}: arr_0 {ex.shape} uint8" + (", arr_1 labels" if ex.labels else ""),
+                   err=as_json)
     agg = Aggregator(q, make_engine(engine))
     if rec.status in (JobStatus.FAILED, JobStatus.CANCELLED):
         raise ServiceError(f"job {job_id} {rec.status.value}: {rec.error or 'no report'}")
@@ -307,6 +319,9 @@ def _print_report(r: dict) -> None:
     t.add_row("samples", f"{r['unique_samples']} / {r['num_samples']} in {r['num_shards']} shards")
     t.add_row("FID", f(r.get("fid"), "{:.6g}") + (f"  (vs {r['fid_reference']}, {r.get('fid_extractor')})"
                                                   if r.get("fid") is not None else ""))
+    isc = r.get("inception_score")
+    if isc:
+        t.add_row("Inception Score", f"{isc['value']:.4f}  ({isc['classifier']}, one split of {isc['n']})")
     sp = r.get("speed")
     if sp:
         t.add_row("rounds / sample", f"{sp['rounds_per_sample']:.3f} ± {sp['rounds_std']:.3f}")

@@ -79,7 +79,7 @@ class Aggregator:
         if not (job_dir / "shards").is_dir():
             raise ServiceError(f"job {job_id}: its shard directory {job_dir / 'shards'} is not visible from here; "
                                "aggregate where the output directory is mounted")
-        fid_parts, stat_parts, times, corrupt = [], [], [], []
+        fid_parts, is_parts, stat_parts, times, corrupt = [], [], [], [], []
         for s in range(spec.num_shards):
             res = done.get(s)
             a, b = spec.shard_range(s)
@@ -101,6 +101,10 @@ class Aggregator:
             if fid:
                 fid_parts.append(fid)
                 extractor_key = str(arrays.get("feature_extractor", "raw"))
+            isc = {key[len(evaluation.IS_PREFIX):]: v for key, v in arrays.items()
+                   if key.startswith(evaluation.IS_PREFIX)}
+            if isc:
+                is_parts.append(isc)
             times.append(arrays["time_per_sample"])
             del arrays
         if corrupt:
@@ -152,7 +156,16 @@ class Aggregator:
             report["feature_stats"] = str(stats_path)
             ref = self._reference(spec, extractor_key, job_dir.parent)
             if ref is not None:
-                report["fid"] = evaluation.frechet_distance(merged, ref)
+                try:
+                    report["fid"] = evaluation.frechet_distance(merged, ref)
+                except ValueError as e:  # e.g. a 2048-d ADM reference for a job with other features
+                    raise ServiceError(f"job {job_id}: FID reference {spec.evaluate.fid_reference}: {e}") from None
+        # Inception Score: one split over all samples, from the merged sums (every shard must have them).
+        report["inception_score"] = None
+        if is_parts and len(is_parts) == spec.num_shards:
+            cls = evaluation.merge_class_stats(is_parts)
+            report["inception_score"] = {"value": cls.inception_score(), "classifier": cls.classifier,
+                                         "n": cls.n, "splits": 1}
         # Baseline
         report["baseline"] = self.baseline_for(spec, report)
         # Files
@@ -179,7 +192,7 @@ class Aggregator:
             return None
         if not (ref == "auto" or ref.startswith(("data:", "ref:"))):
             try:
-                return evaluation.load_feature_stats(ref)
+                return evaluation.load_reference_stats(ref)
             except (OSError, ValueError, KeyError) as e:
                 raise ServiceError(f"cannot read FID reference statistics {ref}: {e}") from None
         safe = lambda x: re.sub(r"[^\w.\-]", "_", x)  # noqa: E731

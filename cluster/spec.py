@@ -67,8 +67,11 @@ class SamplerSettings(_Strict):
 
 class OutputSpec(_Strict):
     dir: str = "outputs/jobs"  # shared by all workers; the job writes under <dir>/<job id>/
-    save_samples: bool = True
-    sample_dtype: Literal["float32", "float16", "uint8"] = "float32"  # uint8 maps [-1, 1] -> [0, 255]
+    save_samples: bool = True  # false: statistics only
+    # What a shard stores: "auto" = decoded uint8 images for image models (latent DiTs decoded by their VAE),
+    # raw samples for vector models; "images"; "latents" (raw model output); "images+latents".
+    store: Literal["auto", "images", "latents", "images+latents"] = "auto"
+    sample_dtype: Literal["float32", "float16", "uint8"] = "float32"  # of raw samples; uint8 maps [-1, 1] -> [0, 255]
 
 
 class EvaluateSpec(_Strict):

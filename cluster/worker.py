@@ -27,7 +27,7 @@ from cluster.errors import ModelUnavailable, ServiceError
 from cluster.queue import JobQueue, Task
 from cluster.records import JobStatus, ShardResult
 from cluster.storage import shard_path, write_shard
-from workers.engine import Engine, EngineError, ShardWork, check_labels
+from workers.engine import Engine, EngineError, ShardWork, check_labels, check_store
 
 log = logging.getLogger("specdit.worker")
 
@@ -167,6 +167,7 @@ class ShardWorker:
         try:
             info = self.engine.model_info(spec.model, spec.model_options())
             check_labels(spec.labels, info)
+            check_store(spec.output.store, info)
         except EngineError as e:
             beat.stop()
             msg = str(e)
@@ -184,7 +185,8 @@ class ShardWorker:
         work = ShardWork(model=spec.model, sampler=spec.sampler.model_dump(mode="json"), labels=spec.labels,
                          base_seed=spec.base_seed, start=start, stop=stop, batch_size=spec.batch_size,
                          extractor=extractor, sample_dtype=spec.output.sample_dtype,
-                         save_samples=spec.output.save_samples, model_options=spec.model_options())
+                         save_samples=spec.output.save_samples, store=spec.output.store,
+                         model_options=spec.model_options())
         started = time.time()
         try:
             out = self.engine.run(work, progress=beat.progress)

@@ -64,6 +64,10 @@ class DeviceWorker:
     def reference_stats(self, model: str, labels: str, extractor: str, source: str):
         return self.engine.reference_stats(model, labels, extractor, source)
 
+    def to_images(self, model: str, samples):
+        """Decode one batch on this device: uint8 images (B, H, W, C) numpy (``LocalEngine.to_images``)."""
+        return self.engine.to_images(model, samples)
+
     # -- sampling ------------------------------------------------------------------------------------
     def setup(self, model: str, sampler: dict) -> dict:
         """Load the model and build the (guided) target, the drafter and the schedule for these settings;

@@ -4,7 +4,9 @@
 ``np.savez(path, arr_0=samples)`` convention, uint8 (N, H, W, C)); optional class labels under ``labels``,
 ``y`` or ``arr_1``. Float arrays are taken as model outputs in [-1, 1] (converted with ``to_uint8`` for the
 image extractors; the ``raw`` extractor uses them as they are). An ``.npz`` holding ``n``, ``sum`` and
-``sum_outer`` is a saved :class:`~specdit.metrics.fid.FeatureStats` (e.g. a merged shard result).
+``sum_outer`` is a saved :class:`~specdit.metrics.fid.FeatureStats` (e.g. a merged shard result); one holding
+``mu`` and ``sigma`` is an ADM-style reference batch, whose moments are used (as ADM's evaluator does) and
+whose ``arr_0`` images are not read.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from specdit.metrics.extractors import to_uint8
-from specdit.metrics.fid import FeatureStats
+from specdit.metrics.fid import FeatureStats, GaussianStats
 from specdit.metrics.reference import REFERENCE_DATA, compute_stats, reference_stats
 
 __all__ = ["Source", "SourceError", "load_source", "source_stats"]
@@ -35,7 +37,7 @@ class Source:
     spec: str
     data: np.ndarray | None = None  # (N, ...) uint8 images or float samples
     labels: np.ndarray | None = None  # (N,) int64
-    stats: FeatureStats | None = None
+    stats: FeatureStats | GaussianStats | None = None
     reference: str | None = None  # named reference data set, resolved lazily per extractor
 
     def images_uint8(self) -> np.ndarray:
@@ -69,6 +71,11 @@ def _load_npz(path: Path) -> Source:
         keys = set(z.files)
         if {"n", "sum", "sum_outer"} <= keys:
             return Source(spec=str(path), stats=FeatureStats.from_arrays(z))
+        if {"mu", "sigma"} <= keys:
+            try:
+                return Source(spec=str(path), stats=GaussianStats.from_arrays(z))
+            except ValueError as e:
+                raise SourceError(f"{path}: {e}") from None
         key = next((k for k in _IMAGE_KEYS if k in keys), None)
         if key is None:
             raise SourceError(f"{path}: no image array (looked for {', '.join(_IMAGE_KEYS)}; found {sorted(keys)})")
