@@ -10,8 +10,10 @@ EXIT_USAGE = 2
 
 
 def fail(msg: str, code: int = EXIT_USAGE) -> None:
-    """Print ``error: msg`` (one line) to stderr and exit with ``code``."""
-    typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
+    """Print ``error: msg`` (one line, control characters replaced) to stderr and exit with ``code``."""
+    from cli.render import plain
+
+    typer.secho(f"error: {plain(msg)}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
 
 

@@ -18,6 +18,7 @@ from typing import Optional
 import typer
 
 from cli.common import fail
+from cli.render import markup, plain
 
 # Service log records reach stderr only where a command configures logging (the worker does); the other
 # commands report through their one-line messages.
@@ -128,6 +129,7 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
     if "num_samples" not in data:
         raise SpecError("invalid job spec: num_samples: Field required (give -n or a spec file)")
     spec = spec_from_dict(data)
+    spec.job_dir()  # exit 2 now if the output directory leads out of the output root or a file is in the way
     q = _queue(redis_url, prefix)  # reach Redis before the (slower) model check
     if check_model:
         from workers.engine import EngineError, check_labels, make_engine
@@ -148,10 +150,10 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
     if quiet:
         typer.echo(res.job_id)
     elif res.created:
-        typer.echo(f"submitted job {res.job_id}: {spec.num_samples} samples of {spec.model} "
-                   f"({spec.sampler.sampler}) in {spec.num_shards} shards; outputs in {spec.job_dir()}")
+        typer.echo(plain(f"submitted job {res.job_id}: {spec.num_samples} samples of {spec.model} "
+                         f"({spec.sampler.sampler}) in {spec.num_shards} shards; outputs in {spec.job_dir()}"))
     elif res.resumed:
-        typer.echo(f"resumed job {res.job_id}: {res.queued_shards} unfinished shard(s) queued again")
+        typer.echo(plain(f"resumed job {res.job_id}: {res.queued_shards} unfinished shard(s) queued again"))
     else:
         typer.echo(f"job {res.job_id} already exists ({res.status.value}); nothing submitted")
     if watch:
@@ -174,7 +176,7 @@ def _status_renderable(p):
     n = rec.spec.num_samples
     t = Table.grid(padding=(0, 1))
     colour = {"done": "green", "failed": "red", "cancelled": "yellow"}.get(rec.status.value, "cyan")
-    head = f"[bold]{rec.id}[/bold]" + (f" ({rec.spec.name})" if rec.spec.name else "")
+    head = f"[bold]{markup(rec.id)}[/bold]" + (f" ({markup(rec.spec.name)})" if rec.spec.name else "")
     t.add_row(head, f"[{colour}]{rec.status.value}[/{colour}]", ProgressBar(total=1.0, completed=p.fraction, width=30),
               f"{100 * p.fraction:5.1f}%")
     rate = f"{p.samples_per_second:.1f} samples/s" if p.samples_per_second else "- samples/s"
@@ -185,9 +187,10 @@ def _status_renderable(p):
     out.add_row(info)
     if p.errors and not rec.status == rec.status.DONE:
         last = sorted(p.errors.items())[-1]
-        out.add_row(f"[yellow]{len(p.errors)} shard(s) retried; last error (shard {last[0]}): {last[1]}[/yellow]")
+        out.add_row(f"[yellow]{len(p.errors)} shard(s) retried; last error (shard {last[0]}): "
+                    f"{markup(last[1])}[/yellow]")
     if rec.error and rec.status.value != "done":
-        out.add_row(f"[red]{rec.error}[/red]")
+        out.add_row(f"[red]{markup(rec.error)}[/red]")
     return out
 
 
@@ -300,12 +303,12 @@ def _print_report(r: dict) -> None:
     def f(v, fmt="{:.4g}"):
         return "-" if v is None else fmt.format(v)
 
-    t = Table(title=f"job {r['job_id']}" + (f" ({r['name']})" if r.get("name") else ""), show_header=False)
+    t = Table(title=markup(f"job {r['job_id']}" + (f" ({r['name']})" if r.get("name") else "")), show_header=False)
     s = r["sampler"]
-    t.add_row("model / sampler", f"{r['model']} / {s['sampler']} (S={s['steps']}, L={s['draft_length']}, "
-                                 f"{s['verify']}, drafter {s['drafter']}, eta {s['eta']})")
+    t.add_row("model / sampler", markup(f"{r['model']} / {s['sampler']} (S={s['steps']}, L={s['draft_length']}, "
+                                        f"{s['verify']}, drafter {s['drafter']}, eta {s['eta']})"))
     t.add_row("samples", f"{r['unique_samples']} / {r['num_samples']} in {r['num_shards']} shards")
-    t.add_row("FID", f(r.get("fid"), "{:.6g}") + (f"  (vs {r['fid_reference']}, {r.get('fid_extractor')})"
+    t.add_row("FID", f(r.get("fid"), "{:.6g}") + (markup(f"  (vs {r['fid_reference']}, {r.get('fid_extractor')})")
                                                   if r.get("fid") is not None else ""))
     sp = r.get("speed")
     if sp:
@@ -318,9 +321,9 @@ def _print_report(r: dict) -> None:
                                     f"{1000 * w['job_seconds_per_sample']:.2f} ms (job, {len(w['workers'])} workers)")
     b = r.get("baseline")
     t.add_row("speed-up vs DDPM", "-" if not b else f"{b['speedup_rounds']:.2f}x rounds, {b['speedup_wall']:.2f}x wall "
-                                                   f"(baseline {b['job_id']})")
+                                                   f"(baseline {markup(b['job_id'])})")
     for k, v in r.get("files", {}).items():
-        t.add_row(k, v)
+        t.add_row(markup(k), markup(v))
     Console().print(t)
 
 
@@ -339,9 +342,9 @@ def _cancel(job_id, redis_url, prefix):
     q = _queue(redis_url, prefix)
     rec = q.cancel(job_id)
     if rec.status.value == "cancelled":
-        typer.echo(f"cancelled job {job_id}")
+        typer.echo(plain(f"cancelled job {job_id}"))
     else:
-        typer.echo(f"job {job_id} is already {rec.status.value}; nothing to cancel")
+        typer.echo(plain(f"job {job_id} is already {rec.status.value}; nothing to cancel"))
 
 
 def jobs(
@@ -369,12 +372,13 @@ def _jobs(limit, as_json, redis_url, prefix):
     t = Table("job", "name", "model", "sampler", "N", "status", "shards", "submitted")
     for r in recs:
         done = q.r.hlen(q.keys.done(r.id))
-        t.add_row(r.id, r.spec.name or "", r.spec.model, r.spec.sampler.sampler, str(r.spec.num_samples),
+        t.add_row(markup(r.id), markup(r.spec.name or ""), markup(r.spec.model), r.spec.sampler.sampler,
+                  str(r.spec.num_samples),
                   r.status.value, f"{done}/{r.num_shards}", time.strftime("%Y-%m-%d %H:%M", time.localtime(r.submitted_at)))
     c = Console()
     c.print(t)
     ws = q.workers()
-    c.print(f"{len(ws)} live worker(s)" + (": " + ", ".join(w.get("name", "?") for w in ws) if ws else ""))
+    c.print(f"{len(ws)} live worker(s)" + (": " + ", ".join(markup(w.get("name", "?")) for w in ws) if ws else ""))
 
 
 # ------------------------------------------------------------------------------------------------------

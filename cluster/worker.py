@@ -24,6 +24,7 @@ import redis
 
 from cluster.aggregator import Aggregator
 from cluster.errors import ModelUnavailable, ServiceError
+from cluster.paths import PathError
 from cluster.queue import JobQueue, Task
 from cluster.records import JobStatus, ShardResult
 from cluster.storage import shard_path, write_shard
@@ -185,6 +186,13 @@ class ShardWorker:
                          base_seed=spec.base_seed, start=start, stop=stop, batch_size=spec.batch_size,
                          extractor=extractor, sample_dtype=spec.output.sample_dtype,
                          save_samples=spec.output.save_samples)
+        try:  # before sampling: a directory outside this worker's output root, or a file in the way, is refused
+            job_dir = spec.job_dir()
+        except PathError as e:
+            beat.stop()
+            failed = self.q.release(task, error=str(e))
+            log.error("job %s shard %d: %s%s", task.job_id, task.shard, e, " (job failed)" if failed else "")
+            return
         started = time.time()
         try:
             out = self.engine.run(work, progress=beat.progress)
@@ -204,7 +212,7 @@ class ShardWorker:
             log.exception("job %s shard %d raised%s", task.job_id, task.shard, " (job failed)" if failed else "")
             return
         beat.stop()
-        path = shard_path(spec.job_dir().resolve(), start, stop)  # absolute: any process can find it
+        path = shard_path(job_dir, start, stop)  # absolute: any process can find it
         try:
             digest = write_shard(path, out.arrays)
         except (OSError, TypeError, ValueError) as e:
