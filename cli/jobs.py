@@ -438,7 +438,9 @@ def register(app: typer.Typer) -> None:
 
 
 def standalone_app() -> typer.Typer:
-    app = typer.Typer(name="specdit", help="specdit job service.", no_args_is_help=True,
+    from cli.common import OneLineErrors
+
+    app = typer.Typer(name="specdit", help="specdit job service.", no_args_is_help=True, cls=OneLineErrors,
                       pretty_exceptions_enable=False, add_completion=False)
     register(app)
     return app

@@ -12,7 +12,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import fail
+from cli.common import fail, user_errors
+from cli.render import markup, plain
 
 pool_app = typer.Typer(help="The Ray actor pool (verifier + drafter on separate devices).", no_args_is_help=True)
 
@@ -24,6 +25,7 @@ def _pool_errors(fn):
     """PoolError -> one line and exit code 1."""
 
     @functools.wraps(fn)
+    @user_errors
     def wrapper(*args, **kwargs):
         from workers.actors import PoolError
 
@@ -43,7 +45,8 @@ def _table(rows: list[dict]) -> None:
     for r in rows:
         dev = r["device"] if r["device"] == "cpu" else f"{r['device']} ({r['device_name']}, "\
                                                        f"CUDA_VISIBLE_DEVICES={r['cuda_visible_devices']})"
-        t.add_row(r.get("pool", ""), r.get("actor") or "", r["role"], dev, str(r["threads"]), r["host"], str(r["pid"]))
+        t.add_row(*(markup(v) for v in (r.get("pool", ""), r.get("actor") or "", r["role"], dev, r["threads"],
+                                        r["host"], r["pid"])))
     Console().print(t)
 
 
@@ -88,7 +91,7 @@ def stop(name: str = typer.Argument("specdit", help="Pool name."), address: str 
     """Kill a pool's actors and free its placement group."""
     from workers.actors import stop_pool
 
-    typer.echo(f"stopped pool {name!r} ({stop_pool(address, name)} actors)")
+    typer.echo(plain(f"stopped pool {name!r} ({stop_pool(address, name)} actors)"))
 
 
 def register(app: typer.Typer) -> None:
