@@ -139,8 +139,11 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
             info = eng.model_info(spec.model)
             check_labels(spec.labels, info)
             eng.check_sampler(spec.sampler.model_dump(mode="json"))
+            if spec.sampler.drafter.startswith("model:"):  # a drafter model must load as well as the target
+                eng.model_info(spec.sampler.drafter.removeprefix("model:"))
         except EngineError as e:
             raise SpecError(f"invalid job spec: {e}") from None
+        _check_reference(spec.evaluate.fid_reference if spec.evaluate.fid else None)
     res = q.submit(spec)
     if res.resumed and not res.queued_shards:  # every shard was already done: only the report is missing
         from cluster.aggregator import Aggregator
@@ -158,6 +161,21 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
         typer.echo(f"job {res.job_id} already exists ({res.status.value}); nothing submitted")
     if watch:
         _watch(q, res.job_id)
+
+
+def _check_reference(ref: str | None) -> None:
+    """An FID reference given as a statistics file must be readable here (the aggregator reads it later)."""
+    if ref is None or ref == "auto" or ref.startswith(("data:", "ref:")):
+        return
+    from cluster.errors import SpecError
+    from cluster.paths import resolve_model_path
+    from workers.evaluation import load_feature_stats
+
+    try:
+        load_feature_stats(resolve_model_path(ref, "fid_reference"))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the spec's fault
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SpecError(f"invalid job spec: fid_reference {ref!r} is not readable FID statistics: {first}") from None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -348,7 +366,7 @@ def _cancel(job_id, redis_url, prefix):
 
 
 def jobs(
-    limit: int = typer.Option(50, help="Most recent jobs to list."),
+    limit: int = typer.Option(50, min=1, help="Most recent jobs to list."),
     as_json: bool = typer.Option(False, "--json"),
     redis_url: Optional[str] = RedisUrl,
     prefix: Optional[str] = Prefix,
@@ -406,9 +424,12 @@ def worker(
 @_guard
 def _worker(engine, job, device, threads, heartbeat_timeout, max_attempts, max_idle, max_shards, poll_interval,
             name, log_level, redis_url, prefix):
+    level = logging.getLevelName(log_level.upper())
+    if not isinstance(level, int):
+        fail(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ.setdefault("MKL_NUM_THREADS", str(threads))
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
+    logging.basicConfig(level=level, stream=sys.stderr, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from cluster.errors import ServiceError
     from cluster.worker import ShardWorker, WorkerOptions
@@ -419,7 +440,7 @@ def _worker(engine, job, device, threads, heartbeat_timeout, max_attempts, max_i
         kwargs = {"threads": threads} if device is None else {"threads": threads, "device": device}
         eng = make_engine(engine, **kwargs)
     except EngineError as e:
-        raise ServiceError(str(e)) from None
+        fail(str(e), 2 if "unknown engine" in str(e) else 1)
     w = ShardWorker(q, eng, WorkerOptions(job_id=job, poll_interval=poll_interval, max_idle=max_idle,
                                           max_shards=max_shards), name=name)
     w.install_signal_handlers()

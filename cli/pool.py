@@ -32,7 +32,7 @@ def _pool_errors(fn):
         try:
             return fn(*args, **kwargs)
         except PoolError as e:
-            fail(str(e), 1)
+            fail(str(e), 2 if isinstance(e, ValueError) else 1)
 
     return wrapper
 

@@ -25,6 +25,10 @@ class PoolError(Exception):
     """A pool cannot be started, found or used (one-line message)."""
 
 
+class BadAddress(PoolError, ValueError):
+    """A malformed Ray address (a user mistake: exit code 2 in the CLI)."""
+
+
 # ------------------------------------------------------------------------------------------------------
 # Plain classes (no Ray): what runs on each device
 # ------------------------------------------------------------------------------------------------------
@@ -192,7 +196,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise PoolError(f"bad Ray address {address!r}: expected host:port, auto or ray://host:port")
+        raise BadAddress(f"bad Ray address {address!r}: expected host:port, auto or ray://host:port")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
