@@ -303,11 +303,7 @@ def _results(job_id, as_json, recompute, engine, redis_url, prefix):
                                f"queued again for recomputation (shard {s}: {why}); run a worker, then retry")
         if report is None:
             raise ServiceError(f"job {job_id} is being aggregated by another process; retry in a moment")
-    if report.get("baseline") is None and report.get("speed") is not None:
-        b = agg.baseline_for(rec.spec, report)  # a baseline may have finished after this job
-        if b is not None:
-            report["baseline"] = b
-            q.r.set(q.keys.report(job_id), json.dumps(report))
+    report = agg.attach_baseline(rec, report)  # a baseline may have finished after this job
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -414,6 +410,10 @@ def worker(
     poll_interval: float = typer.Option(0.25, "--poll-interval", help="Seconds between polls when idle."),
     name: Optional[str] = typer.Option(None, help="Worker name (default host-pid-random)."),
     log_level: str = typer.Option("INFO", "--log-level"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="SPECDIT_RAY_ADDRESS",
+                                              help="--engine ray: the cluster (host:port; default: a private one)."),
+    ray_pool: Optional[str] = typer.Option(None, "--ray-pool", envvar="SPECDIT_RAY_POOL",
+                                           help="--engine ray: sample on this named pool ('specdit pool start')."),
     redis_url: Optional[str] = RedisUrl,
     prefix: Optional[str] = Prefix,
 ):
@@ -423,7 +423,7 @@ def worker(
 
 @_guard
 def _worker(engine, job, device, threads, heartbeat_timeout, max_attempts, max_idle, max_shards, poll_interval,
-            name, log_level, redis_url, prefix):
+            name, log_level, ray_address, ray_pool, redis_url, prefix):
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):
         fail(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -438,6 +438,8 @@ def _worker(engine, job, device, threads, heartbeat_timeout, max_attempts, max_i
     q = _queue(redis_url, prefix, heartbeat_timeout=heartbeat_timeout, max_attempts=max_attempts)
     try:
         kwargs = {"threads": threads} if device is None else {"threads": threads, "device": device}
+        if engine == "ray":
+            kwargs.update(address=ray_address, pool=ray_pool)
         eng = make_engine(engine, **kwargs)
     except EngineError as e:
         fail(str(e), 2 if "unknown engine" in str(e) else 1)

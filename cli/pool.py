@@ -1,8 +1,9 @@
 """``specdit pool start | list | stop``: the verifier/drafter actor pool on an existing Ray cluster.
 
-Start a cluster first (``ray start --head --port 6380 --num-cpus 2`` locally, or the compose services),
-then ``specdit pool start --address 127.0.0.1:6380``; workers attach with
-``SPECDIT_RAY_ADDRESS=... SPECDIT_RAY_POOL=<name> specdit worker --engine ray``.
+Start a cluster first (``ray start --head --node-ip-address=127.0.0.1 --port=6380 --num-cpus=2`` locally, or
+the compose services), then ``specdit pool start main --address 127.0.0.1:6380``; workers attach with
+``specdit worker --engine ray --ray-address 127.0.0.1:6380 --ray-pool main``. There is no default address: a
+command never attaches to whatever Ray cluster runs on the machine unless told to (``--address auto``).
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from cli.render import markup, plain
 
 pool_app = typer.Typer(help="The Ray actor pool (verifier + drafter on separate devices).", no_args_is_help=True)
 
-Address = typer.Option("auto", "--address", envvar="SPECDIT_RAY_ADDRESS",
-                       help="Ray cluster address: auto | host:port | ray://host:port.")
+Address = typer.Option(..., "--address", envvar="SPECDIT_RAY_ADDRESS", show_default=False,
+                       help="Ray cluster address: host:port | ray://host:port | auto (any cluster running here).")
 
 
 def _pool_errors(fn):

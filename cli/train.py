@@ -26,7 +26,8 @@ def train_drafter(
                                              "(e.g. the previous drafter of a model that was trained further)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Train data-parallel on a Ray actor "
-                                              "pool: a cluster address (auto | host:port) or 'local'."),
+                                              "pool: a cluster address (host:port | auto) or 'local' (a private "
+                                              "cluster for this run)."),
     workers: int = typer.Option(2, "--workers", help="Data-parallel ranks (pool actors) with --ray-address."),
     pool: Optional[str] = typer.Option(None, "--pool", help="Use this named pool ('specdit pool start')."),
 ) -> None:
