@@ -110,6 +110,7 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
             parallel, labels, num_samples, seed, shard_size, batch_size, output, fid_reference, extractor, no_fid,
             baseline, name, engine, check_model, watch, quiet, redis_url, prefix):
     from cluster.errors import SpecError
+    from cluster.paths import resolve_model_path, resolve_sampler_paths
     from cluster.spec import load_spec_file, merge_overrides, spec_from_dict
 
     data = load_spec_file(spec_file) if spec_file is not None else {}
@@ -136,11 +137,12 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
 
         try:
             eng = make_engine(engine)
-            info = eng.model_info(spec.model)
+            info = eng.model_info(resolve_model_path(spec.model))
             check_labels(spec.labels, info)
-            eng.check_sampler(spec.sampler.model_dump(mode="json"))
-            if spec.sampler.drafter.startswith("model:"):  # a drafter model must load as well as the target
-                eng.model_info(spec.sampler.drafter.removeprefix("model:"))
+            sampler = resolve_sampler_paths(spec.sampler.model_dump(mode="json"))
+            eng.check_sampler(sampler)
+            if sampler["drafter"].startswith("model:"):  # a drafter model must load as well as the target
+                eng.model_info(sampler["drafter"].removeprefix("model:"))
         except EngineError as e:
             raise SpecError(f"invalid job spec: {e}") from None
         _check_reference(spec.evaluate.fid_reference if spec.evaluate.fid else None)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.errors import CorruptShard, ServiceError
+from cluster.paths import resolve_model_path
 from cluster.queue import JobQueue
 from cluster.records import JobRecord, JobStatus
 from cluster.spec import JobSpec
@@ -179,7 +180,7 @@ class Aggregator:
             return None
         if not (ref == "auto" or ref.startswith(("data:", "ref:"))):
             try:
-                return evaluation.load_feature_stats(ref)
+                return evaluation.load_feature_stats(resolve_model_path(ref, "fid_reference"))
             except (OSError, ValueError, KeyError) as e:
                 raise ServiceError(f"cannot read FID reference statistics {ref}: {e}") from None
         safe = lambda x: re.sub(r"[^\w.\-]", "_", x)  # noqa: E731
@@ -193,7 +194,7 @@ class Aggregator:
         if self.engine is None:
             return None
         try:
-            arrays = self.engine.reference_stats(spec.model, spec.labels, extractor, ref)
+            arrays = self.engine.reference_stats(resolve_model_path(spec.model), spec.labels, extractor, ref)
         except EngineError as e:
             raise ServiceError(str(e)) from None
         stats = evaluation.feature_stats_from_arrays(arrays)

@@ -121,6 +121,14 @@ def normalize_model_path(value: str, what: str = "model") -> str:
     return lead + "/".join(_clean_parts(value)) if _clean_parts(value) else value
 
 
+def resolve_sampler_paths(sampler: dict) -> dict:
+    """Sampler settings with a ``model:<path>`` drafter resolved like :func:`resolve_model_path`."""
+    drafter = str(sampler.get("drafter", ""))
+    if not drafter.startswith("model:"):
+        return sampler
+    return {**sampler, "drafter": "model:" + resolve_model_path(drafter.removeprefix("model:"), "drafter")}
+
+
 def resolve_model_path(value: str, what: str = "model") -> str:
     """The path this process loads for a stored model/drafter/reference string: with ``SPECDIT_MODEL_ROOT``
     set, resolved against this process's root and re-checked (symlinks resolved); otherwise unchanged."""

@@ -24,7 +24,7 @@ import redis
 
 from cluster.aggregator import Aggregator
 from cluster.errors import ModelUnavailable, ServiceError
-from cluster.paths import PathError
+from cluster.paths import PathError, resolve_model_path, resolve_sampler_paths
 from cluster.queue import JobQueue, Task
 from cluster.records import JobStatus, ShardResult
 from cluster.storage import shard_path, write_shard
@@ -166,9 +166,11 @@ class ShardWorker:
         beat.start()
         # Load the model (cached by the engine).
         try:
-            info = self.engine.model_info(spec.model)
+            # Model and drafter paths resolved against this worker's SPECDIT_MODEL_ROOT (when set) and re-checked.
+            model, sampler = resolve_model_path(spec.model), resolve_sampler_paths(spec.sampler.model_dump(mode="json"))
+            info = self.engine.model_info(model)
             check_labels(spec.labels, info)
-        except EngineError as e:
+        except (EngineError, PathError) as e:
             beat.stop()
             msg = str(e)
             failed = self.q.release(task, error=msg)
@@ -182,7 +184,7 @@ class ShardWorker:
         extractor = None
         if spec.evaluate.fid:
             extractor = info.default_extractor if spec.evaluate.extractor == "auto" else spec.evaluate.extractor
-        work = ShardWork(model=spec.model, sampler=spec.sampler.model_dump(mode="json"), labels=spec.labels,
+        work = ShardWork(model=model, sampler=sampler, labels=spec.labels,
                          base_seed=spec.base_seed, start=start, stop=stop, batch_size=spec.batch_size,
                          extractor=extractor, sample_dtype=spec.output.sample_dtype,
                          save_samples=spec.output.save_samples)

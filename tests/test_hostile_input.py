@@ -208,3 +208,49 @@ def test_model_paths_confined_to_the_model_root(tmp_path, monkeypatch):
     with pytest.raises(PathError, match="outside the root"):
         resolve_model_path("evil/passwd.pt")
     assert json.loads(_spec(str(tmp_path), model="sub/m.pt").canonical_json())["model"] == "sub/m.pt"
+
+
+class PathEngine(SyntheticEngine):
+    """Treats any model path as the synthetic 2-d model; records what the worker asked it to load."""
+
+    def __init__(self):
+        super().__init__()
+        self.loaded = []
+
+    def model_info(self, model):
+        self.loaded.append(model)
+        return super().model_info("synthetic-2d")
+
+    def run(self, work, progress=None):
+        from dataclasses import replace
+
+        self.loaded.append(work.model)
+        return super().run(replace(work, model="synthetic-2d"), progress)
+
+
+def test_worker_resolves_model_paths_against_its_own_model_root(redis_env, tmp_path, monkeypatch):
+    """The client stores 'sub/m.pt' relative to its SPECDIT_MODEL_ROOT; a worker with another root loads
+    <its root>/sub/m.pt, and refuses (job failed, nothing loaded) when a symlink there leads out of its root."""
+    client, prefix = redis_env
+    q = JobQueue(client, Keys(prefix), heartbeat_timeout=1.0, max_attempts=2)
+    client_root, worker_root = tmp_path / "client-models", tmp_path / "worker-models"
+    (client_root / "sub").mkdir(parents=True)
+    (worker_root / "sub").mkdir(parents=True)
+    monkeypatch.setenv("SPECDIT_MODEL_ROOT", str(client_root))
+    spec = _spec(str(tmp_path / "out"), model=str(client_root / "sub" / "m.pt"), evaluate={"fid": False})
+    assert spec.model == "sub/m.pt"
+    jid = q.submit(spec).job_id
+    monkeypatch.setenv("SPECDIT_MODEL_ROOT", str(worker_root))
+    engine = PathEngine()
+    _run_worker(q, engine)
+    assert q.get(jid).status == JobStatus.DONE
+    assert set(engine.loaded) - {"synthetic-2d"} == {str((worker_root / "sub" / "m.pt").resolve())}
+    # The same stored spec on a worker whose <root>/evil is a symlink out of its root.
+    spec2 = _spec(str(tmp_path / "out"), model="evil/m.pt", evaluate={"fid": False})
+    jid2 = q.submit(spec2).job_id
+    (worker_root / "evil").symlink_to(tmp_path.parent)
+    engine = PathEngine()
+    _run_worker(q, engine)
+    rec = q.get(jid2)
+    assert rec.status == JobStatus.FAILED and "outside the root" in rec.error, rec.error
+    assert engine.loaded == []
