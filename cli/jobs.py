@@ -18,7 +18,7 @@ from typing import Optional
 import typer
 
 from cli.common import fail
-from cli.render import markup, plain
+from cli.render import SafeFormatter, markup, plain
 
 # Service log records reach stderr only where a command configures logging (the worker does); the other
 # commands report through their one-line messages.
@@ -431,9 +431,9 @@ def _worker(engine, job, device, threads, heartbeat_timeout, max_attempts, max_i
         fail(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ.setdefault("MKL_NUM_THREADS", str(threads))
-    logging.basicConfig(level=level, stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from cluster.errors import ServiceError
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))  # hostile job text
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     from cluster.worker import ShardWorker, WorkerOptions
     from workers.engine import EngineError, make_engine
 

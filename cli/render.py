@@ -25,6 +25,19 @@ def plain(text: object, *, one_line: bool = True) -> str:
     return _CONTROL.sub(REPLACEMENT, s)
 
 
+class SafeFormatter:
+    """A ``logging.Formatter`` wrapper whose output has control characters replaced (newlines kept: tracebacks
+    stay readable), for log records that carry job names, models or errors."""
+
+    def __init__(self, fmt: str):
+        import logging
+
+        self._inner = logging.Formatter(fmt)
+
+    def format(self, record) -> str:
+        return plain(self._inner.format(record), one_line=False)
+
+
 def markup(text: object) -> str:
     """``text`` made safe to embed in Rich markup: control characters replaced, markup escaped."""
     from rich.markup import escape

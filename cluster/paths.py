@@ -19,6 +19,7 @@ string, so they give one job id.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from cluster.errors import SpecError
@@ -26,6 +27,9 @@ from cluster.errors import SpecError
 OUTPUT_ROOT_ENV = "SPECDIT_OUTPUT_ROOT"
 DEFAULT_OUTPUT_ROOT = "outputs"
 MODEL_ROOT_ENV = "SPECDIT_MODEL_ROOT"
+# C0/C1 control characters (ESC included), zero-width and bidirectional-formatting characters: never part of a
+# name or path a job may carry (they would reach terminals through logs and listings).
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
 # Suffixes of the files a model, drafter or reference may be loaded from (anything with a '/' is a path too).
 PATH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")
 
@@ -57,8 +61,8 @@ def _clean_parts(value: str) -> list[str]:
 def _relative_to_root(value: str, root: Path, what: str, env: str) -> str:
     """``value`` (absolute, or relative to ``root``) as a normalised path relative to ``root``; refuses '..',
     NUL bytes and absolute paths outside the root (symlinks resolved)."""
-    if not value or "\x00" in value:
-        raise PathError(f"{what} must be a non-empty path without NUL bytes")
+    if not value or CONTROL_CHARS.search(value):
+        raise PathError(f"{what} must be a non-empty path without control characters")
     if value.startswith("~"):
         raise PathError(f"{what} {value!r}: '~' is not expanded; give a path relative to the root {env}")
     if os.path.isabs(value):
@@ -110,13 +114,13 @@ def normalize_model_path(value: str, what: str = "model") -> str:
     """Canonical form of a model/drafter/reference path: unchanged for registered names; with
     ``SPECDIT_MODEL_ROOT`` set, relative to that root (refusing '..' and paths outside it); otherwise the path
     with empty and '.' components removed (so ``./m.pt`` and ``m.pt`` give one job id)."""
+    if CONTROL_CHARS.search(value):
+        raise PathError(f"{what} {CONTROL_CHARS.sub('?', value)!r} contains control characters")
     if not looks_like_path(value):
         return value
     root = model_root()
     if root is not None:
         return _relative_to_root(value, root, what, MODEL_ROOT_ENV)
-    if "\x00" in value:
-        raise PathError(f"{what} must not contain NUL bytes")
     lead = "/" if value.startswith("/") else ""
     return lead + "/".join(_clean_parts(value)) if _clean_parts(value) else value
 

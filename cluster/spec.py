@@ -22,9 +22,6 @@ _DRAFTER = re.compile(r"^(free|feature|perturbed:\d+(\.\d*)?([eE][-+]?\d+)?|mode
 _LABELS = re.compile(r"^(none|uniform|random|fixed:\d+)$")
 MAX_SEED = 2**63 - 1
 MAX_NAME_LENGTH = 100
-# C0/C1 control characters (ESC included), zero-width and bidirectional-override characters: never kept in a
-# job name (they would reach every user's terminal through 'specdit jobs').
-_NAME_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
 
 
 class _Strict(BaseModel):
@@ -111,7 +108,7 @@ class JobSpec(_Strict):
         """Control characters (ESC, newlines, bidi overrides) are dropped; an empty result means no name."""
         if v is None:
             return None
-        v = " ".join(_NAME_CONTROL.sub(" ", v).split())
+        v = " ".join(paths.CONTROL_CHARS.sub(" ", v).split())
         return v or None
 
     @field_validator("model")

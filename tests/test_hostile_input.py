@@ -254,3 +254,23 @@ def test_worker_resolves_model_paths_against_its_own_model_root(redis_env, tmp_p
     rec = q.get(jid2)
     assert rec.status == JobStatus.FAILED and "outside the root" in rec.error, rec.error
     assert engine.loaded == []
+
+
+def test_control_characters_in_models_and_paths_are_refused(tmp_path):
+    for field, value in (("model", "gmm\x1b[2J-2d"), ("model", "dir/\x07m.pt")):
+        with pytest.raises(SpecError, match="control characters"):
+            _spec(str(tmp_path), **{field: value})
+    with pytest.raises(SpecError, match="control characters"):
+        _spec("jobs/\x1b]0;x\x07")
+    with pytest.raises(SpecError, match="drafter"):
+        _spec(str(tmp_path), sampler={"drafter": "model:a\x1bb.pt"})
+
+
+def test_worker_log_lines_carry_no_control_characters():
+    import logging
+
+    from cli.render import SafeFormatter
+
+    rec = logging.LogRecord("specdit.worker", logging.ERROR, __file__, 1, "job %s: %s", ("j1", HOSTILE), None)
+    line = SafeFormatter("%(levelname)s %(message)s").format(rec)
+    assert "\x1b" not in line and "\x07" not in line and "[/bold]" in line

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cluster.testing import REPO, cleanup_prefix, free_port, make_prefix
+from cluster.testing import REPO, free_port
 
 URL = os.environ.get("SPECDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
