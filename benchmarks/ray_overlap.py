@@ -51,7 +51,7 @@ def main() -> None:
     from workers.ray_engine import RayEngine
 
     torch.set_num_threads(1)
-    ray.init(num_cpus=2, include_dashboard=False, namespace="specdit", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="specdit", log_to_driver=False)
     eng = RayEngine(device="cpu", threads=1, actors=2)
     sampler = {"sampler": "speculative", "steps": a.steps, "draft_length": a.draft_length, "verify": a.verify,
                "drafter": a.drafter}

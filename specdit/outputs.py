@@ -47,6 +47,22 @@ def save_png(path: Path, image: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def check_output(out: str | Path) -> Path:
+    """Refuse, before any sampling, an output that cannot be written: a ``.npz`` path that is a directory, a
+    directory path that is an existing file, or a path under a file. Raises ``ValueError`` (one line)."""
+    out = Path(out)
+    if out.suffix == ".npz" and out.is_dir():
+        raise ValueError(f"output {out} is a directory, not a .npz file (give a new file name or a directory)")
+    if out.suffix != ".npz" and out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a directory (give a .npz file name or a directory)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"output {out}: {parent} is a file, not a directory")
+            break
+    return out
+
+
 def save_generation(gen: Generation, seeds: torch.Tensor, out: str | Path, *, model_name: str,
                     config: SamplerConfig, images: np.ndarray | None = None) -> dict:
     """Save to ``out`` (a ``.npz`` file, or a directory for image models); returns the JSON summary.
@@ -89,6 +105,7 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
     if num_samples < 1:
         raise ValueError(f"number of samples must be >= 1, got {num_samples}")
     config.validate()
+    check_output(out)
     if threads is not None:
         torch.set_num_threads(threads)
     model = load_model(model_name, device=device, num_heads=num_heads, weights=weights)

@@ -59,7 +59,7 @@ def _state(pid: int) -> str:
 def cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     before = _descendants(os.getpid())
-    ray.init(num_cpus=2, include_dashboard=False, namespace="specdit", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="specdit", log_to_driver=False)
     state = {"before": before}
     yield state
     if ray.is_initialized():
