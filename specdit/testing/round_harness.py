@@ -64,7 +64,26 @@ def tiny_dit(seed: int = 0):
     with torch.no_grad():  # adaLN-Zero starts at zero: make every layer clearly non-trivial
         for p in tr.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    for block in tr.transformer_blocks:
+        block.norm1.emb = _DistinctConditioning(block.norm1.emb)
     return DiTDenoiser(tr.eval())
+
+
+class _DistinctConditioning(torch.nn.Module):
+    """A DiT block's conditioning c(t, y) computed once per distinct (t, y) of the batch and gathered back:
+    the same values row by row, without 1e5 sinusoidal timestep embeddings of a few distinct timesteps
+    (which would take most of the suite's time)."""
+
+    def __init__(self, emb):
+        super().__init__()
+        self.time_proj, self.timestep_embedder, self.class_embedder = emb.time_proj, emb.timestep_embedder, emb.class_embedder
+        self._forward = type(emb).forward
+
+    def forward(self, timestep, class_labels, hidden_dtype=None):
+        span = self.class_embedder.embedding_table.num_embeddings
+        key = timestep.long() * span + class_labels.long()  # (N,) one integer per (t, y)
+        distinct, inverse = torch.unique(key, return_inverse=True)
+        return self._forward(self, distinct // span, distinct % span, hidden_dtype=hidden_dtype)[inverse]
 
 
 def random_feature_drafter(target, scale: float, seed: int = 1):
@@ -143,7 +162,7 @@ class Setup:
     start: int
 
 
-_FREE = Setup("gmm-2d", 20, 18)  # the latest target eps (from x_{k+1}) is a poor guess here
+_FREE = Setup("gmm-2d", 15, 13)  # the latest target eps (from x_{k+1}) is a poor guess here
 _PERTURBED = Setup("gmm-2d", 100, 20)
 SETUPS = {
     "free": _FREE, "perturbed": _PERTURBED, "nan-state": _PERTURBED, "inf-band": _PERTURBED,
@@ -366,10 +385,10 @@ def ks_uniform(u: torch.Tensor) -> np.ndarray:
     of the exact law (``kstwo``, ~0.4 s per value at this size) down to p = 1e-10 and never below it, so
     the test stays conservative."""
     B = u.shape[0]
-    s, _ = torch.sort(u, dim=0)
-    i = torch.arange(1, B + 1, dtype=torch.float64)[:, None]
-    d = torch.maximum((i / B - s).amax(0), (s - (i - 1) / B).amax(0))  # (m,)
-    return stats.kstwobign.sf(d.numpy() * math.sqrt(B))
+    s = np.sort(u.T.contiguous().numpy(), axis=1)  # (m, B); numpy sorts rows ~4x faster than torch here
+    i = np.arange(1, B + 1, dtype=np.float64)[None, :]
+    d = np.maximum((i / B - s).max(1), (s - (i - 1) / B).max(1))  # (m,)
+    return stats.kstwobign.sf(d * math.sqrt(B))
 
 
 def holm(p: np.ndarray) -> np.ndarray:
