@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import user_errors
+from cli.common import one_line_warnings, user_errors
 
 
 def _fmt(v, spec=".3f"):
@@ -60,8 +60,9 @@ def bench(
     console.print("target batch cost (relative to batch 1): " + ", ".join(f"b={b}: {c:.2f}x" for b, c in curve.items()))
     cols = ["variant", "rounds/sample", "parallel eff.", "acceptance", "wall vs ddpm", "KS to truth", "KS p"]
     table = Table(*cols)
-    rows = run_bench(m, variants, num_samples, seed, y, batch_size,
-                     on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"))
+    with one_line_warnings():
+        rows = run_bench(m, variants, num_samples, seed, y, batch_size,
+                         on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"))
     for r in rows:
         table.add_row(r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.wall_vs_ddpm, ".2f"),
                       _fmt(r.ks, ".4f"), _fmt(r.ks_p, ".3g"))

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import step_progress, user_errors
+from cli.common import one_line_warnings, step_progress, user_errors
 
 
 def generate(
@@ -29,20 +29,24 @@ def generate(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Generate samples and print speed statistics (rounds, parallel efficiency, acceptance)."""
+    """Generate samples and print speed statistics (rounds, parallel efficiency, acceptance).
+
+    Exit codes: 2 for an invalid setting, 6 if the target model returns NaN/inf (one line naming the
+    step and the sample)."""
     from specdit.api import SamplerConfig
     from specdit.outputs import generate_to_disk
 
     config = SamplerConfig(sampler=sampler, steps=steps, eta=eta, draft_length=draft_length, verify=verify,
                            drafter=drafter, relax=relax, cfg_scale=cfg, refine_mode=refine_mode, parallel=parallel)
-    with step_progress(num_samples * steps, f"{sampler} on {model}", progress) as advance:
+    with one_line_warnings(), step_progress(num_samples * steps, f"{sampler} on {model}", progress) as advance:
         summary = generate_to_disk(model, config, num_samples, seed, labels, out, batch_size=batch_size,
                                    threads=threads, progress=advance)
     s = summary["stats"]
     typer.echo(f"wrote {out}")
     typer.echo(f"{s['samples']} samples x {s['steps']} steps in {summary['wall_time_s']:.2f} s | "
                f"rounds/sample {s['rounds_per_sample']:.2f} | parallel efficiency {s['parallel_efficiency']:.3f} | "
-               f"acceptance {s['acceptance']:.3f} | target evals/sample {s['target_evals_per_sample']:.1f}")
+               f"acceptance {s['acceptance']:.3f} | target evals/sample {s['target_evals_per_sample']:.1f}"
+               + (f" | draft fallbacks {s['draft_fallbacks']}" if s.get("draft_fallbacks") else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +46,8 @@ class SamplerSettings(_Strict):
     def _drafter(cls, v: str) -> str:
         if not _DRAFTER.match(v):
             raise ValueError("drafter must be 'free', 'feature', 'perturbed:<error>' or 'model:<name>'")
+        if v.startswith("perturbed:") and not math.isfinite(float(v.split(":", 1)[1])):
+            raise ValueError(f"drafter {v!r}: the error must be a finite number >= 0")
         return v
 
 

@@ -6,7 +6,9 @@ size or on which other samples share its batch.
 """
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal
 
@@ -17,6 +19,7 @@ from specdit.drafters.free import FreeDrafter
 from specdit.models.base import EpsModel
 from specdit.models.perturbed import PerturbedModel
 from specdit.noise import NoiseStreams
+from specdit.samplers.common import NonFiniteTargetError
 from specdit.samplers.ddpm import sample_ddpm
 from specdit.samplers.draft_refine import sample_draft_refine
 from specdit.samplers.speculative import sample_speculative
@@ -70,13 +73,20 @@ class SamplerConfig:
             raise ValueError(f"unknown drafter {self.drafter!r}; use free, feature, perturbed:<error> or model:<name>")
         if kind == "perturbed":
             try:
-                float(self.drafter.split(":", 1)[1])
+                error = float(self.drafter.split(":", 1)[1])
             except (IndexError, ValueError):
                 raise ValueError(f"drafter {self.drafter!r}: expected perturbed:<error>, e.g. perturbed:3") from None
+            if not (math.isfinite(error) and error >= 0):
+                raise ValueError(f"drafter {self.drafter!r}: the error must be a finite number >= 0")
         return self
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class DraftFallbackWarning(RuntimeWarning):
+    """Some drafter outputs were not finite (or too large) and were replaced by the fallback proposal.
+    Sampling stays exact; only acceptance suffers. Issued once per ``generate`` call."""
 
 
 @dataclass
@@ -154,7 +164,11 @@ def generate(
     """Sample ``len(seeds)`` chains. ``labels`` (N,) int64 class labels (``num_classes`` = null class);
     None samples a conditional model unconditionally. ``progress(n)`` reports steps done (summed over
     chains) as they happen. ``model_name`` names a model passed as an object (to find its built-in
-    feature drafter)."""
+    feature drafter).
+
+    Raises ``ValueError`` for invalid settings and :class:`NonFiniteTargetError` (a ``ValueError``) if the
+    target returns NaN/inf, naming the step and the sample's index in ``seeds``. Warns once
+    (:class:`DraftFallbackWarning`) if drafter outputs were replaced (counted in ``stats.draft_fallbacks``)."""
     config.validate()
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -178,9 +192,23 @@ def generate(
     for lo in range(0, seeds.numel(), batch_size):
         sl = slice(lo, lo + batch_size)
         y = None if labels is None else labels[sl]
-        x, st = run_sampler(target, drafter, config, NoiseStreams(seeds[sl]), y, progress)
+        try:
+            x, st = run_sampler(target, drafter, config, NoiseStreams(seeds[sl]), y, progress)
+        except NonFiniteTargetError as e:
+            raise e.with_sample(lo + e.sample) from None  # name the sample by its index in ``seeds``
         outs.append(x.float())
         stats.append(st)
     samples = torch.cat(outs) if outs else torch.zeros(0, *base.sample_shape)
     st = SampleStats.concat(stats) if stats else SampleStats.zeros(0, config.steps)
+    warn_draft_fallbacks(st)
     return Generation(samples, st, time.perf_counter() - start, labels)
+
+
+def warn_draft_fallbacks(stats: SampleStats) -> None:
+    """One :class:`DraftFallbackWarning` if any draft of ``stats`` was replaced by the fallback proposal."""
+    n = int(stats.draft_fallbacks.sum())
+    if n:
+        hit = int((stats.draft_fallbacks > 0).sum())
+        warnings.warn(f"the drafter returned {n} non-finite or too large outputs in {hit} of {len(stats)} "
+                      "samples; they were replaced by the fallback proposal (samples stay exact, acceptance "
+                      "drops)", DraftFallbackWarning, stacklevel=2)

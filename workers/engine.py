@@ -205,6 +205,7 @@ class LocalEngine:
         import torch
 
         from specdit.api import SamplerConfig, generate
+        from specdit.samplers.common import NonFiniteTargetError
 
         model = self._load(work.model)
         info = self.model_info(work.model)
@@ -225,8 +226,11 @@ class LocalEngine:
         t0 = time.perf_counter()
         for a in range(0, n, work.batch_size):
             b = min(n, a + work.batch_size)
-            gen = generate(model, config, seeds[a:b], None if labels is None else labels[a:b],
-                           batch_size=work.batch_size, device=self.device, progress=tick)
+            try:
+                gen = generate(model, config, seeds[a:b], None if labels is None else labels[a:b],
+                               batch_size=work.batch_size, device=self.device, progress=tick)
+            except NonFiniteTargetError as e:  # one line, naming the sample by its index in the job
+                raise EngineError(str(e.with_sample(work.start + a + e.sample))) from None
             parts.append(gen.samples)
             stats.append(gen.stats)
             times.append(np.full(b - a, float(gen.wall_time) / (b - a)))
