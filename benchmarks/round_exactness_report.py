@@ -56,8 +56,10 @@ def main() -> None:
         counts = torch.bincount(paths.kept, minlength=case.draft_length + 1).tolist()
         c1 = str(paths.residual_c_below_1) if case.verification == "block" else "-"
         fin = "" if paths.finite else " (non-finite states)"
+        if paths.fallbacks is not None and int(paths.fallbacks.sum()):
+            fin += f" ({float((paths.fallbacks > 0).float().mean()):.0%} of chains with a replaced draft)"
         ctrl, ctrl_p = "-", float("nan")
-        if not args.no_controls and case.drafter in ("free", "perturbed", "feature"):
+        if not args.no_controls:
             ctrl = negative_control(case)
             with fault(ctrl):
                 ctrl_p = round_test(run_round(case)).min_adjusted

@@ -166,10 +166,10 @@ _FREE = Setup("gmm-2d", 15, 13)  # the latest target eps (from x_{k+1}) is a poo
 _PERTURBED = Setup("gmm-2d", 100, 20)
 SETUPS = {
     "free": _FREE, "perturbed": _PERTURBED, "nan-state": _PERTURBED, "inf-band": _PERTURBED,
-    "feature": Setup("tiny-dit", 20, 10), "feature-nan": Setup("tiny-dit", 20, 10),
+    "feature": Setup("tiny-dit", 20, 15), "feature-nan": Setup("tiny-dit", 20, 15),
 }
 PERTURB = 3.0  # the perturbed drafter is ``perturbed:3`` (eps + 3 b, b a fixed unit-RMS direction)
-FEATURE_SCALE = 2.0  # the untrained feature drafter's fusion weights are scaled by this
+FEATURE_SCALE = 16.0  # the untrained feature drafter's fusion weights are scaled by this
 
 
 _MODELS: dict[str, EpsModel] = {}
@@ -222,19 +222,25 @@ def _target_mean(model, schedule: Schedule, x: torch.Tensor, k: torch.Tensor, y)
 
 
 def start_state(model, schedule: Schedule, k: int, seed: int = 7):
-    """The fixed start: one target chain (its own generator) run from x_S down to x_k.
+    """The fixed start (its own generator): x_{k+1}, then one target step to x_k.
 
-    Returns (x_k (1, *shape), eps and features of the target at x_{k+1}) for the drafter's context."""
+    x_{k+1} is the analytic model's own target chain run from x_S; for a DiT it is a forward-process draw
+    sqrt(abar) x0 + sqrt(1 - abar) n from a random image x0 in [-1, 1] (an untrained DiT's own chain drifts
+    to |x| ~ 100). Returns (x_k (1, *shape), the target's eps and features at x_{k+1}) for the drafter."""
     g = torch.Generator().manual_seed(seed)
     shape = tuple(model.sample_shape)
-    x = torch.randn(1, *shape, generator=g, dtype=torch.float64)
     y = _labels(model, 1)
+    normal = lambda: torch.randn(1, *shape, generator=g, dtype=torch.float64)  # noqa: E731
+    if getattr(model, "eps_from_features", None) is None:
+        first, x = schedule.num_steps, normal()
+    else:
+        first, abar = k + 1, schedule.abar[k + 1]
+        x = abar.sqrt() * (2 * torch.rand(1, *shape, generator=g, dtype=torch.float64) - 1) + (1 - abar).sqrt() * normal()
     eps = feats = None
-    for i in range(schedule.num_steps, k, -1):
-        ii = torch.tensor([i])
-        mean, out = _target_mean(model, schedule, x, ii, y)
+    for i in range(first, k, -1):
+        mean, out = _target_mean(model, schedule, x, torch.tensor([i]), y)
         eps, feats = out.eps, out.features
-        x = mean + schedule.sigma[i] * torch.randn(1, *shape, generator=g, dtype=torch.float64)
+        x = mean + schedule.sigma[i] * normal()
     return x, eps, feats
 
 
@@ -254,6 +260,7 @@ class RoundPaths:
     residual_c_below_1: int  # block: chains whose next state came from a residual with c = p_tau < 1
     finite: bool  # every path state finite
     acceptance: float = field(default=0.0)  # kept / judged drafts
+    fallbacks: torch.Tensor | None = None  # (B,) int64 drafter outputs the sampler replaced (non-finite)
 
 
 def run_round(case: RoundCase, *, seeds: torch.Tensor | None = None) -> RoundPaths:
@@ -289,7 +296,7 @@ def run_round(case: RoundCase, *, seeds: torch.Tensor | None = None) -> RoundPat
     c_below_1 = 0
     if case.verification == "block":
         c_below_1 = _residual_c_below_1(schedule, ctx.k, draft, m_target, kept)
-    chains.advance(rows, ctx.k, verdict, eps_t, feats, draft.length, drafter.cost)
+    chains.advance(rows, ctx.k, verdict, eps_t, feats, draft.length, drafter.cost, draft.fallbacks)
 
     # Path states x_{k0 - j}, j = 0..H: kept drafts, the round's output, then fresh target steps.
     D = math.prod(shape)
@@ -321,7 +328,7 @@ def run_round(case: RoundCase, *, seeds: torch.Tensor | None = None) -> RoundPat
             gaps[:, i - 1] = torch.where(ok[:, None], diff / torch.where(ok[:, None], nrm, 1.0), gaps[:, i - 1])
     judged = torch.minimum(kept + 1, torch.full_like(kept, L)).sum()
     return RoundPaths(innov, gaps, kept, steps, L, c_below_1, bool(torch.isfinite(path).all()),
-                      float(kept.sum() / judged))
+                      float(kept.sum() / judged), draft.fallbacks)
 
 
 def _residual_c_below_1(schedule, k, draft, m_target, kept) -> int:
@@ -428,11 +435,19 @@ def round_test(paths: RoundPaths) -> RoundTest:
 # Negative controls: wrong verifiers with the same inputs
 # --------------------------------------------------------------------------------------------------
 def _collide(inner):
-    """Block verification as first wired: the residual's inverse-CDF uniform is the first Box-Muller radius
-    uniform of its own orthogonal normals, w = exp(-(z_0^2 + z_1^2)/2)."""
+    """Block verification with the random-stream collision that this suite was written against: the
+    residual's inverse-CDF uniform is the first Box-Muller radius uniform of the very normals whose
+    orthogonal part the residual keeps, w = exp(-(z_0^2 + z_1^2)/2) with z the noise of draft tau + 1."""
 
-    def verify_block(p, eta, w, z_perp):
-        return inner(p, eta, torch.exp(-0.5 * (z_perp[:, 0] ** 2 + z_perp[:, 1] ** 2)), z_perp)
+    def verify_block(p, eta, w):
+        _, h = block_decisions(p)
+        pos = torch.arange(1, eta.shape[1] + 1)[None, :]
+        kept = torch.where(eta <= h[:, 1:], pos, torch.zeros_like(pos)).amax(1)  # (B,) tau, as verify_block
+        at = kept.clamp_max(eta.shape[1] - 1)
+        ar = torch.arange(eta.shape[0])
+        s = p.sigma[ar, at].clamp_min(1e-300)[:, None]
+        z = (p.x_draft[ar, at] - p.m_draft[ar, at]) / s  # (B, D) the draft's standard normals
+        return inner(p, eta, torch.exp(-0.5 * (z[:, 0] ** 2 + z[:, 1] ** 2)).clamp(1e-300, 1.0))
 
     return verify_block
 
