@@ -15,8 +15,9 @@ the first Box-Muller pair, the draft/target gap direction and its complement; pl
   use the Kolmogorov limit law, conservative at this size). Seeds are fixed, so the outcome is deterministic.
 - Power: every configuration has a negative control (a known-wrong verifier fed the same inputs) that the
   same test must reject at 1e-3: token verification translating the rejected draft instead of reflecting
-  it; block verification with the residual's uniform equal to its normals' first Box-Muller radius uniform
-  (the random-stream collision this suite was written to catch).
+  it; block verification with the residual's uniform equal to the first Box-Muller radius uniform of the
+  normals it keeps (the random-stream collision this suite was written to catch) and, for L >= 2, block
+  verification drawing every residual as if c = 1 (a reflection), a subtler fault.
 - Branch coverage: tau = j occurs for every j in 0..L, block verification draws from residuals with c < 1,
   and drafters whose output is NaN or inf on part of the state space or on a band of timesteps still give
   finite, exact rounds.
@@ -29,7 +30,7 @@ import torch
 from scipy import stats
 
 from specdit.testing.round_harness import (
-    RoundCase, RoundPaths, fault, holm, innovation_statistics, ks_uniform, negative_control, round_test, run_round,
+    RoundCase, RoundPaths, fault, holm, innovation_statistics, ks_uniform, negative_controls, round_test, run_round,
 )
 
 ALPHA = 1e-3
@@ -88,13 +89,16 @@ def test_round_with_non_finite_drafter_is_exact(case):
     assert res.min_adjusted > ALPHA, f"{case.name}: Holm-adjusted p = {res.min_adjusted:.3g} ({res.worst})"
 
 
+CONTROLS = [(case, name) for case in CASES + NONFINITE for name in negative_controls(case)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [_param(c) for c in CASES + NONFINITE])
-def test_negative_control_is_detected(case):
-    with fault(negative_control(case)):
+@pytest.mark.parametrize("case, control", [pytest.param(c, f, id=f"{c.name}-{f}") for c, f in CONTROLS])
+def test_negative_control_is_detected(case, control):
+    with fault(control):
         paths = run_round(case)
     res = round_test(paths)
-    assert res.min_adjusted < ALPHA, f"{case.name} under {negative_control(case)}: p = {res.min_adjusted:.3g}"
+    assert res.min_adjusted < ALPHA, f"{case.name} under {control}: p = {res.min_adjusted:.3g}"
 
 
 # -- the harness itself (fast) -------------------------------------------------------------------------

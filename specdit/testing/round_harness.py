@@ -490,11 +490,12 @@ def fault(name: str | None) -> Iterator[None]:
             setattr(obj, attr, old)
 
 
-def negative_control(case: RoundCase) -> str:
-    """The fault each configuration must detect."""
+def negative_controls(case: RoundCase) -> tuple[str, ...]:
+    """The faults a configuration's test must detect: token -> translate; block -> collide, and c-one where
+    a residual with c < 1 can occur (L >= 2; at L = 1, c = p_0 = 1 and the reflection is a valid residual)."""
     if case.verification == "token":
-        return "translate"
-    return "collide"
+        return ("translate",)
+    return ("collide", "c-one") if case.draft_length >= 2 else ("collide",)
 
 
 FAULTS = ("accept-all", "translate", "collide", "c-one")
