@@ -240,3 +240,19 @@ def test_cli_shows_one_warning_line_for_replaced_drafts(tmp_path, monkeypatch, g
     assert "draft fallbacks" in r.stdout
     summary = __import__("json").loads((tmp_path / "x.json").read_text())
     assert summary["stats"]["draft_fallbacks"] > 0
+
+
+def test_fallback_counts_survive_shards_and_old_shards_count_none():
+    from specdit.stats import SampleStats
+    from workers.evaluation import concat_stats, speed_summary
+
+    st = SampleStats.zeros(3, 5)
+    st.rounds += 5
+    st.draft_fallbacks[1] = 4
+    arrays = st.to_arrays()
+    assert torch.equal(SampleStats.from_arrays(arrays).draft_fallbacks, st.draft_fallbacks)
+    old = {k: v for k, v in arrays.items() if k != "draft_fallbacks"}  # a shard written before the field
+    assert SampleStats.from_arrays(old).draft_fallbacks.tolist() == [0, 0, 0]
+    merged = concat_stats([arrays, arrays])
+    assert speed_summary(merged, np.ones(6))["draft_fallbacks"] == 8
+    assert speed_summary(concat_stats([old]), np.ones(3))["draft_fallbacks"] == 0

@@ -68,7 +68,7 @@ def _draft(drafter: Drafter, ctx: DraftContext, schedule: Schedule, streams: Noi
     shape = ctx.x.shape[1:]
     carry = drafter.start(ctx)
     fallback = latest_target_eps(ctx)  # (B, *shape) finite
-    replaced = torch.zeros(ctx.x.shape[0], dtype=torch.int64)
+    replaced = torch.zeros(ctx.x.shape[0], dtype=torch.int64, device=ctx.x.device)
     states, means, eps_hats = [ctx.x], [], []
     for j in range(1, int(length.max()) + 1):
         kj = (ctx.k - j + 1).clamp_min(1)  # (B,) state index of the step taken at position j
