@@ -196,10 +196,9 @@ def make_drafter(case: RoundCase, model: EpsModel, schedule: Schedule, x_start: 
         return FreeDrafter()
     if case.drafter == "feature":
         return random_feature_drafter(model, FEATURE_SCALE)
-    if case.drafter == "feature-nan":  # NaN eps and NaN features past the start state's first coordinate
-        thr = float(x_start.flatten()[0])
-        return NonFiniteDrafter(random_feature_drafter(model, FEATURE_SCALE), lambda x, t: x.flatten(1)[:, 0] > thr,
-                                math.nan, carry=True)
+    if case.drafter == "feature-nan":  # NaN eps and features on bands of the state: frac(x_0) < 1/4
+        return NonFiniteDrafter(random_feature_drafter(model, FEATURE_SCALE),
+                                lambda x, t: torch.remainder(x.flatten(1)[:, 0], 1.0) < 0.25, math.nan, carry=True)
     perturbed = ModelDrafter(PerturbedModel(model, PERTURB))
     if case.drafter == "perturbed":
         return perturbed
