@@ -2,8 +2,8 @@
 
 Whole-chain tests (tests/test_exactness.py) compare final samples; an error made in one round is mostly
 washed out by the steps after it. Here every chain starts at the same fixed state x_k, runs ONE round through
-the sampler's own functions and random streams (``draft_round`` -> ``target_batch`` -> ``decide``, the
-drafter's context from ``Chains``), then fresh target steps to the fixed horizon k - H (H = L), and the
+the sampler's own ``speculative_round`` and random streams (``draft_round`` -> ``target_batch`` -> ``decide``,
+the drafter's context from ``Chains``), then fresh target steps to the fixed horizon k - H (H = L), and the
 innovations z_i = (x_{k-i} - m(x_{k-i+1})) / sigma_{k-i+1} along the path are tested against i.i.d.
 N(0, I_D) (specdit.testing.round_harness): per position i, the squared radius, the axes, the diagonals,
 the first Box-Muller pair, the draft/target gap direction and its complement; plus two joint statistics.
@@ -11,8 +11,8 @@ the first Box-Muller pair, the draft/target gap direction and its complement; pl
 - 1e5 seeds per configuration; 2-D analytic ``gmm-2d`` (free and perturbed:3 drafters), the tiny DiT of the
   harness (D = 4) for an untrained FREE feature drafter; starts chosen so that >= 50% of drafts are rejected.
 - Each configuration: one-sample KS p-values, Holm-adjusted within the configuration, rejected at 1e-3.
-  Family-wise false-alarm rate of the suite: 40 configurations x 1e-3 <= 4% (union bound; the KS p-values
-  use the Kolmogorov limit law, conservative at this size). Seeds are fixed, so the outcome is deterministic.
+  Family-wise false-alarm rate of the suite: 42 configurations x 1e-3 <= 4.2% (union bound; the KS
+  p-values use the Kolmogorov limit law, conservative at this size). Seeds are fixed, so the outcome is deterministic.
 - Power: every configuration has a negative control (a known-wrong verifier fed the same inputs) that the
   same test must reject at 1e-3: token verification translating the rejected draft instead of reflecting
   it; block verification with the residual's uniform equal to the first Box-Muller radius uniform of the

@@ -1,9 +1,9 @@
 """Round-level exactness harness: one speculative round, wired as ``sample_speculative`` wires it.
 
 From a fixed start state x_k (round start index k) every chain runs ONE round through the sampler's own
-step functions (``draft_round`` -> ``target_batch`` -> ``decide`` of :mod:`specdit.samplers.speculative`,
-with the sampler's :class:`~specdit.noise.NoiseStreams` and the :class:`Chains` bookkeeping that gives the
-drafter its context), then fresh target (ancestral) steps up to the fixed horizon k - H, H >= L, so every
+``speculative_round`` (``draft_round`` -> ``target_batch`` -> ``decide`` of
+:mod:`specdit.samplers.speculative`, with the sampler's :class:`~specdit.noise.NoiseStreams` and the
+:class:`Chains` bookkeeping that gives the drafter its context and applies the verdict), then fresh target (ancestral) steps up to the fixed horizon k - H, H >= L, so every
 path x_k, x_{k-1}, ..., x_{k-H} has the same length whatever the round kept.
 
 Under the exact target chain the innovations
@@ -287,14 +287,14 @@ def run_round(case: RoundCase, *, seeds: torch.Tensor | None = None) -> RoundPat
     drafter = make_drafter(case, model, schedule, x_k)
     rows = chains.active()
     ctx = chains.context(rows, y)
-    draft = spec.draft_round(drafter, schedule, streams.subset(rows), ctx, L)
-    eps_t, m_target, feats = spec.target_batch(model, schedule, draft, ctx.k, ctx.y)
-    verdict = spec.decide(schedule, streams.subset(rows), ctx.k, draft, eps_t, m_target,
-                          verification=case.verification)
+    # The round exactly as sample_speculative runs it (draft_round -> target_batch -> decide).
+    verdict, eps_t, feats, draft = spec.speculative_round(
+        model, drafter, schedule, streams.subset(rows), ctx, draft_length=L, verification=case.verification,
+    )
     kept, steps = verdict.kept.clone(), verdict.steps.clone()
     c_below_1 = 0
     if case.verification == "block":
-        c_below_1 = _residual_c_below_1(schedule, ctx.k, draft, m_target, kept)
+        c_below_1 = _residual_c_below_1(schedule, ctx.k, draft, eps_t, kept)
     chains.advance(rows, ctx.k, verdict, eps_t, feats, draft.length, drafter.cost, draft.fallbacks)
 
     # Path states x_{k0 - j}, j = 0..H: kept drafts, the round's output, then fresh target steps.
@@ -330,10 +330,12 @@ def run_round(case: RoundCase, *, seeds: torch.Tensor | None = None) -> RoundPat
                       float(kept.sum() / judged), draft.fallbacks)
 
 
-def _residual_c_below_1(schedule, k, draft, m_target, kept) -> int:
+def _residual_c_below_1(schedule, k, draft, eps_t, kept) -> int:
     """Chains whose block verdict drew from the residual norm(max(0, c q - p)) with c = p_tau < 1."""
-    B, Lmax = m_target.shape[:2]
-    kk = (k[:, None] - torch.arange(Lmax)[None, :]).clamp_min(1)
+    B, Lmax = eps_t.shape[:2]
+    kk = (k[:, None] - torch.arange(Lmax)[None, :]).clamp_min(1)  # (B, Lmax) state index of each position
+    m_target = schedule.step_mean(draft.states[:, :Lmax].flatten(0, 1), eps_t.flatten(0, 1), kk.flatten())
+    m_target = m_target.view(eps_t.shape)  # (B, Lmax, *shape) target means from xh_0..xh_{Lmax-1}
     prop = Proposal(x_draft=draft.states[:, 1:].flatten(2), m_draft=draft.m_draft.flatten(2),
                     m_target=m_target.flatten(2), sigma=schedule.sigma[kk], length=draft.length)
     log_p, _ = block_decisions(prop)
