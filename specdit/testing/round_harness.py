@@ -3,8 +3,9 @@
 From a fixed start state x_k (round start index k) every chain runs ONE round through the sampler's own
 ``speculative_round`` (``draft_round`` -> ``target_batch`` -> ``decide`` of
 :mod:`specdit.samplers.speculative`, with the sampler's :class:`~specdit.noise.NoiseStreams` and the
-:class:`Chains` bookkeeping that gives the drafter its context and applies the verdict), then fresh target (ancestral) steps up to the fixed horizon k - H, H >= L, so every
-path x_k, x_{k-1}, ..., x_{k-H} has the same length whatever the round kept.
+:class:`Chains` bookkeeping that gives the drafter its context and applies the verdict), then fresh
+target (ancestral) steps up to the fixed horizon k - H, H >= L, so every path x_k, x_{k-1}, ..., x_{k-H}
+has the same length whatever the round kept.
 
 Under the exact target chain the innovations
 
@@ -17,8 +18,9 @@ differs from the target). :func:`innovation_statistics` maps each statistic to a
 transform (uniform under the null): the squared radius (chi-square, D dof), the axes, the diagonals, the
 first Box-Muller pair (its squared radius and angle; the pair's two coordinates are the first two axes),
 the gap projection and its orthogonal complement, for every position i separately, and two joint ones.
-:func:`ks_uniform` gives exact one-sample Kolmogorov-Smirnov p-values; :func:`holm` adjusts them
-(Holm 1979), so a configuration rejects at level alpha with probability <= alpha under exactness.
+:func:`ks_uniform` gives one-sample Kolmogorov-Smirnov p-values (conservative limit law); :func:`holm`
+adjusts them (Holm 1979), so a configuration rejects at level alpha with probability <= alpha under
+exactness, whatever the dependence between its statistics.
 
 Negative controls (:data:`FAULTS`) swap a piece of the verifier for a wrong one with the same inputs; the
 same test must reject them.
@@ -76,7 +78,8 @@ class _DistinctConditioning(torch.nn.Module):
 
     def __init__(self, emb):
         super().__init__()
-        self.time_proj, self.timestep_embedder, self.class_embedder = emb.time_proj, emb.timestep_embedder, emb.class_embedder
+        self.time_proj, self.timestep_embedder = emb.time_proj, emb.timestep_embedder
+        self.class_embedder = emb.class_embedder
         self._forward = type(emb).forward
 
     def forward(self, timestep, class_labels, hidden_dtype=None):
@@ -234,7 +237,8 @@ def start_state(model, schedule: Schedule, k: int, seed: int = 7):
         first, x = schedule.num_steps, normal()
     else:
         first, abar = k + 1, schedule.abar[k + 1]
-        x = abar.sqrt() * (2 * torch.rand(1, *shape, generator=g, dtype=torch.float64) - 1) + (1 - abar).sqrt() * normal()
+        x0 = 2 * torch.rand(1, *shape, generator=g, dtype=torch.float64) - 1  # a random image in [-1, 1]
+        x = abar.sqrt() * x0 + (1 - abar).sqrt() * normal()
     eps = feats = None
     for i in range(first, k, -1):
         mean, out = _target_mean(model, schedule, x, torch.tensor([i]), y)
