@@ -256,3 +256,33 @@ def test_fallback_counts_survive_shards_and_old_shards_count_none():
     merged = concat_stats([arrays, arrays])
     assert speed_summary(merged, np.ones(6))["draft_fallbacks"] == 8
     assert speed_summary(concat_stats([old]), np.ones(3))["draft_fallbacks"] == 0
+
+
+def test_worker_engine_reports_the_job_index_in_one_line_and_counts_fallbacks(gmm2d):
+    """The service's engine: a NaN target fails the shard with one line naming the sample's index in the job
+    (shard [10, 18), batches of 3); replaced drafts are counted in the shard's statistics, without a warning."""
+    from workers.engine import EngineError, LocalEngine, ShardWork
+
+    eng = LocalEngine(threads=None)
+    eng._models["nan-target"] = BandFault(gmm2d, 400, 600, math.nan, label=1)
+    eng._models["gmm-2d"] = gmm2d
+    work = ShardWork(model="nan-target", sampler={"sampler": "ddpm", "steps": S}, labels="uniform", base_seed=0,
+                     start=10, stop=18, batch_size=3)
+    with pytest.raises(EngineError) as err:
+        eng.run(work)
+    m = _ONE_LINE.match(str(err.value))
+    assert m and int(m.group(3)) == 10, str(err.value)  # labels are i % 3: sample 10 is the first with label 1
+    eng._models["nan-drafter"] = BandFault(gmm2d, 300, 700, math.nan)
+    work = ShardWork(model="gmm-2d", sampler={"steps": S, "drafter": "model:nan-drafter", "draft_length": 4},
+                     labels="uniform", base_seed=0, start=10, stop=18, batch_size=3)
+    import specdit.api as api
+
+    real = api.load_model
+    api.load_model = lambda name, device="cpu": eng._models[name]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DraftFallbackWarning)
+            out = eng.run(work)
+    finally:
+        api.load_model = real
+    assert out.arrays["stat_draft_fallbacks"].sum() > 0

@@ -204,7 +204,9 @@ class LocalEngine:
     def run(self, work: ShardWork, progress: Callable[[int], None] | None = None) -> ShardOutput:
         import torch
 
-        from specdit.api import SamplerConfig, generate
+        import warnings
+
+        from specdit.api import DraftFallbackWarning, SamplerConfig, generate
         from specdit.samplers.common import NonFiniteTargetError
 
         model = self._load(work.model)
@@ -227,8 +229,10 @@ class LocalEngine:
         for a in range(0, n, work.batch_size):
             b = min(n, a + work.batch_size)
             try:
-                gen = generate(model, config, seeds[a:b], None if labels is None else labels[a:b],
-                               batch_size=work.batch_size, device=self.device, progress=tick)
+                with warnings.catch_warnings():  # replaced drafts are counted in the job's report instead
+                    warnings.simplefilter("ignore", DraftFallbackWarning)
+                    gen = generate(model, config, seeds[a:b], None if labels is None else labels[a:b],
+                                   batch_size=work.batch_size, device=self.device, progress=tick)
             except NonFiniteTargetError as e:  # one line, naming the sample by its index in the job
                 raise EngineError(str(e.with_sample(work.start + a + e.sample))) from None
             parts.append(gen.samples)
