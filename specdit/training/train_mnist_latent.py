@@ -39,6 +39,12 @@ def _vae_metrics(a) -> None:
                       "n_params": sum(p.numel() for p in vae.parameters())}), flush=True)
 
 
+def _sample(a) -> None:
+    from specdit.training.latent_eval import evaluate_latent_model
+
+    print(json.dumps(evaluate_latent_model(a.model, a.per_class, a.steps, a.cfg, a.seed, grid=a.grid)), flush=True)
+
+
 def _latents(a) -> None:
     from specdit.training.latents import write_latents
 
@@ -87,6 +93,15 @@ def main(argv: list[str] | None = None) -> None:
     z.add_argument("--vae", required=True, help="VAE diffusers folder")
     z.add_argument("--out", default="runs/mnist-latents.npz")
     z.set_defaults(func=_latents)
+    s = sub.add_parser("sample", help="class accuracy / domain FID of decoded DDPM samples of a latent model")
+    s.add_argument("--model", required=True, help="folder with transformer/ and vae/")
+    s.add_argument("--per-class", type=int, default=20)
+    s.add_argument("--steps", type=int, default=250)
+    s.add_argument("--cfg", type=float, default=1.5)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--grid", default=None, help="write a PNG grid (one row per class)")
+    s.set_defaults(func=_sample)
     d = sub.add_parser("dit", help="train the latent DiT on a latents .npz")
     d.add_argument("--data", required=True, help=".npz from the latents stage")
     d.add_argument("--out", default="runs/mnist-latent-dit")
@@ -110,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--card", action="store_true", help="only (re)write the export's README.md model card")
     d.set_defaults(func=_dit)
     a = p.parse_args(argv)
+    if getattr(a, "threads", None) and a.stage == "sample":
+        import torch
+
+        torch.set_num_threads(a.threads)
     a.func(a)
 
 
