@@ -111,3 +111,23 @@ def test_latents_file_and_latent_dit_trainer_resume_is_exact(tmp_path):
     assert model.sample_shape == (4, 8, 8) and model.num_tokens == 16 and model.vae is not None
     images = model.to_images(torch.randn(2, 4, 8, 8))
     assert images.shape == (2, 32, 32, 1) and images.dtype == torch.uint8
+
+
+def test_decoder_finetune_keeps_the_encoder_and_the_scaling_factor(tmp_path):
+    from specdit.models.dit import load_vae
+
+    imgs = _images()
+    base = train_vae(_vae_cfg(tmp_path / "a", 2), imgs)
+    cfg = VAETrainConfig(**{**_vae_cfg(tmp_path / "ft", 2).__dict__, "init_from": str(tmp_path / "a" / "export"),
+                            "freeze_encoder": True})
+    ft = train_vae(cfg, imgs)
+    wa = load_file(tmp_path / "a" / "export" / "diffusion_pytorch_model.safetensors")
+    wf = load_file(tmp_path / "ft" / "export" / "diffusion_pytorch_model.safetensors")
+    enc = [k for k in wa if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in wa if k.startswith("decoder.")]
+    assert enc and dec
+    assert all(torch.equal(wa[k], wf[k]) for k in enc)
+    assert not all(torch.equal(wa[k], wf[k]) for k in dec)  # the decoder did train
+    # same encoder weights; equal up to float summation order of the conv kernels (~1e-9 seen)
+    assert ft["scaling_factor"] == pytest.approx(base["scaling_factor"], rel=1e-6)
+    assert float(load_vae(tmp_path / "ft" / "export").config.scaling_factor) == ft["scaling_factor"]

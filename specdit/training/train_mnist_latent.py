@@ -22,7 +22,7 @@ def _vae(a) -> None:
     cfg = VAETrainConfig(out=a.out, export_dir=a.export_dir, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                          warmup=a.warmup, kl_weight=a.kl_weight, l2_weight=a.l2_weight, seed=a.seed,
                          threads=a.threads, ckpt_every=a.ckpt_every, export_every=a.export_every,
-                         max_minutes=a.max_minutes,
+                         max_minutes=a.max_minutes, init_from=a.init_from, freeze_encoder=a.freeze_encoder,
                          model=MnistVAEConfig(block_out_channels=tuple(a.channels)))
     print(json.dumps(train_vae(cfg)), flush=True)
 
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--ckpt-every", type=int, default=250)
     v.add_argument("--export-every", type=int, default=500)
     v.add_argument("--max-minutes", type=float, default=None)
+    v.add_argument("--init-from", default=None, help="fresh run: start from this VAE folder's weights")
+    v.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (latents stay fixed)")
     v.add_argument("--resume", action="store_true", help="(default behaviour) continue from <out>/checkpoint.pt")
     v.set_defaults(func=_vae)
     m = sub.add_parser("vae-metrics", help="reconstruction PSNR and classifier accuracy of a VAE on the subset")

@@ -85,6 +85,10 @@ class VAETrainConfig:
     export_every: int = 500
     log_every: int = 50
     max_minutes: float | None = None
+    # decoder fine-tuning (as Stable Diffusion's ft-EMA/ft-MSE VAEs): start from a VAE folder and train only the
+    # decoder, so the encoder -- hence the latents and the scaling factor a DiT was trained on -- stays fixed
+    init_from: str | None = None
+    freeze_encoder: bool = False
     model: MnistVAEConfig = field(default_factory=MnistVAEConfig)
 
 
@@ -102,6 +106,7 @@ def vae_loss(vae, x: torch.Tensor, gen: torch.Generator, kl_weight: float, l2_we
 
     Returns (loss, parts) with parts = per-image means of ``l1``, ``l2`` (sums over pixels) and ``kl`` (nats)."""
     post = vae.encode(x).latent_dist  # DiagonalGaussianDistribution over (N, 4, h, w)
+    # (with a frozen encoder the KL term is a constant and the loss trains the decoder only)
     z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
     rec = vae.decode(z).sample  # (N, C, H, W)
     diff = (rec - x).flatten(1)
@@ -180,7 +185,15 @@ def train_vae(cfg: VAETrainConfig, images: torch.Tensor | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     export_dir = Path(cfg.export_dir) if cfg.export_dir else out / "export"
     vae = cfg.model.build().train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    if cfg.init_from:
+        from safetensors.torch import load_file
+
+        vae.load_state_dict(load_file(str(Path(cfg.init_from) / "diffusion_pytorch_model.safetensors")))
+    if cfg.freeze_encoder:
+        for module in (vae.encoder, vae.quant_conv):
+            if module is not None:
+                module.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     ckpt_path = out / "checkpoint.pt"
     step, wall_before = 0, 0.0
