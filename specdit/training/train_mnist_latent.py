@@ -57,7 +57,7 @@ def _dit(a) -> None:
     cfg = TrainConfig(out=a.out, export_dir=a.export_dir, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                       warmup=a.warmup, ema_decay=a.ema_decay, seed=a.seed, threads=a.threads,
                       ckpt_every=a.ckpt_every, export_every=a.export_every, max_minutes=a.max_minutes,
-                      snr_gamma=a.snr_gamma, data=a.data,
+                      snr_gamma=a.snr_gamma or None, data=a.data,
                       model=MnistDiTConfig(hidden=a.hidden, depth=a.depth, heads=a.heads, patch_size=a.patch_size,
                                            sample_size=8, in_channels=4))
     if a.card:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     v = sub.add_parser("vae", help="train the AutoencoderKL")
     v.add_argument("--out", default="runs/mnist-vae")
     v.add_argument("--export-dir", default=None)
-    v.add_argument("--steps", type=int, default=4000)
+    v.add_argument("--steps", type=int, default=2500)
     v.add_argument("--batch-size", type=int, default=64)
     v.add_argument("--lr", type=float, default=1e-3)
     v.add_argument("--warmup", type=int, default=100)
@@ -109,15 +109,15 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--out", default="runs/mnist-latent-dit")
     d.add_argument("--export-dir", default=None)
     d.add_argument("--steps", type=int, default=8000)
-    d.add_argument("--batch-size", type=int, default=128)
+    d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--warmup", type=int, default=200)
     d.add_argument("--ema-decay", type=float, default=0.999)
-    d.add_argument("--hidden", type=int, default=128)
+    d.add_argument("--hidden", type=int, default=96)
     d.add_argument("--depth", type=int, default=6)
     d.add_argument("--heads", type=int, default=4)
     d.add_argument("--patch-size", type=int, default=2)
-    d.add_argument("--snr-gamma", type=float, default=None)
+    d.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR-gamma weighting; 0: uniform")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=1)
     d.add_argument("--ckpt-every", type=int, default=250)
