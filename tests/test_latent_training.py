@@ -180,6 +180,7 @@ def test_generate_and_bench_run_on_the_shipped_latent_model(tmp_path):
     from typer.testing import CliRunner
 
     from cli.main import app
+    from specdit.models.registry import BUILTIN_DRAFTERS
 
     _shipped()
     runner = CliRunner()
@@ -188,7 +189,9 @@ def test_generate_and_bench_run_on_the_shipped_latent_model(tmp_path):
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "run" / "00001.png").size == (32, 32)
     assert (tmp_path / "run" / "grid.png").is_file()
+    # bench names drafters explicitly (its `feature` without a folder does not look up the built-in one)
+    drafters = f"free,feature:{BUILTIN_DRAFTERS['mnist-latent-dit']}"
     r = runner.invoke(app, ["bench", "--model", "mnist-latent-dit", "--steps", "6", "-n", "2", "--cfg", "1.5",
-                            "--labels", "uniform", "--draft-lengths", "2", "--drafters", "free,feature",
+                            "--labels", "uniform", "--draft-lengths", "2", "--drafters", drafters,
                             "--json", str(tmp_path / "b.json")])
     assert r.exit_code == 0, r.output
