@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.errors import CorruptShard, ServiceError
+from cluster.paths import resolve_model_path
 from cluster.queue import JobQueue
 from cluster.records import JobRecord, JobStatus
 from cluster.spec import JobSpec
@@ -79,7 +80,7 @@ class Aggregator:
         if not (job_dir / "shards").is_dir():
             raise ServiceError(f"job {job_id}: its shard directory {job_dir / 'shards'} is not visible from here; "
                                "aggregate where the output directory is mounted")
-        fid_parts, stat_parts, times, corrupt = [], [], [], []
+        fid_parts, is_parts, stat_parts, times, corrupt = [], [], [], [], []
         for s in range(spec.num_shards):
             res = done.get(s)
             a, b = spec.shard_range(s)
@@ -101,6 +102,10 @@ class Aggregator:
             if fid:
                 fid_parts.append(fid)
                 extractor_key = str(arrays.get("feature_extractor", "raw"))
+            isc = {key[len(evaluation.IS_PREFIX):]: v for key, v in arrays.items()
+                   if key.startswith(evaluation.IS_PREFIX)}
+            if isc:
+                is_parts.append(isc)
             times.append(arrays["time_per_sample"])
             del arrays
         if corrupt:
@@ -152,7 +157,16 @@ class Aggregator:
             report["feature_stats"] = str(stats_path)
             ref = self._reference(spec, extractor_key, job_dir.parent)
             if ref is not None:
-                report["fid"] = evaluation.frechet_distance(merged, ref)
+                try:
+                    report["fid"] = evaluation.frechet_distance(merged, ref)
+                except ValueError as e:  # e.g. a 2048-d ADM reference for a job with other features
+                    raise ServiceError(f"job {job_id}: FID reference {spec.evaluate.fid_reference}: {e}") from None
+        # Inception Score: one split over all samples, from the merged sums (every shard must have them).
+        report["inception_score"] = None
+        if is_parts and len(is_parts) == spec.num_shards:
+            cls = evaluation.merge_class_stats(is_parts)
+            report["inception_score"] = {"value": cls.inception_score(), "classifier": cls.classifier,
+                                         "n": cls.n, "splits": 1}
         # Baseline
         report["baseline"] = self.baseline_for(spec, report)
         # Files
@@ -179,7 +193,7 @@ class Aggregator:
             return None
         if not (ref == "auto" or ref.startswith(("data:", "ref:"))):
             try:
-                return evaluation.load_feature_stats(ref)
+                return evaluation.load_reference_stats(resolve_model_path(ref, "fid_reference"))
             except (OSError, ValueError, KeyError) as e:
                 raise ServiceError(f"cannot read FID reference statistics {ref}: {e}") from None
         safe = lambda x: re.sub(r"[^\w.\-]", "_", x)  # noqa: E731
@@ -193,12 +207,31 @@ class Aggregator:
         if self.engine is None:
             return None
         try:
-            arrays = self.engine.reference_stats(spec.model, spec.labels, extractor, ref)
+            arrays = self.engine.reference_stats(resolve_model_path(spec.model), spec.labels, extractor, ref)
         except EngineError as e:
             raise ServiceError(str(e)) from None
         stats = evaluation.feature_stats_from_arrays(arrays)
         stats.save(cache)
         return stats
+
+    def attach_baseline(self, rec: JobRecord, report: dict) -> dict:
+        """A report without a baseline whose DDPM baseline finished later: add the baseline to the report in
+        Redis *and* to the job's ``report.json`` (when this process sees the job's directory), so the two never
+        disagree. Returns the (possibly updated) report."""
+        if report.get("baseline") is not None or report.get("speed") is None:
+            return report
+        baseline = self.baseline_for(rec.spec, report)
+        if baseline is None:
+            return report
+        report = {**report, "baseline": baseline}
+        try:
+            path = rec.spec.job_dir() / "report.json"  # this process's root, confined (not a path from Redis)
+            if path.is_file():
+                _atomic_write_text(path, json.dumps(report, indent=2))
+        except (OSError, ServiceError) as e:
+            log.warning("job %s: report.json not updated with the baseline (%s)", rec.id, e)
+        self.q.r.set(self.q.keys.report(rec.id), json.dumps(report))
+        return report
 
     def baseline_for(self, spec: JobSpec, report: dict) -> dict | None:
         """Speed-up against a DDPM job with the same model, seeds, labels and steps, when one is done."""

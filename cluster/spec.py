@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cluster import paths
 from cluster.errors import SpecError
 
 _DRAFTER = re.compile(r"^(free|feature|perturbed:\d+(\.\d*)?([eE][-+]?\d+)?|model:[\w.\-/]+)$")
 _LABELS = re.compile(r"^(none|uniform|random|fixed:\d+)$")
 MAX_SEED = 2**63 - 1
+MAX_NAME_LENGTH = 100
 
 
 class _Strict(BaseModel):
@@ -30,28 +33,55 @@ class SamplerSettings(_Strict):
     """Mirror of ``specdit.api.SamplerConfig`` (same field names, validated here without torch)."""
 
     sampler: Literal["ddpm", "speculative", "draft_refine"] = "speculative"
-    steps: int = Field(250, ge=1, le=1000)
+    steps: int = Field(250, ge=2, le=1000)
     eta: float = Field(1.0, ge=0.0, le=1.0)
     draft_length: int = Field(8, ge=1, le=1000)
     verify: Literal["token", "block"] = "block"
     drafter: str = "free"
     relax: float = Field(0.0, ge=0.0)
     cfg_scale: float = Field(1.0, ge=0.0)
+    cfg_channels: int | None = Field(None, ge=1)  # None ("all"): guide every channel; 3: DiT's forward_with_cfg
     refine_mode: Literal["conservative", "aggressive"] = "conservative"
     parallel: int = Field(4, ge=1)
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps(cls, v):
+        if v == 1:
+            raise ValueError("steps must be >= 2: with 1 step the respaced schedule keeps only t = 0 and the "
+                             "sampler would return its input noise")
+        return v
+
+    @field_validator("cfg_channels", mode="before")
+    @classmethod
+    def _cfg_channels(cls, v):
+        return None if isinstance(v, str) and v.strip().lower() == "all" else v
 
     @field_validator("drafter")
     @classmethod
     def _drafter(cls, v: str) -> str:
         if not _DRAFTER.match(v):
             raise ValueError("drafter must be 'free', 'feature', 'perturbed:<error>' or 'model:<name>'")
-        return v
+        if v.startswith("perturbed:") and not math.isfinite(float(v.split(":", 1)[1])):
+            raise ValueError(f"drafter {v!r}: the error must be a finite number >= 0")
+        kind, _, arg = v.partition(":")
+        return f"model:{paths.normalize_model_path(arg, 'drafter')}" if kind == "model" else v
 
 
 class OutputSpec(_Strict):
-    dir: str = "outputs/jobs"  # shared by all workers; the job writes under <dir>/<job id>/
-    save_samples: bool = True
-    sample_dtype: Literal["float32", "float16", "uint8"] = "float32"  # uint8 maps [-1, 1] -> [0, 255]
+    # Relative to the output root (SPECDIT_OUTPUT_ROOT, default ./outputs), which every worker resolves on its
+    # own; the job writes under <root>/<dir>/<job id>/ (cluster.paths).
+    dir: str = "jobs"
+    save_samples: bool = True  # false: statistics only
+    # What a shard stores: "auto" = decoded uint8 images for image models (latent DiTs decoded by their VAE),
+    # raw samples for vector models; "images"; "latents" (raw model output); "images+latents".
+    store: Literal["auto", "images", "latents", "images+latents"] = "auto"
+    sample_dtype: Literal["float32", "float16", "uint8"] = "float32"  # of raw samples; uint8 maps [-1, 1] -> [0, 255]
+
+    @field_validator("dir")
+    @classmethod
+    def _dir(cls, v: str) -> str:
+        return paths.normalize_output_dir(v)
 
 
 class EvaluateSpec(_Strict):
@@ -70,6 +100,8 @@ class EvaluateSpec(_Strict):
     def _ref(cls, v: str | None) -> str | None:
         if v is not None and v.startswith("ref:") and not re.match(r"^ref:[\w.\-]+$", v):
             raise ValueError("fid_reference 'ref:<name>' needs a data set name")
+        if v is not None and v != "auto" and not v.startswith(("data:", "ref:")):
+            return paths.normalize_model_path(v, "fid_reference")
         if v is None or not v.startswith("data:"):
             return v
         n = v.removeprefix("data:")
@@ -79,8 +111,10 @@ class EvaluateSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    name: str | None = Field(None, max_length=200)
+    name: str | None = Field(None, max_length=MAX_NAME_LENGTH)
     model: str = Field(min_length=1, max_length=500)
+    num_heads: int | None = Field(None, ge=1, le=4096)  # original DiT .pt only (default: DiT's table)
+    weights: Literal["ema", "model"] | None = None  # a DiT train.py checkpoint's weights (default: ema)
     sampler: SamplerSettings = SamplerSettings()
     labels: str = "uniform"  # "none" | "uniform" (i % C) | "random" (from the seed) | "fixed:<c>"
     num_samples: int = Field(gt=0, le=100_000_000)
@@ -89,6 +123,20 @@ class JobSpec(_Strict):
     batch_size: int = Field(64, gt=0, le=100_000)
     output: OutputSpec = OutputSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        """Control characters (ESC, newlines, bidi overrides) are dropped; an empty result means no name."""
+        if v is None:
+            return None
+        v = " ".join(paths.CONTROL_CHARS.sub(" ", v).split())
+        return v or None
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return paths.normalize_model_path(v, "model")
 
     @field_validator("labels")
     @classmethod
@@ -117,7 +165,9 @@ class JobSpec(_Strict):
         return "j" + hashlib.sha256(self.canonical_json().encode()).hexdigest()[:15]
 
     def job_dir(self) -> Path:
-        return Path(self.output.dir) / self.job_id
+        """``<output root>/<output.dir>/<job id>`` for this process, confined to its output root
+        (raises ``cluster.paths.PathError``, exit code 2, when a symlink leads out of it)."""
+        return paths.job_dir(self.output.dir, self.job_id)
 
     def baseline_fingerprint(self) -> str:
         """Jobs with equal fingerprints sample the same model, seeds and labels: DDPM among them is the
@@ -125,7 +175,14 @@ class JobSpec(_Strict):
         s = self.sampler
         key = dict(model=self.model, n=self.num_samples, seed=self.base_seed, labels=self.labels,
                    steps=s.steps, eta=s.eta, cfg=s.cfg_scale)
+        if s.cfg_channels is not None:  # only when set, so that earlier jobs keep their fingerprints
+            key["cfg_channels"] = s.cfg_channels
+        key.update(self.model_options())
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def model_options(self) -> dict:
+        """Load options of the model (``specdit.api.load_model`` keywords), only those that are set."""
+        return {k: v for k, v in (("num_heads", self.num_heads), ("weights", self.weights)) if v is not None}
 
     def fixed_label(self) -> int | None:
         return int(self.labels.split(":")[1]) if self.labels.startswith("fixed:") else None
@@ -145,9 +202,26 @@ def spec_from_dict(data: Any) -> JobSpec:
     if not isinstance(data, dict):
         raise SpecError("invalid job spec: expected a mapping at the top level")
     try:
-        return JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data)
     except ValidationError as e:
         raise SpecError(f"invalid job spec: {format_validation_error(e)}") from None
+    check_guidance(spec)
+    return spec
+
+
+def check_guidance(spec: JobSpec) -> None:
+    """Raise SpecError (one line) when the spec asks for classifier-free guidance (cfg scale != 1) of a model
+    that cannot be guided: an analytic preset, or a DiT checkpoint without a null class. Models that cannot
+    be inspected here (a path this machine does not see) are left to the worker."""
+    if spec.sampler.cfg_scale == 1.0:
+        return
+    try:
+        from specdit.models.registry import guidance_refusal
+    except ImportError:  # a submit-only install without the sampling library
+        return
+    reason = guidance_refusal(spec.model)
+    if reason is not None:
+        raise SpecError(f"invalid job spec: sampler.cfg_scale: {reason}")
 
 
 def load_spec_file(path: str | Path) -> dict:

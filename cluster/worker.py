@@ -24,10 +24,11 @@ import redis
 
 from cluster.aggregator import Aggregator
 from cluster.errors import ModelUnavailable, ServiceError
+from cluster.paths import PathError, resolve_model_path, resolve_sampler_paths
 from cluster.queue import JobQueue, Task
 from cluster.records import JobStatus, ShardResult
 from cluster.storage import shard_path, write_shard
-from workers.engine import Engine, EngineError, ShardWork, check_labels
+from workers.engine import Engine, EngineError, ShardWork, check_labels, check_store
 
 log = logging.getLogger("specdit.worker")
 
@@ -165,9 +166,12 @@ class ShardWorker:
         beat.start()
         # Load the model (cached by the engine).
         try:
-            info = self.engine.model_info(spec.model)
+            # Model and drafter paths resolved against this worker's SPECDIT_MODEL_ROOT (when set) and re-checked.
+            model, sampler = resolve_model_path(spec.model), resolve_sampler_paths(spec.sampler.model_dump(mode="json"))
+            info = self.engine.model_info(model, spec.model_options())
             check_labels(spec.labels, info)
-        except EngineError as e:
+            check_store(spec.output.store, info)
+        except (EngineError, PathError) as e:
             beat.stop()
             msg = str(e)
             failed = self.q.release(task, error=msg)
@@ -181,10 +185,18 @@ class ShardWorker:
         extractor = None
         if spec.evaluate.fid:
             extractor = info.default_extractor if spec.evaluate.extractor == "auto" else spec.evaluate.extractor
-        work = ShardWork(model=spec.model, sampler=spec.sampler.model_dump(mode="json"), labels=spec.labels,
+        work = ShardWork(model=model, sampler=sampler, labels=spec.labels,
                          base_seed=spec.base_seed, start=start, stop=stop, batch_size=spec.batch_size,
                          extractor=extractor, sample_dtype=spec.output.sample_dtype,
-                         save_samples=spec.output.save_samples)
+                         save_samples=spec.output.save_samples, store=spec.output.store,
+                         model_options=spec.model_options())
+        try:  # before sampling: a directory outside this worker's output root, or a file in the way, is refused
+            job_dir = spec.job_dir()
+        except PathError as e:
+            beat.stop()
+            failed = self.q.release(task, error=str(e))
+            log.error("job %s shard %d: %s%s", task.job_id, task.shard, e, " (job failed)" if failed else "")
+            return
         started = time.time()
         try:
             out = self.engine.run(work, progress=beat.progress)
@@ -204,7 +216,7 @@ class ShardWorker:
             log.exception("job %s shard %d raised%s", task.job_id, task.shard, " (job failed)" if failed else "")
             return
         beat.stop()
-        path = shard_path(spec.job_dir().resolve(), start, stop)  # absolute: any process can find it
+        path = shard_path(job_dir, start, stop)  # absolute: any process can find it
         try:
             digest = write_shard(path, out.arrays)
         except (OSError, TypeError, ValueError) as e:

@@ -1,5 +1,6 @@
 """Writing a generation to disk: an ``.npz`` of samples, labels, seeds and per-sample statistics, a JSON
-summary beside it, and for image models PNGs and a grid. Files are written to a temporary name and
+summary beside it, and for image models the decoded uint8 images (``images`` (N, H, W, C) in the ``.npz``,
+the same pixels as the PNGs), PNGs and a grid. Files are written to a temporary name and
 renamed, so a crash never leaves a half-written output behind."""
 from __future__ import annotations
 
@@ -46,14 +47,34 @@ def save_png(path: Path, image: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def check_output(out: str | Path) -> Path:
+    """Refuse, before any sampling, an output that cannot be written: a ``.npz`` path that is a directory, a
+    directory path that is an existing file, or a path under a file. Raises ``ValueError`` (one line)."""
+    out = Path(out)
+    if out.suffix == ".npz" and out.is_dir():
+        raise ValueError(f"output {out} is a directory, not a .npz file (give a new file name or a directory)")
+    if out.suffix != ".npz" and out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a directory (give a .npz file name or a directory)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"output {out}: {parent} is a file, not a directory")
+            break
+    return out
+
+
 def save_generation(gen: Generation, seeds: torch.Tensor, out: str | Path, *, model_name: str,
                     config: SamplerConfig, images: np.ndarray | None = None) -> dict:
-    """Save to ``out`` (a ``.npz`` file, or a directory for image models); returns the JSON summary."""
+    """Save to ``out`` (a ``.npz`` file, or a directory for image models); returns the JSON summary.
+    ``images``: decoded uint8 images (N, H, W, C) of an image model, stored as ``images`` (read first by
+    ``specdit fid``) and, for a directory, as PNGs."""
     out = Path(out)
     summary = {"model": model_name, "config": config.to_dict(), "wall_time_s": gen.wall_time,
                "stats": gen.stats.summary()}
     arrays = {"samples": gen.samples.numpy(), "seeds": seeds.numpy(),
               **{f"stats_{k}": v for k, v in gen.stats.to_arrays().items()}}
+    if images is not None:
+        arrays["images"] = np.asarray(images)
     if gen.labels is not None:
         arrays["labels"] = gen.labels.numpy()
     if out.suffix == ".npz":
@@ -73,8 +94,9 @@ def save_generation(gen: Generation, seeds: torch.Tensor, out: str | Path, *, mo
 
 def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, seed: int, label_policy: str,
                      out: str | Path, *, batch_size: int = 64, device: str = "cpu", threads: int | None = None,
-                     progress=None) -> dict:
-    """Load ``model_name``, sample ``num_samples`` chains with seeds f(seed, i) and labels from
+                     progress=None, num_heads: int | None = None, weights: str | None = None) -> dict:
+    """Load ``model_name`` (``num_heads`` / ``weights``: options of an original DiT checkpoint, see
+    ``specdit.api.load_model``), sample ``num_samples`` chains with seeds f(seed, i) and labels from
     ``label_policy``, and save them to ``out`` (see ``save_generation``). Returns the summary."""
     from specdit.api import generate, load_model
     from specdit.labels import labels_for
@@ -83,13 +105,15 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
     if num_samples < 1:
         raise ValueError(f"number of samples must be >= 1, got {num_samples}")
     config.validate()
+    check_output(out)
     if threads is not None:
         torch.set_num_threads(threads)
-    model = load_model(model_name, device=device)
+    model = load_model(model_name, device=device, num_heads=num_heads, weights=weights)
     idx = torch.arange(num_samples)
     seeds = sample_seed(seed, idx)
     labels = labels_for(label_policy, idx, seeds, model.num_classes)
     gen = generate(model, config, seeds, labels, batch_size=batch_size, device=device, progress=progress,
                    model_name=model_name)
-    images = model.to_images(gen.samples).numpy() if hasattr(model, "to_images") else None
+    # Decoded batch by batch, with the sampling batches (the job service's workers decode the same way).
+    images = model.to_images(gen.samples, batch_size).numpy() if hasattr(model, "to_images") else None
     return save_generation(gen, seeds, out, model_name=model_name, config=config, images=images)

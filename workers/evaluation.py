@@ -6,6 +6,7 @@ import numpy as np
 
 STAT_PREFIX = "stat_"
 FID_PREFIX = "fid_"
+IS_PREFIX = "is_"  # Inception-Score sums (``specdit.metrics.inception_score``)
 
 
 def merge_feature_stats(parts: list[dict[str, np.ndarray]]):
@@ -25,6 +26,20 @@ def load_feature_stats(path: str):
     from specdit.metrics.fid import FeatureStats
 
     return FeatureStats.load(path)
+
+
+def load_reference_stats(path: str):
+    """A FID reference file: our FeatureStats sums or ADM-style moments (``mu``, ``sigma``)."""
+    from specdit.metrics.fid import load_stats
+
+    return load_stats(path)
+
+
+def merge_class_stats(parts: list[dict[str, np.ndarray]]):
+    """Exact merge of per-shard Inception-Score sums (keys n, sum_p, sum_plogp, classifier)."""
+    from specdit.metrics.inception_score import ClassProbStats
+
+    return ClassProbStats.merge_all([ClassProbStats.from_arrays(p) for p in parts])
 
 
 def frechet_distance(a, b) -> float:
@@ -52,6 +67,7 @@ def speed_summary(stats: dict[str, np.ndarray], time_per_sample: np.ndarray) -> 
         "draft_evals_per_sample": float(stats["draft_evals"].mean()),
         "kept_drafts_per_round": float(accepted.sum() / max(rounds.sum(), 1)),
         "acceptance": float(kept.sum() / judged.sum()) if judged.sum() else None,
+        "draft_fallbacks": int(stats["draft_fallbacks"].sum()) if "draft_fallbacks" in stats else 0,
         "engine_seconds_per_sample": float(time_per_sample.mean()),
         "acceptance_by_timestep": [None if not np.isfinite(v) else float(v) for v in by_step],
     }
