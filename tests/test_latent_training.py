@@ -195,3 +195,14 @@ def test_generate_and_bench_run_on_the_shipped_latent_model(tmp_path):
                             "--labels", "uniform", "--draft-lengths", "2", "--drafters", drafters,
                             "--json", str(tmp_path / "b.json")])
     assert r.exit_code == 0, r.output
+
+
+def test_entry_point_refuses_bad_paths_in_one_line(tmp_path, capsys):
+    from specdit.training.train_mnist_latent import main
+
+    assert main(["latents", "--vae", str(tmp_path / "nope"), "--out", str(tmp_path / "z.npz")]) == 2
+    assert main(["dit", "--data", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "run")]) == 2
+    assert main(["vae-metrics", "--vae", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 3 and err.count("error: ") == 3 and "Traceback" not in err
+    assert not (tmp_path / "z.npz").exists()

@@ -2,8 +2,8 @@
 
 The DiT is trained on ``z = scaling_factor * mean(q(z|x))`` (N, 4, 8, 8): the *mean* of the posterior, not a
 sample, so the data set is computed once and is deterministic (the latent DiT paper, Peebles & Xie 2023,
-samples ``q(z|x)`` per epoch with the SD VAE instead; with this VAE's small posterior std -- reported in the
-file -- the difference is within the diffusion's own smallest noise level).
+samples ``q(z|x)`` with the SD VAE instead). :func:`write_latents` reports the mean posterior std in scaled
+units, to compare with the diffusion's noise levels ``sqrt(1 - abar_t)``.
 """
 from __future__ import annotations
 

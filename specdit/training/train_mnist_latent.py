@@ -6,8 +6,11 @@
 
 ``vae`` trains the ``AutoencoderKL`` (``specdit.training.vae_trainer``) and prints its reconstruction metrics;
 ``latents`` writes the scaled posterior means ``z * scaling_factor`` (5000, 4, 8, 8) with labels as an ``.npz``;
-``dit`` trains the latent DiT on them with ``specdit.training.dit_trainer``. Every stage resumes from
+``dit`` trains the latent DiT on them with ``specdit.training.dit_trainer``; ``vae-metrics`` and ``sample``
+measure a VAE's reconstructions and a latent model's decoded samples. Every training stage resumes from
 ``<out>/checkpoint.pt`` when it exists (``--resume`` is accepted for clarity; resuming is automatic).
+
+Exit codes: 0 done; 2 a usage error (bad flag, missing or unreadable folder/file), printed as one line.
 """
 from __future__ import annotations
 
@@ -52,17 +55,14 @@ def _latents(a) -> None:
 
 
 def _dit(a) -> None:
-    from specdit.training.dit_trainer import MnistDiTConfig, TrainConfig, train, write_model_card
+    from specdit.training.dit_trainer import MnistDiTConfig, TrainConfig, train
 
     cfg = TrainConfig(out=a.out, export_dir=a.export_dir, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                       warmup=a.warmup, ema_decay=a.ema_decay, seed=a.seed, threads=a.threads,
                       ckpt_every=a.ckpt_every, export_every=a.export_every, max_minutes=a.max_minutes,
-                      snr_gamma=a.snr_gamma or None, data=a.data,
+                      snr_gamma=a.snr_gamma or None, data=a.data, init_from=a.init_from,
                       model=MnistDiTConfig(hidden=a.hidden, depth=a.depth, heads=a.heads, patch_size=a.patch_size,
                                            sample_size=8, in_channels=4))
-    if a.card:
-        print(write_model_card(cfg), flush=True)
-        return
     print(json.dumps(train(cfg)), flush=True)
 
 
@@ -123,15 +123,21 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--ckpt-every", type=int, default=250)
     d.add_argument("--export-every", type=int, default=500)
     d.add_argument("--max-minutes", type=float, default=None)
+    d.add_argument("--init-from", default=None, help="fresh run: start model and EMA from this transformer folder")
     d.add_argument("--resume", action="store_true", help="(default behaviour) continue from <out>/checkpoint.pt")
-    d.add_argument("--card", action="store_true", help="only (re)write the export's README.md model card")
     d.set_defaults(func=_dit)
     a = p.parse_args(argv)
     if getattr(a, "threads", None) and a.stage == "sample":
         import torch
 
         torch.set_num_threads(a.threads)
-    a.func(a)
+    try:
+        a.func(a)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"error: {first}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
