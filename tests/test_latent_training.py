@@ -206,3 +206,22 @@ def test_entry_point_refuses_bad_paths_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 3 and err.count("error: ") == 3 and "Traceback" not in err
     assert not (tmp_path / "z.npz").exists()
+
+
+def test_product_decoding_is_the_evaluated_decoding():
+    """`to_images` of the loaded model (what generate and the workers write) equals the decoding the model
+    card's numbers were measured with: ``vae.decode(z / config.scaling_factor)``, uint8."""
+    from specdit.models.registry import load_model
+    from specdit.training.latent_eval import decode_with_vae_scale
+
+    _shipped()
+    model = load_model("mnist-latent-dit")
+    z = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    want = decode_with_vae_scale(model.vae, z)
+    assert torch.equal(model.to_images(z), want)
+    # negative control: SD-VAE's 0.18215 in place of this VAE's factor decodes other images
+    from specdit.models.dit import images_to_uint8
+
+    with torch.no_grad():
+        wrong = images_to_uint8(model.vae.decode(z / 0.18215).sample)
+    assert not torch.equal(wrong, want)
