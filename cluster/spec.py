@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.errors import SpecError
 
@@ -46,6 +46,12 @@ class SamplerSettings(_Strict):
         if not _DRAFTER.match(v):
             raise ValueError("drafter must be 'free', 'feature', 'perturbed:<error>' or 'model:<name>'")
         return v
+
+    @model_validator(mode="after")
+    def _parallel(self) -> "SamplerSettings":
+        if self.sampler == "draft_refine" and self.parallel >= self.steps:
+            raise ValueError(f"parallel ({self.parallel}) must be smaller than steps ({self.steps}) for draft_refine")
+        return self
 
 
 class OutputSpec(_Strict):

@@ -226,7 +226,7 @@ class LocalEngine:
         for a in range(0, n, work.batch_size):
             b = min(n, a + work.batch_size)
             gen = generate(model, config, seeds[a:b], None if labels is None else labels[a:b],
-                           batch_size=work.batch_size, device=self.device, progress=tick)
+                           batch_size=work.batch_size, device=self.device, progress=tick, model_name=work.model)
             parts.append(gen.samples)
             stats.append(gen.stats)
             times.append(np.full(b - a, float(gen.wall_time) / (b - a)))
