@@ -116,6 +116,21 @@ def test_ray_engine_bit_identical_to_local_engine(engine, sampler):
             engine.overlap = True
 
 
+@pytest.mark.slow
+def test_ray_engine_feature_drafter_of_the_builtin_model(engine):
+    """Issue 12 acceptance 6: ``drafter: feature`` on the Ray engine finds the model's built-in drafter
+    (tiny: 2 samples, 4 steps) and gives the in-process engine's samples, up to float32 round-off (the DiT's
+    batches are composed differently by the pipeline: 4e-6 here)."""
+    sampler = {"sampler": "speculative", "steps": 4, "draft_length": 2, "drafter": "feature", "cfg_scale": 1.5}
+    work = ShardWork(model="mnist-dit", sampler=sampler, labels="uniform", base_seed=5, start=0, stop=2, batch_size=2)
+    out = engine.run(work)
+    ref = make_engine("local").run(work)
+    for k in ("indices", "seeds", "labels", "stat_rounds", "stat_accepted", "stat_draft_evals"):
+        assert np.array_equal(out.arrays[k], ref.arrays[k]), k
+    np.testing.assert_allclose(out.arrays["samples"], ref.arrays["samples"], rtol=0, atol=1e-4)
+    assert (out.arrays["stat_draft_evals"] > 0).all()
+
+
 def test_job_through_the_service_with_the_ray_engine(engine, tmp_path, monkeypatch, redis_env):
     from cluster.keys import Keys
     from cluster.queue import JobQueue
