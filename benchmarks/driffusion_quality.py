@@ -7,7 +7,9 @@ For ddpm and each draft-and-refine variant, on the same seeds and balanced label
 - mean L2 distance per sample (pixels in [-1, 1]) to the ddpm sample of the same seed and label.
 A second ddpm run on other seeds (``ddpm (seed+1)``) gives the floor of the two distances to ddpm at this
 sample size: an exact sampler differs from ddpm by about that much, since draft-and-refine draws its noise
-from other streams than ddpm and same-seed samples are coupled only through the starting noise x_S.
+from other streams than ddpm and same-seed samples are coupled only through the starting noise x_S. At
+``--eta 0`` (DDIM) every sampler is deterministic given x_S, so the same-seed L2 measures the method's own
+error (the seed+1 row is then the distance between unrelated samples).
 
     PYTHONPATH=$PWD nice -n 10 .venv/bin/python benchmarks/driffusion_quality.py --num-samples 100 --steps 100 \
         --cfg 1.5 --threads 1 --json outputs/driffusion-quality.json
@@ -55,6 +57,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--cfg", type=float, default=1.5)
+    ap.add_argument("--eta", type=float, default=1.0, help="stochasticity of every sampler (1 = DDPM, 0 = DDIM)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None)
@@ -69,14 +72,14 @@ def main(argv=None) -> None:
 
     model = load_model("mnist-dit")  # generate() applies the guidance scale
     mnist_ref = reference_stats("mnist", "mnist")
-    base = replace(VARIANTS["ddpm"], steps=args.steps, cfg_scale=args.cfg)
+    base = replace(VARIANTS["ddpm"], steps=args.steps, cfg_scale=args.cfg, eta=args.eta)
     ddpm_img, ddpm_x, labels, _ = sample(model, base, args.seed, args.num_samples, args.batch_size)
     ddpm_stats = compute_stats(ddpm_img, "mnist")
     other_img, other_x, other_labels, _ = sample(model, base, args.seed + 1, args.num_samples, args.batch_size)
     assert (other_labels == labels).all(), "the balanced labels depend on the index only"
     runs = {"ddpm (seed+1)": (other_img, other_x, None)}
     for name in names:
-        cfg = replace(VARIANTS[name], steps=args.steps, cfg_scale=args.cfg)
+        cfg = replace(VARIANTS[name], steps=args.steps, cfg_scale=args.cfg, eta=args.eta)
         t0 = time.perf_counter()
         img, x, _, stats = sample(model, cfg, args.seed, args.num_samples, args.batch_size)
         runs[name] = (img, x, stats)
@@ -98,7 +101,7 @@ def main(argv=None) -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     print(f"\nmnist-dit, {args.num_samples} samples (balanced labels), {args.steps} steps, cfg {args.cfg:g}, "
-          f"seed {args.seed}\n")
+          f"eta {args.eta:g}, seed {args.seed}\n")
     print("| variant | accuracy | FID vs MNIST ref | FID vs ddpm | mean L2 to ddpm | rounds/sample | evals/sample |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
