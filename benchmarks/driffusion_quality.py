@@ -73,13 +73,16 @@ def main(argv=None) -> None:
     model = load_model("mnist-dit")  # generate() applies the guidance scale
     mnist_ref = reference_stats("mnist", "mnist")
     base = replace(VARIANTS["ddpm"], steps=args.steps, cfg_scale=args.cfg, eta=args.eta)
-    ddpm_img, ddpm_x, labels, _ = sample(model, base, args.seed, args.num_samples, args.batch_size)
+    ddpm_img, ddpm_x, labels, ddpm_summary = sample(model, base, args.seed, args.num_samples, args.batch_size)
     ddpm_stats = compute_stats(ddpm_img, "mnist")
     other_img, other_x, other_labels, _ = sample(model, base, args.seed + 1, args.num_samples, args.batch_size)
     assert (other_labels == labels).all(), "the balanced labels depend on the index only"
     runs = {"ddpm (seed+1)": (other_img, other_x, None)}
     for name in names:
         cfg = replace(VARIANTS[name], steps=args.steps, cfg_scale=args.cfg, eta=args.eta)
+        if name == "ddpm":  # the reference itself
+            runs[name] = (ddpm_img, ddpm_x, ddpm_summary)
+            continue
         t0 = time.perf_counter()
         img, x, _, stats = sample(model, cfg, args.seed, args.num_samples, args.batch_size)
         runs[name] = (img, x, stats)
