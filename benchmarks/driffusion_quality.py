@@ -107,10 +107,13 @@ def main(argv=None) -> None:
           f"eta {args.eta:g}, seed {args.seed}\n")
     print("| variant | accuracy | FID vs MNIST ref | FID vs ddpm | mean L2 to ddpm | rounds/sample | evals/sample |")
     print("|---|---|---|---|---|---|---|")
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
     for r in rows:
-        f = (lambda v, s: "-" if v is None else format(v, s))
         print(f"| {r['variant']} | {r['accuracy']:.2f} | {r['fid_mnist_ref']:.2f} | {r['fid_vs_ddpm']:.2f} | "
-              f"{r['l2_to_ddpm']:.2f} | {f(r['rounds_per_sample'], '.1f')} | {f(r['target_evals_per_sample'], '.1f')} |")
+              f"{r['l2_to_ddpm']:.2f} | {fmt(r['rounds_per_sample'], '.1f')} | "
+              f"{fmt(r['target_evals_per_sample'], '.1f')} |")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def test_skip_of_one_step_is_the_kernel(eta):
     for k in (50, 31, 2, 1):
         mean, std = _skip(s, x, eps, k, 1)
         torch.testing.assert_close(mean, s.step_mean(x, eps, torch.full((6,), k)), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(std, torch.full((6,), float(s.sigma[k]), dtype=torch.float64), rtol=1e-12, atol=1e-12)
+        sigma = torch.full((6,), float(s.sigma[k]), dtype=torch.float64)
+        torch.testing.assert_close(std, sigma, rtol=1e-12, atol=1e-12)
 
 
 def _posterior(abar_t: float, abar_s: float):
