@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster import paths
 from cluster.errors import SpecError
@@ -66,6 +66,12 @@ class SamplerSettings(_Strict):
             raise ValueError(f"drafter {v!r}: the error must be a finite number >= 0")
         kind, _, arg = v.partition(":")
         return f"model:{paths.normalize_model_path(arg, 'drafter')}" if kind == "model" else v
+
+    @model_validator(mode="after")
+    def _parallel(self) -> "SamplerSettings":
+        if self.sampler == "draft_refine" and self.parallel >= self.steps:
+            raise ValueError(f"parallel ({self.parallel}) must be smaller than steps ({self.steps}) for draft_refine")
+        return self
 
 
 class OutputSpec(_Strict):
