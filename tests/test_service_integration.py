@@ -159,5 +159,5 @@ def test_job_with_the_feature_drafter_of_the_builtin_model(q, tmp_path):
     assert q.get(spec.job_id).status == JobStatus.DONE, q.get(spec.job_id).error
     (shard,) = sorted((spec.job_dir() / "shards").glob("*.npz"))
     arrays = read_shard(shard)
-    assert arrays["samples"].shape == (2, 1, 32, 32)
+    assert arrays["images"].shape == (2, 32, 32, 1)
     assert (arrays["stat_draft_evals"] > 0).all()  # the FREE network drafted
