@@ -1,6 +1,11 @@
 """The aggregator: once every shard of a job is recorded, verify each shard file, merge FID feature sums
 exactly and per-sample speed statistics, and write the job report (JSON + acceptance-by-timestep plot).
 
+It streams: shard records are read ``READ_CHUNK_SHARDS`` at a time and each shard file is folded into running
+sums (FID feature sums, ``evaluation.SpeedAccumulator``) and dropped before the next is read, so its memory
+depends on the shard size, not on the number of samples or shards. All Redis access goes through
+``cluster.client.SpecditRedis``.
+
 A shard file that is missing or fails its checksum is not counted: its result is forgotten and the shard
 queued again (workers recompute it; the last one to finish triggers aggregation again).
 """
@@ -16,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster.client import SpecditRedis
 from cluster.errors import CorruptShard, ServiceError
-from cluster.queue import JobQueue
 from cluster.records import JobRecord, JobStatus
 from cluster.spec import JobSpec
 from cluster.storage import read_shard
@@ -25,9 +30,6 @@ from workers import evaluation
 from workers.engine import Engine, EngineError
 
 log = logging.getLogger("specdit.aggregator")
-
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,8 +39,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 class Aggregator:
-    def __init__(self, queue: JobQueue, engine: Engine | None = None, owner: str | None = None):
-        self.q = queue
+    def __init__(self, client: SpecditRedis, engine: Engine | None = None, owner: str | None = None):
+        self.q = client
         self.engine = engine
         # Lock token: a worker retrying after a lost Redis reply must find its own lock, not a stranger's.
         self.owner = owner or uuid.uuid4().hex
@@ -48,44 +50,46 @@ class Aggregator:
     def finalize(self, job_id: str, *, force: bool = False) -> dict | None:
         """Aggregate a job whose shards are all recorded. Returns the report, or None if the job is not
         ready (shards missing, a corrupt shard was queued again, or another aggregator holds the lock)."""
-        k = self.q.keys
         token = f"{self.owner}:{job_id}"
-        lock = k.aggregate_lock(job_id)
-        if not self.q.r.set(lock, token, nx=True, ex=600) and self.q.r.get(lock) != token:
+        if not self.q.acquire_aggregate_lock(job_id, token):
             return None
         try:
             rec = self.q.get(job_id)
-            if rec.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            # A failed job is aggregated again only when asked (force) and only if its aggregation failed.
+            if rec.status == JobStatus.CANCELLED or (rec.status == JobStatus.FAILED and not (
+                    force and (rec.error or "").startswith("aggregation failed"))):
                 return None
             if rec.status == JobStatus.DONE and not force:
                 return self.report(job_id)
             return self._aggregate(rec)
         finally:
-            self.q.r.eval(_RELEASE, 1, k.aggregate_lock(job_id), token)
+            self.q.release_aggregate_lock(job_id, token)
 
     def report(self, job_id: str) -> dict | None:
-        raw = self.q.r.get(self.q.keys.report(job_id))
-        return json.loads(raw) if raw else None
+        return self.q.report(job_id)
 
     # --------------------------------------------------------------------------------------------------
     def _aggregate(self, rec: JobRecord) -> dict | None:
         spec, job_id = rec.spec, rec.id
         self.requeued = []
-        done = self.q.done_results(job_id)
-        if len(done) < spec.num_shards:
+        if self.q.shards_done(job_id) < spec.num_shards:
             return None
-        # The job's directory as the workers wrote it (absolute paths); refuse to judge files we cannot see.
-        job_dir = Path(next(iter(done.values())).path).parent.parent
-        if not (job_dir / "shards").is_dir():
-            raise ServiceError(f"job {job_id}: its shard directory {job_dir / 'shards'} is not visible from here; "
-                               "aggregate where the output directory is mounted")
-        fid_parts, stat_parts, times, corrupt = [], [], [], []
-        for s in range(spec.num_shards):
-            res = done.get(s)
+        speed = evaluation.SpeedAccumulator()
+        fid_stats, extractor_key, corrupt = None, "raw", []
+        first, last, workers, job_dir, unique = float("inf"), float("-inf"), set(), None, 0
+        with_stats = True
+        for s, res in self.q.iter_done_results(job_id, spec.num_shards):
             a, b = spec.shard_range(s)
             if res is None or (res.start, res.stop) != (a, b):
                 corrupt.append((s, f"shard {s} has no valid record"))
                 continue
+            if job_dir is None:
+                # The job's directory as the workers wrote it (absolute paths); refuse to judge files we
+                # cannot see.
+                job_dir = Path(res.path).parent.parent
+                if not (job_dir / "shards").is_dir():
+                    raise ServiceError(f"job {job_id}: its shard directory {job_dir / 'shards'} is not visible "
+                                       "from here; aggregate where the output directory is mounted")
             try:
                 arrays = read_shard(res.path, res.checksum)
                 idx = arrays.get("indices")
@@ -94,15 +98,23 @@ class Aggregator:
             except CorruptShard as e:
                 corrupt.append((s, str(e)))
                 continue
-            stat_parts.append({key[len(evaluation.STAT_PREFIX):]: v for key, v in arrays.items()
-                               if key.startswith(evaluation.STAT_PREFIX)})
+            first, last = min(first, res.started_at), max(last, res.finished_at)
+            workers.add(res.worker)
+            unique += len(arrays["time_per_sample"])
+            stats = {key[len(evaluation.STAT_PREFIX):]: v for key, v in arrays.items()
+                     if key.startswith(evaluation.STAT_PREFIX)}
+            with_stats = with_stats and "rounds" in stats
+            if with_stats:
+                speed.add(stats, arrays["time_per_sample"])
+            else:
+                speed.seconds += float(np.sum(arrays["time_per_sample"]))
             fid = {key[len(evaluation.FID_PREFIX):]: v for key, v in arrays.items()
                    if key.startswith(evaluation.FID_PREFIX)}
             if fid:
-                fid_parts.append(fid)
+                part = evaluation.feature_stats_from_arrays(fid)
+                fid_stats = part if fid_stats is None else fid_stats.merge(part)
                 extractor_key = str(arrays.get("feature_extractor", "raw"))
-            times.append(arrays["time_per_sample"])
-            del arrays
+            del arrays, stats, fid
         if corrupt:
             for s, why in corrupt:
                 log.warning("job %s: %s; shard queued again", job_id, why)
@@ -123,36 +135,32 @@ class Aggregator:
             "job_id": job_id, "name": spec.name, "model": spec.model, "status": JobStatus.DONE.value,
             "sampler": spec.sampler.model_dump(mode="json"), "labels": spec.labels, "base_seed": spec.base_seed,
             "num_samples": n, "num_shards": spec.num_shards, "shard_size": spec.shard_size,
-            "unique_samples": int(sum(len(t) for t in times)),
+            "unique_samples": int(unique),
         }
         # Speed statistics
-        if spec.evaluate.speed and stat_parts and "rounds" in stat_parts[0]:
-            stats = evaluation.concat_stats(stat_parts)
-            report["speed"] = evaluation.speed_summary(stats, np.concatenate(times))
-        else:
-            report["speed"] = None
-        results = self.q.done_results(job_id)
-        first = min(r.started_at for r in results.values())
-        last = max(r.finished_at for r in results.values())
+        report["speed"] = speed.summary() if (spec.evaluate.speed and with_stats and speed.n) else None
         report["wall_time"] = {
             "job_seconds": last - first,
             "job_seconds_per_sample": (last - first) / n,
             "samples_per_second": n / max(last - first, 1e-9),
-            "engine_seconds_per_sample": float(np.concatenate(times).mean()),
-            "workers": sorted({r.worker for r in results.values()}),
+            "engine_seconds_per_sample": speed.seconds / n,
+            "workers": sorted(workers),
         }
         # FID
         report["fid"] = None
         report["fid_reference"] = spec.evaluate.fid_reference
-        if spec.evaluate.fid and fid_parts:
-            merged = evaluation.merge_feature_stats(fid_parts)
+        if spec.evaluate.fid and fid_stats is not None:
+            merged = fid_stats
             stats_path = job_dir / "feature_stats.npz"
             merged.save(stats_path)
             report["fid_extractor"] = merged.extractor
             report["feature_stats"] = str(stats_path)
             ref = self._reference(spec, extractor_key, job_dir.parent)
             if ref is not None:
-                report["fid"] = evaluation.frechet_distance(merged, ref)
+                try:
+                    report["fid"] = evaluation.frechet_distance(merged, ref)
+                except ValueError as e:  # e.g. fewer than 2 samples on either side
+                    raise ServiceError(f"FID: {' '.join(str(e).split())}") from None
         # Baseline
         report["baseline"] = self.baseline_for(spec, report)
         # Files
@@ -166,9 +174,9 @@ class Aggregator:
                 log.warning("job %s: no plot (%s)", job_id, e)
         report["finished_at"] = time.time()
         _atomic_write_text(job_dir / "report.json", json.dumps(report, indent=2))
-        self.q.r.set(self.q.keys.report(job_id), json.dumps(report))
+        self.q.save_report(job_id, report)
         if spec.sampler.sampler == "ddpm":
-            self.q.r.sadd(self.q.keys.baseline(spec.baseline_fingerprint()), job_id)
+            self.q.add_baseline(spec.baseline_fingerprint(), job_id)
         self.q.mark_done(job_id)
         log.info("job %s done: %d samples, FID %s", job_id, n, report["fid"])
         return report
@@ -180,8 +188,9 @@ class Aggregator:
         if not (ref == "auto" or ref.startswith(("data:", "ref:"))):
             try:
                 return evaluation.load_feature_stats(ref)
-            except (OSError, ValueError, KeyError) as e:
-                raise ServiceError(f"cannot read FID reference statistics {ref}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - any unreadable file is one line
+                raise ServiceError(f"cannot read FID reference statistics {ref}: {type(e).__name__}: "
+                                   f"{' '.join(str(e).split())}") from None
         safe = lambda x: re.sub(r"[^\w.\-]", "_", x)  # noqa: E731
         cache = root / "_references" / (
             f"{safe(spec.model)}-{safe(spec.labels)}-{safe(extractor)}-{safe(ref)}.npz")
@@ -208,7 +217,7 @@ class Aggregator:
         if choice == "auto":
             if spec.sampler.sampler == "ddpm":
                 return None
-            candidates = sorted(self.q.r.smembers(self.q.keys.baseline(spec.baseline_fingerprint())))
+            candidates = self.q.baseline_candidates(spec.baseline_fingerprint())
         else:
             candidates = [choice]
         for bid in candidates:

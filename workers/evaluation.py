@@ -65,3 +65,71 @@ def concat_stats(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "steps"}
     out["steps"] = np.array(steps.pop(), dtype=np.int64)
     return out
+
+
+class SpeedAccumulator:
+    """Streaming version of :func:`speed_summary`: add shards one at a time, memory independent of N.
+
+    Keeps the sample count, the mean and the sum of squared deviations of rounds (Chan et al.'s pairwise
+    update, so the standard deviation is as accurate as ``np.std`` over all samples), sums of target/draft
+    evaluations and engine seconds, and the per-timestep kept/judged column sums (S+1,).
+    """
+
+    def __init__(self):
+        self.n = 0
+        self.steps: int | None = None
+        self.mean_rounds = 0.0
+        self.m2_rounds = 0.0
+        self.rounds_sum = 0.0
+        self.target_evals = 0.0
+        self.draft_evals = 0.0
+        self.seconds = 0.0
+        self.kept: np.ndarray | None = None  # (S+1,) float64
+        self.judged: np.ndarray | None = None  # (S+1,) float64
+        self.accepted_total = 0.0
+
+    def add(self, stats: dict[str, np.ndarray], time_per_sample: np.ndarray) -> None:
+        """One shard's per-sample stats (``rounds`` (n,), ``accepted``/``proposed`` (n, S+1), ...)."""
+        steps = int(np.asarray(stats["steps"]).reshape(-1)[0])
+        if self.steps is not None and steps != self.steps:
+            raise ValueError(f"shards disagree on the step count: {sorted({self.steps, steps})}")
+        self.steps = steps
+        rounds = np.asarray(stats["rounds"], dtype=np.float64)  # (n,)
+        m = len(rounds)
+        if m == 0:
+            return
+        mean_b = float(rounds.mean())
+        m2_b = float(((rounds - mean_b) ** 2).sum())
+        total = self.n + m
+        delta = mean_b - self.mean_rounds
+        self.mean_rounds += delta * m / total
+        self.m2_rounds += m2_b + delta * delta * self.n * m / total
+        self.n = total
+        self.rounds_sum += float(rounds.sum())
+        self.target_evals += float(np.asarray(stats["target_evals"], dtype=np.float64).sum())
+        self.draft_evals += float(np.asarray(stats["draft_evals"], dtype=np.float64).sum())
+        self.seconds += float(np.asarray(time_per_sample, dtype=np.float64).sum())
+        kept = np.asarray(stats["accepted"]).sum(0).astype(np.float64)
+        judged = np.asarray(stats["proposed"]).sum(0).astype(np.float64)
+        self.kept = kept if self.kept is None else self.kept + kept
+        self.judged = judged if self.judged is None else self.judged + judged
+        self.accepted_total += float(kept.sum())
+
+    def summary(self) -> dict:
+        """The same dict as :func:`speed_summary` over every sample added."""
+        n, kept, judged = self.n, self.kept, self.judged
+        by_step = np.where(judged > 0, kept / np.maximum(judged, 1), np.nan)  # (S+1,)
+        mean_rounds = self.mean_rounds
+        return {
+            "samples": n,
+            "steps": self.steps,
+            "rounds_per_sample": mean_rounds,
+            "rounds_std": float(np.sqrt(self.m2_rounds / n)),
+            "parallel_efficiency": self.steps / mean_rounds if mean_rounds else None,
+            "target_evals_per_sample": self.target_evals / n,
+            "draft_evals_per_sample": self.draft_evals / n,
+            "kept_drafts_per_round": float(self.accepted_total / max(self.rounds_sum, 1)),
+            "acceptance": float(kept.sum() / judged.sum()) if judged.sum() else None,
+            "engine_seconds_per_sample": self.seconds / n,
+            "acceptance_by_timestep": [None if not np.isfinite(v) else float(v) for v in by_step],
+        }
