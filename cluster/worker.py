@@ -29,7 +29,7 @@ from cluster.aggregator import Aggregator
 from cluster.errors import ModelUnavailable, ServiceError
 from cluster.limits import check_worker_settings
 from cluster.queue import JobQueue, Task
-from cluster.records import JobStatus, ShardResult
+from cluster.records import JobStatus, RecordError, ShardResult
 from cluster.storage import shard_path, write_shard
 from workers.engine import Engine, EngineError, ShardWork, check_labels
 
@@ -145,7 +145,13 @@ class ShardWorker:
 
     # --------------------------------------------------------------------------------------------------
     def process(self, task: Task) -> None:
-        rec = self.q.get(task.job_id)
+        try:
+            rec = self.q.get(task.job_id)
+        except RecordError as e:  # a record this version cannot read: fail that job, keep serving the others
+            self.q.ack(task)
+            self.q.fail_job(task.job_id, str(e))
+            log.error("%s", e)
+            return
         spec = rec.spec
         if rec.status.terminal:
             self.q.ack(task)  # cancelled/failed/done: drop the task
