@@ -29,10 +29,10 @@ SUBMIT_CHUNK_SHARDS = 1_000
 SUBMIT_CLIENT_HEAP_BUDGET = 4 * 2**20  # bytes of Python heap a submit may use, any job size
 
 # Reading a job's shard records (aggregation, reconciliation) goes this many shards at a time.
-READ_CHUNK_SHARDS = 256
+READ_CHUNK_SHARDS = 32
 
 # Redis memory per shard (measured, see the module docstring); for the README and the budget test.
-REDIS_BYTES_PER_QUEUED_SHARD = 200
+REDIS_BYTES_PER_QUEUED_SHARD = 32
 REDIS_BYTES_PER_DONE_SHARD = 400
 
 # Worker settings: (lowest, highest) accepted values.
