@@ -8,10 +8,12 @@ For each job size N it submits one job, starts the workers, SIGKILLs ``--kills``
 points), waits until the job is done (the surviving worker reclaims the killed workers' shards after the
 heartbeat timeout), then reports:
 
-- queue overhead per shard: (sum over worker processes of their lifetime - engine seconds of the recorded
-  shards) / shards. Everything a worker does besides sampling: Redis round trips, heartbeats, writing and
-  fsyncing shard files, polling, process start, the work lost with the killed workers and the wait for the
-  heartbeat timeout before their shards are taken over;
+- queue overhead per shard, three ways: "all" = (sum over worker processes of their lifetime - engine
+  seconds of the recorded shards) / shards: everything a worker does besides sampling, including process
+  start, the work lost with the killed workers and the wait for the heartbeat timeout before their shards
+  are taken over; "busy" = the same over each worker's span from its first recorded shard start to its last
+  finish (Redis round trips, heartbeats, file writes, polling); "in shard" = recorded shard time minus
+  engine time (model lookup, writing and fsyncing the file, recording it in Redis);
 - the aggregator's wall time and peak Python heap (``tracemalloc``; process RSS is dominated by imports),
   measured by aggregating the finished job again in this process after a warm-up aggregation of the first
   job (so imports and caches are not counted);
@@ -128,19 +130,29 @@ def run_job(client: SpecditRedis, n: int, args, url: str, root: Path, rng: rando
     rec = client.get(job_id)
     if rec.status != JobStatus.DONE:
         raise RuntimeError(f"job {job_id} ended {rec.status.value}: {rec.error}")
-    engine_s, first, last, attempts = 0.0, float("inf"), float("-inf"), 0
+    engine_s, first, last, in_shard = 0.0, float("inf"), float("-inf"), 0.0
+    spans: dict[str, list[float]] = {}  # worker name -> [first start, last finish] of its recorded shards
     for _, res in client.iter_done_results(job_id, spec.num_shards):
         engine_s += res.wall_time
+        in_shard += res.finished_at - res.started_at - res.wall_time
         first, last = min(first, res.started_at), max(last, res.finished_at)
-        attempts += res.attempt
+        span = spans.setdefault(res.worker, [res.started_at, res.finished_at])
+        span[0], span[1] = min(span[0], res.started_at), max(span[1], res.finished_at)
     lifetimes = sum(ended[i] - started[i] for i in range(len(procs)))
+    busy = sum(b - a for a, b in spans.values())
     out = {"num_samples": n, "num_shards": spec.num_shards, "shard_size": spec.shard_size,
            "workers": args.workers, "killed": kills, "submit_seconds": submit_s,
            "job_seconds": last - first, "submit_to_done_seconds": outside, "engine_seconds": engine_s,
            "worker_process_seconds": lifetimes,
+           # everything but sampling, process start, kills and the reclaim wait included
            "queue_overhead_per_shard_ms": 1000 * (lifetimes - engine_s) / spec.num_shards,
+           # while workers are busy: from each worker's first recorded shard start to its last finish
+           "queue_overhead_per_shard_busy_ms": 1000 * (busy - engine_s) / spec.num_shards,
+           # inside a shard's record: model lookup, writing + fsyncing the file, recording it in Redis
+           "in_shard_overhead_ms": 1000 * in_shard / spec.num_shards,
            "reclaimed_shards": sum(1 for _, r in client.iter_done_results(job_id, spec.num_shards)
                                    if r.attempt > 1)}
+    out["redis_bytes_per_done_shard"] = client.r.memory_usage(client.keys.done(job_id), samples=0) / spec.num_shards
     out.update(count_indices(client, spec, job_id))
     out["job_id"] = job_id
     return out
@@ -177,8 +189,9 @@ def main(argv=None) -> dict:
                 results["jobs"].append(r)
                 print(f"N={n}: {r['num_shards']} shards, {args.workers} workers, killed "
                       f"{[k['at_fraction'] for k in r['killed']]} of the way; submit {r['submit_seconds']:.3f}s, "
-                      f"submit->done {r['submit_to_done_seconds']:.1f}s, queue overhead "
-                      f"{r['queue_overhead_per_shard_ms']:.1f} ms/shard, reclaimed {r['reclaimed_shards']} shards; "
+                      f"submit->done {r['submit_to_done_seconds']:.1f}s, queue overhead per shard "
+                      f"{r['queue_overhead_per_shard_ms']:.1f} ms (all), {r['queue_overhead_per_shard_busy_ms']:.1f} ms "
+                      f"(busy workers), {r['in_shard_overhead_ms']:.1f} ms (in shard), reclaimed {r['reclaimed_shards']} shards; "
                       f"every index once: {r['every_index_once']} (missing {r['missing']}, duplicated "
                       f"{r['duplicated']}, {r['shard_files']} shard files)", flush=True)
             measure_aggregation(client, results["jobs"][0]["job_id"])  # warm-up: imports, caches
