@@ -4,9 +4,9 @@ Redis memory is finite and so is a client's: a job is capped in shards, and subm
 bounded chunks, so neither the client nor one Redis command ever holds a whole job's shard list.
 
 Measured costs behind the caps (Redis 7.0, ``MEMORY USAGE``): a queued shard costs about 17 bytes of stream
-(listpack entries), a finished shard about 300 bytes (its ShardResult JSON in the ``done`` hash); the
-constants below round these up. A job at the cap thus holds at most ``MAX_SHARDS_PER_JOB *
-(REDIS_BYTES_PER_QUEUED_SHARD + REDIS_BYTES_PER_DONE_SHARD)`` ~ 43 MB of Redis, and a client submitting it
+(listpack entries), a finished shard about 430 bytes (its ShardResult JSON in the ``done`` hash, measured by
+``benchmarks/service_scale.py``); the constants below round these up. A job at the cap thus holds at most ``MAX_SHARDS_PER_JOB *
+(REDIS_BYTES_PER_QUEUED_SHARD + REDIS_BYTES_PER_DONE_SHARD)`` ~ 54 MB of Redis, and a client submitting it
 holds one chunk (``SUBMIT_CHUNK_SHARDS`` shard numbers) at a time: its Python heap stays under
 ``SUBMIT_CLIENT_HEAP_BUDGET`` bytes whatever the job's size (0.04 MiB measured for 100,000 shards; the old
 single-transaction submit peaked at 44 MiB, growing linearly).
@@ -32,7 +32,7 @@ READ_CHUNK_SHARDS = 32
 
 # Redis memory per shard (measured, see the module docstring); for the README and the budget test.
 REDIS_BYTES_PER_QUEUED_SHARD = 32
-REDIS_BYTES_PER_DONE_SHARD = 400
+REDIS_BYTES_PER_DONE_SHARD = 512
 
 # Worker settings: (lowest, highest) accepted values.
 HEARTBEAT_TIMEOUT_RANGE = (1.0, 86_400.0)  # seconds; below 1 s a busy worker's heartbeat cannot keep up
