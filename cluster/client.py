@@ -205,6 +205,11 @@ class SpecditRedis:
             raise JobNotFound(f"no job {job_id!r} (see 'specdit jobs')")
         return JobRecord.from_hash(h)
 
+    def status_of(self, job_id: str) -> JobStatus | None:
+        """The job's status alone (one HGET, no spec parsing); None if there is no such job."""
+        v = self.r.hget(self.keys.job(job_id), "status")
+        return JobStatus(v) if v else None
+
     def jobs(self, limit: int = 100) -> list[JobRecord]:
         """The newest ``limit`` jobs (records this version cannot read are skipped with a warning)."""
         ids = self.r.zrevrange(self.keys.jobs, 0, limit - 1)

@@ -309,8 +309,8 @@ class _Heartbeat:
                         self.w._abort = "lost"
                         return
                     self.w.register(self.task)
-                rec = self.w.q.get(self.task.job_id)
-                if rec.status in (JobStatus.CANCELLED, JobStatus.FAILED):
+                status = self.w.q.status_of(self.task.job_id)
+                if status in (None, JobStatus.CANCELLED, JobStatus.FAILED):
                     self.w._abort = "cancelled"
             except _REDIS_ERRORS as e:
                 log.warning("heartbeat failed (%s)", " ".join(str(e).split()))
