@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import user_errors
+from cli.common import one_line_warnings, user_errors
 
 
 def _fmt(v, spec=".3f"):
@@ -21,6 +21,12 @@ def bench(
     draft_lengths: str = typer.Option("4,8", help="Comma-separated speculation lengths L."),
     drafters: str = typer.Option("free,perturbed:3", help="Comma-separated drafters."),
     cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale."),
+    cfg_channels: str = typer.Option("all", "--cfg-channels",
+                                     help="Guided channels: all | 3 (3: the original DiT's forward_with_cfg)."),
+    num_heads: Optional[int] = typer.Option(None, "--num-heads",
+                                            help="Attention heads of an original DiT .pt (default: DiT's table)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="ema | model: weights of a DiT train.py checkpoint "
+                                                                  "(default: ema)."),
     labels: str = typer.Option("none", help="Label policy: none | uniform | random | fixed:<class>"),
     seed: int = typer.Option(0, help="Base seed."),
     batch_size: int = typer.Option(256, help="Chains sampled together."),
@@ -33,7 +39,7 @@ def bench(
     from rich.console import Console
     from rich.table import Table
 
-    from specdit.api import guided, load_model
+    from specdit.api import guided, load_model, parse_cfg_channels
     from specdit.bench import batch_cost_curve, default_variants, run_bench
     from specdit.labels import labels_for
     from specdit.noise import sample_seed
@@ -46,22 +52,24 @@ def bench(
         lengths = tuple(int(v) for v in draft_lengths.split(","))
     except ValueError:
         raise ValueError(f"--draft-lengths must be comma-separated integers, got {draft_lengths!r}") from None
-    m = load_model(model)
+    channels = parse_cfg_channels(cfg_channels)
+    m = load_model(model, num_heads=num_heads, weights=weights)
     idx = torch.arange(num_samples)
     y = labels_for(labels, idx, sample_seed(seed, idx), m.num_classes)
     if y is not None and labels == "none":
         y = None  # unconditional sampling of a conditional model: compare with the full mixture
-    variants = default_variants(steps, lengths, cfg, tuple(drafters.split(",")))
+    variants = default_variants(steps, lengths, cfg, tuple(drafters.split(",")), cfg_channels=channels)
     for _, v in variants:
         v.validate()
     console = Console(width=max(Console().width, 120))
     console.print(f"[bold]{model}[/] S={steps} N={num_samples} seed={seed} cfg={cfg} threads={torch.get_num_threads()}")
-    curve = batch_cost_curve(guided(m, cfg))
+    curve = batch_cost_curve(guided(m, cfg, channels))
     console.print("target batch cost (relative to batch 1): " + ", ".join(f"b={b}: {c:.2f}x" for b, c in curve.items()))
     cols = ["variant", "rounds/sample", "parallel eff.", "acceptance", "wall vs ddpm", "KS to truth", "KS p"]
     table = Table(*cols)
-    rows = run_bench(m, variants, num_samples, seed, y, batch_size,
-                     on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"))
+    with one_line_warnings():
+        rows = run_bench(m, variants, num_samples, seed, y, batch_size,
+                         on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"))
     for r in rows:
         table.add_row(r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.wall_vs_ddpm, ".2f"),
                       _fmt(r.ks, ".4f"), _fmt(r.ks_p, ".3g"))

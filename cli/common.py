@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import functools
+import sys
 from contextlib import contextmanager
 
 import typer
 
 EXIT_USAGE = 2
+EXIT_NONFINITE = 6  # the target model returned NaN/inf (specdit.samplers.common.NonFiniteTargetError)
 
 
 def fail(msg: str, code: int = EXIT_USAGE) -> None:
@@ -23,9 +25,24 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+            common = sys.modules.get("specdit.samplers.common")  # loaded if a sampler ran: no torch import here
+            if common is not None and isinstance(e, common.NonFiniteTargetError):
+                fail(str(e), EXIT_NONFINITE)
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
     return wrapper
+
+
+@contextmanager
+def one_line_warnings():
+    """Show the library's warnings (e.g. replaced drafts) as one ``warning: ...`` line each on stderr."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for msg in dict.fromkeys(str(w.message) for w in caught):
+        typer.secho(f"warning: {' '.join(msg.split())}", err=True, fg=typer.colors.YELLOW)
 
 
 @contextmanager

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import step_progress, user_errors
+from cli.common import one_line_warnings, step_progress, user_errors
 
 
 def generate(
@@ -18,6 +18,12 @@ def generate(
     steps: int = typer.Option(250, help="Sampling steps S."),
     eta: float = typer.Option(1.0, help="Stochasticity (1 = DDPM posterior variance, 0 = DDIM)."),
     cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale."),
+    cfg_channels: str = typer.Option("all", "--cfg-channels",
+                                     help="Guided channels: all | 3 (3: the original DiT's forward_with_cfg)."),
+    num_heads: Optional[int] = typer.Option(None, "--num-heads",
+                                            help="Attention heads of an original DiT .pt (default: DiT's table)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="ema | model: weights of a DiT train.py checkpoint "
+                                                                  "(default: ema)."),
     relax: float = typer.Option(0.0, help="Uncertainty-guided relaxation lambda (0 = exact)."),
     refine_mode: str = typer.Option("conservative", help="DRiffusion mode: conservative | aggressive"),
     parallel: int = typer.Option(4, help="DRiffusion parallel evaluations k."),
@@ -29,20 +35,25 @@ def generate(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Generate samples and print speed statistics (rounds, parallel efficiency, acceptance)."""
-    from specdit.api import SamplerConfig
+    """Generate samples and print speed statistics (rounds, parallel efficiency, acceptance).
+
+    Exit codes: 2 for an invalid setting, 6 if the target model returns NaN/inf (one line naming the
+    step and the sample)."""
+    from specdit.api import SamplerConfig, parse_cfg_channels
     from specdit.outputs import generate_to_disk
 
     config = SamplerConfig(sampler=sampler, steps=steps, eta=eta, draft_length=draft_length, verify=verify,
-                           drafter=drafter, relax=relax, cfg_scale=cfg, refine_mode=refine_mode, parallel=parallel)
-    with step_progress(num_samples * steps, f"{sampler} on {model}", progress) as advance:
+                           drafter=drafter, relax=relax, cfg_scale=cfg, cfg_channels=parse_cfg_channels(cfg_channels),
+                           refine_mode=refine_mode, parallel=parallel)
+    with one_line_warnings(), step_progress(num_samples * steps, f"{sampler} on {model}", progress) as advance:
         summary = generate_to_disk(model, config, num_samples, seed, labels, out, batch_size=batch_size,
-                                   threads=threads, progress=advance)
+                                   threads=threads, progress=advance, num_heads=num_heads, weights=weights)
     s = summary["stats"]
     typer.echo(f"wrote {out}")
     typer.echo(f"{s['samples']} samples x {s['steps']} steps in {summary['wall_time_s']:.2f} s | "
                f"rounds/sample {s['rounds_per_sample']:.2f} | parallel efficiency {s['parallel_efficiency']:.3f} | "
-               f"acceptance {s['acceptance']:.3f} | target evals/sample {s['target_evals_per_sample']:.1f}")
+               f"acceptance {s['acceptance']:.3f} | target evals/sample {s['target_evals_per_sample']:.1f}"
+               + (f" | draft fallbacks {s['draft_fallbacks']}" if s.get("draft_fallbacks") else ""))
 
 
 def register(app: typer.Typer) -> None:

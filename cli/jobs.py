@@ -139,7 +139,7 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
 
         try:
             eng = make_engine(engine)
-            info = eng.model_info(spec.model)
+            info = eng.model_info(spec.model, spec.model_options())
             check_labels(spec.labels, info)
             eng.check_sampler(spec.sampler.model_dump(mode="json"))
         except EngineError as e:
@@ -335,6 +335,8 @@ def _print_report(r: dict) -> None:
         t.add_row("parallel efficiency", f(sp["parallel_efficiency"], "{:.3f}") + " steps / round")
         t.add_row("acceptance", f(sp["acceptance"], "{:.3f}"))
         t.add_row("target evals / sample", f"{sp['target_evals_per_sample']:.1f}")
+        if sp.get("draft_fallbacks"):  # drafter outputs replaced by the fallback proposal (still exact)
+            t.add_row("draft fallbacks", f"{sp['draft_fallbacks']} (non-finite or too large drafts replaced)")
     w = r["wall_time"]
     t.add_row("wall time / sample", f"{1000 * w['engine_seconds_per_sample']:.2f} ms (engine), "
                                     f"{1000 * w['job_seconds_per_sample']:.2f} ms (job, {len(w['workers'])} workers)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -34,21 +35,37 @@ class SamplerSettings(_Strict):
     """Mirror of ``specdit.api.SamplerConfig`` (same field names, validated here without torch)."""
 
     sampler: Literal["ddpm", "speculative", "draft_refine"] = "speculative"
-    steps: int = Field(250, ge=1, le=1000)
+    steps: int = Field(250, ge=2, le=1000)
     eta: float = Field(1.0, ge=0.0, le=1.0)
     draft_length: int = Field(8, ge=1, le=1000)
     verify: Literal["token", "block"] = "block"
     drafter: str = "free"
     relax: float = Field(0.0, ge=0.0)
     cfg_scale: float = Field(1.0, ge=0.0)
+    cfg_channels: int | None = Field(None, ge=1)  # None ("all"): guide every channel; 3: DiT's forward_with_cfg
     refine_mode: Literal["conservative", "aggressive"] = "conservative"
     parallel: int = Field(4, ge=1)
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps(cls, v):
+        if v == 1:
+            raise ValueError("steps must be >= 2: with 1 step the respaced schedule keeps only t = 0 and the "
+                             "sampler would return its input noise")
+        return v
+
+    @field_validator("cfg_channels", mode="before")
+    @classmethod
+    def _cfg_channels(cls, v):
+        return None if isinstance(v, str) and v.strip().lower() == "all" else v
 
     @field_validator("drafter")
     @classmethod
     def _drafter(cls, v: str) -> str:
         if not _DRAFTER.match(v):
             raise ValueError("drafter must be 'free', 'feature', 'perturbed:<error>' or 'model:<name>'")
+        if v.startswith("perturbed:") and not math.isfinite(float(v.split(":", 1)[1])):
+            raise ValueError(f"drafter {v!r}: the error must be a finite number >= 0")
         return v
 
 
@@ -85,6 +102,8 @@ class EvaluateSpec(_Strict):
 class JobSpec(_Strict):
     name: str | None = Field(None, max_length=200)
     model: str = Field(min_length=1, max_length=500)
+    num_heads: int | None = Field(None, ge=1, le=4096)  # original DiT .pt only (default: DiT's table)
+    weights: Literal["ema", "model"] | None = None  # a DiT train.py checkpoint's weights (default: ema)
     sampler: SamplerSettings = SamplerSettings()
     labels: str = "uniform"  # "none" | "uniform" (i % C) | "random" (from the seed) | "fixed:<c>"
     num_samples: int = Field(gt=0, le=limits.MAX_SAMPLES_PER_JOB)
@@ -145,7 +164,14 @@ class JobSpec(_Strict):
         s = self.sampler
         key = dict(model=self.model, n=self.num_samples, seed=self.base_seed, labels=self.labels,
                    steps=s.steps, eta=s.eta, cfg=s.cfg_scale)
+        if s.cfg_channels is not None:  # only when set, so that earlier jobs keep their fingerprints
+            key["cfg_channels"] = s.cfg_channels
+        key.update(self.model_options())
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def model_options(self) -> dict:
+        """Load options of the model (``specdit.api.load_model`` keywords), only those that are set."""
+        return {k: v for k, v in (("num_heads", self.num_heads), ("weights", self.weights)) if v is not None}
 
     def fixed_label(self) -> int | None:
         return int(self.labels.split(":")[1]) if self.labels.startswith("fixed:") else None
@@ -165,9 +191,26 @@ def spec_from_dict(data: Any) -> JobSpec:
     if not isinstance(data, dict):
         raise SpecError("invalid job spec: expected a mapping at the top level")
     try:
-        return JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data)
     except ValidationError as e:
         raise SpecError(f"invalid job spec: {format_validation_error(e)}") from None
+    check_guidance(spec)
+    return spec
+
+
+def check_guidance(spec: JobSpec) -> None:
+    """Raise SpecError (one line) when the spec asks for classifier-free guidance (cfg scale != 1) of a model
+    that cannot be guided: an analytic preset, or a DiT checkpoint without a null class. Models that cannot
+    be inspected here (a path this machine does not see) are left to the worker."""
+    if spec.sampler.cfg_scale == 1.0:
+        return
+    try:
+        from specdit.models.registry import guidance_refusal
+    except ImportError:  # a submit-only install without the sampling library
+        return
+    reason = guidance_refusal(spec.model)
+    if reason is not None:
+        raise SpecError(f"invalid job spec: sampler.cfg_scale: {reason}")
 
 
 def load_spec_file(path: str | Path) -> dict:

@@ -177,7 +177,7 @@ class ShardWorker:
         # Load the model (cached by the engine). Any exception is the job's fault, not the worker's: it is
         # recorded as the shard's error and counted against the job (see JobQueue.release).
         try:
-            info = self.engine.model_info(spec.model)
+            info = self.engine.model_info(spec.model, spec.model_options())
             check_labels(spec.labels, info)
         except ShardAborted as e:
             beat.stop()
@@ -201,7 +201,7 @@ class ShardWorker:
         work = ShardWork(model=spec.model, sampler=spec.sampler.model_dump(mode="json"), labels=spec.labels,
                          base_seed=spec.base_seed, start=start, stop=stop, batch_size=spec.batch_size,
                          extractor=extractor, sample_dtype=spec.output.sample_dtype,
-                         save_samples=spec.output.save_samples)
+                         save_samples=spec.output.save_samples, model_options=spec.model_options())
         started = time.time()
         try:
             out = self.engine.run(work, progress=beat.progress)

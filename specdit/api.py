@@ -6,7 +6,9 @@ size or on which other samples share its batch.
 """
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal
 
@@ -17,10 +19,11 @@ from specdit.drafters.free import FreeDrafter
 from specdit.models.base import EpsModel
 from specdit.models.perturbed import PerturbedModel
 from specdit.noise import NoiseStreams
+from specdit.samplers.common import NonFiniteTargetError
 from specdit.samplers.ddpm import sample_ddpm
 from specdit.samplers.draft_refine import sample_draft_refine
 from specdit.samplers.speculative import sample_speculative
-from specdit.schedule import Schedule
+from specdit.schedule import Schedule, check_num_steps
 from specdit.stats import SampleStats
 
 SAMPLERS = ("ddpm", "speculative", "draft_refine")
@@ -30,7 +33,9 @@ SAMPLERS = ("ddpm", "speculative", "draft_refine")
 class SamplerConfig:
     """Sampler settings. ``drafter``: "free" (training-free), "feature" (trained FREE drafter shipped
     beside the model), "perturbed:<error>" (the target plus a fixed eps error, see PerturbedModel) or
-    "model:<name>" (any registered model)."""
+    "model:<name>" (any registered model). ``cfg_channels``: classifier-free guidance on the first
+    ``cfg_channels`` channels only (3 with ``cfg_scale`` w is DiT's ``forward_with_cfg``; the other channels
+    keep the conditional eps), None guides all channels (see :func:`parse_cfg_channels`)."""
 
     sampler: Literal["ddpm", "speculative", "draft_refine"] = "speculative"
     steps: int = 250
@@ -40,6 +45,7 @@ class SamplerConfig:
     drafter: str = "free"
     relax: float = 0.0
     cfg_scale: float = 1.0
+    cfg_channels: int | None = None  # channels guided (None: all; 3: the original DiT's forward_with_cfg)
     refine_mode: Literal["conservative", "aggressive"] = "conservative"
     parallel: int = 4
 
@@ -47,8 +53,7 @@ class SamplerConfig:
         """Raise ValueError with a one-line message for an invalid setting; returns self."""
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if not 1 <= self.steps <= 1000:
-            raise ValueError(f"steps must lie in [1, 1000], got {self.steps}")
+        check_num_steps(self.steps)
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
         if self.sampler == "speculative" and self.eta <= 0:
@@ -61,6 +66,9 @@ class SamplerConfig:
             raise ValueError(f"relax must be >= 0, got {self.relax}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg scale must be >= 0, got {self.cfg_scale}")
+        if self.cfg_channels is not None and (isinstance(self.cfg_channels, bool) or
+                                              not isinstance(self.cfg_channels, int) or self.cfg_channels < 1):
+            raise ValueError(f"cfg channels must be 'all' (None) or a positive integer, got {self.cfg_channels!r}")
         if self.refine_mode not in ("conservative", "aggressive"):
             raise ValueError(f"refine mode must be 'conservative' or 'aggressive', got {self.refine_mode!r}")
         if self.parallel < 1:
@@ -70,13 +78,20 @@ class SamplerConfig:
             raise ValueError(f"unknown drafter {self.drafter!r}; use free, feature, perturbed:<error> or model:<name>")
         if kind == "perturbed":
             try:
-                float(self.drafter.split(":", 1)[1])
+                error = float(self.drafter.split(":", 1)[1])
             except (IndexError, ValueError):
                 raise ValueError(f"drafter {self.drafter!r}: expected perturbed:<error>, e.g. perturbed:3") from None
+            if not (math.isfinite(error) and error >= 0):
+                raise ValueError(f"drafter {self.drafter!r}: the error must be a finite number >= 0")
         return self
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class DraftFallbackWarning(RuntimeWarning):
+    """Some drafter outputs were not finite (or too large) and were replaced by the fallback proposal.
+    Sampling stays exact; only acceptance suffers. Issued once per ``generate`` call."""
 
 
 @dataclass
@@ -87,11 +102,28 @@ class Generation:
     labels: torch.Tensor | None = field(default=None)  # (N,) int64
 
 
-def load_model(name: str, device: str = "cpu") -> EpsModel:
-    """A registered model by name (analytic mixtures, the built-in DiT) or a checkpoint path."""
+def load_model(name: str, device: str = "cpu", *, num_heads: int | None = None,
+               weights: str | None = None) -> EpsModel:
+    """A registered model by name (analytic mixtures, the built-in DiT) or a checkpoint path.
+    ``num_heads`` / ``weights`` ("ema" | "model") apply to original DiT checkpoints only (see
+    ``specdit.models.registry.load_model``)."""
     from specdit.models.registry import load_model as _load
 
-    return _load(name, device=device)
+    return _load(name, device=device, num_heads=num_heads, weights=weights)
+
+
+def parse_cfg_channels(text: str | int | None) -> int | None:
+    """``"all"`` (or None) -> None (guide every channel); ``"3"`` / 3 -> 3. Raises ValueError (one line)."""
+    if text is None or (isinstance(text, str) and text.strip().lower() == "all"):
+        return None
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"cfg channels must be 'all' or a positive integer (3: DiT's forward_with_cfg), "
+                         f"got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"cfg channels must be 'all' or a positive integer, got {text!r}")
+    return value
 
 
 def make_drafter(spec: str, target: EpsModel, device: str = "cpu", model_name: str | None = None) -> Drafter:
@@ -113,15 +145,16 @@ def make_drafter(spec: str, target: EpsModel, device: str = "cpu", model_name: s
     raise ValueError(f"unknown drafter {spec!r}")
 
 
-def guided(model: EpsModel, scale: float) -> EpsModel:
-    """Classifier-free guidance of a class-conditional model (identity at scale 1)."""
+def guided(model: EpsModel, scale: float, channels: int | None = None) -> EpsModel:
+    """Classifier-free guidance of a class-conditional DiT (identity at scale 1), on the first ``channels``
+    channels (None: all). Raises ValueError (one line) for a model that cannot be guided."""
     if scale == 1.0:
         return model
     from specdit.models.dit import CFGDenoiser, DiTDenoiser
 
     if not isinstance(model, DiTDenoiser):
         raise ValueError("classifier-free guidance is implemented for DiT models (use --cfg 1 otherwise)")
-    return CFGDenoiser(model, scale)
+    return CFGDenoiser(model, scale, channels)
 
 
 def run_sampler(model: EpsModel, drafter: Drafter | None, config: SamplerConfig, streams: NoiseStreams,
@@ -154,7 +187,11 @@ def generate(
     """Sample ``len(seeds)`` chains. ``labels`` (N,) int64 class labels (``num_classes`` = null class);
     None samples a conditional model unconditionally. ``progress(n)`` reports steps done (summed over
     chains) as they happen. ``model_name`` names a model passed as an object (to find its built-in
-    feature drafter)."""
+    feature drafter).
+
+    Raises ``ValueError`` for invalid settings and :class:`NonFiniteTargetError` (a ``ValueError``) if the
+    target returns NaN/inf, naming the step and the sample's index in ``seeds``. Warns once
+    (:class:`DraftFallbackWarning`) if drafter outputs were replaced (counted in ``stats.draft_fallbacks``)."""
     config.validate()
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -170,7 +207,7 @@ def generate(
             raise ValueError(f"class labels must lie in [0, {base.num_classes}] ({base.num_classes} = no class)")
     elif base.num_classes is not None:
         labels = torch.full_like(seeds, base.num_classes)
-    target = guided(base, config.cfg_scale)
+    target = guided(base, config.cfg_scale, config.cfg_channels)
     name = model if isinstance(model, str) else model_name
     drafter = make_drafter(config.drafter, target, device, name) if config.sampler == "speculative" else None
     start = time.perf_counter()
@@ -178,9 +215,23 @@ def generate(
     for lo in range(0, seeds.numel(), batch_size):
         sl = slice(lo, lo + batch_size)
         y = None if labels is None else labels[sl]
-        x, st = run_sampler(target, drafter, config, NoiseStreams(seeds[sl]), y, progress)
+        try:
+            x, st = run_sampler(target, drafter, config, NoiseStreams(seeds[sl]), y, progress)
+        except NonFiniteTargetError as e:
+            raise e.with_sample(lo + e.sample) from None  # name the sample by its index in ``seeds``
         outs.append(x.float())
         stats.append(st)
     samples = torch.cat(outs) if outs else torch.zeros(0, *base.sample_shape)
     st = SampleStats.concat(stats) if stats else SampleStats.zeros(0, config.steps)
+    warn_draft_fallbacks(st)
     return Generation(samples, st, time.perf_counter() - start, labels)
+
+
+def warn_draft_fallbacks(stats: SampleStats) -> None:
+    """One :class:`DraftFallbackWarning` if any draft of ``stats`` was replaced by the fallback proposal."""
+    n = int(stats.draft_fallbacks.sum())
+    if n:
+        hit = int((stats.draft_fallbacks > 0).sum())
+        warnings.warn(f"the drafter returned {n} non-finite or too large outputs in {hit} of {len(stats)} "
+                      "samples; they were replaced by the fallback proposal (samples stay exact, acceptance "
+                      "drops)", DraftFallbackWarning, stacklevel=2)

@@ -38,8 +38,9 @@ class BenchRow:
 
 
 def default_variants(steps: int, draft_lengths: tuple[int, ...], cfg_scale: float = 1.0,
-                     drafters: tuple[str, ...] = ("free", "perturbed:3")) -> list[tuple[str, SamplerConfig]]:
-    base = SamplerConfig(steps=steps, cfg_scale=cfg_scale)
+                     drafters: tuple[str, ...] = ("free", "perturbed:3"),
+                     cfg_channels: int | None = None) -> list[tuple[str, SamplerConfig]]:
+    base = SamplerConfig(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
     out = [("ddpm", replace(base, sampler="ddpm"))]
     for drafter in drafters:
         for L in draft_lengths:

@@ -144,14 +144,29 @@ def sample_residual(
     sigma: torch.Tensor | float,
     log_c: torch.Tensor,
     w: torch.Tensor,
-    z_perp: torch.Tensor,
+    x_draft: torch.Tensor,
 ) -> torch.Tensor:
-    """A draw from norm(max(0, c q - p)), (B, D).
+    """A draw from norm(max(0, c q - p)), (B, D), that keeps the rejected draft's orthogonal noise.
 
-    Only the component along e = (mh - m)/|mh - m| differs from q; orthogonal to e the residual is the
-    target's own Gaussian. ``z_perp`` (B, D) are fresh standard normals (their e-component is removed)
-    and ``w`` (B,) fresh uniforms for the inverse CDF along e. Fresh draws are required for block
-    verification: its decision depends on later drafts, which depend on the whole of xh_{tau+1}.
+    Only the component along e = (mh - m)/|mh - m| differs from q: along e, ``w`` (B,) uniforms give the
+    coordinate by inverting the residual's CDF (``sample_residual_coordinate``); orthogonal to e the
+    residual is the target's own Gaussian, and the output takes the draft's displacement
+    ``x_draft - mh`` (B, D) with its e-component removed, so output and draft differ only along e (a
+    tighter coupling than fresh normals, and no extra draws).
+
+    Why reusing the draft's orthogonal noise is exact. In token-wise verification the decision at position
+    j depends on xh_j only through r_j = q_j(xh_j)/p_j(xh_j), a function of its e-component. In block
+    verification (Sun et al. 2025, Alg. 2) the decision also depends on later drafts, but not once they
+    are integrated out: with tau = max{j : eta_j <= h_j}, backward induction gives
+    P(tau >= j | xh_1..xh_j) = p_j (at j = L, h_L = p_L; below, E[p_{j+1} | xh_1..xh_j] = p_j - R_j and
+    h_j (1 - p_j + R_j) = R_j), so P(tau = i | xh_1..xh_{i+1}) = h_i (1 - p_{i+1}), where h_i depends on
+    xh_1..xh_i only and p_{i+1} = min(1, p_i r_{i+1}) on xh_{i+1} only through its e-component. Given
+    the prefix and tau = i, the orthogonal part of xh_{i+1}'s noise is therefore still N(0, s^2 I) and
+    independent of everything the output uses; the e-coordinate is drawn fresh from ``w`` because the
+    draft's own e-coordinate is biased by the rejection. Fresh orthogonal normals would be exact too; we
+    keep the draft's noise deliberately (tighter coupling; block and token outputs on the same drafts
+    then differ only along e).
+
     A point-mass target (s = 0) returns m.
     """
     d = mean_gap(m_target, m_draft, sigma)  # (B,)
@@ -164,5 +179,7 @@ def sample_residual(
         torch.where(ok, log_c, torch.zeros_like(log_c)), torch.where(ok, d, torch.ones_like(d)), w
     )
     u = torch.where(ok, u, torch.zeros_like(u))
-    perp = z_perp - e * (e * z_perp).sum(dim=1, keepdim=True)
-    return m_target + s[:, None] * (u[:, None] * e + perp)
+    v = x_draft - m_draft  # (B, D) the draft's displacement sigma * z
+    perp = v - e * (e * v).sum(dim=1, keepdim=True)
+    perp = torch.where((s > 0)[:, None], perp, torch.zeros_like(perp))
+    return m_target + s[:, None] * u[:, None] * e + perp

@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from specdit.noise import NoiseStreams, Purpose
+from specdit.noise import DrawLog, NoiseStreams, Purpose
 
 POLICY = re.compile(r"^(none|uniform|random|fixed:\d+)$")
 
@@ -30,8 +30,10 @@ def check_policy(policy: str, num_classes: int | None) -> None:
         raise ValueError(f"label policy {policy!r} does not apply to an unconditional model (use 'none')")
 
 
-def labels_for(policy: str, indices: torch.Tensor, seeds: torch.Tensor, num_classes: int | None) -> torch.Tensor | None:
-    """(n,) int64 labels for samples ``indices`` with ``seeds``; None for an unconditional model."""
+def labels_for(policy: str, indices: torch.Tensor, seeds: torch.Tensor, num_classes: int | None,
+               *, log: DrawLog | None = None) -> torch.Tensor | None:
+    """(n,) int64 labels for samples ``indices`` with ``seeds``; None for an unconditional model.
+    ``log`` records the label draws (policy ``random``: one 64-bit word keyed (seed, LABEL, bits))."""
     check_policy(policy, num_classes)
     if num_classes is None:
         return None
@@ -41,5 +43,5 @@ def labels_for(policy: str, indices: torch.Tensor, seeds: torch.Tensor, num_clas
     if policy == "uniform":
         return torch.as_tensor(indices, dtype=torch.int64) % num_classes
     if policy == "random":
-        return NoiseStreams(seeds).bits(Purpose.LABEL, n=1)[:, 0].remainder(num_classes)
+        return NoiseStreams(seeds, log=log).bits(Purpose.LABEL, n=1)[:, 0].remainder(num_classes)
     return torch.full_like(seeds, int(policy.split(":")[1]))

@@ -1,19 +1,24 @@
-"""Per-sample random streams (DESIGN.md "Speculative round", style rule 2).
+"""Per-sample random streams (style: randomness is passed in, never taken from global state).
 
 A sample is identified by its 63-bit seed. Every random number a sampler draws is a pure function of
-``(seed, purpose, key words..., element index)``, computed by a counter-based generator (a SplitMix64
-hash of the counter, vectorised in int64 torch ops). Hence:
+``(seed, purpose, kind, key words..., counter)``, computed by a counter-based generator: a draw's *key*
+``h`` hashes the seed, the draw site's :class:`Purpose`, the draw's :class:`Kind` (bits, uniform, normal)
+and the key words (round start k, position j...); its random words are ``mix64(h + c * G)`` for the
+counters ``c = 1..n`` (G the 64-bit golden ratio). Hence:
 
 - a sample's output depends only on its seed, never on batch size, batch composition or device count;
-- draws for different rounds / positions / purposes are independent, so a discarded draft's noise is
-  never reused by a later round.
+- no two draws of a sampler share a (key, counter): every draw site has its own purpose, the kind is in
+  the key (a uniform and a Box-Muller normal keyed alike would otherwise share their first counter), and
+  the words make a round's draws differ from every other round's. ``tests/test_noise_keys.py`` records
+  every draw of whole chains (:class:`DrawLog`) and checks this.
 
 The hash is SplitMix64's finaliser (Steele, Lea & Flood 2014), a bijective 64-bit mixer; uniforms take the
-top 53 bits and normals use the Box-Muller transform in float64.
+top 53 bits and normals use the Box-Muller transform in float64 (two counters per pair of normals).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from enum import IntEnum
 
 import torch
@@ -58,16 +63,25 @@ def mix64_reference(x: int) -> int:
 
 
 class Purpose(IntEnum):
-    """What a draw is for; part of every key so streams never collide."""
+    """The draw site a draw is for; part of every key. Each site of each sampler has its own member."""
 
-    INIT = 1  # x_S
-    STEP = 2  # ancestral noise of a plain step
-    DRAFT = 3  # draft noise z_j of a speculative round
-    ACCEPT = 4  # acceptance uniforms
-    RESIDUAL = 5  # residual sampler draws
-    BLOCK = 6  # block-verification uniforms eta_j
-    LABEL = 7  # class labels drawn for a sample
-    REFINE = 8  # DRiffusion refinement noise
+    INIT = 1  # x_S ~ N(0, I) (every sampler)
+    STEP = 2  # ancestral noise of a plain kernel step (ddpm; draft_refine's last step)
+    DRAFT = 3  # speculative draft noise z_j, keyed (round start k, position j)
+    ACCEPT = 4  # token-wise verification's acceptance uniforms, keyed (k)
+    RESIDUAL_COORD = 5  # block verification's residual: the inverse-CDF uniform along e, keyed (k)
+    BLOCK = 6  # block verification's uniforms eta_j, keyed (k)
+    LABEL = 7  # a class label drawn for a sample (label policy "random")
+    REFINE = 8  # DRiffusion refinement noise, keyed (k, i)
+    SKIP_DRAFT = 9  # DRiffusion skip-transition draft noise, keyed (k, i)
+
+
+class Kind(IntEnum):
+    """What a draw returns; part of every key, so that two kinds never share a stream."""
+
+    BITS = 1
+    UNIFORM = 2
+    NORMAL = 3
 
 
 def sample_seed(base_seed: int, index: int | torch.Tensor) -> torch.Tensor:
@@ -81,44 +95,114 @@ def _as_words(word: int | torch.Tensor, n: int, device: torch.device) -> torch.T
     return w.expand(n) if w.dim() == 0 else w
 
 
+@dataclass(frozen=True)
+class Draw:
+    """One chain's part of one draw: its key and the counters 1..count it used."""
+
+    seed: int
+    purpose: Purpose
+    kind: Kind
+    words: tuple[int, ...]
+    key: int  # int64 (two's complement of the unsigned 64-bit key)
+    count: int
+
+    def hash_inputs(self) -> list[int]:
+        """The SplitMix64 inputs h + c * G (mod 2^64) of counters c = 1..count, as unsigned ints."""
+        return [(self.key + c * _GOLDEN) & _MASK64 for c in range(1, self.count + 1)]
+
+
+class DrawLog:
+    """Instrumentation: records every draw made through a :class:`NoiseStreams` (and its subsets).
+
+    Pass ``NoiseStreams(seeds, log=DrawLog())``; ``draws()`` lists one :class:`Draw` per chain and draw,
+    ``collisions()`` the pairs of draws that share a hash input (the same key and counter, or two keys
+    whose counter ranges meet), i.e. that would reuse random numbers."""
+
+    def __init__(self) -> None:
+        self._batches: list[tuple] = []
+
+    def record(self, seeds: torch.Tensor, purpose: Purpose, kind: Kind, words: list[torch.Tensor],
+               keys: torch.Tensor, count: int) -> None:
+        self._batches.append((seeds.cpu(), purpose, kind, [w.cpu() for w in words], keys.cpu(), count))
+
+    def draws(self) -> list[Draw]:
+        out = []
+        for seeds, purpose, kind, words, keys, count in self._batches:
+            cols = [w.tolist() for w in words]
+            for b, (seed, key) in enumerate(zip(seeds.tolist(), keys.tolist())):
+                out.append(Draw(seed, Purpose(purpose), kind, tuple(c[b] for c in cols), key, count))
+        return out
+
+    def collisions(self, limit: int = 10) -> list[tuple[Draw, Draw]]:
+        """Up to ``limit`` pairs of draws that share a SplitMix64 input (empty: no random word reused)."""
+        first: dict[int, Draw] = {}
+        found = []
+        for d in self.draws():
+            for h in d.hash_inputs():
+                other = first.setdefault(h, d)
+                if other is not d:
+                    found.append((other, d))
+                    if len(found) >= limit:
+                        return found
+                    break
+        return found
+
+
 class NoiseStreams:
     """Counter-based random streams of a batch of samples.
 
     ``seeds``: (B,) int64. Key words are ints or (B,) int64 tensors (per-chain rounds, step indices).
+    ``log``: an optional :class:`DrawLog` that records every draw (shared by ``subset``s).
     """
 
-    def __init__(self, seeds: torch.Tensor | list[int], device: torch.device | str = "cpu"):
+    def __init__(self, seeds: torch.Tensor | list[int], device: torch.device | str = "cpu",
+                 log: DrawLog | None = None):
         self.seeds = torch.as_tensor(seeds, dtype=torch.int64, device=device).reshape(-1)  # (B,)
         self.device = self.seeds.device
+        self.log = log
 
     def __len__(self) -> int:
         return self.seeds.numel()
 
     def subset(self, index: torch.Tensor) -> "NoiseStreams":
-        return NoiseStreams(self.seeds[index])
+        """The streams of rows ``index`` (same keys: a chain's draws do not depend on its batch)."""
+        return NoiseStreams(self.seeds[index], self.device, self.log)
 
-    def _key(self, purpose: Purpose, words: tuple) -> torch.Tensor:
+    def _key(self, purpose: Purpose, kind: Kind, words: list[torch.Tensor]) -> torch.Tensor:
+        """(B,) keys: the seed, then purpose, kind and the number of words, then each word, hashed in."""
         h = mix64(self.seeds ^ _signed(int(purpose) * _GOLDEN))  # (B,)
-        for w in words:
+        for w in [torch.tensor(int(kind) * 256 + len(words), dtype=torch.int64, device=self.device), *words]:
             h = mix64(h ^ mix64(_as_words(w, h.numel(), self.device) * _GOLDEN_S + _GOLDEN_S))
         return h
 
-    def bits(self, purpose: Purpose, *words, n: int) -> torch.Tensor:
-        """(B, n) int64 random words for counters 1..n of the keyed stream."""
-        h = self._key(purpose, words)  # (B,)
+    def _words(self, purpose: Purpose, kind: Kind, words: tuple, n: int) -> torch.Tensor:
+        """(B, n) int64 random words for counters 1..n of the stream keyed (seed, purpose, kind, words)."""
+        ws = [_as_words(w, len(self), self.device) for w in words]
+        h = self._key(purpose, kind, ws)  # (B,)
+        if self.log is not None:
+            self.log.record(self.seeds, purpose, kind, ws, h, n)
         ctr = torch.arange(1, n + 1, dtype=torch.int64, device=self.device) * _GOLDEN_S  # (n,)
         return mix64(h[:, None] + ctr[None, :])
 
+    def bits(self, purpose: Purpose, *words, n: int) -> torch.Tensor:
+        """(B, n) int64 random words."""
+        return self._words(purpose, Kind.BITS, words, n)
+
     def uniform(self, purpose: Purpose, *words, n: int = 1) -> torch.Tensor:
         """(B, n) float64 uniforms in the open interval (0, 1)."""
-        top53 = _lsr(self.bits(purpose, *words, n=n), 11)
-        return (top53.double() + 0.5) * 2.0**-53
+        return _to_uniform(self._words(purpose, Kind.UNIFORM, words, n))
 
     def normal(self, purpose: Purpose, *words, shape: tuple[int, ...]) -> torch.Tensor:
-        """(B, *shape) float64 standard normals (Box-Muller)."""
+        """(B, *shape) float64 standard normals (Box-Muller on counter pairs (2i-1, 2i))."""
         n = math.prod(shape)
-        u = self.uniform(purpose, *words, n=2 * ((n + 1) // 2)).view(-1, (n + 1) // 2, 2)
+        half = (n + 1) // 2
+        u = _to_uniform(self._words(purpose, Kind.NORMAL, words, 2 * half)).view(-1, half, 2)
         r = (-2.0 * u[..., 0].log()).sqrt()
         theta = 2.0 * math.pi * u[..., 1]
         z = torch.stack([r * theta.cos(), r * theta.sin()], dim=-1).view(len(self), -1)[:, :n]
         return z.reshape(len(self), *shape)
+
+
+def _to_uniform(words: torch.Tensor) -> torch.Tensor:
+    """int64 random words -> float64 uniforms in (0, 1) from their top 53 bits."""
+    return (_lsr(words, 11).double() + 0.5) * 2.0**-53

@@ -73,8 +73,9 @@ def save_generation(gen: Generation, seeds: torch.Tensor, out: str | Path, *, mo
 
 def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, seed: int, label_policy: str,
                      out: str | Path, *, batch_size: int = 64, device: str = "cpu", threads: int | None = None,
-                     progress=None) -> dict:
-    """Load ``model_name``, sample ``num_samples`` chains with seeds f(seed, i) and labels from
+                     progress=None, num_heads: int | None = None, weights: str | None = None) -> dict:
+    """Load ``model_name`` (``num_heads`` / ``weights``: options of an original DiT checkpoint, see
+    ``specdit.api.load_model``), sample ``num_samples`` chains with seeds f(seed, i) and labels from
     ``label_policy``, and save them to ``out`` (see ``save_generation``). Returns the summary."""
     from specdit.api import generate, load_model
     from specdit.labels import labels_for
@@ -85,7 +86,7 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
     config.validate()
     if threads is not None:
         torch.set_num_threads(threads)
-    model = load_model(model_name, device=device)
+    model = load_model(model_name, device=device, num_heads=num_heads, weights=weights)
     idx = torch.arange(num_samples)
     seeds = sample_seed(seed, idx)
     labels = labels_for(label_policy, idx, seeds, model.num_classes)

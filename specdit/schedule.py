@@ -37,12 +37,30 @@ def training_alphas_cumprod(num_steps: int = TRAIN_STEPS) -> torch.Tensor:
     return torch.cumprod(1.0 - training_betas(num_steps), dim=0)
 
 
-def space_timesteps(num_timesteps: int, section_counts: int | list[int]) -> list[int]:
-    """Respaced timesteps as in DiT/ADM ``space_timesteps``: split [0, T) into equal sections and take
-    ``count`` evenly strided (rounded) timesteps from each. Returns the sorted list."""
-    counts = [section_counts] if isinstance(section_counts, int) else list(section_counts)
-    if not counts or any(c < 1 for c in counts):
-        raise ValueError(f"timestep section counts must be positive, got {section_counts!r}")
+def space_timesteps(num_timesteps: int, section_counts: int | str | list[int]) -> list[int]:
+    """Respaced timesteps exactly as DiT's / ADM's ``respace.space_timesteps``; returns the sorted list.
+
+    ``section_counts``: an int S (one section), a list of counts, a comma-separated string of counts
+    (``"10,15,20"``) or ``"ddimN"``. Counts split [0, T) into equal sections (the first ``T mod n`` one
+    longer) and take ``count`` timesteps from each, starting at the section's first timestep with the
+    fractional stride ``(size - 1) / (count - 1)`` *accumulated in floating point* and the running sum
+    rounded (Python's ``round``, half to even): rounding ``j * stride`` instead differs for 278 of the
+    1000 step counts. A count of 0 takes nothing from its section. ``"ddimN"`` is ``range(0, T, i)`` for
+    the smallest integer stride i with N elements (the DDIM paper's uniform striding).
+    Raises ``ValueError`` (one line) for a negative count, a count larger than its section, an empty
+    list or a ``ddimN`` with no integer stride."""
+    if isinstance(section_counts, str):
+        text = section_counts.strip()
+        if text.startswith("ddim"):
+            return _ddim_timesteps(num_timesteps, text)
+        try:
+            counts = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"timestep sections must be comma-separated integers or ddimN, got {text!r}") from None
+    else:
+        counts = [section_counts] if isinstance(section_counts, int) else [int(c) for c in section_counts]
+    if not counts or any(c < 0 for c in counts):
+        raise ValueError(f"timestep section counts must be non-negative integers, got {section_counts!r}")
     size_per, extra = divmod(num_timesteps, len(counts))
     start, taken = 0, []
     for i, count in enumerate(counts):
@@ -50,9 +68,35 @@ def space_timesteps(num_timesteps: int, section_counts: int | list[int]) -> list
         if size < count:
             raise ValueError(f"cannot take {count} steps from a section of {size} timesteps")
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-        taken += [start + round(j * stride) for j in range(count)]
+        position = 0.0  # the running float sum DiT rounds (not j * stride)
+        for _ in range(count):
+            taken.append(start + round(position))
+            position += stride
         start += size
     return sorted(set(taken))
+
+
+def _ddim_timesteps(num_timesteps: int, text: str) -> list[int]:
+    try:
+        desired = int(text[len("ddim"):])
+    except ValueError:
+        raise ValueError(f"expected ddimN with an integer N, got {text!r}") from None
+    for stride in range(1, num_timesteps):
+        steps = range(0, num_timesteps, stride)
+        if len(steps) == desired:
+            return list(steps)
+    raise ValueError(f"cannot take exactly {desired} of {num_timesteps} timesteps with an integer stride ({text})")
+
+
+def check_num_steps(num_steps: int, train_steps: int = TRAIN_STEPS) -> None:
+    """Raise ``ValueError`` (one line) unless 2 <= num_steps <= train_steps. One step is refused: DiT's
+    respacing keeps only t = 0 then (``space_timesteps(T, 1) == [0]``), a step whose kernel returns
+    (almost) its input, so the "sample" would be the starting noise."""
+    if num_steps == 1:
+        raise ValueError("steps must be >= 2: with 1 step the respaced schedule keeps only t = 0 and the "
+                         "sampler would return its input noise")
+    if not 2 <= num_steps <= train_steps:
+        raise ValueError(f"steps must lie in [2, {train_steps}], got {num_steps}")
 
 
 @dataclass(frozen=True)
@@ -74,8 +118,7 @@ class Schedule:
     def create(num_steps: int = 250, eta: float = 1.0, train_steps: int = TRAIN_STEPS) -> "Schedule":
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
-        if not 1 <= num_steps <= train_steps:
-            raise ValueError(f"steps must lie in [1, {train_steps}], got {num_steps}")
+        check_num_steps(num_steps, train_steps)
         taus = torch.tensor(space_timesteps(train_steps, num_steps), dtype=torch.int64)  # (S,)
         abar_train = training_alphas_cumprod(train_steps)
         abar = torch.cat([torch.ones(1, dtype=torch.float64), abar_train[taus]])  # (S+1,)

@@ -3,7 +3,9 @@
 A *round* is one sequential target call (however many items its batch holds); a *target evaluation*
 is one batch item (a chain state; a classifier-free-guidance pair counts once); a *draft evaluation* is
 one call of a drafter network (0 for the training-free drafter). A draft is *judged* when every draft
-before it in its round was kept; acceptance by timestep is kept / judged per state index.
+before it in its round was kept; acceptance by timestep is kept / judged per state index. A *draft
+fallback* is a drafter output (eps) that was not finite or too large and was replaced by the chain's
+fallback proposal before the draft was sampled (``specdit.samplers.speculative``).
 Parallel efficiency = steps / rounds (FREE's metric).
 """
 from __future__ import annotations
@@ -22,11 +24,12 @@ class SampleStats:
     draft_evals: torch.Tensor  # (N,) int64
     accepted: torch.Tensor  # (N, S+1) int64 kept drafts per state index k of the step k -> k-1
     proposed: torch.Tensor  # (N, S+1) int64 judged drafts per state index
+    draft_fallbacks: torch.Tensor  # (N,) int64 drafter outputs replaced by the fallback proposal
 
     @staticmethod
     def zeros(n: int, steps: int) -> "SampleStats":
         z = lambda *s: torch.zeros(*s, dtype=torch.int64)  # noqa: E731
-        return SampleStats(steps, z(n), z(n), z(n), z(n, steps + 1), z(n, steps + 1))
+        return SampleStats(steps, z(n), z(n), z(n), z(n, steps + 1), z(n, steps + 1), z(n))
 
     def __len__(self) -> int:
         return self.rounds.numel()
@@ -48,7 +51,10 @@ class SampleStats:
 
     @staticmethod
     def from_arrays(a: dict[str, np.ndarray]) -> "SampleStats":
+        """Inverse of ``to_arrays``; arrays written before ``draft_fallbacks`` existed count none."""
         names = [f.name for f in fields(SampleStats) if f.name != "steps"]
+        a = dict(a)
+        a.setdefault("draft_fallbacks", np.zeros(len(np.asarray(a["rounds"])), dtype=np.int64))
         return SampleStats(int(a["steps"]), **{n: torch.as_tensor(np.asarray(a[n]), dtype=torch.int64) for n in names})
 
     def acceptance_by_step(self) -> np.ndarray:
@@ -71,4 +77,5 @@ class SampleStats:
             "draft_evals_per_sample": self.draft_evals.sum().item() / n,
             "kept_drafts_per_round": self.accepted.sum().item() / max(self.rounds.sum().item(), 1),
             "acceptance": self.accepted.sum().item() / judged if judged else float("nan"),
+            "draft_fallbacks": int(self.draft_fallbacks.sum().item()),
         }

@@ -55,3 +55,70 @@ def test_generate_builtin_model_with_its_feature_drafter(tmp_path):
     assert (tmp_path / "run" / "grid.png").is_file() and (tmp_path / "run" / "00002.png").is_file()
     stats = json.loads((tmp_path / "run" / "stats.json").read_text())["stats"]
     assert stats["draft_evals_per_sample"] > 0
+
+
+def _small_dit(path, hidden=64, **extra):
+    """A seeded original-layout DiT checkpoint (hidden 64 is outside DiT's table: heads must be given)."""
+    import torch
+
+    from tests.dit_seeded import dit_state_dict
+
+    arch = dict(hidden=hidden, depth=1, patch=4, in_channels=1, input_size=8, num_classes=3)
+    sd = dit_state_dict(0, **arch)
+    torch.save({"model": dit_state_dict(1, **arch), "ema": sd, **extra} if extra else sd, path)
+    return path
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "gmm-2d", "--steps", "1"], "only t = 0"),
+    (["--model", "gmm-2d", "--cfg-channels", "two"], "cfg channels must be 'all' or a positive integer"),
+    (["--model", "gmm-2d", "--num-heads", "4"], "--num-heads applies to original DiT checkpoints"),
+    (["--model", "{dit}"], "pass --num-heads"),
+    (["--model", "{dit}", "--num-heads", "5"], "not divisible by --num-heads 5"),
+    (["--model", "{dit}", "--num-heads", "4", "--weights", "model"], "no 'model' weights"),
+    (["--model", "{junk}"], "cannot read checkpoint"),
+    (["--model", "{evil}"], "refusing to unpickle"),
+])
+def test_dit_options_and_bad_checkpoints_are_one_line(tmp_path, args, message):
+    import functools
+
+    files = {"dit": str(_small_dit(tmp_path / "w64.pt")), "junk": str(tmp_path / "junk.pt"),
+             "evil": str(_small_dit(tmp_path / "evil.pt", hook=functools.partial(int, base=2)))}
+    (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    args = [a.format(**files) for a in args]
+    r = runner.invoke(app, ["generate", *args, "--out", str(tmp_path / "x.npz"), "--no-progress", "-n", "2"])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_generate_and_bench_pass_dit_options_through(tmp_path):
+    ckpt = str(_small_dit(tmp_path / "train.pt", opt={"state": {}, "param_groups": []}))
+    common = ["--num-heads", "4", "--cfg", "2", "--cfg-channels", "1", "--steps", "3"]
+    outs = {}
+    for weights in ("ema", "model"):
+        r = runner.invoke(app, ["generate", "--model", ckpt, "--weights", weights, *common, "--sampler", "ddpm",
+                                "-n", "2", "--out", str(tmp_path / f"{weights}.npz"), "--no-progress"])
+        assert r.exit_code == 0, r.output
+        outs[weights] = np.load(tmp_path / f"{weights}.npz")["samples"]
+        assert json.loads((tmp_path / f"{weights}.json").read_text())["config"]["cfg_channels"] == 1
+    assert not np.array_equal(outs["ema"], outs["model"])
+    r = runner.invoke(app, ["generate", "--model", ckpt, *common, "--sampler", "ddpm", "-n", "2",
+                            "--out", str(tmp_path / "default.npz"), "--no-progress"])
+    assert r.exit_code == 0 and np.array_equal(np.load(tmp_path / "default.npz")["samples"], outs["ema"])
+    r = runner.invoke(app, ["bench", "--model", ckpt, *common, "-n", "2", "--draft-lengths", "2",
+                            "--drafters", "free", "--labels", "uniform", "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert all(row["config"]["cfg_channels"] == 1 for row in rows)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "gmm-2d", "--cfg-scale", "2"], "'gmm-2d' is an analytic preset"),
+    (["--model", "gmm-2d", "--steps", "1"], "only t = 0"),
+])
+def test_submit_refuses_before_anything_is_queued(args, message):
+    """Refused while validating the spec: the Redis URL below is never dialled (exit 2, not 3)."""
+    r = runner.invoke(app, ["submit", *args, "-n", "4", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1

@@ -116,7 +116,8 @@ def test_residual_sample_matches_rejection_sampler(c, d):
     m, mh = _gaussian_pair(dim, d, sigma, gen)
     out = coupling.sample_residual(
         m.expand(n, -1), mh.expand(n, -1), sigma, torch.full((n,), math.log(c), dtype=torch.float64),
-        torch.rand(n, generator=gen, dtype=torch.float64), torch.randn(n, dim, generator=gen, dtype=torch.float64),
+        torch.rand(n, generator=gen, dtype=torch.float64),
+        mh + sigma * torch.randn(n, dim, generator=gen, dtype=torch.float64),  # a draft whose noise it keeps
     )
     ref = []
     while sum(len(r) for r in ref) < n:

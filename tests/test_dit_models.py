@@ -5,7 +5,9 @@ The original-DiT reference below is written from the paper / facebookresearch/Di
 """
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,9 +177,12 @@ def test_all_loaders_agree(tmp_path, original_ckpt):
     # the diffusers folder recomputes the sin-cos pos_embed in float32 (the original's is float64-rounded)
     torch.testing.assert_close(a.eps, b.eps, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(a.features, b.features, atol=1e-6, rtol=1e-6)
-    # and through the registry
-    for p in (tmp_path / "diffusers", tmp_path / "dit.safetensors", path):
-        assert isinstance(load_model(str(p), num_heads=HEADS), DiTDenoiser)
+    # and through the registry (heads are an option of original checkpoints only)
+    for p in (tmp_path / "diffusers", tmp_path / "dit.safetensors"):
+        assert isinstance(load_model(str(p)), DiTDenoiser)
+        with pytest.raises(ValueError, match="--num-heads applies to original DiT checkpoints"):
+            load_model(str(p), num_heads=HEADS)
+    assert isinstance(load_model(str(path), num_heads=HEADS), DiTDenoiser)
     torch.testing.assert_close(load_model(str(tmp_path / "dit.safetensors"))(x, t, y).eps, a.eps, atol=0, rtol=0)
 
 
@@ -312,7 +317,7 @@ def test_registry_errors(tmp_path):
     with pytest.raises(ValueError, match="unsupported file type"):
         load_model(str(tmp_path / "x.txt"))
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
         load_model(str(tmp_path / "bad.pt"))
     torch.save({"foo": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="original DiT"):
@@ -400,3 +405,243 @@ def test_trainer_init_from_starts_at_the_given_weights(tmp_path):
     wa = load_file(tmp_path / "a" / "export" / "diffusion_pytorch_model.safetensors")
     wb = load_file(tmp_path / "b" / "export" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ------------------------------------------------- fidelity to facebookresearch/DiT's own code ----
+# tests/data/dit_reference.safetensors holds outputs of DiT's models.py / diffusion package (commit in its
+# metadata; how it was made: tests/data/README.md) for weights that tests/dit_seeded.py rebuilds here.
+REFERENCE = Path(__file__).parent / "data" / "dit_reference.safetensors"
+XL_ARCH = dict(hidden=1152, depth=2, patch=2, in_channels=4, input_size=8, num_classes=1000)  # seed 0
+S_ARCH = dict(hidden=384, depth=2, patch=4, in_channels=4, input_size=16, num_classes=10, learn_sigma=False)  # 1
+FLOAT32_REL = 1e-5  # acceptance bound on ||ours - DiT|| / ||DiT|| in float32
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture(scope="module")
+def dit_reference():
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(REFERENCE), framework="pt") as f:
+        meta = f.metadata()
+    return load_file(str(REFERENCE)), meta
+
+
+@pytest.fixture(scope="module")
+def seeded_checkpoints(tmp_path_factory):
+    """Released-file layout (a flat state dict under DiT's key names) of the two seeded reference DiTs."""
+    from tests.dit_seeded import dit_state_dict
+
+    folder = tmp_path_factory.mktemp("seeded")
+    torch.save(dit_state_dict(0, **XL_ARCH), folder / "xl.pt")
+    torch.save(dit_state_dict(1, **S_ARCH), folder / "s.pt")
+    return {"xl": folder / "xl.pt", "s": folder / "s.pt"}
+
+
+@pytest.fixture(scope="module")
+def xl_model(seeded_checkpoints):
+    return load_dit_original(seeded_checkpoints["xl"])  # default options: heads from DiT's table
+
+
+def test_xl_width_eps_equals_dit_forward(dit_reference, xl_model):
+    ref, meta = dit_reference
+    assert meta["dit_commit"] == "ed81ce2229091fd4ecc9a223645f95cf379d582b"
+    cfg = xl_model.transformer.config
+    assert (cfg.num_attention_heads, cfg.attention_head_dim) == (16, 72)  # not 18 heads of 64
+    assert xl_model.learned_sigma and xl_model.has_null_class and xl_model.num_classes == 1000
+    eps = xl_model(ref["xl_x"], ref["xl_t"], ref["xl_y"]).eps
+    assert eps.shape == (4, 4, 8, 8)
+    assert _rel(eps, ref["xl_out"][:, :4]) < FLOAT32_REL  # eps = DiT's first C channels
+
+
+def test_xl_width_with_64_dim_heads_is_a_different_network(dit_reference, seeded_checkpoints):
+    """Negative control: the old default (hidden // 64 = 18 heads) misses DiT's output by far."""
+    ref, _ = dit_reference
+    wrong = load_dit_original(seeded_checkpoints["xl"], num_heads=18)
+    assert _rel(wrong(ref["xl_x"], ref["xl_t"], ref["xl_y"]).eps, ref["xl_out"][:, :4]) > 1e-2
+
+
+def test_s_width_eps_equals_dit_forward(dit_reference, seeded_checkpoints):
+    ref, _ = dit_reference
+    model = load_model(str(seeded_checkpoints["s"]))  # through the registry, default options
+    assert model.transformer.config.num_attention_heads == 6 and not model.learned_sigma
+    assert _rel(model(ref["s_x"], ref["s_t"], ref["s_y"]).eps, ref["s_out"]) < FLOAT32_REL
+
+
+def test_cfg_channels_3_equals_dit_forward_with_cfg(dit_reference, xl_model):
+    ref, meta = dit_reference
+    scale, tau = float(meta["cfg_scale"]), int(meta["cfg_tau"])
+    t = torch.full((3,), tau)
+    want = ref["cfg_out"][:, :4]  # first half of DiT's output, eps channels
+    dit3 = CFGDenoiser(xl_model, scale, guided_channels=3)(ref["cfg_x"], t, ref["cfg_y"]).eps
+    assert _rel(dit3, want) < FLOAT32_REL
+    every = CFGDenoiser(xl_model, scale)(ref["cfg_x"], t, ref["cfg_y"]).eps  # negative control: guides channel 3
+    assert _rel(every[:, :3], want[:, :3]) < FLOAT32_REL and _rel(every[:, 3], want[:, 3]) > 1e-2
+
+
+def test_one_guided_step_equals_dit_forward_with_cfg_and_fixed_variance_kernel(dit_reference, seeded_checkpoints):
+    """The library path (load, guide with cfg_channels=3, schedule, kernel) against DiT's SpacedDiffusion
+    (``create_diffusion(S, learn_sigma=False, sigma_small=True)``: the fixed posterior variance) taking
+    ``p_sample`` at respaced index i on ``forward_with_cfg``'s eps; our state index is k = i + 1."""
+    from specdit.api import SamplerConfig, guided, parse_cfg_channels
+    from specdit.samplers.common import call_model
+    from specdit.schedule import Schedule
+
+    ref, meta = dit_reference
+    config = SamplerConfig(sampler="ddpm", steps=int(meta["cfg_steps"]), cfg_scale=float(meta["cfg_scale"]),
+                           cfg_channels=parse_cfg_channels("3")).validate()
+    target = guided(load_model(str(seeded_checkpoints["xl"])), config.cfg_scale, config.cfg_channels)
+    schedule = Schedule.create(config.steps, config.eta)
+    k = int(meta["cfg_index"]) + 1
+    assert int(schedule.timesteps[k]) == int(meta["cfg_tau"])
+    x = ref["cfg_x"].double()
+    kk = torch.full((3,), k)
+    eps = call_model(target, x, schedule.timesteps[kk], ref["cfg_y"]).eps
+    mean = schedule.step_mean(x, eps, kk)
+    assert _rel(mean, ref["cfg_mean"]) < FLOAT32_REL
+    var = ref["cfg_log_variance"].double().exp()
+    assert torch.allclose(var, torch.full_like(var, float(schedule.sigma[k]) ** 2), rtol=1e-5, atol=0)
+    step = mean + schedule.sigma[k] * ref["cfg_noise"].double()
+    assert _rel(step, ref["cfg_sample"]) < FLOAT32_REL
+    # negative control: guiding every channel moves the step away from DiT's
+    every = call_model(guided(target.model, config.cfg_scale), x, schedule.timesteps[kk], ref["cfg_y"]).eps
+    assert _rel(schedule.step_mean(x, every, kk), ref["cfg_mean"]) > 1e-4
+
+
+def _shape_only(hidden, patch, depth=2, in_ch=4, tokens=16, rows=1001, out_ch=8):
+    meta = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731 - shapes are all that is read
+    sd = {"x_embedder.proj.weight": meta(hidden, in_ch, patch, patch), "pos_embed": meta(1, tokens, hidden),
+          "final_layer.linear.weight": meta(patch * patch * out_ch, hidden),
+          "y_embedder.embedding_table.weight": meta(rows, hidden)}
+    sd.update({f"blocks.{i}.attn.qkv.weight": meta(3 * hidden, hidden) for i in range(depth)})
+    return sd
+
+
+@pytest.mark.parametrize("size,hidden,heads,depth", [("S", 384, 6, 12), ("B", 768, 12, 12), ("L", 1024, 16, 24),
+                                                     ("XL", 1152, 16, 28)])
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_architecture_inferred_from_dit_table(size, hidden, heads, depth, patch):
+    from specdit.models.dit import original_dit_config, original_dit_name
+
+    config = original_dit_config(_shape_only(hidden, patch, depth))
+    assert config["num_attention_heads"] == heads and config["num_layers"] == depth
+    assert config["patch_size"] == patch and config["num_embeds_ada_norm"] == 1000
+    assert original_dit_name(config) == f"DiT-{size}/{patch}"
+    assert original_dit_name(original_dit_config(_shape_only(hidden, patch, 2))) == f"DiT-{size}/{patch} (depth 2)"
+
+
+def test_unplaceable_width_is_refused_naming_num_heads():
+    from specdit.models.dit import original_dit_config
+
+    with pytest.raises(ValueError, match="pass --num-heads") as e:
+        original_dit_config(_shape_only(320, 2))
+    assert "\n" not in str(e.value)
+    assert original_dit_config(_shape_only(320, 2), num_heads=5)["attention_head_dim"] == 64
+    with pytest.raises(ValueError, match="not divisible"):
+        original_dit_config(_shape_only(320, 2), num_heads=7)
+
+
+# ----------------------------------------------------------- DiT train.py checkpoints, unpickling ----
+TRAIN_ARCH = dict(hidden=384, depth=1, patch=4, in_channels=4, input_size=8, num_classes=10)
+
+
+def _train_checkpoint(path, args_model="DiT-S/4", num_classes=10, extra=None, null_class=True):
+    """A checkpoint in the layout of DiT's train.py: {"model", "ema", "opt", "args"}, args a Namespace."""
+    import argparse
+
+    from tests.dit_seeded import dit_state_dict
+
+    model = dit_state_dict(2, null_class=null_class, **TRAIN_ARCH)
+    ema = dit_state_dict(3, null_class=null_class, **TRAIN_ARCH)
+    params = [torch.nn.Parameter(v.clone()) for v in list(model.values())[:3]]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    args = argparse.Namespace(data_path="/data/imagenet/train", results_dir="results", model=args_model,
+                              image_size=64, num_classes=num_classes, epochs=1400, global_batch_size=256,
+                              global_seed=0, vae="ema", num_workers=4, log_every=100, ckpt_every=50_000)
+    ckpt = {"model": model, "ema": ema, "opt": opt.state_dict(), "args": args, **(extra or {})}
+    torch.save(ckpt, path)
+    return model, ema
+
+
+def test_train_py_checkpoint_loads_ema_by_default(tmp_path):
+    model_sd, ema_sd = _train_checkpoint(tmp_path / "0050000.pt")
+    torch.save(ema_sd, tmp_path / "ema.pt")
+    torch.save(model_sd, tmp_path / "model.pt")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([10, 900]), torch.tensor([3, 10])
+
+    def eps(path, **kw):
+        return load_model(str(path), **kw)(x, t, y).eps
+
+    default = eps(tmp_path / "0050000.pt")
+    assert torch.equal(default, eps(tmp_path / "ema.pt"))
+    assert torch.equal(eps(tmp_path / "0050000.pt", weights="ema"), default)
+    assert torch.equal(eps(tmp_path / "0050000.pt", weights="model"), eps(tmp_path / "model.pt"))
+    assert not torch.equal(eps(tmp_path / "model.pt"), default)
+    with pytest.raises(ValueError, match="no 'model' weights"):
+        load_model(str(tmp_path / "ema.pt"), weights="model")
+    with pytest.raises(ValueError, match="weights must be 'ema' or 'model'"):
+        load_model(str(tmp_path / "0050000.pt"), weights="best")
+
+
+def test_train_py_args_name_the_architecture_and_the_classes(tmp_path):
+    from specdit.models.registry import guidance_refusal
+
+    _train_checkpoint(tmp_path / "bad.pt", args_model="DiT-B/4")
+    with pytest.raises(ValueError, match="args name DiT-B/4 but the weights have hidden size 384"):
+        load_model(str(tmp_path / "bad.pt"))
+    _train_checkpoint(tmp_path / "badn.pt", num_classes=1000)
+    with pytest.raises(ValueError, match="num_classes=1000 but the class table has 11 rows"):
+        load_model(str(tmp_path / "badn.pt"))
+    # a DiT trained without class dropout has no null-class row: it loads, but cannot be guided
+    _train_checkpoint(tmp_path / "nonull.pt", null_class=False)
+    model = load_model(str(tmp_path / "nonull.pt"))
+    assert model.num_classes == 10 and not model.has_null_class
+    assert guidance_refusal(str(tmp_path / "nonull.pt")) is not None
+    with pytest.raises(ValueError, match="null class"):
+        CFGDenoiser(model, 4.0)
+    _train_checkpoint(tmp_path / "ok.pt")
+    assert guidance_refusal(str(tmp_path / "ok.pt")) is None
+
+
+class NotAllowed:  # pickled by reference (tests.test_dit_models.NotAllowed): must never be unpickled
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+@pytest.mark.parametrize("extra,name", [
+    ({"sched": functools.partial(int, base=2)}, "functools.partial"),
+    ({"hook": NotAllowed()}, "pickled print"),
+    ({"cls": NotAllowed}, "tests.test_dit_models.NotAllowed"),
+])
+def test_other_pickled_objects_are_refused_in_one_line(tmp_path, capsys, extra, name):
+    _train_checkpoint(tmp_path / "evil.pt", extra=extra)
+    with pytest.raises(ValueError) as e:
+        load_model(str(tmp_path / "evil.pt"))
+    msg = str(e.value)
+    assert "\n" not in msg and name in msg and "refusing to unpickle" in msg
+    assert "unpickled!" not in capsys.readouterr().out
+
+
+def test_plain_containers_load_and_broken_files_are_one_line(tmp_path):
+    from collections import OrderedDict
+
+    from tests.dit_seeded import dit_state_dict
+
+    torch.save(OrderedDict(dit_state_dict(2, **TRAIN_ARCH)), tmp_path / "ordered.pt")  # allowed by weights_only
+    assert load_model(str(tmp_path / "ordered.pt")).num_classes == 10
+    (tmp_path / "empty.pt").write_bytes(b"")
+    good = (tmp_path / "ordered.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(good[: len(good) // 2])
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x04junk" * 10)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    for name, needle in [("empty.pt", "is empty"), ("cut.pt", "cannot read checkpoint"),
+                         ("junk.pt", "cannot read checkpoint"), ("list.pt", "not a state dict")]:
+        with pytest.raises(ValueError, match=needle) as e:
+            load_model(str(tmp_path / name))
+        assert "\n" not in str(e.value), name

@@ -1,6 +1,9 @@
 """Schedule formulas (DESIGN.md "Schedule", "Kernel") and the counter-based random streams."""
+import hashlib
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +11,9 @@ from scipy import stats
 
 from specdit.noise import NoiseStreams, Purpose, mix64, mix64_reference, sample_seed
 from specdit.schedule import Schedule, space_timesteps, training_alphas_cumprod, training_betas
+
+# DiT's respace.space_timesteps results (commit and method: tests/data/README.md)
+RESPACE = json.loads((Path(__file__).parent / "data" / "respace_reference.json").read_text())
 
 
 def test_training_schedule():
@@ -23,6 +29,62 @@ def test_space_timesteps_like_dit():
     assert space_timesteps(10, [2, 3]) == [0, 4, 5, 7, 9]
     with pytest.raises(ValueError):
         space_timesteps(10, 11)
+
+
+def _digest(T, counts):
+    try:
+        steps = space_timesteps(T, counts)
+    except ValueError:
+        return None
+    return hashlib.sha256(",".join(map(str, steps)).encode()).hexdigest()[:16]
+
+
+def test_space_timesteps_equals_dit_for_every_step_count():
+    assert RESPACE["dit_commit"] == "ed81ce2229091fd4ecc9a223645f95cf379d582b"
+    assert len(RESPACE["steps"]) == 1000
+    differ = [S for S in range(1, 1001) if _digest(1000, S) != RESPACE["steps"][str(S)]]
+    assert differ == []
+    assert all(_digest(1000, str(S)) == _digest(1000, [S]) == _digest(1000, S) for S in (1, 21, 250, 1000))
+
+
+def test_space_timesteps_equals_dit_for_section_lists_and_ddim():
+    differ = [(T, c) for T, c, want in RESPACE["sections"] if _digest(T, c) != want]
+    assert differ == [] and len(RESPACE["sections"]) == 311
+    assert any(want is None for *_, want in RESPACE["sections"])  # the refusals are compared too
+    differ = [N for N, want in RESPACE["ddim"].items() if _digest(1000, f"ddim{N}") != want]
+    assert differ == []
+    assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
+    assert space_timesteps(300, "10,15,20")[:3] == [0, 11, 22]  # DiT's docstring example
+
+
+def test_rounding_each_index_is_not_dits_respacing():
+    """Negative control: the rounding this module used before (``round(j * stride)``) differs from DiT's
+    accumulated stride for 278 step counts, the first at S = 21."""
+    def per_index(S):
+        stride = 999 / (S - 1) if S > 1 else 1.0
+        return hashlib.sha256(",".join(str(round(j * stride)) for j in range(S)).encode()).hexdigest()[:16]
+
+    differ = [S for S in range(1, 1001) if per_index(S) != RESPACE["steps"][str(S)]]
+    assert len(differ) == 278 and differ[0] == 21
+
+
+@pytest.mark.parametrize("bad", ["ddimx", "1,a", "", [-1, 3], [], "ddim1"])
+def test_space_timesteps_refuses_in_one_line(bad):
+    with pytest.raises(ValueError) as e:
+        space_timesteps(1000, bad)
+    assert "\n" not in str(e.value)
+
+
+def test_one_step_is_refused_with_the_reason():
+    from specdit.api import SamplerConfig
+
+    assert space_timesteps(1000, 1) == [0]  # what DiT's respacing keeps
+    for make in (lambda: Schedule.create(1), lambda: SamplerConfig(steps=1).validate()):
+        with pytest.raises(ValueError, match="only t = 0 .* return its input noise"):
+            make()
+    with pytest.raises(ValueError, match=r"\[2, 1000\]"):
+        Schedule.create(1001)
+    assert Schedule.create(2).num_steps == 2
 
 
 def test_kernel_is_ddpm_posterior_at_eta_1_and_ddim_at_eta_0():

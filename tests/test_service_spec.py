@@ -1,6 +1,7 @@
 """Job specs, keys and shard files (no Redis needed)."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -145,3 +146,76 @@ def test_worker_entry_point_imports_no_torch():
             "assert not bad, bad")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+
+
+# ------------------------------------------------------------------ DiT options, steps, guidance ----
+def test_one_step_is_refused_with_the_reason():
+    with pytest.raises(SpecError, match="sampler.steps: steps must be >= 2: .* only t = 0") as e:
+        spec_from_dict({"model": "gmm-2d", "num_samples": 4, "sampler": {"steps": 1}})
+    assert "\n" not in str(e.value)
+    assert spec_from_dict({"model": "gmm-2d", "num_samples": 4, "sampler": {"steps": 2}}).sampler.steps == 2
+
+
+def test_cfg_channels_and_model_options_reach_the_engine_work():
+    base = {"model": "mnist-dit", "num_samples": 8, "sampler": {"cfg_scale": 1.5}}
+    every = spec_from_dict(base)
+    assert every.sampler.cfg_channels is None and every.model_options() == {}
+    assert spec_from_dict({**base, "sampler": {"cfg_scale": 1.5, "cfg_channels": "all"}}) == every
+    dit3 = spec_from_dict({**base, "sampler": {"cfg_scale": 1.5, "cfg_channels": 3}})
+    assert dit3.sampler.cfg_channels == 3 and dit3.sampler.model_dump()["cfg_channels"] == 3
+    assert dit3.baseline_fingerprint() != every.baseline_fingerprint()  # a different target distribution
+    # the fingerprint of a spec that sets none of the new fields is what it was before they existed
+    s = every.sampler
+    old = dict(model=every.model, n=8, seed=0, labels="uniform", steps=s.steps, eta=s.eta, cfg=s.cfg_scale)
+    assert every.baseline_fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    opts = spec_from_dict({"model": "DiT-XL-2-256x256.pt", "num_samples": 8, "num_heads": 16, "weights": "model"})
+    assert opts.model_options() == {"num_heads": 16, "weights": "model"}
+    for bad, needle in [({"num_heads": 0}, "num_heads"), ({"weights": "best"}, "weights"),
+                        ({"sampler": {"cfg_channels": 0}}, "sampler.cfg_channels")]:
+        with pytest.raises(SpecError, match=needle):
+            spec_from_dict({"model": "m.pt", "num_samples": 8, **bad})
+
+
+def test_guidance_of_a_model_that_cannot_be_guided_is_refused_at_submit(tmp_path):
+    import argparse
+
+    import torch
+
+    from tests.dit_seeded import dit_state_dict
+
+    def spec(model, cfg=4.0):
+        return spec_from_dict({"model": model, "num_samples": 4, "sampler": {"cfg_scale": cfg}})
+
+    with pytest.raises(SpecError, match="sampler.cfg_scale: 'gmm-2d' is an analytic preset") as e:
+        spec("gmm-2d")
+    assert "\n" not in str(e.value)
+    assert spec("gmm-2d", cfg=1.0).sampler.cfg_scale == 1.0  # no guidance: fine
+    arch = dict(hidden=384, depth=1, patch=4, in_channels=4, input_size=8, num_classes=10)
+    args = argparse.Namespace(model="DiT-S/4", num_classes=10)
+    torch.save({"ema": dit_state_dict(0, null_class=False, **arch), "args": args}, tmp_path / "nonull.pt")
+    torch.save({"ema": dit_state_dict(0, **arch), "args": args}, tmp_path / "null.pt")
+    with pytest.raises(SpecError, match="trained without a null class"):
+        spec(str(tmp_path / "nonull.pt"))
+    for ok in (str(tmp_path / "null.pt"), "mnist-dit", "synthetic-2d", str(tmp_path / "not-here.pt")):
+        assert spec(ok).sampler.cfg_scale == 4.0  # guidable, or not visible here (the worker decides)
+
+
+def test_local_engine_loads_with_the_spec_model_options(tmp_path):
+    """--num-heads reaches the loader through the engine: a DiT width outside DiT's table needs it."""
+    import torch
+
+    from tests.dit_seeded import dit_state_dict
+    from workers.engine import EngineError, LocalEngine, ShardWork
+
+    arch = dict(hidden=64, depth=1, patch=4, in_channels=1, input_size=8, num_classes=3)
+    torch.save(dit_state_dict(0, **arch), tmp_path / "w64.pt")
+    s = spec_from_dict({"model": str(tmp_path / "w64.pt"), "num_samples": 2, "num_heads": 4, "evaluate": {"fid": False},
+                        "sampler": {"sampler": "ddpm", "steps": 3}})
+    engine = LocalEngine()
+    with pytest.raises(EngineError, match="pass --num-heads"):
+        engine.model_info(s.model)
+    assert engine.model_info(s.model, s.model_options()).sample_shape == (1, 8, 8)
+    work = ShardWork(model=s.model, sampler=s.sampler.model_dump(mode="json"), labels=s.labels, base_seed=0,
+                     start=0, stop=2, batch_size=2, model_options=s.model_options())
+    out = engine.run(work)
+    assert out.arrays["samples"].shape == (2, 1, 8, 8) and np.isfinite(out.arrays["samples"]).all()

@@ -77,7 +77,7 @@ class DeviceWorker:
 
             base = self.engine._load(model)
             config = SamplerConfig(**sampler).validate()
-            target = guided(base, config.cfg_scale)
+            target = guided(base, config.cfg_scale, config.cfg_channels)
             drafter = None
             if config.sampler == "speculative" and hasattr(self, "draft"):
                 drafter = make_drafter(config.drafter, target, self.device, model)

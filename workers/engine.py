@@ -49,6 +49,7 @@ class ShardWork:
     extractor: str | None = None  # FID feature extractor name; None: no features
     sample_dtype: str = "float32"
     save_samples: bool = True
+    model_options: dict = field(default_factory=dict)  # ``specdit.api.load_model`` keywords (num_heads, weights)
 
 
 @dataclass
@@ -60,8 +61,8 @@ class ShardOutput:
 class Engine(Protocol):
     name: str
 
-    def model_info(self, model: str) -> ModelInfo:
-        """Load (and cache) a model; raise :class:`EngineError` if it cannot be loaded."""
+    def model_info(self, model: str, options: dict | None = None) -> ModelInfo:
+        """Load (and cache) a model with load ``options``; raise :class:`EngineError` if it cannot be loaded."""
 
     def run(self, work: ShardWork, progress: Callable[[int], None] | None = None) -> ShardOutput:
         """Sample a shard. ``progress(k)`` reports k samples finished; it may raise to abort."""
@@ -166,9 +167,10 @@ class LocalEngine:
         self._models: dict[str, object] = {}
         self._threads_set = False
 
-    def _load(self, model: str):
-        if model in self._models:
-            return self._models[model]
+    def _load(self, model: str, options: dict | None = None):
+        key = model if not options else f"{model} {sorted(options.items())}"
+        if key in self._models:
+            return self._models[key]
         if self.threads and not self._threads_set:
             set_threads(self.threads)
             self._threads_set = True
@@ -177,15 +179,15 @@ class LocalEngine:
         except ImportError as e:
             raise EngineError(f"the sampling library is not available: {e}") from None
         try:
-            m = load_model(model, device=self.device)
+            m = load_model(model, device=self.device, **(options or {}))
         except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as e:
             msg = " ".join(str(e).split()) or type(e).__name__
             raise EngineError(f"cannot load model {model!r}: {msg}") from None
-        self._models[model] = m
+        self._models[key] = m
         return m
 
-    def model_info(self, model: str) -> ModelInfo:
-        m = self._load(model)
+    def model_info(self, model: str, options: dict | None = None) -> ModelInfo:
+        m = self._load(model, options)
         shape = tuple(int(s) for s in m.sample_shape)
         default = "raw" if len(shape) == 1 else ("mnist" if "mnist" in model else "inception")
         return ModelInfo(model, shape, m.num_classes, default)
@@ -204,10 +206,13 @@ class LocalEngine:
     def run(self, work: ShardWork, progress: Callable[[int], None] | None = None) -> ShardOutput:
         import torch
 
-        from specdit.api import SamplerConfig, generate
+        import warnings
 
-        model = self._load(work.model)
-        info = self.model_info(work.model)
+        from specdit.api import DraftFallbackWarning, SamplerConfig, generate
+        from specdit.samplers.common import NonFiniteTargetError
+
+        model = self._load(work.model, work.model_options)
+        info = self.model_info(work.model, work.model_options)
         config = SamplerConfig(**work.sampler)
         if hasattr(config, "validate"):
             config.validate()
@@ -225,8 +230,13 @@ class LocalEngine:
         t0 = time.perf_counter()
         for a in range(0, n, work.batch_size):
             b = min(n, a + work.batch_size)
-            gen = generate(model, config, seeds[a:b], None if labels is None else labels[a:b],
-                           batch_size=work.batch_size, device=self.device, progress=tick)
+            try:
+                with warnings.catch_warnings():  # replaced drafts are counted in the job's report instead
+                    warnings.simplefilter("ignore", DraftFallbackWarning)
+                    gen = generate(model, config, seeds[a:b], None if labels is None else labels[a:b],
+                                   batch_size=work.batch_size, device=self.device, progress=tick)
+            except NonFiniteTargetError as e:  # one line, naming the sample by its index in the job
+                raise EngineError(str(e.with_sample(work.start + a + e.sample))) from None
             parts.append(gen.samples)
             stats.append(gen.stats)
             times.append(np.full(b - a, float(gen.wall_time) / (b - a)))
@@ -307,7 +317,9 @@ class SyntheticEngine:
         self.cost = float(os.environ.get("SPECDIT_SYNTHETIC_COST", "0") or 0)
         self.sleep = float(os.environ.get("SPECDIT_SYNTHETIC_SLEEP", "0") or 0)
 
-    def model_info(self, model: str) -> ModelInfo:
+    def model_info(self, model: str, options: dict | None = None) -> ModelInfo:
+        if options:
+            raise EngineError(f"the synthetic engine takes no model load options, got {sorted(options)}")
         if model == os.environ.get("SPECDIT_SYNTHETIC_FAIL"):
             raise EngineError(f"cannot load model {model!r}: disabled on this worker (SPECDIT_SYNTHETIC_FAIL)")
         if not (model.startswith("synthetic-") and model.endswith("d") and model[10:-1].isdigit()):
@@ -337,7 +349,7 @@ class SyntheticEngine:
 
         from specdit.noise import NoiseStreams, Purpose
 
-        info = self.model_info(work.model)
+        info = self.model_info(work.model, work.model_options)
         steps = int(work.sampler.get("steps", self.steps_default))
         t0 = time.perf_counter()
         indices = torch.arange(work.start, work.stop, dtype=torch.int64)

@@ -52,6 +52,7 @@ def speed_summary(stats: dict[str, np.ndarray], time_per_sample: np.ndarray) -> 
         "draft_evals_per_sample": float(stats["draft_evals"].mean()),
         "kept_drafts_per_round": float(accepted.sum() / max(rounds.sum(), 1)),
         "acceptance": float(kept.sum() / judged.sum()) if judged.sum() else None,
+        "draft_fallbacks": int(stats["draft_fallbacks"].sum()) if "draft_fallbacks" in stats else 0,
         "engine_seconds_per_sample": float(time_per_sample.mean()),
         "acceptance_by_timestep": [None if not np.isfinite(v) else float(v) for v in by_step],
     }

@@ -241,7 +241,7 @@ def speculative_pipeline(
         # Verify drafts in order (token-wise RMC or block verification), then apply the verdict.
         verdict = decide(schedule, streams.subset(rows), ctx.k, draft, eps_t, m_target,
                          verification=verification, relax=relax)
-        chains.advance(rows, ctx.k, verdict, eps_t, feats, draft.length, draft_cost)
+        chains.advance(rows, ctx.k, verdict, eps_t, feats, draft.length, draft_cost, draft.fallbacks)
         if callback is not None:
             callback(int(verdict.steps.sum()))
         return g

@@ -66,8 +66,12 @@ class RayEngine:
         self.last_timeline = None  # the pipeline timeline of the latest speculative batch (benchmarks)
 
     # -- protocol ------------------------------------------------------------------------------------
-    def model_info(self, model: str) -> ModelInfo:
+    def model_info(self, model: str, options: dict | None = None) -> ModelInfo:
         import ray
+
+        if options:  # the actors cache models by name; load options are not plumbed through them yet
+            raise EngineError(f"the ray engine does not take model load options yet ({', '.join(sorted(options))}); "
+                              "use the local engine")
 
         if model not in self._infos:
             try:
@@ -102,7 +106,7 @@ class RayEngine:
         from specdit.api import SamplerConfig
         from specdit.stats import SampleStats
 
-        info = self.model_info(work.model)
+        info = self.model_info(work.model, work.model_options)
         config = SamplerConfig(**work.sampler).validate()
         sampler = config.to_dict()
         ray.get([h.setup.remote(work.model, sampler) for h in self.pool.handles])

@@ -13,14 +13,20 @@ import torch
 from specdit.drafters.base import DraftContext
 
 
+def latest_target_eps(ctx: DraftContext) -> torch.Tensor:
+    """(B, *shape) float64: each chain's latest target eps, or its state x where it has none yet (the
+    first round). A function of the chain's prefix only, and finite (target outputs are checked)."""
+    if ctx.last_eps is None:
+        return ctx.x.double().clone()
+    mask = ctx.has_last.view(-1, *([1] * (ctx.x.dim() - 1)))
+    return torch.where(mask, ctx.last_eps.double(), ctx.x.double())
+
+
 class FreeDrafter:
     cost = 0
 
     def start(self, ctx: DraftContext) -> torch.Tensor:
-        if ctx.last_eps is None:
-            return ctx.x.clone()
-        mask = ctx.has_last.view(-1, *([1] * (ctx.x.dim() - 1)))
-        return torch.where(mask, ctx.last_eps.double(), ctx.x)  # (B, *shape)
+        return latest_target_eps(ctx)  # (B, *shape)
 
     def step(self, x, t, y, carry):
         return carry, carry

@@ -8,9 +8,10 @@
 - :class:`CFGDenoiser` is classifier-free guidance (Ho & Salimans 2022) ``e_u + w (e_c - e_u)`` with both
   halves in one batched call, optionally only on the first 3 channels as the original DiT's
   ``forward_with_cfg`` does.
-- Loaders: a diffusers folder, an original DiT checkpoint (``DiT-XL-2-256x256.pt`` layout, converted here),
-  our own single-file safetensors; an ``AutoencoderKL`` folder for latent models (SD-VAE,
-  ``latent = 0.18215 * vae.encode(x)``).
+- Loaders: a diffusers folder, an original DiT checkpoint (a released ``DiT-XL-2-256x256.pt`` or a DiT
+  ``train.py`` checkpoint, read with ``weights_only`` and converted here; the architecture comes from DiT's
+  model table, :data:`DIT_ARCHITECTURES`), our own single-file safetensors; an ``AutoencoderKL`` folder for
+  latent models (SD-VAE, ``latent = 0.18215 * vae.encode(x)``).
 
 Two places where diffusers' DiT differs from the original DiT, which the original loader corrects so that the
 converted model reproduces the original forward (checked against an independent reference in the tests):
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -341,45 +343,143 @@ def load_dit_safetensors(path: str | Path, device: str | torch.device = "cpu", d
     return DiTDenoiser(transformer.to(device), load_vae(vae, device) if vae else None)
 
 
-def _unwrap_original(sd: dict) -> dict:
-    """A raw original-DiT state dict, from a released file (flat) or a training checkpoint (``ema``/``model``)."""
-    for key in ("ema", "model", "state_dict"):
-        if key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-            break
+# DiT's model table (facebookresearch/DiT ``models.py``, ``DiT_models``): hidden size -> (name, heads, depth),
+# each with patch 2, 4 or 8. Heads are not stored in the weights; XL has 16 heads of size 72, not 64.
+DIT_ARCHITECTURES: dict[int, tuple[str, int, int]] = {
+    384: ("S", 6, 12), 768: ("B", 12, 12), 1024: ("L", 16, 24), 1152: ("XL", 16, 28),
+}
+DIT_WEIGHTS = ("ema", "model")  # the two state dicts of a DiT train.py checkpoint
+
+
+def read_original_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """``torch.load(path, weights_only=True)`` with ``argparse.Namespace`` (the ``args`` entry of DiT's
+    ``train.py`` checkpoints) added to the allow-list for this call only. Anything else that is not a tensor
+    or a plain container is refused. Raises ``ValueError`` (one line) for a missing, empty, corrupt or
+    unsafe file. ``mmap`` maps the tensors instead of reading them (zip-format files only)."""
+    import argparse
+    import pickle
+    import warnings
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such checkpoint: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. pickle-protocol notes on a junk file
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise ValueError(f"checkpoint {path} holds a pickled {found.group(1)}; refusing to unpickle it (only "
+                             f"tensors, plain containers and argparse.Namespace are loaded)") from None
+        raise ValueError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - a hostile or broken file fails in any way the unpickler can
+        raise ValueError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def unwrap_original_checkpoint(ckpt: dict, weights: str | None = None) -> tuple[dict, object | None]:
+    """(raw original-DiT state dict, train.py ``args`` or None) from a released file (flat) or a ``train.py``
+    checkpoint (``{"model", "ema", "opt", "args"}``). ``weights``: "ema" or "model" picks the entry of a
+    training checkpoint; None means EMA when present (as DiT's ``find_model``). Prefixes ``module.`` (DDP)
+    and ``_orig_mod.`` (torch.compile) are stripped."""
+    if weights is not None and weights not in DIT_WEIGHTS:
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    args = ckpt.get("args")
+    nested = [k for k in ("ema", "model", "state_dict") if isinstance(ckpt.get(k), dict)]
+    if weights is not None:
+        if weights not in nested:
+            raise ValueError(f"the checkpoint has no {weights!r} weights (it holds "
+                             f"{', '.join(nested) or 'a single state dict'})")
+        sd = ckpt[weights]
+    else:
+        sd = ckpt[nested[0]] if nested else ckpt
     out = {}
     for k, v in sd.items():
         for prefix in ("module.", "_orig_mod."):
             if k.startswith(prefix):
                 k = k[len(prefix):]
         out[k] = v
-    return out
+    return out, args
 
 
-def original_dit_config(sd: dict, num_heads: int | None = None) -> dict:
-    """Infer the diffusers config of an original DiT state dict. Heads are not in the weights: DiT uses head
-    dim 64 (S/B/L/XL: 6/12/16/16 heads), so the default is ``hidden // 64``."""
+def _heads_from_args(args, hidden: int, patch: int) -> int | None:
+    """Heads named by a train.py ``args.model`` such as ``"DiT-XL/2"``; checked against the weights."""
+    name = getattr(args, "model", None)
+    found = re.fullmatch(r"DiT-(S|B|L|XL)/(\d+)", name) if isinstance(name, str) else None
+    if not found:
+        return None
+    for width, (size, heads, _) in DIT_ARCHITECTURES.items():
+        if size == found.group(1):
+            if (width, patch) != (hidden, int(found.group(2))):
+                raise ValueError(f"checkpoint args name {name} but the weights have hidden size {hidden}, "
+                                 f"patch {patch}")
+            return heads
+    return None
+
+
+def original_dit_config(sd: dict, num_heads: int | None = None, args=None) -> dict:
+    """Infer the diffusers config of an original DiT state dict (Peebles & Xie 2023, Table 1).
+
+    Hidden size, patch, channels, depth (any depth: counted from the ``blocks.<i>`` keys), grid and classes
+    come from tensor shapes. Heads are not in the weights: they come from ``num_heads`` if given, else from
+    DiT's table (hidden 384/768/1024/1152 -> 6/12/16/16 heads), checked against ``args.model`` of a
+    ``train.py`` checkpoint. The class count is ``args.num_classes`` when present, else the table's rows
+    minus the null class (released checkpoints: 1001 rows, class dropout 0.1). Raises ``ValueError`` (one line,
+    naming ``--num-heads``) for a hidden size outside DiT's table without ``num_heads``."""
     proj = sd["x_embedder.proj.weight"]  # (D, C_in, p, p)
     hidden, in_ch, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
+    depth = len(blocks)
+    if not depth or blocks != set(range(depth)):
+        raise ValueError(f"an original DiT needs blocks 0..depth-1, found block indices {sorted(blocks)[:8]}")
     tokens = sd["pos_embed"].shape[1]
     side = math.isqrt(tokens)
     if side * side != tokens:
         raise ValueError(f"pos_embed has {tokens} tokens, not a square grid")
     out_ch = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
-    num_classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1  # last row: null class (dropout > 0)
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    num_classes = getattr(args, "num_classes", None)
+    if num_classes is None:
+        num_classes = rows - 1  # last row: the null class (class dropout > 0, as every released DiT)
+    elif not isinstance(num_classes, int) or num_classes not in (rows, rows - 1):
+        raise ValueError(f"checkpoint args give num_classes={num_classes!r} but the class table has {rows} rows")
     if num_heads is None:
-        if hidden % 64:
-            raise ValueError(f"hidden size {hidden} is not a multiple of 64: pass num_heads")
-        num_heads = hidden // 64
-    if hidden % num_heads:
-        raise ValueError(f"hidden size {hidden} not divisible by num_heads {num_heads}")
+        num_heads = _heads_from_args(args, hidden, patch)
+    if num_heads is None:
+        if hidden not in DIT_ARCHITECTURES:
+            widths = "/".join(str(w) for w in DIT_ARCHITECTURES)
+            raise ValueError(f"cannot infer the attention heads of an original DiT with hidden size {hidden} "
+                             f"(DiT-S/B/L/XL have {widths}): pass --num-heads")
+        num_heads = DIT_ARCHITECTURES[hidden][1]
+    if num_heads < 1 or hidden % num_heads:
+        raise ValueError(f"hidden size {hidden} is not divisible by --num-heads {num_heads}")
     return dict(
         num_attention_heads=num_heads, attention_head_dim=hidden // num_heads, in_channels=in_ch,
         out_channels=out_ch, num_layers=depth, sample_size=side * patch, patch_size=patch,
         num_embeds_ada_norm=num_classes, norm_type="ada_norm_zero", norm_eps=1e-6,
         activation_fn="gelu-approximate", attention_bias=True,
     )
+
+
+def original_dit_name(config: dict) -> str:
+    """DiT's name of a config from :func:`original_dit_config`, e.g. ``"DiT-XL/2"`` (with the depth when it
+    is not the table's, e.g. ``"DiT-XL/2 (depth 2)"``); ``"DiT (hidden 32)"`` outside the table."""
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    if hidden not in DIT_ARCHITECTURES:
+        return f"DiT (hidden {hidden})"
+    size, _, depth = DIT_ARCHITECTURES[hidden]
+    name = f"DiT-{size}/{config['patch_size']}"
+    return name if config["num_layers"] == depth else f"{name} (depth {config['num_layers']})"
 
 
 def convert_original_dit(sd: dict, depth: int) -> dict:
@@ -415,23 +515,34 @@ def convert_original_dit(sd: dict, depth: int) -> dict:
 
 
 def load_dit_original(pt_path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                      num_heads: int | None = None, vae: str | Path | None = None) -> DiTDenoiser:
-    """An original DiT checkpoint (facebookresearch/DiT ``models.py`` layout, e.g. ``DiT-XL-2-256x256.pt``),
-    loaded with ``torch.load(weights_only=True)`` and converted to a diffusers model that reproduces the
-    original forward (original timestep frequencies, LayerNorm eps 1e-6, the checkpoint's own pos_embed)."""
+                      num_heads: int | None = None, vae: str | Path | None = None,
+                      weights: str | None = None) -> DiTDenoiser:
+    """An original DiT checkpoint (facebookresearch/DiT ``models.py`` layout): a released file such as
+    ``DiT-XL-2-256x256.pt`` or a ``train.py`` checkpoint (EMA weights unless ``weights="model"``).
+
+    Read with :func:`read_original_checkpoint` (``weights_only``), architecture from
+    :func:`original_dit_config`, converted to a diffusers model that reproduces the original forward
+    (original timestep frequencies, LayerNorm eps 1e-6, the checkpoint's own pos_embed). Learned-variance
+    channels are kept in the network and dropped from eps (our kernels use the fixed posterior variance).
+    Raises ``ValueError`` (one line) for anything it cannot load."""
     from diffusers import DiTTransformer2DModel
 
     path = Path(pt_path)
-    if not path.is_file():
-        raise ValueError(f"no such checkpoint: {path}")
-    sd = _unwrap_original(torch.load(path, map_location="cpu", weights_only=True))
+    sd, args = unwrap_original_checkpoint(read_original_checkpoint(path), weights)
     missing = [k for k in ("x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight",
                            "y_embedder.embedding_table.weight") if k not in sd]
     if missing:
         raise ValueError(f"{path} does not look like an original DiT checkpoint (missing {missing})")
-    config = original_dit_config(sd, num_heads)
+    config = original_dit_config(sd, num_heads, args)
     transformer = DiTTransformer2DModel.from_config(config)
-    transformer.load_state_dict(convert_original_dit(sd, config["num_layers"]), strict=True)
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    if rows == config["num_embeds_ada_norm"]:  # trained without class dropout: no null-class row
+        for block in transformer.transformer_blocks:
+            block.norm1.emb.class_embedder.embedding_table = torch.nn.Embedding(rows, transformer.inner_dim)
+    try:
+        transformer.load_state_dict(convert_original_dit(sd, config["num_layers"]), strict=True)
+    except (KeyError, RuntimeError) as e:
+        raise ValueError(f"{path} does not match the inferred {original_dit_name(config)}: {_first_line(e)}") from None
     transformer.pos_embed.pos_embed = sd["pos_embed"].float().clone()  # (1, T, D)
     set_original_timestep_embedding(transformer, True)
     if dtype is not None:

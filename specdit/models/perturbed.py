@@ -15,8 +15,8 @@ from specdit.models.base import EpsModel, ModelOutput
 
 class PerturbedModel:
     def __init__(self, model: EpsModel, error: float, seed: int = 0):
-        if error < 0:
-            raise ValueError(f"perturbation error must be >= 0, got {error}")
+        if not (math.isfinite(error) and error >= 0):
+            raise ValueError(f"perturbation error must be a finite number >= 0, got {error}")
         self.model, self.error = model, float(error)
         self.sample_shape = tuple(model.sample_shape)
         self.num_classes = model.num_classes

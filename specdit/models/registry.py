@@ -19,6 +19,7 @@ from specdit.models.base import EpsModel
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_DITS: dict[str, Path] = {"mnist-dit": ASSETS / "mnist-dit"}
 BUILTIN_DRAFTERS: dict[str, Path] = {"mnist-dit": ASSETS / "mnist-dit-drafter"}
+ORIGINAL_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}  # original DiT checkpoints (torch.save)
 
 
 def builtin_drafter_folder(name: str | None) -> Path:
@@ -43,14 +44,23 @@ def known_names() -> list[str]:
 
 def load_model(name_or_path: str, device: str = "cpu", *, guidance_scale: float | None = None,
                guided_channels: int | None = None, vae: str | None = None, dtype=None,
-               num_heads: int | None = None) -> EpsModel:
+               num_heads: int | None = None, weights: str | None = None) -> EpsModel:
     """Resolve a built-in name, a GMM preset or a checkpoint path to an EpsModel.
 
-    ``num_heads`` is only needed for an original DiT checkpoint whose hidden size is not a multiple of 64.
+    ``num_heads`` and ``weights`` ("ema" | "model", the entry of a DiT ``train.py`` checkpoint; default EMA)
+    apply to original DiT checkpoints only (``.pt``): heads are inferred from DiT's table otherwise, see
+    :func:`specdit.models.dit.original_dit_config`. ``guidance_scale`` wraps a DiT in
+    :class:`~specdit.models.dit.CFGDenoiser` guiding ``guided_channels`` channels (None: all).
     Raises ``ValueError`` (one line, listing the known names) for an unknown name or an unusable path."""
     from specdit.models import dit
 
     name = str(name_or_path)
+    path = Path(name).expanduser()
+    original = name not in BUILTIN_DITS and path.is_file() and path.suffix in ORIGINAL_SUFFIXES
+    if not original:
+        for flag, value in (("--num-heads", num_heads), ("--weights", weights)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to original DiT checkpoints (.pt) only, not to {name!r}")
     model = None
     if name in BUILTIN_DITS:
         folder = BUILTIN_DITS[name]
@@ -64,14 +74,14 @@ def load_model(name_or_path: str, device: str = "cpu", *, guidance_scale: float 
             if guidance_scale is not None:
                 raise ValueError(f"guidance_scale applies to DiT models, not the analytic preset {name!r}")
             return presets[name]()
-        path = Path(name).expanduser()
         if path.is_dir():
             if not ((path / "config.json").is_file() or (path / "transformer" / "config.json").is_file()):
                 raise ValueError(f"folder {path} is not a diffusers DiT (no config.json); known names: "
                                  f"{', '.join(known_names())}")
             model = dit.load_dit_diffusers(path, device=device, dtype=dtype, vae=vae)
-        elif path.is_file() and path.suffix in {".pt", ".pth", ".bin", ".ckpt"}:
-            model = dit.load_dit_original(path, device=device, dtype=dtype, vae=vae, num_heads=num_heads)
+        elif original:
+            model = dit.load_dit_original(path, device=device, dtype=dtype, vae=vae, num_heads=num_heads,
+                                          weights=weights)
         elif path.is_file() and path.suffix == ".safetensors":
             model = dit.load_dit_safetensors(path, device=device, dtype=dtype, vae=vae)
         else:
@@ -81,3 +91,31 @@ def load_model(name_or_path: str, device: str = "cpu", *, guidance_scale: float 
     if guidance_scale is not None:
         return dit.CFGDenoiser(model, guidance_scale, guided_channels)
     return model
+
+
+def guidance_refusal(name_or_path: str) -> str | None:
+    """Why ``name_or_path`` cannot be sampled with classifier-free guidance, or None if it can or if that
+    cannot be told without loading it (e.g. a path not visible here).
+
+    Cheap: analytic presets are refused by name; built-in DiTs, diffusers folders and our safetensors files
+    always carry diffusers' null-class row; an original ``.pt`` is read (``weights_only``, memory-mapped)
+    to compare its class-table rows with ``args.num_classes`` of a ``train.py`` checkpoint."""
+    name = str(name_or_path)
+    if name in BUILTIN_DITS:
+        return None
+    if name in _gmm_presets():
+        return f"{name!r} is an analytic preset without class-conditional guidance (use a cfg scale of 1)"
+    path = Path(name).expanduser()
+    if not (path.is_file() and path.suffix in ORIGINAL_SUFFIXES):
+        return None
+    from specdit.models import dit
+
+    try:
+        sd, args = dit.unwrap_original_checkpoint(dit.read_original_checkpoint(path, mmap=True))
+    except ValueError:
+        return None  # the loader reports it
+    table = sd.get("y_embedder.embedding_table.weight")
+    num_classes = getattr(args, "num_classes", None)
+    if table is not None and isinstance(num_classes, int) and table.shape[0] == num_classes:
+        return f"the DiT {name!r} was trained without a null class (no class dropout), so it cannot be guided"
+    return None

@@ -23,13 +23,14 @@ def sample_ddpm(
     y: torch.Tensor | None = None,
     callback: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
-    """Returns (samples (B, *shape) float64, stats). ``callback(n)`` reports n more chain-steps done."""
+    """Returns (samples (B, *shape) float64, stats). ``callback(n)`` reports n more chain-steps done.
+    Raises ``NonFiniteTargetError`` (naming the step and the sample's row) if the model returns NaN/inf."""
     shape = tuple(model.sample_shape)
     B, S = len(streams), schedule.num_steps
     x = initial_noise(streams, shape)  # (B, *shape)
     for k in range(S, 0, -1):
         kk = torch.full((B,), k, dtype=torch.int64)
-        eps = call_model(model, x, schedule.timesteps[kk], y).eps
+        eps = call_model(model, x, schedule.timesteps[kk], y, steps=kk).eps  # NonFiniteTargetError if not finite
         x = schedule.step_mean(x, eps, kk)
         if schedule.sigma[k] > 0:
             x = x + schedule.sigma[k] * streams.normal(Purpose.STEP, k, shape=shape)

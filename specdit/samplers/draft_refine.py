@@ -57,7 +57,7 @@ def sample_draft_refine(
         if mode == "aggressive" and stale_eps is not None:
             eps_k = stale_eps
         else:
-            eps_k = call_model(model, x, schedule.timesteps[kk], y).eps  # 1. sequential call
+            eps_k = call_model(model, x, schedule.timesteps[kk], y, steps=kk).eps  # 1. sequential call
             stats.rounds += 1
             stats.target_evals += 1
         if K == 0:  # the last step: a plain kernel step
@@ -72,11 +72,12 @@ def sample_draft_refine(
         drafts = []
         for i in range(1, K + 1):
             mean, std = schedule.skip_mean_std(x, eps_k, kk, torch.full((B,), i, dtype=torch.int64))
-            drafts.append(mean + std.view(bshape) * streams.normal(Purpose.DRAFT, k, i, shape=shape))
+            drafts.append(mean + std.view(bshape) * streams.normal(Purpose.SKIP_DRAFT, k, i, shape=shape))
         d = torch.stack(drafts, 1)  # (B, K, *shape)
         kd = (k - torch.arange(1, K + 1)).repeat(B)  # (B*K,) state indices k - i
         yy = None if y is None else y.repeat_interleave(K)
-        eps_d = call_model(model, d.flatten(0, 1), schedule.timesteps[kd], yy).eps.view(d.shape)
+        eps_d = call_model(model, d.flatten(0, 1), schedule.timesteps[kd], yy, steps=kd,
+                           rows=torch.arange(B).repeat_interleave(K)).eps.view(d.shape)
         stats.rounds += 1
         stats.target_evals += K
         # 3. sequential refinement with the drafts' eps.
