@@ -50,7 +50,8 @@ def test_streaming_speed_summary_equals_the_whole_array_summary(cuts):
     n, steps = 1000, 20
     stats = {"rounds": rng.integers(1, 21, n), "target_evals": rng.integers(1, 100, n),
              "draft_evals": np.zeros(n, dtype=np.int64), "accepted": rng.integers(0, 2, (n, steps + 1)),
-             "proposed": np.ones((n, steps + 1), dtype=np.int64), "steps": np.array(steps)}
+             "proposed": np.ones((n, steps + 1), dtype=np.int64), "steps": np.array(steps),
+             "draft_fallbacks": rng.integers(0, 3, n)}
     t = rng.random(n)
     ref = speed_summary(stats, t)
     acc, a = SpeedAccumulator(), 0

@@ -87,6 +87,7 @@ class SpeedAccumulator:
         self.seconds = 0.0
         self.kept: np.ndarray | None = None  # (S+1,) float64
         self.judged: np.ndarray | None = None  # (S+1,) float64
+        self.draft_fallbacks = 0
 
     def add(self, stats: dict[str, np.ndarray], time_per_sample: np.ndarray) -> None:
         """One shard's per-sample stats (``rounds`` (n,) integers, ``accepted``/``proposed`` (n, S+1), ...)."""
@@ -108,6 +109,8 @@ class SpeedAccumulator:
         judged = np.asarray(stats["proposed"]).sum(0).astype(np.float64)
         self.kept = kept if self.kept is None else self.kept + kept
         self.judged = judged if self.judged is None else self.judged + judged
+        if "draft_fallbacks" in stats:
+            self.draft_fallbacks += int(np.asarray(stats["draft_fallbacks"]).sum())
 
     def summary(self) -> dict:
         """The same dict as :func:`speed_summary` over every sample added."""
@@ -127,6 +130,7 @@ class SpeedAccumulator:
             "draft_evals_per_sample": self.draft_evals / n,
             "kept_drafts_per_round": float(kept.sum() / max(self.rounds_sum, 1)),
             "acceptance": float(kept.sum() / judged.sum()) if judged.sum() else None,
+            "draft_fallbacks": self.draft_fallbacks,
             "engine_seconds_per_sample": self.seconds / n,
             "acceptance_by_timestep": [None if not np.isfinite(v) else float(v) for v in by_step],
         }
