@@ -9,9 +9,10 @@ Delivery is at-least-once and every shard's output is keyed by its index range, 
 - a worker reads a task (XREADGROUP), bumps the shard's attempt counter, keeps the task alive with a
   heartbeat (XCLAIM JUSTID on its own pending entry, which resets its idle time without counting a delivery),
   writes the shard file atomically, then records the result and XACKs in one transaction;
-- a worker that dies stops heartbeating; after ``heartbeat_timeout`` another worker takes its entry over
-  with XAUTOCLAIM, walking the whole pending list with the cursor XAUTOCLAIM returns; a shard started more
-  than ``max_attempts`` times fails the job with its last error;
+- a worker that dies stops heartbeating; after ``heartbeat_timeout`` another worker takes its entry over:
+  ``XPENDING ... IDLE`` finds stale entries anywhere in the pending list (however many fresh ones come
+  first) and XAUTOCLAIM claims one atomically; a shard started more than ``max_attempts`` times fails the
+  job with its last error;
 - a shard whose stream entry is gone (XDEL, XTRIM, or reported deleted by XAUTOCLAIM) is found by
   :meth:`JobQueue.reconcile`, which checks every shard against the done hash, the pending list and the
   undelivered entries in one Lua script and queues the missing ones again. Workers run it on a job whose
@@ -32,6 +33,8 @@ from cluster.keys import Keys
 from cluster.records import JobStatus, ShardResult  # noqa: F401 - JobStatus re-exported
 
 log = logging.getLogger("specdit.queue")
+
+_CLAIM_TRIES = 16  # stale candidates tried per poll (another worker may claim one first)
 
 # Heartbeat: keep a pending entry alive only while this consumer still owns it.
 # KEYS = stream; ARGV = group, consumer, message id. Returns 1 if refreshed, 0 if no longer ours.
@@ -169,30 +172,34 @@ class JobQueue(SpecditRedis):
         return None
 
     def claim_stale(self, job_id: str, consumer: str) -> Task | None:
-        """Take over the first entry of the job's pending list idle for ``heartbeat_timeout``, walking the
-        whole list with XAUTOCLAIM's cursor (each call looks at a few entries only). Entries whose stream
-        entry was deleted (Redis 7 lists them in a third element and drops them from the pending list) make
-        the job be reconciled, so their shards are queued again."""
-        stream, min_idle = self.keys.stream(job_id), int(self.heartbeat_timeout * 1000)
-        cursor = "0-0"
-        while True:
+        """Take over the oldest entry of the job's pending list that has been idle for ``heartbeat_timeout``.
+
+        ``XPENDING ... IDLE`` finds it anywhere in the pending list (a scan on the server, however many fresh
+        entries come first); ``XAUTOCLAIM`` from its id then claims it atomically (it re-checks the idle
+        time, so two workers never both take it) and reports entries whose stream entry was deleted (Redis
+        7 lists them in a third element and drops them from the pending list): their job is reconciled, so
+        their shards are queued again."""
+        stream, group, min_idle = self.keys.stream(job_id), self.keys.group, int(self.heartbeat_timeout * 1000)
+        for _ in range(_CLAIM_TRIES):
             try:
-                res = self.r.xautoclaim(stream, self.keys.group, consumer, min_idle, start_id=cursor, count=1)
+                stale = self.r.xpending_range(stream, group, min="-", max="+", count=1, idle=min_idle)
+                if not stale:
+                    return None
+                res = self.r.xautoclaim(stream, group, consumer, min_idle, start_id=stale[0]["message_id"],
+                                        count=1)
             except redis.ResponseError as e:  # NOGROUP: the job's stream is gone (deleted job)
                 if "NOGROUP" in str(e):
                     return None
                 raise
-            cursor, msgs = res[0], res[1]
-            deleted = res[2] if len(res) > 2 else []
+            msgs, deleted = res[1], (res[2] if len(res) > 2 else [])
             if deleted:
                 self.reconcile(job_id)
             for msg_id, fields in msgs:
                 if fields and "shard" in fields:
                     return Task(job_id, int(fields["shard"]), msg_id, reclaimed=True)
-                self.r.xack(stream, self.keys.group, msg_id)  # Redis < 7 returns deleted entries empty
+                self.r.xack(stream, group, msg_id)  # Redis < 7 returns deleted entries empty
                 self.reconcile(job_id)
-            if cursor in ("0-0", b"0-0"):
-                return None
+        return None
 
     def reconcile(self, job_id: str) -> int:
         """Queue again every shard of a queued/running job that is neither done, nor pending, nor waiting in

@@ -7,6 +7,7 @@ before the fix (see the issue's closing note).
 """
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -178,9 +179,11 @@ def _poison_files(tmp_path):
     opt = torch.optim.AdamW(net.parameters())
     torch.save({"model": net.state_dict(), "ema": net.state_dict(), "opt": opt.state_dict(),
                 "gen_state": torch.Generator().get_state(), "step": torch.tensor(5)}, d / "train.pt")
-    return {"empty-pt": (d / "empty.pt", "EOFError"), "random-pt": (d / "random.pt", "UnpicklingError"),
-            "random-safetensors": (d / "random.safetensors", "SafetensorError"),
-            "training-checkpoint": (d / "train.pt", "does not look like")}
+    # The reason the library gives (older loaders let the raw exception through: its type is the reason).
+    return {"empty-pt": (d / "empty.pt", r"is empty|EOFError"),
+            "random-pt": (d / "random.pt", r"cannot read checkpoint|UnpicklingError"),
+            "random-safetensors": (d / "random.safetensors", r"SafetensorError|header"),
+            "training-checkpoint": (d / "train.pt", r"does not look like|not a DiT|train")}
 
 
 @pytest.mark.parametrize("kind", ["empty-pt", "random-pt", "random-safetensors", "training-checkpoint"])
@@ -199,7 +202,7 @@ def test_poison_model_fails_its_job_not_the_worker_nor_other_jobs(q, tmp_path, k
     w = _run(q, "local", max_idle=1.0)
     rec = q.get(bad)
     assert rec.status == JobStatus.FAILED, rec
-    assert "after 3 attempts" in rec.error and reason in rec.error, rec.error
+    assert "after 3 attempts" in rec.error and re.search(reason, rec.error), rec.error
     assert "cannot load model" in rec.error and "heartbeat" not in rec.error
     assert q.get(good).status == JobStatus.DONE and w.shards_done == 2
     first_good = min(r.started_at for r in q.done_results(good).values())
@@ -212,14 +215,14 @@ def test_worker_bound_to_a_poison_job_exits_5(redis_env, tmp_path):
 
     client, prefix = redis_env
     q = JobQueue(client, Keys(prefix))
-    path, _ = _poison_files(tmp_path)["empty-pt"]
+    path, reason = _poison_files(tmp_path)["empty-pt"]
     jid = q.submit(_spec(tmp_path, model=str(path), labels="none")).job_id
     r = run_cli("worker", "--engine", "local", "--job", jid, "--max-idle", "2", "--log-level", "ERROR",
                 redis_url="redis://127.0.0.1:6379/0", prefix=prefix, timeout=120)
     assert r.returncode == 5, r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: worker cannot run job") and "EOFError" in last and "Traceback" not in r.stderr
-    assert "EOFError" in q.r.hget(q.keys.errors(jid), "0")
+    assert last.startswith("error: worker cannot run job") and "Traceback" not in r.stderr
+    assert re.search(reason, last) and re.search(reason, q.r.hget(q.keys.errors(jid), "0")), last
     assert int(q.r.hget(q.keys.attempts(jid), "0")) == 1
 
 

@@ -224,13 +224,13 @@ def test_slow_model_load_keeps_the_shard(q, tmp_path):
     model_info = eng.model_info
     stale = []
 
-    def slow_model_info(name):
+    def slow_model_info(name, options=None):
         if not stale:  # the first load only
             time.sleep(2.5 * q.heartbeat_timeout)
             res = q.r.xautoclaim(q.keys.stream(jid), q.keys.group, "someone-else",
                                  int(q.heartbeat_timeout * 1000), start_id="0-0", count=10)
             stale.append([msg_id for msg_id, _ in res[1]])  # shards idle longer than the heartbeat timeout
-        return model_info(name)
+        return model_info(name, options)
 
     eng.model_info = slow_model_info
     assert ShardWorker(q, eng, WorkerOptions(max_idle=0.3, poll_interval=0.05)).run() == 0
