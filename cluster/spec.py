@@ -181,9 +181,9 @@ def format_validation_error(err: ValidationError) -> str:
     """One line: 'field.path: message; other: message'."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "spec"
+        loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
+        parts.append(f"{loc}: {msg}" if loc else msg)  # no location: a check across fields
     return "; ".join(parts)
 
 
