@@ -190,8 +190,9 @@ def main(argv=None) -> dict:
                 print(f"N={n}: {r['num_shards']} shards, {args.workers} workers, killed "
                       f"{[k['at_fraction'] for k in r['killed']]} of the way; submit {r['submit_seconds']:.3f}s, "
                       f"submit->done {r['submit_to_done_seconds']:.1f}s, queue overhead per shard "
-                      f"{r['queue_overhead_per_shard_ms']:.1f} ms (all), {r['queue_overhead_per_shard_busy_ms']:.1f} ms "
-                      f"(busy workers), {r['in_shard_overhead_ms']:.1f} ms (in shard), reclaimed {r['reclaimed_shards']} shards; "
+                      f"{r['queue_overhead_per_shard_ms']:.1f} ms (all), "
+                      f"{r['queue_overhead_per_shard_busy_ms']:.1f} ms (busy workers), "
+                      f"{r['in_shard_overhead_ms']:.1f} ms (in shard), reclaimed {r['reclaimed_shards']} shards; "
                       f"every index once: {r['every_index_once']} (missing {r['missing']}, duplicated "
                       f"{r['duplicated']}, {r['shard_files']} shard files)", flush=True)
             measure_aggregation(client, results["jobs"][0]["job_id"])  # warm-up: imports, caches

@@ -5,11 +5,11 @@ bounded chunks, so neither the client nor one Redis command ever holds a whole j
 
 Measured costs behind the caps (Redis 7.0, ``MEMORY USAGE``): a queued shard costs about 17 bytes of stream
 (listpack entries), a finished shard about 430 bytes (its ShardResult JSON in the ``done`` hash, measured by
-``benchmarks/service_scale.py``); the constants below round these up. A job at the cap thus holds at most ``MAX_SHARDS_PER_JOB *
-(REDIS_BYTES_PER_QUEUED_SHARD + REDIS_BYTES_PER_DONE_SHARD)`` ~ 54 MB of Redis, and a client submitting it
-holds one chunk (``SUBMIT_CHUNK_SHARDS`` shard numbers) at a time: its Python heap stays under
-``SUBMIT_CLIENT_HEAP_BUDGET`` bytes whatever the job's size (0.04 MiB measured for 100,000 shards; the old
-single-transaction submit peaked at 44 MiB, growing linearly).
+``benchmarks/service_scale.py``); the constants below round these up. A job at the cap thus holds at most
+``MAX_SHARDS_PER_JOB * (REDIS_BYTES_PER_QUEUED_SHARD + REDIS_BYTES_PER_DONE_SHARD)`` ~ 54 MB of Redis, and a
+client submitting it holds one chunk (``SUBMIT_CHUNK_SHARDS`` shard numbers) at a time: its Python heap stays
+under ``SUBMIT_CLIENT_HEAP_BUDGET`` bytes whatever the job's size (0.04 MiB measured for 100,000 shards; the
+old single-transaction submit peaked at 44 MiB, growing linearly).
 """
 from __future__ import annotations
 
