@@ -210,6 +210,22 @@ def test_poison_model_fails_its_job_not_the_worker_nor_other_jobs(q, tmp_path, k
     assert int(q.r.hget(q.keys.job(bad), "load_failures")) == 3
 
 
+def test_poison_drafter_fails_its_job_with_the_real_reason(q, tmp_path):
+    """A drafter checkpoint that cannot be loaded (``model:<empty .pt>``) raises inside the engine: each
+    attempt is recorded and counted, the worker survives, the job fails with the loader's reason."""
+    from cluster.testing import api_available
+
+    if not api_available():
+        pytest.skip("specdit.api not importable")
+    path, reason = _poison_files(tmp_path)["empty-pt"]
+    jid = q.submit(_spec(tmp_path, model="gmm-2d", n=8, shard=4,
+                         sampler={"steps": 8, "draft_length": 2, "drafter": f"model:{path}"})).job_id
+    w = _run(q, "local", max_idle=1.0)
+    rec = q.get(jid)
+    assert rec.status == JobStatus.FAILED and w.shards_done == 0, rec
+    assert "after 3 attempts" in rec.error and re.search(reason, rec.error), rec.error
+
+
 def test_worker_bound_to_a_poison_job_exits_5(redis_env, tmp_path):
     from cluster.testing import run_cli
 
