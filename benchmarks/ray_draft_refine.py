@@ -42,10 +42,10 @@ def main() -> None:
     from workers.ray_engine import RayEngine
 
     torch.set_num_threads(1)
-    ray.init(num_cpus=2, include_dashboard=False, namespace="specdit", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="specdit", log_to_driver=False)
     sampler = {"sampler": "draft_refine", "steps": a.steps, "parallel": a.parallel, "refine_mode": a.mode}
     work = ShardWork(model=a.model, sampler=sampler, labels="uniform", base_seed=7, start=0, stop=a.n,
-                     batch_size=a.batch_size, extractor="auto")
+                     batch_size=a.batch_size, extractor="auto", store="latents")  # raw samples: compared below
     res, ref_stats = {}, None
     for actors in (1, 2):
         eng = RayEngine(device="cpu", threads=1, actors=actors)

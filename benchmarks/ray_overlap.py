@@ -51,12 +51,12 @@ def main() -> None:
     from workers.ray_engine import RayEngine
 
     torch.set_num_threads(1)
-    ray.init(num_cpus=2, include_dashboard=False, namespace="specdit", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="specdit", log_to_driver=False)
     eng = RayEngine(device="cpu", threads=1, actors=2)
     sampler = {"sampler": "speculative", "steps": a.steps, "draft_length": a.draft_length, "verify": a.verify,
                "drafter": a.drafter}
     work = ShardWork(model=a.model, sampler=sampler, labels="uniform", base_seed=2024, start=0, stop=a.n,
-                     batch_size=a.n, save_samples=True)
+                     batch_size=a.n, save_samples=True, store="latents")  # raw samples: compared below
     warm = ShardWork(**{**work.__dict__, "stop": 2, "batch_size": 2})
     eng.run(warm)  # load the model and the drafter on both actors
     rows: dict[str, list] = {m: [] for m in MODES}

@@ -63,7 +63,7 @@ def main() -> None:
     wall_single = time.perf_counter() - t0
     print(f"single process: {wall_single:.1f}s", flush=True)
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="specdit", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="specdit", log_to_driver=False)
     pool = Pool.create(2, device="cpu", threads=1)
     rep = train_drafter_on_pool(pool, a.model, a.data, cfg, root / "dp")
     print(f"2 actors (data parallel): {rep.wall_s:.1f}s", flush=True)

@@ -97,6 +97,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
+            os.environ["SPECDIT_OUTPUT_ROOT"] = str(tmp)  # job outputs are confined to the output root
             results = {}
             for workers in (1, 2):
                 spec = spec_from_dict({

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import one_line_warnings, user_errors
+from cli.common import check_output_file, one_line_warnings, user_errors
 
 
 def _fmt(v, spec=".3f"):
@@ -30,13 +30,15 @@ def bench(
     labels: str = typer.Option("none", help="Label policy: none | uniform | random | fixed:<class>"),
     seed: int = typer.Option(0, help="Base seed."),
     batch_size: int = typer.Option(256, help="Chains sampled together."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
     markdown: bool = typer.Option(False, help="Print a Markdown table (for the README)."),
 ) -> None:
     """Rounds, parallel efficiency, acceptance, wall time relative to ddpm, and distance to ground truth."""
     import torch
     from rich.console import Console
+
+    from cli.render import markup
     from rich.table import Table
 
     from specdit.api import guided, load_model, parse_cfg_channels
@@ -44,6 +46,8 @@ def bench(
     from specdit.labels import labels_for
     from specdit.noise import sample_seed
 
+    if json_out is not None:
+        check_output_file(json_out, "--json file")
     if threads is not None:
         torch.set_num_threads(threads)
     if num_samples < 1:
@@ -62,7 +66,7 @@ def bench(
     for _, v in variants:
         v.validate()
     console = Console(width=max(Console().width, 120))
-    console.print(f"[bold]{model}[/] S={steps} N={num_samples} seed={seed} cfg={cfg} threads={torch.get_num_threads()}")
+    console.print(f"[bold]{markup(model)}[/] S={steps} N={num_samples} seed={seed} cfg={cfg} threads={torch.get_num_threads()}")
     curve = batch_cost_curve(guided(m, cfg, channels))
     console.print("target batch cost (relative to batch 1): " + ", ".join(f"b={b}: {c:.2f}x" for b, c in curve.items()))
     cols = ["variant", "rounds/sample", "parallel eff.", "acceptance", "wall vs ddpm", "KS to truth", "KS p"]

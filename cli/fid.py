@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import fail
+from cli.common import check_output_file, fail, user_errors
 
 
 class Features(str, Enum):
@@ -41,6 +41,8 @@ def fid(
     from specdit.metrics.fid import frechet_distance
     from specdit.metrics.sources import load_source, source_stats
 
+    if save_stats is not None:
+        check_output_file(save_stats, "--save-stats file")
     try:
         a, b = load_source(source_a), load_source(source_b)
         sa = source_stats(a, features.value, batch_size=batch_size, progress=progress)
@@ -67,6 +69,8 @@ def fid_ref(
     """Compute (once) and cache the FID reference statistics of a built-in data set."""
     from specdit.metrics.reference import reference_stats, reference_stats_path
 
+    if out is not None:
+        check_output_file(out, "--out file")
     try:
         stats = reference_stats(name, features.value, recompute=recompute, out=out, batch_size=batch_size)
     except (ValueError, OSError) as e:
@@ -76,5 +80,5 @@ def fid_ref(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("fid")(fid)
-    app.command("fid-ref")(fid_ref)
+    app.command("fid")(user_errors(fid))
+    app.command("fid-ref")(user_errors(fid_ref))

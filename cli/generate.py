@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from cli.common import one_line_warnings, step_progress, user_errors
+from cli.render import markup, plain
 
 
 def generate(
@@ -32,7 +33,7 @@ def generate(
     labels: str = typer.Option("uniform", help="Label policy: none | uniform | random | fixed:<class>"),
     batch_size: int = typer.Option(64, help="Chains sampled together."),
     out: Path = typer.Option(..., "--out", "-o", help="A .npz file, or a directory (PNGs + grid for image models)."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Generate samples and print speed statistics (rounds, parallel efficiency, acceptance).
@@ -45,11 +46,11 @@ def generate(
     config = SamplerConfig(sampler=sampler, steps=steps, eta=eta, draft_length=draft_length, verify=verify,
                            drafter=drafter, relax=relax, cfg_scale=cfg, cfg_channels=parse_cfg_channels(cfg_channels),
                            refine_mode=refine_mode, parallel=parallel)
-    with one_line_warnings(), step_progress(num_samples * steps, f"{sampler} on {model}", progress) as advance:
+    with one_line_warnings(), step_progress(num_samples * steps, markup(f"{sampler} on {model}"), progress) as advance:
         summary = generate_to_disk(model, config, num_samples, seed, labels, out, batch_size=batch_size,
                                    threads=threads, progress=advance, num_heads=num_heads, weights=weights)
     s = summary["stats"]
-    typer.echo(f"wrote {out}")
+    typer.echo(plain(f"wrote {out}"))
     typer.echo(f"{s['samples']} samples x {s['steps']} steps in {summary['wall_time_s']:.2f} s | "
                f"rounds/sample {s['rounds_per_sample']:.2f} | parallel efficiency {s['parallel_efficiency']:.3f} | "
                f"acceptance {s['acceptance']:.3f} | target evals/sample {s['target_evals_per_sample']:.1f}"

@@ -18,6 +18,7 @@ from typing import Optional
 import typer
 
 from cli.common import fail
+from cli.render import SafeFormatter, markup, plain
 
 # Service log records reach stderr only where a command configures logging (the worker does); the other
 # commands report through their one-line messages.
@@ -92,7 +93,10 @@ def submit(
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Chains sampled together."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output directory shared by workers."),
-    fid_reference: Optional[str] = typer.Option(None, "--fid-ref", help="data:<n> or reference stats .npz."),
+    store: Optional[str] = typer.Option(None, "--store", help="What shards store: auto | images | latents | "
+                                                              "images+latents (auto: decoded images)."),
+    fid_reference: Optional[str] = typer.Option(None, "--fid-ref", help="data:<n>, ref:<name>, or a statistics "
+                                                                        ".npz (ours, or ADM-style mu/sigma)."),
     extractor: Optional[str] = typer.Option(None, help="FID features: auto | raw | mnist | inception."),
     no_fid: bool = typer.Option(False, "--no-fid", help="Do not compute FID statistics."),
     baseline: Optional[str] = typer.Option(None, help="Baseline job id for speed-up (default: auto)."),
@@ -111,15 +115,16 @@ def submit(
 
 @_guard
 def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter, relax, cfg_scale, refine_mode,
-            parallel, labels, num_samples, seed, shard_size, batch_size, output, fid_reference, extractor, no_fid,
+            parallel, labels, num_samples, seed, shard_size, batch_size, output, store, fid_reference, extractor, no_fid,
             baseline, name, engine, check_model, watch, quiet, redis_url, prefix):
     from cluster.errors import SpecError
+    from cluster.paths import resolve_model_path, resolve_sampler_paths
     from cluster.spec import load_spec_file, merge_overrides, spec_from_dict
 
     data = load_spec_file(spec_file) if spec_file is not None else {}
     overrides = {
         "model": model, "name": name, "labels": labels, "num_samples": num_samples, "base_seed": seed,
-        "shard_size": shard_size, "batch_size": batch_size, "output.dir": output,
+        "shard_size": shard_size, "batch_size": batch_size, "output.dir": output, "output.store": store,
         "sampler.sampler": sampler, "sampler.steps": steps, "sampler.eta": eta,
         "sampler.draft_length": draft_length, "sampler.verify": verify, "sampler.drafter": drafter,
         "sampler.relax": relax, "sampler.cfg_scale": cfg_scale, "sampler.refine_mode": refine_mode,
@@ -133,18 +138,24 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
     if "num_samples" not in data:
         raise SpecError("invalid job spec: num_samples: Field required (give -n or a spec file)")
     spec = spec_from_dict(data)
+    spec.job_dir()  # exit 2 now if the output directory leads out of the output root or a file is in the way
     q = _queue(redis_url, prefix)  # reach Redis before the (slower) model check
     if check_model:
-        from workers.engine import EngineError, check_labels, make_engine
+        from workers.engine import EngineError, check_labels, check_store, make_engine
 
         try:
             eng = make_engine(engine)
-            info = eng.model_info(spec.model, spec.model_options())
+            info = eng.model_info(resolve_model_path(spec.model), spec.model_options())
             check_labels(spec.labels, info)
-            eng.check_sampler(spec.sampler.model_dump(mode="json"))
+            check_store(spec.output.store, info)
+            sampler = resolve_sampler_paths(spec.sampler.model_dump(mode="json"))
+            eng.check_sampler(sampler)
+            if sampler["drafter"].startswith("model:"):  # a drafter model must load as well as the target
+                eng.model_info(sampler["drafter"].removeprefix("model:"))
         except EngineError as e:
             raise SpecError(f"invalid job spec: {e}") from None
         _warn_fid_dimension(spec, info)
+        _check_reference(spec.evaluate.fid_reference if spec.evaluate.fid else None)
     res = q.submit(spec)
     if res.resumed and not res.queued_shards:  # every shard was already done: only the report is missing
         from cluster.aggregator import Aggregator
@@ -154,10 +165,10 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
     if quiet:
         typer.echo(res.job_id)
     elif res.created:
-        typer.echo(f"submitted job {res.job_id}: {spec.num_samples} samples of {spec.model} "
-                   f"({spec.sampler.sampler}) in {spec.num_shards} shards; outputs in {spec.job_dir()}")
+        typer.echo(plain(f"submitted job {res.job_id}: {spec.num_samples} samples of {spec.model} "
+                         f"({spec.sampler.sampler}) in {spec.num_shards} shards; outputs in {spec.job_dir()}"))
     elif res.resumed:
-        typer.echo(f"resumed job {res.job_id}: {res.queued_shards} unfinished shard(s) queued again")
+        typer.echo(plain(f"resumed job {res.job_id}: {res.queued_shards} unfinished shard(s) queued again"))
     else:
         typer.echo(f"job {res.job_id} already exists ({res.status.value}); nothing submitted")
     if watch:
@@ -178,6 +189,21 @@ def _warn_fid_dimension(spec, info) -> None:
                    "covariance is singular below the feature dimension and the FID is biased", err=True)
 
 
+def _check_reference(ref: str | None) -> None:
+    """An FID reference given as a statistics file must be readable here (the aggregator reads it later)."""
+    if ref is None or ref == "auto" or ref.startswith(("data:", "ref:")):
+        return
+    from cluster.errors import SpecError
+    from cluster.paths import resolve_model_path
+    from workers.evaluation import load_feature_stats
+
+    try:
+        load_feature_stats(resolve_model_path(ref, "fid_reference"))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the spec's fault
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SpecError(f"invalid job spec: fid_reference {ref!r} is not readable FID statistics: {first}") from None
+
+
 # ------------------------------------------------------------------------------------------------------
 def _fmt_secs(s: float | None) -> str:
     if s is None:
@@ -194,7 +220,7 @@ def _status_renderable(p):
     n = rec.spec.num_samples
     t = Table.grid(padding=(0, 1))
     colour = {"done": "green", "failed": "red", "cancelled": "yellow"}.get(rec.status.value, "cyan")
-    head = f"[bold]{rec.id}[/bold]" + (f" ({rec.spec.name})" if rec.spec.name else "")
+    head = f"[bold]{markup(rec.id)}[/bold]" + (f" ({markup(rec.spec.name)})" if rec.spec.name else "")
     t.add_row(head, f"[{colour}]{rec.status.value}[/{colour}]", ProgressBar(total=1.0, completed=p.fraction, width=30),
               f"{100 * p.fraction:5.1f}%")
     rate = f"{p.samples_per_second:.1f} samples/s" if p.samples_per_second else "- samples/s"
@@ -205,9 +231,10 @@ def _status_renderable(p):
     out.add_row(info)
     if p.errors and not rec.status == rec.status.DONE:
         last = sorted(p.errors.items())[-1]
-        out.add_row(f"[yellow]{len(p.errors)} shard(s) retried; last error (shard {last[0]}): {last[1]}[/yellow]")
+        out.add_row(f"[yellow]{len(p.errors)} shard(s) retried; last error (shard {last[0]}): "
+                    f"{markup(last[1])}[/yellow]")
     if rec.error and rec.status.value != "done":
-        out.add_row(f"[red]{rec.error}[/red]")
+        out.add_row(f"[red]{markup(rec.error)}[/red]")
     return out
 
 
@@ -268,17 +295,19 @@ def results(
     job_id: str = typer.Argument(..., help="Job id."),
     as_json: bool = typer.Option(False, "--json", help="Print the report JSON."),
     recompute: bool = typer.Option(False, "--recompute", help="Aggregate the shards again."),
+    export: Optional[Path] = typer.Option(None, "--export", help="Also write the job's images to this .npz "
+                                          "(arr_0: (N, H, W, 3) uint8 in sample order; ADM/DiT format)."),
     engine: str = typer.Option("local", help="Engine for a 'data:<n>' FID reference (local | ray | synthetic)."),
     redis_url: Optional[str] = RedisUrl,
     prefix: Optional[str] = Prefix,
 ):
     """The report of a finished job: FID, sample count, rounds per sample, efficiency, speed-up."""
-    _results(job_id=job_id, as_json=as_json, recompute=recompute, engine=engine, redis_url=redis_url,
-             prefix=prefix)
+    _results(job_id=job_id, as_json=as_json, recompute=recompute, export=export, engine=engine,
+             redis_url=redis_url, prefix=prefix)
 
 
 @_guard
-def _results(job_id, as_json, recompute, engine, redis_url, prefix):
+def _results(job_id, as_json, recompute, export, engine, redis_url, prefix):
     from cluster.aggregator import Aggregator
     from cluster.errors import ServiceError
     from cluster.records import JobStatus
@@ -286,6 +315,12 @@ def _results(job_id, as_json, recompute, engine, redis_url, prefix):
 
     q = _queue(redis_url, prefix)
     rec = q.get(job_id)
+    if export is not None:
+        from cluster.export import export_images
+
+        ex = export_images(q, job_id, export)
+        typer.echo(f"wrote {ex.path}: arr_0 {ex.shape} uint8" + (", arr_1 labels" if ex.labels else ""),
+                   err=as_json)
     agg = Aggregator(q, make_engine(engine))
     retry_aggregation = recompute and rec.status == JobStatus.FAILED and (rec.error or "").startswith(
         "aggregation failed")
@@ -304,11 +339,7 @@ def _results(job_id, as_json, recompute, engine, redis_url, prefix):
                                f"queued again for recomputation (shard {s}: {why}); run a worker, then retry")
         if report is None:
             raise ServiceError(f"job {job_id} is being aggregated by another process; retry in a moment")
-    if report.get("baseline") is None and report.get("speed") is not None:
-        b = agg.baseline_for(rec.spec, report)  # a baseline may have finished after this job
-        if b is not None:
-            report["baseline"] = b
-            q.save_report(job_id, report)
+    report = agg.attach_baseline(rec, report)  # a baseline may have finished after this job
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -322,13 +353,16 @@ def _print_report(r: dict) -> None:
     def f(v, fmt="{:.4g}"):
         return "-" if v is None else fmt.format(v)
 
-    t = Table(title=f"job {r['job_id']}" + (f" ({r['name']})" if r.get("name") else ""), show_header=False)
+    t = Table(title=markup(f"job {r['job_id']}" + (f" ({r['name']})" if r.get("name") else "")), show_header=False)
     s = r["sampler"]
-    t.add_row("model / sampler", f"{r['model']} / {s['sampler']} (S={s['steps']}, L={s['draft_length']}, "
-                                 f"{s['verify']}, drafter {s['drafter']}, eta {s['eta']})")
+    t.add_row("model / sampler", markup(f"{r['model']} / {s['sampler']} (S={s['steps']}, L={s['draft_length']}, "
+                                        f"{s['verify']}, drafter {s['drafter']}, eta {s['eta']})"))
     t.add_row("samples", f"{r['unique_samples']} / {r['num_samples']} in {r['num_shards']} shards")
-    t.add_row("FID", f(r.get("fid"), "{:.6g}") + (f"  (vs {r['fid_reference']}, {r.get('fid_extractor')})"
+    t.add_row("FID", f(r.get("fid"), "{:.6g}") + (markup(f"  (vs {r['fid_reference']}, {r.get('fid_extractor')})")
                                                   if r.get("fid") is not None else ""))
+    isc = r.get("inception_score")
+    if isc:
+        t.add_row("Inception Score", f"{isc['value']:.4f}  ({isc['classifier']}, one split of {isc['n']})")
     sp = r.get("speed")
     if sp:
         t.add_row("rounds / sample", f"{sp['rounds_per_sample']:.3f} ± {sp['rounds_std']:.3f}")
@@ -342,9 +376,9 @@ def _print_report(r: dict) -> None:
                                     f"{1000 * w['job_seconds_per_sample']:.2f} ms (job, {len(w['workers'])} workers)")
     b = r.get("baseline")
     t.add_row("speed-up vs DDPM", "-" if not b else f"{b['speedup_rounds']:.2f}x rounds, {b['speedup_wall']:.2f}x wall "
-                                                   f"(baseline {b['job_id']})")
+                                                   f"(baseline {markup(b['job_id'])})")
     for k, v in r.get("files", {}).items():
-        t.add_row(k, v)
+        t.add_row(markup(k), markup(v))
     Console().print(t)
 
 
@@ -363,13 +397,13 @@ def _cancel(job_id, redis_url, prefix):
     q = _queue(redis_url, prefix)
     rec = q.cancel(job_id)
     if rec.status.value == "cancelled":
-        typer.echo(f"cancelled job {job_id}")
+        typer.echo(plain(f"cancelled job {job_id}"))
     else:
-        typer.echo(f"job {job_id} is already {rec.status.value}; nothing to cancel")
+        typer.echo(plain(f"job {job_id} is already {rec.status.value}; nothing to cancel"))
 
 
 def jobs(
-    limit: int = typer.Option(50, help="Most recent jobs to list."),
+    limit: int = typer.Option(50, min=1, help="Most recent jobs to list."),
     as_json: bool = typer.Option(False, "--json"),
     redis_url: Optional[str] = RedisUrl,
     prefix: Optional[str] = Prefix,
@@ -393,12 +427,13 @@ def _jobs(limit, as_json, redis_url, prefix):
     t = Table("job", "name", "model", "sampler", "N", "status", "shards", "submitted")
     for r in recs:
         done = q.shards_done(r.id)
-        t.add_row(r.id, r.spec.name or "", r.spec.model, r.spec.sampler.sampler, str(r.spec.num_samples),
+        t.add_row(markup(r.id), markup(r.spec.name or ""), markup(r.spec.model), r.spec.sampler.sampler,
+                  str(r.spec.num_samples),
                   r.status.value, f"{done}/{r.num_shards}", time.strftime("%Y-%m-%d %H:%M", time.localtime(r.submitted_at)))
     c = Console()
     c.print(t)
     ws = q.workers()
-    c.print(f"{len(ws)} live worker(s)" + (": " + ", ".join(w.get("name", "?") for w in ws) if ws else ""))
+    c.print(f"{len(ws)} live worker(s)" + (": " + ", ".join(markup(w.get("name", "?")) for w in ws) if ws else ""))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -416,6 +451,10 @@ def worker(
     poll_interval: float = typer.Option(0.25, "--poll-interval", help="Seconds between polls when idle."),
     name: Optional[str] = typer.Option(None, help="Worker name (default host-pid-random)."),
     log_level: str = typer.Option("INFO", "--log-level"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="SPECDIT_RAY_ADDRESS",
+                                              help="--engine ray: the cluster (host:port; default: a private one)."),
+    ray_pool: Optional[str] = typer.Option(None, "--ray-pool", envvar="SPECDIT_RAY_POOL",
+                                           help="--engine ray: sample on this named pool ('specdit pool start')."),
     redis_url: Optional[str] = RedisUrl,
     prefix: Optional[str] = Prefix,
 ):
@@ -425,11 +464,15 @@ def worker(
 
 @_guard
 def _worker(engine, job, device, threads, heartbeat_timeout, max_attempts, max_idle, max_shards, poll_interval,
-            name, log_level, redis_url, prefix):
+            name, log_level, ray_address, ray_pool, redis_url, prefix):
+    level = logging.getLevelName(log_level.upper())
+    if not isinstance(level, int):
+        fail(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ.setdefault("MKL_NUM_THREADS", str(threads))
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))  # hostile job text
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     from cluster.errors import ServiceError
     from cluster.limits import check_worker_settings
     from cluster.worker import ShardWorker, WorkerOptions
@@ -440,9 +483,11 @@ def _worker(engine, job, device, threads, heartbeat_timeout, max_attempts, max_i
     q = _queue(redis_url, prefix, heartbeat_timeout=heartbeat_timeout, max_attempts=max_attempts)
     try:
         kwargs = {"threads": threads} if device is None else {"threads": threads, "device": device}
+        if engine == "ray":
+            kwargs.update(address=ray_address, pool=ray_pool)
         eng = make_engine(engine, **kwargs)
     except EngineError as e:
-        raise ServiceError(str(e)) from None
+        fail(str(e), 2 if "unknown engine" in str(e) else 1)
     w = ShardWorker(q, eng, WorkerOptions(job_id=job, poll_interval=poll_interval, max_idle=max_idle,
                                           max_shards=max_shards), name=name)
     w.install_signal_handlers()
@@ -461,7 +506,9 @@ def register(app: typer.Typer) -> None:
 
 
 def standalone_app() -> typer.Typer:
-    app = typer.Typer(name="specdit", help="specdit job service.", no_args_is_help=True,
+    from cli.common import OneLineErrors
+
+    app = typer.Typer(name="specdit", help="specdit job service.", no_args_is_help=True, cls=OneLineErrors,
                       pretty_exceptions_enable=False, add_completion=False)
     register(app)
     return app

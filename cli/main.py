@@ -6,7 +6,10 @@ import importlib
 
 import typer
 
+from cli.common import OneLineErrors
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="specdit",
     help="Fast, exact sampling for Diffusion Transformers.",
     no_args_is_help=True,

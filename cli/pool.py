@@ -1,8 +1,9 @@
 """``specdit pool start | list | stop``: the verifier/drafter actor pool on an existing Ray cluster.
 
-Start a cluster first (``ray start --head --port 6380 --num-cpus 2`` locally, or the compose services),
-then ``specdit pool start --address 127.0.0.1:6380``; workers attach with
-``SPECDIT_RAY_ADDRESS=... SPECDIT_RAY_POOL=<name> specdit worker --engine ray``.
+Start a cluster first (``ray start --head --node-ip-address=127.0.0.1 --port=6380 --num-cpus=2`` locally, or
+the compose services), then ``specdit pool start main --address 127.0.0.1:6380``; workers attach with
+``specdit worker --engine ray --ray-address 127.0.0.1:6380 --ray-pool main``. There is no default address: a
+command never attaches to whatever Ray cluster runs on the machine unless told to (``--address auto``).
 """
 from __future__ import annotations
 
@@ -12,25 +13,27 @@ from typing import Optional
 
 import typer
 
-from cli.common import fail
+from cli.common import fail, user_errors
+from cli.render import markup, plain
 
 pool_app = typer.Typer(help="The Ray actor pool (verifier + drafter on separate devices).", no_args_is_help=True)
 
-Address = typer.Option("auto", "--address", envvar="SPECDIT_RAY_ADDRESS",
-                       help="Ray cluster address: auto | host:port | ray://host:port.")
+Address = typer.Option(..., "--address", envvar="SPECDIT_RAY_ADDRESS", show_default=False,
+                       help="Ray cluster address: host:port | ray://host:port | auto (any cluster running here).")
 
 
 def _pool_errors(fn):
     """PoolError -> one line and exit code 1."""
 
     @functools.wraps(fn)
+    @user_errors
     def wrapper(*args, **kwargs):
         from workers.actors import PoolError
 
         try:
             return fn(*args, **kwargs)
         except PoolError as e:
-            fail(str(e), 1)
+            fail(str(e), 2 if isinstance(e, ValueError) else 1)
 
     return wrapper
 
@@ -43,7 +46,8 @@ def _table(rows: list[dict]) -> None:
     for r in rows:
         dev = r["device"] if r["device"] == "cpu" else f"{r['device']} ({r['device_name']}, "\
                                                        f"CUDA_VISIBLE_DEVICES={r['cuda_visible_devices']})"
-        t.add_row(r.get("pool", ""), r.get("actor") or "", r["role"], dev, str(r["threads"]), r["host"], str(r["pid"]))
+        t.add_row(*(markup(v) for v in (r.get("pool", ""), r.get("actor") or "", r["role"], dev, r["threads"],
+                                        r["host"], r["pid"])))
     Console().print(t)
 
 
@@ -88,7 +92,7 @@ def stop(name: str = typer.Argument("specdit", help="Pool name."), address: str 
     """Kill a pool's actors and free its placement group."""
     from workers.actors import stop_pool
 
-    typer.echo(f"stopped pool {name!r} ({stop_pool(address, name)} actors)")
+    typer.echo(plain(f"stopped pool {name!r} ({stop_pool(address, name)} actors)"))
 
 
 def register(app: typer.Typer) -> None:

@@ -24,9 +24,10 @@ def train_drafter(
     seed: int = typer.Option(0),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Warm start from a trained drafter folder "
                                              "(e.g. the previous drafter of a model that was trained further)."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Train data-parallel on a Ray actor "
-                                              "pool: a cluster address (auto | host:port) or 'local'."),
+                                              "pool: a cluster address (host:port | auto) or 'local' (a private "
+                                              "cluster for this run)."),
     workers: int = typer.Option(2, "--workers", help="Data-parallel ranks (pool actors) with --ray-address."),
     pool: Optional[str] = typer.Option(None, "--pool", help="Use this named pool ('specdit pool start')."),
 ) -> None:
@@ -37,6 +38,8 @@ def train_drafter(
     from specdit.data import load_training_data
     from specdit.training.drafter import DrafterTrainConfig, train_drafter as run
 
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"run folder {out} exists and is not a directory")
     if threads is not None:
         torch.set_num_threads(threads)
     cfg = DrafterTrainConfig(steps=steps, batch_size=batch_size, lr=lr, lambda_feat=lambda_feat,

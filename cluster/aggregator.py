@@ -24,6 +24,7 @@ import numpy as np
 
 from cluster.client import SpecditRedis
 from cluster.errors import CorruptShard, ServiceError
+from cluster.paths import resolve_model_path
 from cluster.records import JobRecord, JobStatus
 from cluster.spec import JobSpec
 from cluster.storage import read_shard
@@ -79,6 +80,7 @@ class Aggregator:
         fid_stats, extractor_key, corrupt = None, "raw", []
         first, last, workers, job_dir, unique = float("inf"), float("-inf"), set(), None, 0
         with_stats = True
+        is_stats, is_shards = None, 0  # Inception-Score sums (every shard must have them)
         for s, res in self.q.iter_done_results(job_id, spec.num_shards):
             a, b = spec.shard_range(s)
             if res is None or (res.start, res.stop) != (a, b):
@@ -115,7 +117,13 @@ class Aggregator:
                 part = evaluation.feature_stats_from_arrays(fid)
                 fid_stats = part if fid_stats is None else fid_stats.merge(part)
                 extractor_key = str(arrays.get("feature_extractor", "raw"))
-            del arrays, stats, fid
+            isc = {key[len(evaluation.IS_PREFIX):]: v for key, v in arrays.items()
+                   if key.startswith(evaluation.IS_PREFIX)}
+            if isc:
+                part = evaluation.class_stats_from_arrays(isc)
+                is_stats = part if is_stats is None else is_stats.merge(part)
+                is_shards += 1
+            del arrays, stats, fid, isc
             # np.load parses each array header with ast.literal_eval, whose closures form reference cycles:
             # collect them per shard (young generations, cheap) and fully every 32 shards, or the garbage
             # piles up with the number of shards until the interpreter's next full collection.
@@ -159,8 +167,14 @@ class Aggregator:
             if ref is not None:
                 try:
                     report["fid"] = evaluation.frechet_distance(merged, ref)
-                except ValueError as e:  # e.g. fewer than 2 samples on either side
-                    raise ServiceError(f"FID: {' '.join(str(e).split())}") from None
+                except ValueError as e:  # fewer than 2 samples, or a reference of other features
+                    raise ServiceError(f"job {job_id}: FID reference {spec.evaluate.fid_reference}: "
+                                       f"{' '.join(str(e).split())}") from None
+        # Inception Score: one split over all samples, from the merged sums (every shard must have them).
+        report["inception_score"] = None
+        if is_stats is not None and is_shards == spec.num_shards:
+            report["inception_score"] = {"value": is_stats.inception_score(), "classifier": is_stats.classifier,
+                                         "n": is_stats.n, "splits": 1}
         # Baseline
         report["baseline"] = self.baseline_for(spec, report)
         # Files
@@ -187,7 +201,9 @@ class Aggregator:
             return None
         if not (ref == "auto" or ref.startswith(("data:", "ref:"))):
             try:
-                return evaluation.load_feature_stats(ref)
+                return evaluation.load_reference_stats(resolve_model_path(ref, "fid_reference"))
+            except ServiceError:
+                raise
             except Exception as e:  # noqa: BLE001 - any unreadable file is one line
                 raise ServiceError(f"cannot read FID reference statistics {ref}: {type(e).__name__}: "
                                    f"{' '.join(str(e).split())}") from None
@@ -202,12 +218,31 @@ class Aggregator:
         if self.engine is None:
             return None
         try:
-            arrays = self.engine.reference_stats(spec.model, spec.labels, extractor, ref)
+            arrays = self.engine.reference_stats(resolve_model_path(spec.model), spec.labels, extractor, ref)
         except EngineError as e:
             raise ServiceError(str(e)) from None
         stats = evaluation.feature_stats_from_arrays(arrays)
         stats.save(cache)
         return stats
+
+    def attach_baseline(self, rec: JobRecord, report: dict) -> dict:
+        """A report without a baseline whose DDPM baseline finished later: add the baseline to the report in
+        Redis *and* to the job's ``report.json`` (when this process sees the job's directory), so the two never
+        disagree. Returns the (possibly updated) report."""
+        if report.get("baseline") is not None or report.get("speed") is None:
+            return report
+        baseline = self.baseline_for(rec.spec, report)
+        if baseline is None:
+            return report
+        report = {**report, "baseline": baseline}
+        try:
+            path = rec.spec.job_dir() / "report.json"  # this process's root, confined (not a path from Redis)
+            if path.is_file():
+                _atomic_write_text(path, json.dumps(report, indent=2))
+        except (OSError, ServiceError) as e:
+            log.warning("job %s: report.json not updated with the baseline (%s)", rec.id, e)
+        self.q.save_report(rec.id, report)
+        return report
 
     def baseline_for(self, spec: JobSpec, report: dict) -> dict | None:
         """Speed-up against a DDPM job with the same model, seeds, labels and steps, when one is done."""

@@ -18,13 +18,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cluster import limits
+from cluster import limits, paths
 from cluster.errors import SpecError
 
 _DRAFTER = re.compile(r"^(free|feature|perturbed:\d+(\.\d*)?([eE][-+]?\d+)?|model:[\w.\-/]+)$")
 _LABELS = re.compile(r"^(none|uniform|random|fixed:\d+)$")
 MAX_SEED = 2**63 - 1
 SPEC_VERSION = 2  # 1: ids hashed the full spec with its defaults; 2: without defaults, version in the hash
+MAX_NAME_LENGTH = 100
 
 
 class _Strict(BaseModel):
@@ -66,13 +67,24 @@ class SamplerSettings(_Strict):
             raise ValueError("drafter must be 'free', 'feature', 'perturbed:<error>' or 'model:<name>'")
         if v.startswith("perturbed:") and not math.isfinite(float(v.split(":", 1)[1])):
             raise ValueError(f"drafter {v!r}: the error must be a finite number >= 0")
-        return v
+        kind, _, arg = v.partition(":")
+        return f"model:{paths.normalize_model_path(arg, 'drafter')}" if kind == "model" else v
 
 
 class OutputSpec(_Strict):
-    dir: str = "outputs/jobs"  # shared by all workers; the job writes under <dir>/<job id>/
-    save_samples: bool = True
-    sample_dtype: Literal["float32", "float16", "uint8"] = "float32"  # uint8 maps [-1, 1] -> [0, 255]
+    # Relative to the output root (SPECDIT_OUTPUT_ROOT, default ./outputs), which every worker resolves on its
+    # own; the job writes under <root>/<dir>/<job id>/ (cluster.paths).
+    dir: str = "jobs"
+    save_samples: bool = True  # false: statistics only
+    # What a shard stores: "auto" = decoded uint8 images for image models (latent DiTs decoded by their VAE),
+    # raw samples for vector models; "images"; "latents" (raw model output); "images+latents".
+    store: Literal["auto", "images", "latents", "images+latents"] = "auto"
+    sample_dtype: Literal["float32", "float16", "uint8"] = "float32"  # of raw samples; uint8 maps [-1, 1] -> [0, 255]
+
+    @field_validator("dir")
+    @classmethod
+    def _dir(cls, v: str) -> str:
+        return paths.normalize_output_dir(v)
 
 
 class EvaluateSpec(_Strict):
@@ -91,6 +103,8 @@ class EvaluateSpec(_Strict):
     def _ref(cls, v: str | None) -> str | None:
         if v is not None and v.startswith("ref:") and not re.match(r"^ref:[\w.\-]+$", v):
             raise ValueError("fid_reference 'ref:<name>' needs a data set name")
+        if v is not None and v != "auto" and not v.startswith(("data:", "ref:")):
+            return paths.normalize_model_path(v, "fid_reference")
         if v is None or not v.startswith("data:"):
             return v
         n = v.removeprefix("data:")
@@ -100,7 +114,7 @@ class EvaluateSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    name: str | None = Field(None, max_length=200)
+    name: str | None = Field(None, max_length=MAX_NAME_LENGTH)
     model: str = Field(min_length=1, max_length=500)
     num_heads: int | None = Field(None, ge=1, le=4096)  # original DiT .pt only (default: DiT's table)
     weights: Literal["ema", "model"] | None = None  # a DiT train.py checkpoint's weights (default: ema)
@@ -112,6 +126,20 @@ class JobSpec(_Strict):
     batch_size: int = Field(64, gt=0, le=100_000)
     output: OutputSpec = OutputSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        """Control characters (ESC, newlines, bidi overrides) are dropped; an empty result means no name."""
+        if v is None:
+            return None
+        v = " ".join(paths.CONTROL_CHARS.sub(" ", v).split())
+        return v or None
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return paths.normalize_model_path(v, "model")
 
     @field_validator("labels")
     @classmethod
@@ -156,7 +184,9 @@ class JobSpec(_Strict):
         return "j" + hashlib.sha256(key.encode()).hexdigest()[:15]
 
     def job_dir(self) -> Path:
-        return Path(self.output.dir) / self.job_id
+        """``<output root>/<output.dir>/<job id>`` for this process, confined to its output root
+        (raises ``cluster.paths.PathError``, exit code 2, when a symlink leads out of it)."""
+        return paths.job_dir(self.output.dir, self.job_id)
 
     def baseline_fingerprint(self) -> str:
         """Jobs with equal fingerprints sample the same model, seeds and labels: DDPM among them is the

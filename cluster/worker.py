@@ -28,10 +28,11 @@ import redis
 from cluster.aggregator import Aggregator
 from cluster.errors import ModelUnavailable, ServiceError
 from cluster.limits import check_worker_settings
+from cluster.paths import PathError, resolve_model_path, resolve_sampler_paths
 from cluster.queue import JobQueue, Task
 from cluster.records import JobStatus, RecordError, ShardResult
 from cluster.storage import shard_path, write_shard
-from workers.engine import Engine, EngineError, ShardWork, check_labels
+from workers.engine import Engine, EngineError, ShardWork, check_labels, check_store
 
 log = logging.getLogger("specdit.worker")
 
@@ -177,15 +178,18 @@ class ShardWorker:
         # Load the model (cached by the engine). Any exception is the job's fault, not the worker's: it is
         # recorded as the shard's error and counted against the job (see JobQueue.release).
         try:
-            info = self.engine.model_info(spec.model, spec.model_options())
+            # Model and drafter paths resolved against this worker's SPECDIT_MODEL_ROOT (when set) and re-checked.
+            model, sampler = resolve_model_path(spec.model), resolve_sampler_paths(spec.sampler.model_dump(mode="json"))
+            info = self.engine.model_info(model, spec.model_options())
             check_labels(spec.labels, info)
+            check_store(spec.output.store, info)
         except ShardAborted as e:
             beat.stop()
             self._handle_abort(task, e.reason)
             return
         except Exception as e:  # noqa: BLE001 - empty/corrupt checkpoints raise anything (EOFError, ...)
             beat.stop()
-            msg = str(e) if isinstance(e, EngineError) else (
+            msg = str(e) if isinstance(e, (EngineError, ServiceError)) else (
                 f"cannot load model {spec.model!r}: {type(e).__name__}: {' '.join(str(e).split())}".rstrip(": "))
             failed = self._retry_redis(lambda: self.q.release(task, error=msg, job_level=True))
             log.error("job %s: %s%s", task.job_id, msg, " (job failed)" if failed else "")
@@ -198,10 +202,18 @@ class ShardWorker:
         extractor = None
         if spec.evaluate.fid:
             extractor = info.default_extractor if spec.evaluate.extractor == "auto" else spec.evaluate.extractor
-        work = ShardWork(model=spec.model, sampler=spec.sampler.model_dump(mode="json"), labels=spec.labels,
+        work = ShardWork(model=model, sampler=sampler, labels=spec.labels,
                          base_seed=spec.base_seed, start=start, stop=stop, batch_size=spec.batch_size,
                          extractor=extractor, sample_dtype=spec.output.sample_dtype,
-                         save_samples=spec.output.save_samples, model_options=spec.model_options())
+                         save_samples=spec.output.save_samples, store=spec.output.store,
+                         model_options=spec.model_options())
+        try:  # before sampling: a directory outside this worker's output root, or a file in the way, is refused
+            job_dir = spec.job_dir()
+        except PathError as e:
+            beat.stop()
+            failed = self.q.release(task, error=str(e), job_level=True)  # the same for every shard
+            log.error("job %s shard %d: %s%s", task.job_id, task.shard, e, " (job failed)" if failed else "")
+            return
         started = time.time()
         try:
             out = self.engine.run(work, progress=beat.progress)
@@ -224,7 +236,7 @@ class ShardWorker:
         if self._abort == "lost":  # taken over while the last batch ran: the new owner records it
             self._handle_abort(task, "lost")
             return
-        path = shard_path(spec.job_dir().resolve(), start, stop)  # absolute: any process can find it
+        path = shard_path(job_dir, start, stop)  # absolute: any process can find it
         try:
             digest = write_shard(path, out.arrays)
         except (OSError, TypeError, ValueError) as e:

@@ -141,7 +141,13 @@ def make_drafter(spec: str, target: EpsModel, device: str = "cpu", model_name: s
         from specdit.models.registry import builtin_drafter_folder
 
         folder = arg or builtin_drafter_folder(model_name)
-        return load_feature_drafter(target, folder)
+        try:
+            return load_feature_drafter(target, folder)
+        except (ValueError, OSError):
+            raise
+        except Exception as e:  # noqa: BLE001 - corrupt weights or config: one line for the user
+            raise ValueError(f"cannot read feature drafter {folder}: {type(e).__name__}: "
+                             f"{(str(e).strip().splitlines() or [''])[0][:200]}") from None
     raise ValueError(f"unknown drafter {spec!r}")
 
 

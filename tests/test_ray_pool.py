@@ -59,7 +59,7 @@ def _state(pid: int) -> str:
 def cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     before = _descendants(os.getpid())
-    ray.init(num_cpus=2, include_dashboard=False, namespace="specdit", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="specdit", log_to_driver=False)
     state = {"before": before}
     yield state
     if ray.is_initialized():
@@ -114,6 +114,20 @@ def test_ray_engine_bit_identical_to_local_engine(engine, sampler):
             _assert_same_arrays(ref.arrays, engine.run(work).arrays)
         finally:
             engine.overlap = True
+
+
+def test_ray_engine_decodes_a_latent_dit_like_the_local_engine(engine, tmp_path):
+    """A latent DiT on the pool: the verifier actor decodes each batch with the VAE; the shard's uint8 images
+    and FID/IS sums equal the in-process engine's (ddpm: whole batches, the same batch composition)."""
+    from tests.test_latent_service import _tiny_latent_pipeline
+
+    model = str(_tiny_latent_pipeline(tmp_path / "pipe"))
+    work = ShardWork(model=model, sampler={"sampler": "ddpm", "steps": 5}, labels="uniform", base_seed=2,
+                     start=0, stop=8, batch_size=4, extractor="mnist")
+    ref = make_engine("local").run(work)
+    out = engine.run(work)
+    assert out.arrays["images"].shape == (8, 32, 32, 1) and "is_sum_p" in out.arrays
+    _assert_same_arrays(ref.arrays, out.arrays)
 
 
 def test_job_through_the_service_with_the_ray_engine(engine, tmp_path, monkeypatch, redis_env):

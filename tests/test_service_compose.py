@@ -79,6 +79,7 @@ def test_compose_commands_run_locally(compose, tmp_path):
     with redis_server(tmp_path / "redis", conf=REPO / "infra" / "redis.conf",
                       extra=("--requirepass", password)) as (url, _restart):
         env = cli_env(url, make_prefix(), SPECDIT_REDIS_PASSWORD=password, SPECDIT_CACHE=str(tmp_path / "cache"))
+        env.pop("SPECDIT_OUTPUT_ROOT", None)  # as in the containers: the default root ./outputs under /data
         replicas = s["worker"]["deploy"]["replicas"]
         workers = [subprocess.Popen(_local(s["worker"]["command"]), cwd=data, env=env, stdout=subprocess.DEVNULL,
                                     stderr=open(tmp_path / f"w{i}.log", "wb")) for i in range(replicas)]

@@ -33,6 +33,7 @@ def test_spec_defaults_and_id_stable():
     ({"model": "gmm-2d", "num_samples": 10, "base_seed": -1}, "base_seed"),
     ({"model": "", "num_samples": 10}, "model"),
     ({"model": "gmm-2d", "num_samples": 10, "evaluate": {"fid_reference": "data:x"}}, "fid_reference"),
+    ({"model": "gmm-2d", "num_samples": 10, "output": {"store": "pixels"}}, "output.store"),
 ])
 def test_invalid_specs_give_one_line(data, needle):
     with pytest.raises(SpecError) as e:
@@ -218,4 +219,5 @@ def test_local_engine_loads_with_the_spec_model_options(tmp_path):
     work = ShardWork(model=s.model, sampler=s.sampler.model_dump(mode="json"), labels=s.labels, base_seed=0,
                      start=0, stop=2, batch_size=2, model_options=s.model_options())
     out = engine.run(work)
-    assert out.arrays["samples"].shape == (2, 1, 8, 8) and np.isfinite(out.arrays["samples"]).all()
+    images = out.arrays["images"]  # an image model stores its uint8 images by default (output.store=auto)
+    assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8

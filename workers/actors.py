@@ -25,6 +25,10 @@ class PoolError(Exception):
     """A pool cannot be started, found or used (one-line message)."""
 
 
+class BadAddress(PoolError, ValueError):
+    """A malformed Ray address (a user mistake: exit code 2 in the CLI)."""
+
+
 # ------------------------------------------------------------------------------------------------------
 # Plain classes (no Ray): what runs on each device
 # ------------------------------------------------------------------------------------------------------
@@ -63,6 +67,10 @@ class DeviceWorker:
 
     def reference_stats(self, model: str, labels: str, extractor: str, source: str):
         return self.engine.reference_stats(model, labels, extractor, source)
+
+    def to_images(self, model: str, samples):
+        """Decode one batch on this device: uint8 images (B, H, W, C) numpy (``LocalEngine.to_images``)."""
+        return self.engine.to_images(model, samples)
 
     # -- sampling ------------------------------------------------------------------------------------
     def setup(self, model: str, sampler: dict) -> dict:
@@ -167,8 +175,11 @@ def _node_ip() -> str:
 # Ray: connection, the thin actor wrappers, the pool
 # ------------------------------------------------------------------------------------------------------
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect this process to Ray. ``address``: "auto", "host:port" or "ray://..."; None starts a private
-    local cluster (``num_cpus``). Returns True when this call started Ray here (the caller shuts it down)."""
+    """Connect this process to Ray. ``address``: "host:port", "ray://..." or "auto" (whatever cluster this
+    machine runs: only when asked for explicitly); None (and no ``SPECDIT_RAY_ADDRESS``) starts a private local
+    cluster (``num_cpus``) and never attaches to a cluster that happens to run here (``ray.init(address="local")``
+    rather than ``ray.init()``, which would). Returns True when this call started Ray here (the caller shuts it
+    down)."""
     import ray
 
     if ray.is_initialized():
@@ -181,7 +192,8 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, local, throw-away cluster
-            ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
+            ray.init(address="local", num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False,
+                     log_to_driver=False,
                      configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise PoolError(f"cannot connect to Ray at {address or 'a new local cluster'}: "
@@ -192,7 +204,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise PoolError(f"bad Ray address {address!r}: expected host:port, auto or ray://host:port")
+        raise BadAddress(f"bad Ray address {address!r}: expected host:port, auto or ray://host:port")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:

@@ -33,6 +33,7 @@ class ModelInfo:
     sample_shape: tuple[int, ...]
     num_classes: int | None  # None: unconditional
     default_extractor: str  # "raw" for vectors, "mnist"/"inception" for images
+    image_shape: tuple[int, ...] | None = None  # (H, W, C) of the decoded uint8 images; None: vectors
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class ShardWork:
     extractor: str | None = None  # FID feature extractor name; None: no features
     sample_dtype: str = "float32"
     save_samples: bool = True
+    store: str = "auto"  # "auto" | "images" | "latents" | "images+latents" (``workers.shard_arrays``)
     model_options: dict = field(default_factory=dict)  # ``specdit.api.load_model`` keywords (num_heads, weights)
 
 
@@ -116,13 +118,20 @@ def check_labels(policy: str, info: ModelInfo) -> None:
             raise EngineError(f"{e} for model {info.name!r}") from None
 
 
-def _encode_samples(samples, dtype: str) -> np.ndarray:
-    import torch
+def check_store(store: str, info: ModelInfo) -> None:
+    """Raise EngineError if ``output.store`` does not fit the model (images of a vector model)."""
+    from workers.shard_arrays import StoreError, stored_arrays
 
-    x = samples.detach().cpu()
-    if dtype == "uint8":
-        return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8).numpy()
-    return x.to(getattr(torch, dtype)).numpy()
+    try:
+        stored_arrays(store, info.image_shape, f"model {info.name!r}")
+    except StoreError as e:
+        raise EngineError(str(e)) from None
+
+
+def _encode_samples(samples, dtype: str) -> np.ndarray:
+    from workers.shard_arrays import encode_samples
+
+    return encode_samples(samples, dtype)
 
 
 def _features(extractor_name: str, samples):
@@ -142,6 +151,18 @@ def _stats_arrays(features, extractor_name: str) -> dict[str, np.ndarray]:
     return {f"fid_{k}": v for k, v in st.to_arrays().items()}
 
 
+def shard_arrays_for(work: ShardWork, info: ModelInfo, to_images):
+    """The :class:`workers.shard_arrays.ShardArrays` accumulator of a shard (EngineError on a bad store)."""
+    from workers.shard_arrays import ShardArrays, StoreError
+
+    try:
+        return ShardArrays(image_shape=info.image_shape, to_images=to_images if info.image_shape else None,
+                           extractor=work.extractor, store=work.store, sample_dtype=work.sample_dtype,
+                           save=work.save_samples, model=f"model {info.name!r}")
+    except StoreError as e:
+        raise EngineError(str(e)) from None
+
+
 def set_threads(n: int) -> None:
     import torch
 
@@ -155,8 +176,11 @@ class LocalEngine:
     """Samples in this process with ``specdit.api.generate``.
 
     ``run`` returns arrays: ``indices`` (n,), ``seeds`` (n,), ``labels`` (n,) (-1: unconditional),
-    ``samples`` (n, *shape) when saved, ``stat_<name>`` per-sample statistics from ``SampleStats.to_arrays``,
-    ``time_per_sample`` (n,) and ``fid_{n,sum,sum_outer,extractor}`` when an extractor is set.
+    ``stat_<name>`` per-sample statistics from ``SampleStats.to_arrays``, ``time_per_sample`` (n,), and from
+    :class:`workers.shard_arrays.ShardArrays`: ``images`` (n, H, W, C) uint8 decoded images and/or
+    ``samples`` (n, *shape) raw samples / latents as ``output.store`` asks, ``fid_{n,sum,sum_outer,extractor}``
+    and ``is_{n,sum_p,sum_plogp,classifier}`` when an extractor is set. Latent models are decoded batch by
+    batch on the engine's device.
     """
 
     name = "local"
@@ -190,7 +214,13 @@ class LocalEngine:
         m = self._load(model, options)
         shape = tuple(int(s) for s in m.sample_shape)
         default = "raw" if len(shape) == 1 else ("mnist" if "mnist" in model else "inception")
-        return ModelInfo(model, shape, m.num_classes, default)
+        image_shape = tuple(int(s) for s in m.image_shape) if hasattr(m, "to_images") else None
+        return ModelInfo(model, shape, m.num_classes, default, image_shape)
+
+    def to_images(self, model: str, samples, options: dict | None = None):
+        """One batch of samples (B, *shape) -> uint8 images (B, H, W, C) numpy: the model's VAE decode (on
+        this engine's device) and DiT's quantisation, the pixels ``specdit generate`` writes."""
+        return self._load(model, options).to_images(samples).numpy()
 
     def check_sampler(self, sampler: dict) -> None:
         """Raise EngineError if the library rejects these sampler settings."""
@@ -226,7 +256,8 @@ class LocalEngine:
         # lets us report finished samples (and abort between batches). The library's own callback (steps
         # advanced) is passed through so that an abort request is seen within a round.
         tick = (lambda _steps: progress(done)) if progress is not None else None
-        done, parts, stats, times = 0, [], [], []
+        out = shard_arrays_for(work, info, lambda x: self.to_images(work.model, x, work.model_options))
+        done, stats, times = 0, [], []
         t0 = time.perf_counter()
         for a in range(0, n, work.batch_size):
             b = min(n, a + work.batch_size)
@@ -237,28 +268,22 @@ class LocalEngine:
                                    batch_size=work.batch_size, device=self.device, progress=tick)
             except NonFiniteTargetError as e:  # one line, naming the sample by its index in the job
                 raise EngineError(str(e.with_sample(work.start + a + e.sample))) from None
-            parts.append(gen.samples)
+            out.add(gen.samples)  # (B, *shape) float32: decoded, featurised, stored
             stats.append(gen.stats)
             times.append(np.full(b - a, float(gen.wall_time) / (b - a)))
             done = b
             if progress is not None:
                 progress(done)
         wall = time.perf_counter() - t0
-        samples = torch.cat(parts)  # (n, *shape) float32
         arrays: dict[str, np.ndarray] = {
             "indices": indices.numpy(),
             "seeds": seeds.numpy(),
             "labels": (labels if labels is not None else torch.full((n,), -1, dtype=torch.int64)).numpy(),
             "time_per_sample": np.concatenate(times),
         }
-        if work.save_samples:
-            arrays["samples"] = _encode_samples(samples, work.sample_dtype)
         for k, v in SampleStats.concat(stats).to_arrays().items():
             arrays[f"stat_{k}"] = np.asarray(v)
-        if work.extractor:
-            feats, ext_name = _features(work.extractor, samples)
-            arrays.update(_stats_arrays(feats, ext_name))
-            arrays["feature_extractor"] = np.array(work.extractor)  # registry name, e.g. "raw"
+        arrays.update(out.arrays())
         return ShardOutput(arrays, wall)
 
     def reference_stats(self, model: str, labels: str, extractor: str, source: str) -> dict[str, np.ndarray]:

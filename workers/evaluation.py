@@ -6,6 +6,7 @@ import numpy as np
 
 STAT_PREFIX = "stat_"
 FID_PREFIX = "fid_"
+IS_PREFIX = "is_"  # Inception-Score sums (``specdit.metrics.inception_score``)
 
 
 def merge_feature_stats(parts: list[dict[str, np.ndarray]]):
@@ -25,6 +26,27 @@ def load_feature_stats(path: str):
     from specdit.metrics.fid import FeatureStats
 
     return FeatureStats.load(path)
+
+
+def load_reference_stats(path: str):
+    """A FID reference file: our FeatureStats sums or ADM-style moments (``mu``, ``sigma``)."""
+    from specdit.metrics.fid import load_stats
+
+    return load_stats(path)
+
+
+def class_stats_from_arrays(arrays: dict[str, np.ndarray]):
+    """One shard's Inception-Score sums (keys n, sum_p, sum_plogp, classifier) as ClassProbStats."""
+    from specdit.metrics.inception_score import ClassProbStats
+
+    return ClassProbStats.from_arrays(arrays)
+
+
+def merge_class_stats(parts: list[dict[str, np.ndarray]]):
+    """Exact merge of per-shard Inception-Score sums (keys n, sum_p, sum_plogp, classifier)."""
+    from specdit.metrics.inception_score import ClassProbStats
+
+    return ClassProbStats.merge_all([ClassProbStats.from_arrays(p) for p in parts])
 
 
 def frechet_distance(a, b) -> float:

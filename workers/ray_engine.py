@@ -25,8 +25,7 @@ from typing import Callable
 import numpy as np
 
 from workers.actors import Pool, PoolError, connect
-from workers.engine import (EngineError, ModelInfo, ShardOutput, ShardWork, _encode_samples, _features,
-                            _stats_arrays, labels_for, seeds_for)
+from workers.engine import EngineError, ModelInfo, ShardOutput, ShardWork, labels_for, seeds_for, shard_arrays_for
 
 
 class _Remote:
@@ -130,20 +129,19 @@ class RayEngine:
             raise EngineError(f"a pool actor died: {' '.join(str(e).split())[:200]}") from None
         wall = time.perf_counter() - t0
         parts = [results[i] for i in range(len(batches))]
-        samples = torch.cat([p[0] for p in parts])
+        # Decode on the verifier's device (it holds the model and its VAE), batch by batch as LocalEngine.
+        decode = lambda x: ray.get(self.pool.verifier.to_images.remote(work.model, x))  # noqa: E731
+        out = shard_arrays_for(work, info, decode)
+        for p in parts:
+            out.add(p[0])
         arrays: dict[str, np.ndarray] = {
             "indices": indices.numpy(), "seeds": seeds.numpy(),
             "labels": (labels if labels is not None else torch.full((n,), -1, dtype=torch.int64)).numpy(),
             "time_per_sample": np.concatenate([np.full(b - a, p[2] / (b - a)) for (a, b), p in zip(batches, parts)]),
         }
-        if work.save_samples:
-            arrays["samples"] = _encode_samples(samples, work.sample_dtype)
         for k, v in SampleStats.concat([p[1] for p in parts]).to_arrays().items():
             arrays[f"stat_{k}"] = np.asarray(v)
-        if work.extractor:
-            feats, ext_name = _features(work.extractor, samples)
-            arrays.update(_stats_arrays(feats, ext_name))
-            arrays["feature_extractor"] = np.array(work.extractor)
+        arrays.update(out.arrays())
         return ShardOutput(arrays, wall)
 
     def close(self) -> None:

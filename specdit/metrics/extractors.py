@@ -16,6 +16,12 @@
 
 Image inputs are uint8 in [0, 255], (N, H, W, C), (N, C, H, W) or (N, H, W), numpy or torch. Float model
 outputs in [-1, 1] convert with :func:`to_uint8` (DiT's ``clamp(127.5 x + 128, 0, 255)``).
+
+``features_and_logits(images)`` returns the FID features and, from the same network pass, the classifier
+logits (N, C) that the Inception Score needs (``specdit.metrics.inception_score``), or None where the network
+has no classifier head: Inception's ``logits_unbiased`` (torch-fidelity's IS layer) when its weights carry
+the fc layer (fid-helper's offline file does not: ``classifier`` is then None), the MNIST classifier's 10
+logits; ``raw`` has none.
 """
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ __all__ = [
 ]
 
 INCEPTION_FEATURE = "2048"
+INCEPTION_LOGITS = "logits_unbiased"  # torch-fidelity's Inception Score layer
 TORCH_FIDELITY_NAME = "specdit-inception-v3-compat"
 _WEIGHTS_FILE = "inception-2015-12-05-torch-fidelity-v1.safetensors"
 
@@ -112,12 +119,17 @@ def _batches(n: int, batch_size: int, progress: bool, desc: str):
 
 
 class Extractor(Protocol):
-    """images -> features (N, D) float64. ``name`` identifies weights too (stats refuse to mix)."""
+    """images -> features (N, D) float64. ``name`` identifies weights too (stats refuse to mix);
+    ``classifier`` names the head whose logits ``features_and_logits`` returns (None: no head)."""
 
     name: str
     dim: int
+    classifier: str | None
 
     def __call__(self, images, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray: ...
+
+    def features_and_logits(self, images, *, batch_size: int | None = None,
+                            progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,20 +294,32 @@ class InceptionExtractor:
     def __init__(self, device: str | torch.device = "cpu", weights_path: str | os.PathLike | None = None):
         self.device = torch.device(device)
         cls = offline_inception_class()
-        self.model = cls(TORCH_FIDELITY_NAME, [INCEPTION_FEATURE], feature_extractor_weights_path=weights_path)
+        self.model = cls(TORCH_FIDELITY_NAME, [INCEPTION_FEATURE, INCEPTION_LOGITS],
+                         feature_extractor_weights_path=weights_path)
         self.model.to(self.device).eval()
+        # fid-helper's file has no classifier: its fc is NaN (see convert_inception_weights), so no IS.
+        self.classifier = (f"inception-v3-compat:{INCEPTION_LOGITS}"
+                           if bool(torch.isfinite(self.model.fc.weight).all()) else None)
 
     @torch.inference_mode()
-    def __call__(self, images, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+    def features_and_logits(self, images, *, batch_size: int | None = None,
+                            progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(pool3 features (N, 2048) float64, ``logits_unbiased`` (N, 1008) float32 or None) in one pass."""
         x = as_uint8_nchw(images)  # (N, C, H, W) uint8
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # grayscale -> RGB
         bs = batch_size or self.default_batch_size
         out = np.empty((x.shape[0], self.dim), dtype=np.float64)
+        logits = np.empty((x.shape[0], 1008), dtype=np.float32) if self.classifier else None
         for a, b in _batches(x.shape[0], bs, progress, "inception"):
-            (feat,) = self.model(x[a:b].contiguous().to(self.device))  # (B, 2048) float32
+            feat, logit = self.model(x[a:b].contiguous().to(self.device))  # (B, 2048), (B, 1008) float32
             out[a:b] = feat.double().cpu().numpy()
-        return out
+            if logits is not None:
+                logits[a:b] = logit.cpu().numpy()
+        return out, logits
+
+    def __call__(self, images, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        return self.features_and_logits(images, batch_size=batch_size, progress=progress)[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -313,18 +337,27 @@ class MnistExtractor:
         self.device = torch.device(device)
         self.model = load_classifier(weights_path).to(self.device)
         self.name = f"mnist-classifier:{weights_checksum(weights_path)}"
+        self.classifier = self.name
         self.dim = self.model.feature_dim
 
     @torch.inference_mode()
-    def __call__(self, images, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+    def features_and_logits(self, images, *, batch_size: int | None = None,
+                            progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(penultimate features (N, 128) float64, class logits (N, 10) float32) in one pass."""
         from specdit.metrics.mnist_classifier import preprocess
 
         x = preprocess(images)  # (N, 1, 32, 32) float in [-1, 1]
         bs = batch_size or self.default_batch_size
         out = np.empty((x.shape[0], self.dim), dtype=np.float64)
+        logits = np.empty((x.shape[0], 10), dtype=np.float32)
         for a, b in _batches(x.shape[0], bs, progress, "mnist"):
-            out[a:b] = self.model.features(x[a:b].to(self.device)).double().cpu().numpy()
-        return out
+            h = self.model.features(x[a:b].to(self.device))  # (B, 128)
+            out[a:b] = h.double().cpu().numpy()
+            logits[a:b] = self.model.fc2(h).cpu().numpy()  # eval mode: dropout is the identity
+        return out, logits
+
+    def __call__(self, images, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        return self.features_and_logits(images, batch_size=batch_size, progress=progress)[0]
 
 
 class RawExtractor:
@@ -332,6 +365,7 @@ class RawExtractor:
 
     name = "raw"
     dim = -1  # data dependent
+    classifier = None
 
     def __init__(self, device=None, weights_path=None):
         pass
@@ -339,6 +373,9 @@ class RawExtractor:
     def __call__(self, images, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
         x = images.detach().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
         return x.reshape(x.shape[0], -1).astype(np.float64)
+
+    def features_and_logits(self, images, *, batch_size: int | None = None, progress: bool = False):
+        return self(images), None
 
 
 # ---------------------------------------------------------------------------------------------------

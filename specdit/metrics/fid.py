@@ -16,6 +16,12 @@ in float64 that is negligible for Inception, classifier and analytic-model featu
 
 Files are plain ``.npz`` archives of numeric (and one unicode) array, read with ``allow_pickle=False``:
 no pickle anywhere.
+
+A FID reference may also be given as moments only, :class:`GaussianStats` (``mu`` (D,), ``sigma`` (D, D)):
+the format of the reference batches of the ADM evaluation suite (Dhariwal & Nichol 2021, "Diffusion Models
+Beat GANs on Image Synthesis"; its evaluator reads ``mu`` and ``sigma`` when present, else computes them
+from the images in ``arr_0``). Their statistics are pool_3 features of the Inception-2015-12-05 network,
+which the ``inception`` extractor reproduces. :func:`load_stats` reads either kind.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from typing import Iterable
 
 import numpy as np
 
-__all__ = ["FeatureStats", "frechet_distance", "fid_from_stats"]
+__all__ = ["FeatureStats", "GaussianStats", "frechet_distance", "fid_from_stats", "load_stats"]
 
 _KEYS = ("n", "sum", "sum_outer", "extractor")
 
@@ -214,9 +220,81 @@ class FeatureStats:
     def __repr__(self) -> str:
         return f"FeatureStats(dim={self.dim}, n={self.n}, extractor={self.extractor!r}, checksum={self.checksum})"
 
+    def to_gaussian(self) -> "GaussianStats":
+        """The moments (mu, Sigma) alone, e.g. to write an ADM-style reference ``.npz``."""
+        mu, cov = self.mean_cov()
+        return GaussianStats(mu, cov, extractor=self.extractor)
 
-def frechet_distance(stats_a: FeatureStats, stats_b: FeatureStats) -> float:
-    """Frechet distance between the Gaussians fitted to two FeatureStats.
+
+@dataclass
+class GaussianStats:
+    """FID statistics as moments only: ``mu`` (D,) and ``sigma`` (D, D) (the unbiased covariance), float64.
+
+    The ADM reference-batch format. Not mergeable (no sums). ``extractor`` is "" when the file does not say
+    (ADM's files do not): such statistics compare with any extractor of the same dimension.
+    """
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    extractor: str = ""
+
+    def __post_init__(self):
+        self.mu = np.asarray(self.mu, dtype=np.float64).reshape(-1)
+        self.sigma = np.asarray(self.sigma, dtype=np.float64)
+        d = self.mu.shape[0]
+        if self.sigma.shape != (d, d):
+            raise ValueError(f"sigma has shape {self.sigma.shape}, expected ({d}, {d}) for mu of length {d}")
+        if not (np.isfinite(self.mu).all() and np.isfinite(self.sigma).all()):
+            raise ValueError("mu or sigma contain NaN or inf")
+
+    @property
+    def dim(self) -> int:
+        return int(self.mu.shape[0])
+
+    n = None  # the sample count is not part of the format
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.mu, self.sigma
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """``mu``, ``sigma`` (the keys ADM's evaluator reads) and our ``extractor`` name."""
+        return {"mu": self.mu.copy(), "sigma": self.sigma.copy(), "extractor": np.asarray(self.extractor, dtype=np.str_)}
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "GaussianStats":
+        if "mu" not in arrays or "sigma" not in arrays:
+            raise ValueError("not moment statistics: needs arrays 'mu' and 'sigma'")
+        extractor = str(arrays["extractor"][()]) if "extractor" in arrays else ""
+        return cls(arrays["mu"], arrays["sigma"], extractor)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write an ADM-style reference ``.npz`` (``mu``, ``sigma``) atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **self.to_arrays())
+        os.replace(tmp, path)
+        return path
+
+    def __repr__(self) -> str:
+        return f"GaussianStats(dim={self.dim}, extractor={self.extractor!r})"
+
+
+def load_stats(path: str | os.PathLike) -> "FeatureStats | GaussianStats":
+    """FID statistics from an ``.npz``: our sums (``n``, ``sum``, ``sum_outer``) or moments (``mu``, ``sigma``,
+    e.g. an ADM reference batch, whose ``arr_0`` images are then not read). ValueError (one line) otherwise."""
+    with np.load(path, allow_pickle=False) as z:
+        keys = set(z.files)
+        if {"n", "sum", "sum_outer"} <= keys:
+            return FeatureStats.from_arrays(z)
+        if {"mu", "sigma"} <= keys:
+            return GaussianStats.from_arrays(z)
+    raise ValueError(f"{path}: not FID statistics (needs n/sum/sum_outer or mu/sigma; found {sorted(keys)})")
+
+
+def frechet_distance(stats_a: FeatureStats | GaussianStats, stats_b: FeatureStats | GaussianStats) -> float:
+    """Frechet distance between the Gaussians fitted to two FeatureStats (or given as GaussianStats).
 
     ``|mu_a - mu_b|^2 + tr(Sa) + tr(Sb) - 2 tr((Sa Sb)^{1/2})``, evaluated by torch-fidelity's own
     ``metric_fid.fid_statistics_to_metric(stat_1, stat_2, verbose)`` (stat = {"mu", "sigma"}), which takes

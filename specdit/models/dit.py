@@ -11,7 +11,8 @@
 - Loaders: a diffusers folder, an original DiT checkpoint (a released ``DiT-XL-2-256x256.pt`` or a DiT
   ``train.py`` checkpoint, read with ``weights_only`` and converted here; the architecture comes from DiT's
   model table, :data:`DIT_ARCHITECTURES`), our own single-file safetensors; an ``AutoencoderKL`` folder for
-  latent models (SD-VAE, ``latent = 0.18215 * vae.encode(x)``).
+  latent models (``latent = scaling_factor * vae.encode(x)``, the factor read from the VAE's own config;
+  SD-VAE's is 0.18215).
 
 Two places where diffusers' DiT differs from the original DiT, which the original loader corrects so that the
 converted model reproduces the original forward (checked against an independent reference in the tests):
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from specdit.models.base import ModelOutput
 
-SD_VAE_SCALE = 0.18215
+SD_VAE_SCALE = 0.18215  # Stable Diffusion's VAE; used only for a VAE whose config carries no scaling_factor
 SPECDIT_DIT_JSON = "specdit_dit.json"  # extra settings next to a diffusers config.json
 SAFETENSORS_FORMAT = "specdit-dit-v1"
 
@@ -70,10 +71,11 @@ class DiTDenoiser:
 
     The transformer is put in eval mode and frozen: diffusers' ``LabelEmbedding`` drops labels only in train
     mode, so inference is deterministic. ``vae`` (an ``AutoencoderKL``) is used by :meth:`to_images` for latent
-    models; pixel-space models leave it None.
+    models; pixel-space models leave it None. ``latent_scale`` None takes the VAE's ``config.scaling_factor``
+    (:func:`vae_scaling_factor`).
     """
 
-    def __init__(self, transformer, vae=None, *, latent_scale: float = SD_VAE_SCALE):
+    def __init__(self, transformer, vae=None, *, latent_scale: float | None = None):
         self.transformer = transformer.eval().requires_grad_(False)
         cfg = transformer.config
         self.in_channels = int(cfg.in_channels)
@@ -87,7 +89,7 @@ class DiTDenoiser:
         table = transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
         self.has_null_class = table.num_embeddings > self.num_classes
         self.vae = vae
-        self.latent_scale = latent_scale
+        self.latent_scale = vae_scaling_factor(vae) if latent_scale is None else float(latent_scale)
 
     # -- properties ------------------------------------------------------------------------------------
     @property
@@ -161,16 +163,27 @@ class DiTDenoiser:
         return ModelOutput(eps=self.eps_from_features(feats, t, y), features=feats)
 
     # -- decoding --------------------------------------------------------------------------------------
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the images :meth:`to_images` returns: the VAE's resolution for a latent model."""
+        if self.vae is None:
+            c, h, w = self.sample_shape
+            return h, w, c
+        cfg = self.vae.config
+        up = 2 ** (len(cfg.block_out_channels) - 1)  # one 2x upsampling per decoder block but the last
+        return self.sample_shape[1] * up, self.sample_shape[2] * up, int(cfg.out_channels)
+
     @torch.no_grad()
-    def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        """Samples (N, C, H, W) -> images (N, 3|1, H', W') in [-1, 1]; identity for pixel-space models."""
+    def decode(self, samples: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Samples (N, C, H, W) -> images (N, 3|1, H', W') in [-1, 1] on the model's device, decoding
+        ``batch_size`` latents at a time (all at once if None); identity for pixel-space models."""
         if self.vae is None:
             return samples
-        return decode_latents(self.vae, samples, self.latent_scale)
+        return decode_latents(self.vae, samples, self.latent_scale, batch_size)
 
-    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
-        """Samples -> uint8 images (N, H, W, C) on the CPU."""
-        return images_to_uint8(self.decode(samples))
+    def to_images(self, samples: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Samples -> uint8 images (N, H, W, C) on the CPU (:func:`images_to_uint8` of :meth:`decode`)."""
+        return images_to_uint8(self.decode(samples, batch_size))
 
 
 class CFGDenoiser:
@@ -231,11 +244,15 @@ class CFGDenoiser:
         feats = torch.stack(out.features.chunk(2), dim=1)  # (N, 2, T, D)
         return ModelOutput(eps=self.combine(out.eps[:n], out.eps[n:]), features=feats)
 
-    def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(samples)
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.model.image_shape
 
-    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
-        return self.model.to_images(samples)
+    def decode(self, samples: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        return self.model.decode(samples, batch_size)
+
+    def to_images(self, samples: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        return self.model.to_images(samples, batch_size)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -254,11 +271,28 @@ def load_vae(folder: str | Path, device: str | torch.device = "cpu", dtype: torc
     return vae.to(device).eval().requires_grad_(False)
 
 
+def vae_scaling_factor(vae) -> float:
+    """The latent scale of a VAE: its ``config.scaling_factor`` (diffusers' ``AutoencoderKL`` field; the latent
+    DiT was trained on ``scaling_factor * vae.encode(x)``), or SD-VAE's 0.18215 when the config has none."""
+    cfg = getattr(vae, "config", None)
+    factor = getattr(cfg, "scaling_factor", None) if cfg is not None else None
+    if factor is None and isinstance(cfg, dict):
+        factor = cfg.get("scaling_factor")
+    return SD_VAE_SCALE if factor is None else float(factor)
+
+
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, scale: float = SD_VAE_SCALE, batch_size: int | None = None) -> torch.Tensor:
-    """Latents (N, 4, h, w) -> images (N, 3, 8h, 8w) in roughly [-1, 1]: ``vae.decode(z / scale)``."""
+def decode_latents(vae, latents: torch.Tensor, scale: float | None = None,
+                   batch_size: int | None = None) -> torch.Tensor:
+    """Latents (N, C_z, h, w) -> images (N, C, f h, f w) in roughly [-1, 1]: ``vae.decode(z / scale + shift)``
+    on the VAE's device, ``batch_size`` latents at a time. ``scale`` None reads :func:`vae_scaling_factor`;
+    ``shift`` is the config's ``shift_factor`` where set (diffusers' convention; None for SD-VAE: 0)."""
+    scale = vae_scaling_factor(vae) if scale is None else scale
+    shift = getattr(getattr(vae, "config", None), "shift_factor", None)
     p = next(vae.parameters())
     z = latents.to(device=p.device, dtype=p.dtype) / scale
+    if shift is not None:
+        z = z + shift
     if batch_size is None or batch_size >= z.shape[0]:
         return vae.decode(z).sample
     return torch.cat([vae.decode(chunk).sample for chunk in z.split(batch_size)])

@@ -42,6 +42,19 @@ def known_names() -> list[str]:
     return sorted([*BUILTIN_DITS, *_gmm_presets()])
 
 
+def _read_checkpoint(path: Path, load: Callable[[], EpsModel]) -> EpsModel:
+    """Run a checkpoint loader; any failure to read the file (empty, truncated, random bytes, not a DiT's
+    weights: pickle/zip/safetensors header/state-dict errors) becomes one ``ValueError`` line."""
+    try:
+        return load()
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a file is hostile input: every parser error is the user's
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"cannot read model checkpoint {path}: {type(e).__name__}"
+                         + (f": {first}" if first else "")) from None
+
+
 def load_model(name_or_path: str, device: str = "cpu", *, guidance_scale: float | None = None,
                guided_channels: int | None = None, vae: str | None = None, dtype=None,
                num_heads: int | None = None, weights: str | None = None) -> EpsModel:
@@ -78,12 +91,12 @@ def load_model(name_or_path: str, device: str = "cpu", *, guidance_scale: float 
             if not ((path / "config.json").is_file() or (path / "transformer" / "config.json").is_file()):
                 raise ValueError(f"folder {path} is not a diffusers DiT (no config.json); known names: "
                                  f"{', '.join(known_names())}")
-            model = dit.load_dit_diffusers(path, device=device, dtype=dtype, vae=vae)
+            model = _read_checkpoint(path, lambda: dit.load_dit_diffusers(path, device=device, dtype=dtype, vae=vae))
         elif original:
-            model = dit.load_dit_original(path, device=device, dtype=dtype, vae=vae, num_heads=num_heads,
-                                          weights=weights)
+            model = _read_checkpoint(path, lambda: dit.load_dit_original(path, device=device, dtype=dtype, vae=vae,
+                                                                         num_heads=num_heads, weights=weights))
         elif path.is_file() and path.suffix == ".safetensors":
-            model = dit.load_dit_safetensors(path, device=device, dtype=dtype, vae=vae)
+            model = _read_checkpoint(path, lambda: dit.load_dit_safetensors(path, device=device, dtype=dtype, vae=vae))
         else:
             what = "unsupported file type" if path.is_file() else "unknown model name or missing path"
             raise ValueError(f"{what}: {name!r}; known names: {', '.join(known_names())}; or pass a diffusers "

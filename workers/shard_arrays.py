@@ -1,0 +1,129 @@
+"""A shard's arrays, built batch by batch: decode, quantise, FID features, Inception-Score sums, storage.
+
+For an image model (a pixel-space DiT, or a latent DiT with its VAE) every sampled batch is turned into
+uint8 images by the model's own ``to_images`` -- the VAE decode on the model's device with the VAE's
+``config.scaling_factor``, then DiT's quantisation (``specdit.models.dit.images_to_uint8``) -- which are the
+very pixels ``specdit generate`` writes. FID features and the classifier logits of the Inception Score come
+from one extractor pass over those uint8 images; the ``raw`` extractor (analytic vector models) takes the
+float samples as they are.
+
+What is stored follows ``output.store``:
+
+- ``auto``: ``images`` for image models, ``samples`` (the raw model output) for vector models;
+- ``images``: ``images`` (n, H, W, C) uint8 at the VAE's resolution;
+- ``latents``: ``samples`` (n, *sample_shape) in ``sample_dtype`` (the latents of a latent DiT);
+- ``images+latents``: both.
+
+Shard keys: ``images``, ``samples``, ``fid_{n,sum,sum_outer,extractor}`` (``specdit.metrics.fid``),
+``is_{n,sum_p,sum_plogp,classifier}`` (``specdit.metrics.inception_score``; only when the extractor has a
+classifier head) and ``feature_extractor``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from workers.evaluation import FID_PREFIX, IS_PREFIX
+
+STORE_CHOICES = ("auto", "images", "latents", "images+latents")
+
+
+class StoreError(ValueError):
+    """``output.store`` does not fit the model (one line)."""
+
+
+def stored_arrays(store: str, image_shape: tuple | None, model: str = "the model") -> tuple[bool, bool]:
+    """(store images?, store raw samples/latents?) for an ``output.store`` choice and a model whose
+    ``image_shape`` is (H, W, C), or None for a vector-valued model."""
+    if store not in STORE_CHOICES:
+        raise StoreError(f"output.store must be one of {', '.join(STORE_CHOICES)}, got {store!r}")
+    if image_shape is None:
+        if store in ("images", "images+latents"):
+            raise StoreError(f"output.store {store!r}: {model} samples vectors, not images (use 'auto' or 'latents')")
+        return False, True
+    return store in ("auto", "images", "images+latents"), store in ("latents", "images+latents")
+
+
+def encode_samples(samples, dtype: str) -> np.ndarray:
+    """Float samples -> stored array: ``float32``/``float16`` as they are, ``uint8`` as DiT's
+    ``clamp(127.5 x + 128, 0, 255)``."""
+    import torch
+
+    x = samples.detach().cpu()
+    if dtype == "uint8":
+        return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8).numpy()
+    return x.to(getattr(torch, dtype)).numpy()
+
+
+class ShardArrays:
+    """Accumulates one shard batch by batch (never the decoded float images of more than one batch).
+
+    ``to_images(samples) -> (B, H, W, C) uint8`` decodes one batch (None for vector models);
+    ``extractor`` is a registry name of ``specdit.metrics.extractors`` or None (no FID statistics).
+    """
+
+    def __init__(self, *, image_shape: tuple | None, to_images: Callable | None, extractor: str | None,
+                 store: str = "auto", sample_dtype: str = "float32", save: bool = True, model: str = "the model"):
+        self.keep_images, self.keep_samples = stored_arrays(store, image_shape, model)
+        if not save:
+            self.keep_images = self.keep_samples = False
+        if image_shape is not None and to_images is None:
+            raise ValueError("an image model needs a to_images decoder")
+        self.image_shape, self.to_images = image_shape, to_images
+        self.extractor_name, self.sample_dtype = extractor, sample_dtype
+        self._extractor = None
+        self._images: list[np.ndarray] = []
+        self._samples: list[np.ndarray] = []
+        self._fid = None  # FeatureStats
+        self._cls = None  # ClassProbStats
+
+    def _features_and_logits(self, x):
+        from specdit.metrics.extractors import get_extractor
+
+        if self._extractor is None:
+            self._extractor = get_extractor(self.extractor_name)
+        return self._extractor.features_and_logits(x)
+
+    def add(self, samples) -> None:
+        """One sampled batch (B, *sample_shape), float."""
+        from specdit.metrics.fid import FeatureStats
+        from specdit.metrics.inception_score import ClassProbStats
+
+        needs_images = self.image_shape is not None and (
+            self.keep_images or (self.extractor_name not in (None, "raw")))
+        images = None
+        if needs_images:
+            images = np.asarray(self.to_images(samples))  # (B, H, W, C) uint8
+            if images.dtype != np.uint8 or images.shape[1:] != tuple(self.image_shape):
+                raise ValueError(f"decoded images are {images.dtype} {images.shape[1:]}, expected uint8 "
+                                 f"{tuple(self.image_shape)}")
+        if self.keep_images:
+            self._images.append(images)
+        if self.keep_samples:
+            self._samples.append(encode_samples(samples, self.sample_dtype))
+        if self.extractor_name is None:
+            return
+        x = samples if self.extractor_name == "raw" or images is None else images
+        feats, logits = self._features_and_logits(x)
+        if self._fid is None:
+            self._fid = FeatureStats(dim=feats.shape[1], extractor=getattr(self._extractor, "name", "raw"))
+        self._fid.update(feats)
+        if logits is not None:
+            if self._cls is None:
+                self._cls = ClassProbStats(logits.shape[1], classifier=self._extractor.classifier)
+            self._cls.update(logits)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The shard's sample and statistics arrays (the engine adds indices, seeds, labels, stats)."""
+        out: dict[str, np.ndarray] = {}
+        if self.keep_images:
+            out["images"] = np.concatenate(self._images)
+        if self.keep_samples:
+            out["samples"] = np.concatenate(self._samples)
+        if self._fid is not None:
+            out.update({f"{FID_PREFIX}{k}": v for k, v in self._fid.to_arrays().items()})
+            out["feature_extractor"] = np.array(self.extractor_name)  # registry name, e.g. "raw"
+        if self._cls is not None:
+            out.update({f"{IS_PREFIX}{k}": v for k, v in self._cls.to_arrays().items()})
+        return out
