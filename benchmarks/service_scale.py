@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cluster.aggregator import Aggregator  # noqa: E402
 from cluster.client import SpecditRedis  # noqa: E402
 from cluster.connection import resolve_url  # noqa: E402
+from cluster.paths import OUTPUT_ROOT_ENV  # noqa: E402
 from cluster.records import JobStatus  # noqa: E402
 from cluster.spec import spec_from_dict  # noqa: E402
 from cluster.storage import read_shard  # noqa: E402
@@ -84,7 +85,7 @@ def run_job(client: SpecditRedis, n: int, args, url: str, root: Path, rng: rando
     spec = spec_from_dict({
         "model": args.model, "num_samples": n, "shard_size": args.shard_size, "batch_size": args.batch_size,
         "name": f"scale-{n}", "sampler": {"sampler": "speculative", "steps": args.steps},
-        "output": {"dir": str(root / f"n{n}")}, "evaluate": {"fid_reference": "data:1000"}})
+        "output": {"dir": f"n{n}"}, "evaluate": {"fid_reference": "data:1000"}})  # under the output root
     job_id = spec.job_id
     t0 = time.perf_counter()
     client.submit(spec)
@@ -181,9 +182,11 @@ def main(argv=None) -> dict:
     rng = random.Random(args.seed)
     results = {"machine": {"cores": os.cpu_count(), "load_average": os.getloadavg()}, "args": vars(args),
                "jobs": []}
+    old_root = os.environ.get(OUTPUT_ROOT_ENV)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
+            os.environ[OUTPUT_ROOT_ENV] = tmp  # job outputs are confined to it; the workers inherit it
             for n in args.sizes:
                 r = run_job(client, n, args, url, root, rng)
                 results["jobs"].append(r)
@@ -205,6 +208,10 @@ def main(argv=None) -> dict:
             print(f"aggregator peak heap, N={args.sizes[-1]} / N={args.sizes[0]}: {peaks[-1] / peaks[0]:.3f}")
     finally:
         cleanup_prefix(client.r, client.keys.prefix)
+        if old_root is None:
+            os.environ.pop(OUTPUT_ROOT_ENV, None)
+        else:
+            os.environ[OUTPUT_ROOT_ENV] = old_root
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
