@@ -1,4 +1,4 @@
-"""Every Redis key the service uses, in one place (DESIGN.md style rule 8).
+"""Every Redis key the service uses, in one place.
 
 All keys start with a prefix (default ``specdit:``; ``SPECDIT_REDIS_PREFIX`` or ``--prefix`` changes it) so
 tests and several deployments can share one Redis. Values are JSON or plain strings: nothing is pickled.

@@ -1,4 +1,4 @@
-"""Contract suite shared by every sampler (DESIGN.md style rule 7): shapes, statistics bookkeeping,
+"""Contract suite shared by every sampler (after diffusers' common scheduler tests): shapes, statistics bookkeeping,
 determinism, and batch invariance (a sample is identical alone or in a batch of 64)."""
 import pytest
 import torch

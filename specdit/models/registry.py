@@ -1,4 +1,4 @@
-"""Named models and paths -> EpsModel (DESIGN.md style rule 5: a registry of named variants).
+"""Named models and paths -> EpsModel (a registry of named variants, as DiT's `DiT_models`).
 
 ``load_model(name_or_path)`` resolves, in order:
 
