@@ -273,7 +273,7 @@ def test_store_latents_and_images(job, pipeline, tmp_path):
 
 
 @pytest.mark.slow
-def test_builtin_latent_model_service_matches_generate(tmp_path, redis_env):
+def test_builtin_latent_model_service_matches_generate(tmp_path, redis_env, monkeypatch):
     """Acceptance on the built-in latent model (skipped until it ships): the benchmark script's check at a
     small size (``benchmarks/latent_service_fid.py``; the closing-note numbers use -n 1000 --steps 250)."""
     import importlib.util
@@ -285,6 +285,7 @@ def test_builtin_latent_model_service_matches_generate(tmp_path, redis_env):
         shape = load_model("mnist-latent-dit").image_shape
     except ValueError:
         pytest.skip("the built-in latent model mnist-latent-dit is not in this checkout")
+    monkeypatch.setenv("SPECDIT_OUTPUT_ROOT", str(tmp_path))  # restored afterwards: the script sets it
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "latent_service_fid.py"
     spec = importlib.util.spec_from_file_location("latent_service_fid", script)
     mod = importlib.util.module_from_spec(spec)
