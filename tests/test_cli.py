@@ -76,7 +76,7 @@ def _small_dit(path, hidden=64, **extra):
     (["--model", "{dit}"], "pass --num-heads"),
     (["--model", "{dit}", "--num-heads", "5"], "not divisible by --num-heads 5"),
     (["--model", "{dit}", "--num-heads", "4", "--weights", "model"], "no 'model' weights"),
-    (["--model", "{junk}"], "cannot read checkpoint"),
+    (["--model", "{junk}"], "cannot read model checkpoint"),
     (["--model", "{evil}"], "refusing to unpickle"),
 ])
 def test_dit_options_and_bad_checkpoints_are_one_line(tmp_path, args, message):
