@@ -37,6 +37,17 @@ def test_generate_user_errors_are_one_line(tmp_path, args, message):
     assert not (tmp_path / "x.npz").exists()
 
 
+@pytest.mark.parametrize("args", [["--drafter", "perturbed:inf"], ["--steps", "1"], ["--model", "nope"]])
+def test_generate_error_with_progress_bar_is_the_only_output(tmp_path, args):
+    """With the progress bar on (the default), a refused setting still prints exactly one line: the bar that
+    was opened before the error is erased (before: an empty 0/N bar line preceded the error)."""
+    r = runner.invoke(app, ["generate", "--model", "gmm-2d", "--sampler", "speculative", "-n", "2", "--steps", "5",
+                            *args, "--out", str(tmp_path / "x.npz")])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+
+
 def test_bench_runs_side_by_side(tmp_path):
     r = runner.invoke(app, ["bench", "--model", "gmm-2d", "--steps", "20", "-n", "50", "--draft-lengths", "4",
                             "--json", str(tmp_path / "b.json")])
