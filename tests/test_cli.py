@@ -133,3 +133,23 @@ def test_submit_refuses_before_anything_is_queued(args, message):
     r = runner.invoke(app, ["submit", *args, "-n", "4", "--redis-url", "redis://127.0.0.1:1/0"])
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_submit_refuses_cfg_channels_the_model_does_not_have(tmp_path, redis_env, monkeypatch):
+    """``cfg_channels: 3`` on the 1-channel mnist-dit is refused at submit (exit 2, nothing queued); before, it
+    was queued and failed in the worker after 3 attempts ("guided_channels must lie in [1, 1]")."""
+    from workers.engine import EngineError, ModelInfo, check_cfg_channels
+
+    client, prefix = redis_env
+    monkeypatch.setenv("SPECDIT_OUTPUT_ROOT", str(tmp_path))
+    spec = tmp_path / "c3.yaml"
+    spec.write_text("model: mnist-dit\nnum_samples: 4\nsampler: {sampler: ddpm, steps: 5, cfg_scale: 2.0, "
+                    "cfg_channels: 3}\n")
+    r = runner.invoke(app, ["submit", str(spec), "-q", "--redis-url", "redis://127.0.0.1:6379/0", "--prefix", prefix])
+    assert r.exit_code == 2 and "cfg_channels 3" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert client.zcard(f"{prefix}jobs") == 0
+    info = ModelInfo("m", (4, 8, 8), 10, "inception")
+    check_cfg_channels({"cfg_scale": 2.0, "cfg_channels": 3}, info)  # DiT's forward_with_cfg on 4 channels: fine
+    check_cfg_channels({"cfg_scale": 1.0, "cfg_channels": 5}, info)  # no guidance: nothing to check
+    with pytest.raises(EngineError, match="4 channel"):
+        check_cfg_channels({"cfg_scale": 2.0, "cfg_channels": 5}, info)
