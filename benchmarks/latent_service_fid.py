@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -86,6 +87,7 @@ def main(argv=None) -> dict:
 
     out = a.out or Path(tempfile.mkdtemp(prefix="latent-service-"))
     out.mkdir(parents=True, exist_ok=True)
+    os.environ["SPECDIT_OUTPUT_ROOT"] = str(out.resolve())  # the job's files (and its workers') stay under --out
     model = _tiny_model(out / "tiny-pipeline") if a.tiny else a.model
     sampler = {"sampler": a.sampler, "steps": a.steps, "cfg_scale": a.cfg}
     n = a.num_samples
@@ -96,7 +98,7 @@ def main(argv=None) -> dict:
     q = JobQueue(client, Keys(prefix), heartbeat_timeout=60.0)
     spec = spec_from_dict({"model": model, "num_samples": n, "shard_size": a.shard_size,
                            "batch_size": a.batch_size, "base_seed": a.seed, "labels": "uniform",
-                           "sampler": sampler, "output": {"dir": str(out / "jobs")},
+                           "sampler": sampler, "output": {"dir": "jobs"},
                            "evaluate": {"extractor": a.extractor, "fid_reference": a.fid_ref}})
     try:
         q.submit(spec)

@@ -27,7 +27,7 @@ def generate(
                                                                   "(default: ema)."),
     relax: float = typer.Option(0.0, help="Uncertainty-guided relaxation lambda (0 = exact)."),
     refine_mode: str = typer.Option("conservative", help="DRiffusion mode: conservative | aggressive"),
-    parallel: int = typer.Option(4, help="DRiffusion parallel evaluations k."),
+    parallel: int = typer.Option(4, help="DRiffusion parallel evaluations k (1 <= k < steps)."),
     num_samples: int = typer.Option(64, "--num-samples", "-n", help="Number of samples."),
     seed: int = typer.Option(0, help="Base seed; sample i uses seed f(seed, i)."),
     labels: str = typer.Option("uniform", help="Label policy: none | uniform | random | fixed:<class>"),

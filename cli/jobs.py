@@ -61,11 +61,16 @@ def _guard(fn):
 
 
 def _queue(redis_url, prefix, **kwargs):
-    from cluster.connection import connect
-    from cluster.keys import Keys
-    from cluster.queue import JobQueue
+    """The service client (``cluster.client.SpecditRedis``); with worker settings, the worker-side queue."""
+    if kwargs:
+        from cluster.connection import connect
+        from cluster.keys import Keys
+        from cluster.queue import JobQueue
 
-    return JobQueue(connect(redis_url), Keys(prefix), **kwargs)
+        return JobQueue(connect(redis_url), Keys(prefix), **kwargs)
+    from cluster.client import SpecditRedis
+
+    return SpecditRedis.connect(redis_url, prefix)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -150,6 +155,7 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
                 eng.model_info(sampler["drafter"].removeprefix("model:"))
         except EngineError as e:
             raise SpecError(f"invalid job spec: {e}") from None
+        _warn_fid_dimension(spec, info)
         _check_reference(spec.evaluate.fid_reference if spec.evaluate.fid else None)
     res = q.submit(spec)
     if res.resumed and not res.queued_shards:  # every shard was already done: only the report is missing
@@ -168,6 +174,20 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
         typer.echo(f"job {res.job_id} already exists ({res.status.value}); nothing submitted")
     if watch:
         _watch(q, res.job_id)
+
+
+def _warn_fid_dimension(spec, info) -> None:
+    """Warn (stderr) when a FID job has fewer samples than its features have dimensions: the covariance is
+    then singular and the FID is dominated by its estimation error."""
+    from cluster.limits import feature_dim
+
+    if not spec.evaluate.fid:
+        return
+    name = info.default_extractor if spec.evaluate.extractor == "auto" else spec.evaluate.extractor
+    dim = feature_dim(name, info.sample_shape)
+    if dim is not None and spec.num_samples < dim:
+        typer.echo(f"warning: FID on {spec.num_samples} samples of {dim}-dimensional {name} features: the "
+                   "covariance is singular below the feature dimension and the FID is biased", err=True)
 
 
 def _check_reference(ref: str | None) -> None:
@@ -303,11 +323,13 @@ def _results(job_id, as_json, recompute, export, engine, redis_url, prefix):
         typer.echo(f"wrote {ex.path}: arr_0 {ex.shape} uint8" + (", arr_1 labels" if ex.labels else ""),
                    err=as_json)
     agg = Aggregator(q, make_engine(engine))
-    if rec.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+    retry_aggregation = recompute and rec.status == JobStatus.FAILED and (rec.error or "").startswith(
+        "aggregation failed")
+    if rec.status in (JobStatus.FAILED, JobStatus.CANCELLED) and not retry_aggregation:
         raise ServiceError(f"job {job_id} {rec.status.value}: {rec.error or 'no report'}")
     report = agg.report(job_id)
     if report is None or recompute:
-        done = len(q.done_results(job_id))
+        done = q.shards_done(job_id)
         if done < rec.num_shards:
             raise ServiceError(f"job {job_id} is {rec.status.value} ({done}/{rec.num_shards} shards done); "
                                f"see 'specdit status {job_id}'")
@@ -405,7 +427,7 @@ def _jobs(limit, as_json, redis_url, prefix):
 
     t = Table("job", "name", "model", "sampler", "N", "status", "shards", "submitted")
     for r in recs:
-        done = q.r.hlen(q.keys.done(r.id))
+        done = q.shards_done(r.id)
         t.add_row(markup(r.id), markup(r.spec.name or ""), markup(r.spec.model), r.spec.sampler.sampler,
                   str(r.spec.num_samples),
                   r.status.value, f"{done}/{r.num_shards}", time.strftime("%Y-%m-%d %H:%M", time.localtime(r.submitted_at)))
@@ -452,9 +474,13 @@ def _worker(engine, job, device, threads, heartbeat_timeout, max_attempts, max_i
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))  # hostile job text
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    from cluster.errors import ServiceError
+    from cluster.limits import check_worker_settings
     from cluster.worker import ShardWorker, WorkerOptions
     from workers.engine import EngineError, make_engine
 
+    check_worker_settings(heartbeat_timeout=heartbeat_timeout, max_attempts=max_attempts, threads=threads,
+                          poll_interval=poll_interval)
     q = _queue(redis_url, prefix, heartbeat_timeout=heartbeat_timeout, max_attempts=max_attempts)
     try:
         kwargs = {"threads": threads} if device is None else {"threads": threads, "device": device}

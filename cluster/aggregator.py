@@ -1,11 +1,17 @@
 """The aggregator: once every shard of a job is recorded, verify each shard file, merge FID feature sums
 exactly and per-sample speed statistics, and write the job report (JSON + acceptance-by-timestep plot).
 
+It streams: shard records are read ``READ_CHUNK_SHARDS`` at a time and each shard file is folded into running
+sums (FID feature sums, ``evaluation.SpeedAccumulator``) and dropped before the next is read, so its memory
+depends on the shard size, not on the number of samples or shards. All Redis access goes through
+``cluster.client.SpecditRedis``.
+
 A shard file that is missing or fails its checksum is not counted: its result is forgotten and the shard
 queued again (workers recompute it; the last one to finish triggers aggregation again).
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -16,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster.client import SpecditRedis
 from cluster.errors import CorruptShard, ServiceError
 from cluster.paths import resolve_model_path
-from cluster.queue import JobQueue
 from cluster.records import JobRecord, JobStatus
 from cluster.spec import JobSpec
 from cluster.storage import read_shard
@@ -26,9 +32,6 @@ from workers import evaluation
 from workers.engine import Engine, EngineError
 
 log = logging.getLogger("specdit.aggregator")
-
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,8 +41,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 class Aggregator:
-    def __init__(self, queue: JobQueue, engine: Engine | None = None, owner: str | None = None):
-        self.q = queue
+    def __init__(self, client: SpecditRedis, engine: Engine | None = None, owner: str | None = None):
+        self.q = client
         self.engine = engine
         # Lock token: a worker retrying after a lost Redis reply must find its own lock, not a stranger's.
         self.owner = owner or uuid.uuid4().hex
@@ -49,44 +52,47 @@ class Aggregator:
     def finalize(self, job_id: str, *, force: bool = False) -> dict | None:
         """Aggregate a job whose shards are all recorded. Returns the report, or None if the job is not
         ready (shards missing, a corrupt shard was queued again, or another aggregator holds the lock)."""
-        k = self.q.keys
         token = f"{self.owner}:{job_id}"
-        lock = k.aggregate_lock(job_id)
-        if not self.q.r.set(lock, token, nx=True, ex=600) and self.q.r.get(lock) != token:
+        if not self.q.acquire_aggregate_lock(job_id, token):
             return None
         try:
             rec = self.q.get(job_id)
-            if rec.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            # A failed job is aggregated again only when asked (force) and only if its aggregation failed.
+            if rec.status == JobStatus.CANCELLED or (rec.status == JobStatus.FAILED and not (
+                    force and (rec.error or "").startswith("aggregation failed"))):
                 return None
             if rec.status == JobStatus.DONE and not force:
                 return self.report(job_id)
             return self._aggregate(rec)
         finally:
-            self.q.r.eval(_RELEASE, 1, k.aggregate_lock(job_id), token)
+            self.q.release_aggregate_lock(job_id, token)
 
     def report(self, job_id: str) -> dict | None:
-        raw = self.q.r.get(self.q.keys.report(job_id))
-        return json.loads(raw) if raw else None
+        return self.q.report(job_id)
 
     # --------------------------------------------------------------------------------------------------
     def _aggregate(self, rec: JobRecord) -> dict | None:
         spec, job_id = rec.spec, rec.id
         self.requeued = []
-        done = self.q.done_results(job_id)
-        if len(done) < spec.num_shards:
+        if self.q.shards_done(job_id) < spec.num_shards:
             return None
-        # The job's directory as the workers wrote it (absolute paths); refuse to judge files we cannot see.
-        job_dir = Path(next(iter(done.values())).path).parent.parent
-        if not (job_dir / "shards").is_dir():
-            raise ServiceError(f"job {job_id}: its shard directory {job_dir / 'shards'} is not visible from here; "
-                               "aggregate where the output directory is mounted")
-        fid_parts, is_parts, stat_parts, times, corrupt = [], [], [], [], []
-        for s in range(spec.num_shards):
-            res = done.get(s)
+        speed = evaluation.SpeedAccumulator()
+        fid_stats, extractor_key, corrupt = None, "raw", []
+        first, last, workers, job_dir, unique = float("inf"), float("-inf"), set(), None, 0
+        with_stats = True
+        is_stats, is_shards = None, 0  # Inception-Score sums (every shard must have them)
+        for s, res in self.q.iter_done_results(job_id, spec.num_shards):
             a, b = spec.shard_range(s)
             if res is None or (res.start, res.stop) != (a, b):
                 corrupt.append((s, f"shard {s} has no valid record"))
                 continue
+            if job_dir is None:
+                # The job's directory as the workers wrote it (absolute paths); refuse to judge files we
+                # cannot see.
+                job_dir = Path(res.path).parent.parent
+                if not (job_dir / "shards").is_dir():
+                    raise ServiceError(f"job {job_id}: its shard directory {job_dir / 'shards'} is not visible "
+                                       "from here; aggregate where the output directory is mounted")
             try:
                 arrays = read_shard(res.path, res.checksum)
                 idx = arrays.get("indices")
@@ -95,19 +101,33 @@ class Aggregator:
             except CorruptShard as e:
                 corrupt.append((s, str(e)))
                 continue
-            stat_parts.append({key[len(evaluation.STAT_PREFIX):]: v for key, v in arrays.items()
-                               if key.startswith(evaluation.STAT_PREFIX)})
+            first, last = min(first, res.started_at), max(last, res.finished_at)
+            workers.add(res.worker)
+            unique += len(arrays["time_per_sample"])
+            stats = {key[len(evaluation.STAT_PREFIX):]: v for key, v in arrays.items()
+                     if key.startswith(evaluation.STAT_PREFIX)}
+            with_stats = with_stats and "rounds" in stats
+            if with_stats:
+                speed.add(stats, arrays["time_per_sample"])
+            else:
+                speed.seconds += float(np.sum(arrays["time_per_sample"]))
             fid = {key[len(evaluation.FID_PREFIX):]: v for key, v in arrays.items()
                    if key.startswith(evaluation.FID_PREFIX)}
             if fid:
-                fid_parts.append(fid)
+                part = evaluation.feature_stats_from_arrays(fid)
+                fid_stats = part if fid_stats is None else fid_stats.merge(part)
                 extractor_key = str(arrays.get("feature_extractor", "raw"))
             isc = {key[len(evaluation.IS_PREFIX):]: v for key, v in arrays.items()
                    if key.startswith(evaluation.IS_PREFIX)}
             if isc:
-                is_parts.append(isc)
-            times.append(arrays["time_per_sample"])
-            del arrays
+                part = evaluation.class_stats_from_arrays(isc)
+                is_stats = part if is_stats is None else is_stats.merge(part)
+                is_shards += 1
+            del arrays, stats, fid, isc
+            # np.load parses each array header with ast.literal_eval, whose closures form reference cycles:
+            # collect them per shard (young generations, cheap) and fully every 32 shards, or the garbage
+            # piles up with the number of shards until the interpreter's next full collection.
+            gc.collect() if s % 32 == 31 else gc.collect(1)
         if corrupt:
             for s, why in corrupt:
                 log.warning("job %s: %s; shard queued again", job_id, why)
@@ -116,41 +136,29 @@ class Aggregator:
             return None
         # Temp files of writers killed mid-write were never counted; remove the stale ones (a late duplicate
         # writer may still be using a fresh one).
-        for tmp in (job_dir / "shards").glob("*.tmp"):
-            try:
-                if time.time() - tmp.stat().st_mtime > 600:
-                    tmp.unlink()
-            except OSError:
-                pass
+        _remove_stale_temp_files(job_dir / "shards", older_than=600.0)
 
         n = spec.num_samples
         report: dict = {
             "job_id": job_id, "name": spec.name, "model": spec.model, "status": JobStatus.DONE.value,
             "sampler": spec.sampler.model_dump(mode="json"), "labels": spec.labels, "base_seed": spec.base_seed,
             "num_samples": n, "num_shards": spec.num_shards, "shard_size": spec.shard_size,
-            "unique_samples": int(sum(len(t) for t in times)),
+            "unique_samples": int(unique),
         }
         # Speed statistics
-        if spec.evaluate.speed and stat_parts and "rounds" in stat_parts[0]:
-            stats = evaluation.concat_stats(stat_parts)
-            report["speed"] = evaluation.speed_summary(stats, np.concatenate(times))
-        else:
-            report["speed"] = None
-        results = self.q.done_results(job_id)
-        first = min(r.started_at for r in results.values())
-        last = max(r.finished_at for r in results.values())
+        report["speed"] = speed.summary() if (spec.evaluate.speed and with_stats and speed.n) else None
         report["wall_time"] = {
             "job_seconds": last - first,
             "job_seconds_per_sample": (last - first) / n,
             "samples_per_second": n / max(last - first, 1e-9),
-            "engine_seconds_per_sample": float(np.concatenate(times).mean()),
-            "workers": sorted({r.worker for r in results.values()}),
+            "engine_seconds_per_sample": speed.seconds / n,
+            "workers": sorted(workers),
         }
         # FID
         report["fid"] = None
         report["fid_reference"] = spec.evaluate.fid_reference
-        if spec.evaluate.fid and fid_parts:
-            merged = evaluation.merge_feature_stats(fid_parts)
+        if spec.evaluate.fid and fid_stats is not None:
+            merged = fid_stats
             stats_path = job_dir / "feature_stats.npz"
             merged.save(stats_path)
             report["fid_extractor"] = merged.extractor
@@ -159,14 +167,14 @@ class Aggregator:
             if ref is not None:
                 try:
                     report["fid"] = evaluation.frechet_distance(merged, ref)
-                except ValueError as e:  # e.g. a 2048-d ADM reference for a job with other features
-                    raise ServiceError(f"job {job_id}: FID reference {spec.evaluate.fid_reference}: {e}") from None
+                except ValueError as e:  # fewer than 2 samples, or a reference of other features
+                    raise ServiceError(f"job {job_id}: FID reference {spec.evaluate.fid_reference}: "
+                                       f"{' '.join(str(e).split())}") from None
         # Inception Score: one split over all samples, from the merged sums (every shard must have them).
         report["inception_score"] = None
-        if is_parts and len(is_parts) == spec.num_shards:
-            cls = evaluation.merge_class_stats(is_parts)
-            report["inception_score"] = {"value": cls.inception_score(), "classifier": cls.classifier,
-                                         "n": cls.n, "splits": 1}
+        if is_stats is not None and is_shards == spec.num_shards:
+            report["inception_score"] = {"value": is_stats.inception_score(), "classifier": is_stats.classifier,
+                                         "n": is_stats.n, "splits": 1}
         # Baseline
         report["baseline"] = self.baseline_for(spec, report)
         # Files
@@ -180,9 +188,9 @@ class Aggregator:
                 log.warning("job %s: no plot (%s)", job_id, e)
         report["finished_at"] = time.time()
         _atomic_write_text(job_dir / "report.json", json.dumps(report, indent=2))
-        self.q.r.set(self.q.keys.report(job_id), json.dumps(report))
+        self.q.save_report(job_id, report)
         if spec.sampler.sampler == "ddpm":
-            self.q.r.sadd(self.q.keys.baseline(spec.baseline_fingerprint()), job_id)
+            self.q.add_baseline(spec.baseline_fingerprint(), job_id)
         self.q.mark_done(job_id)
         log.info("job %s done: %d samples, FID %s", job_id, n, report["fid"])
         return report
@@ -194,8 +202,11 @@ class Aggregator:
         if not (ref == "auto" or ref.startswith(("data:", "ref:"))):
             try:
                 return evaluation.load_reference_stats(resolve_model_path(ref, "fid_reference"))
-            except (OSError, ValueError, KeyError) as e:
-                raise ServiceError(f"cannot read FID reference statistics {ref}: {e}") from None
+            except ServiceError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any unreadable file is one line
+                raise ServiceError(f"cannot read FID reference statistics {ref}: {type(e).__name__}: "
+                                   f"{' '.join(str(e).split())}") from None
         safe = lambda x: re.sub(r"[^\w.\-]", "_", x)  # noqa: E731
         cache = root / "_references" / (
             f"{safe(spec.model)}-{safe(spec.labels)}-{safe(extractor)}-{safe(ref)}.npz")
@@ -230,7 +241,7 @@ class Aggregator:
                 _atomic_write_text(path, json.dumps(report, indent=2))
         except (OSError, ServiceError) as e:
             log.warning("job %s: report.json not updated with the baseline (%s)", rec.id, e)
-        self.q.r.set(self.q.keys.report(rec.id), json.dumps(report))
+        self.q.save_report(rec.id, report)
         return report
 
     def baseline_for(self, spec: JobSpec, report: dict) -> dict | None:
@@ -241,7 +252,7 @@ class Aggregator:
         if choice == "auto":
             if spec.sampler.sampler == "ddpm":
                 return None
-            candidates = sorted(self.q.r.smembers(self.q.keys.baseline(spec.baseline_fingerprint())))
+            candidates = self.q.baseline_candidates(spec.baseline_fingerprint())
         else:
             candidates = [choice]
         for bid in candidates:
@@ -258,6 +269,24 @@ class Aggregator:
                 "fid": base.get("fid"),
             }
         return None
+
+
+def _remove_stale_temp_files(folder: Path, older_than: float) -> None:
+    """Delete ``*.tmp`` files older than ``older_than`` seconds. Streams the directory (``os.scandir``):
+    ``Path.glob`` lists every entry first, which grows with the number of shards."""
+    now = time.time()
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if not entry.name.endswith(".tmp"):
+                    continue
+                try:
+                    if now - entry.stat().st_mtime > older_than:
+                        os.unlink(entry.path)
+                except OSError:
+                    pass
+    except OSError:
+        pass
 
 
 def plot_acceptance(report: dict, path: Path) -> None:

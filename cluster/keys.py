@@ -1,4 +1,4 @@
-"""Every Redis key the service uses, in one place (DESIGN.md style rule 8).
+"""Every Redis key the service uses, in one place.
 
 All keys start with a prefix (default ``specdit:``; ``SPECDIT_REDIS_PREFIX`` or ``--prefix`` changes it) so
 tests and several deployments can share one Redis. Values are JSON or plain strings: nothing is pickled.
@@ -7,7 +7,8 @@ Layout (``P`` = prefix, ``J`` = job id):
 
 - ``P jobs``                    sorted set: job id -> submit time (all jobs)
 - ``P active``                  sorted set: job id -> submit time (queued or running jobs; workers poll it)
-- ``P job:J``                   hash: JobRecord fields (spec JSON, status, timestamps, error)
+- ``P job:J``                   hash: JobRecord fields (spec JSON, spec_version, status, queued_upto cursor,
+                                timestamps, error, load_failures)
 - ``P job:J:shards``            stream of shard tasks (field ``shard``), consumer group ``workers``
 - ``P job:J:done``              hash: shard index -> ShardResult JSON (set in one MULTI with the XACK, after the file)
 - ``P job:J:attempts``          hash: shard index -> deliveries started
@@ -17,6 +18,7 @@ Layout (``P`` = prefix, ``J`` = job id):
 - ``P baseline:F``              set: done DDPM job ids with the same model/seeds fingerprint F
 - ``P worker:W``                string with TTL: a live worker (JSON: name, host, pid, engine, job, shard)
 - ``P lock:aggregate:J``        string with TTL: one aggregator at a time
+- ``P lock:reconcile:J``        string with TTL: one reconciliation of a job per heartbeat timeout
 """
 from __future__ import annotations
 
@@ -86,10 +88,13 @@ class Keys:
     def aggregate_lock(self, job_id: str) -> str:
         return self._k("lock", "aggregate", job_id)
 
+    def reconcile_lock(self, job_id: str) -> str:
+        return self._k("lock", "reconcile", job_id)
+
     def job_keys(self, job_id: str) -> list[str]:
         """Every per-job key (for deletion)."""
         return [self.job(job_id), self.stream(job_id), self.done(job_id), self.attempts(job_id), self.errors(job_id),
-                self.progress(job_id), self.report(job_id), self.aggregate_lock(job_id)]
+                self.progress(job_id), self.report(job_id), self.aggregate_lock(job_id), self.reconcile_lock(job_id)]
 
     def all_pattern(self) -> str:
         return self.prefix + "*"

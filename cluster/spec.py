@@ -1,7 +1,9 @@
 """Job specs (pydantic): what to sample, how, how many, where to put it and what to evaluate.
 
-A spec is validated field by field on load (YAML, JSON or CLI flags). Its id is a hash of its canonical
-JSON, so submitting the same spec twice names the same job (idempotent submission). Sample ``i`` of a job
+A spec is validated field by field on load (YAML, JSON or CLI flags). Its id is a hash of ``SPEC_VERSION``
+and its canonical JSON *without default values*, so submitting the same spec twice names the same job
+(idempotent submission) and adding a field with a default to a later version keeps every id. Bump
+``SPEC_VERSION`` when a default or the meaning of a field changes: ids then change on purpose. Sample ``i`` of a job
 uses seed ``sample_seed(base_seed, i)`` and a label derived from ``i`` alone, so results depend neither on
 the number of workers nor on the shard size.
 """
@@ -14,14 +16,15 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cluster import paths
+from cluster import limits, paths
 from cluster.errors import SpecError
 
 _DRAFTER = re.compile(r"^(free|feature|perturbed:\d+(\.\d*)?([eE][-+]?\d+)?|(model|feature):[\w.\-/]+)$")
 _LABELS = re.compile(r"^(none|uniform|random|fixed:\d+)$")
 MAX_SEED = 2**63 - 1
+SPEC_VERSION = 2  # 1: ids hashed the full spec with its defaults; 2: without defaults, version in the hash
 MAX_NAME_LENGTH = 100
 
 
@@ -69,6 +72,12 @@ class SamplerSettings(_Strict):
         if kind not in ("model", "feature") or not arg:
             return v
         return f"{kind}:{paths.normalize_model_path(arg, 'drafter', is_path=kind == 'feature')}"
+
+    @model_validator(mode="after")
+    def _parallel(self) -> "SamplerSettings":
+        if self.sampler == "draft_refine" and self.parallel >= self.steps:
+            raise ValueError(f"parallel ({self.parallel}) must be smaller than steps ({self.steps}) for draft_refine")
+        return self
 
 
 class OutputSpec(_Strict):
@@ -120,9 +129,9 @@ class JobSpec(_Strict):
     weights: Literal["ema", "model"] | None = None  # a DiT train.py checkpoint's weights (default: ema)
     sampler: SamplerSettings = SamplerSettings()
     labels: str = "uniform"  # "none" | "uniform" (i % C) | "random" (from the seed) | "fixed:<c>"
-    num_samples: int = Field(gt=0, le=100_000_000)
+    num_samples: int = Field(gt=0, le=limits.MAX_SAMPLES_PER_JOB)
     base_seed: int = Field(0, ge=0, le=MAX_SEED)
-    shard_size: int = Field(64, gt=0, le=1_000_000)
+    shard_size: int = Field(64, gt=0, le=limits.MAX_SHARD_SIZE)
     batch_size: int = Field(64, gt=0, le=100_000)
     output: OutputSpec = OutputSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
@@ -148,6 +157,18 @@ class JobSpec(_Strict):
             raise ValueError("labels must be 'none', 'uniform', 'random' or 'fixed:<class>'")
         return v
 
+    @model_validator(mode="after")
+    def _sizes(self) -> "JobSpec":
+        if self.num_shards > limits.MAX_SHARDS_PER_JOB:
+            need = -(-self.num_samples // limits.MAX_SHARDS_PER_JOB)
+            raise ValueError(f"{self.num_samples} samples in shards of {self.shard_size} make {self.num_shards} "
+                             f"shards, over the limit of {limits.MAX_SHARDS_PER_JOB} per job: use a shard "
+                             f"size of at least {need}")
+        if self.evaluate.fid and self.num_samples < limits.MIN_FID_SAMPLES:
+            raise ValueError(f"FID needs at least {limits.MIN_FID_SAMPLES} samples (a covariance), got "
+                             f"{self.num_samples}: raise num_samples or turn FID off (--no-fid)")
+        return self
+
     # Derived quantities
     @property
     def num_shards(self) -> int:
@@ -160,12 +181,16 @@ class JobSpec(_Strict):
         start = k * self.shard_size
         return start, min(self.num_samples, start + self.shard_size)
 
-    def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    def canonical_json(self, *, exclude_defaults: bool = False) -> str:
+        """Sorted, compact JSON of the spec (every field, or only those that differ from their defaults)."""
+        data = self.model_dump(mode="json", exclude_defaults=exclude_defaults)
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @property
     def job_id(self) -> str:
-        return "j" + hashlib.sha256(self.canonical_json().encode()).hexdigest()[:15]
+        """``j`` + 15 hex digits of SHA-256 over ``v<SPEC_VERSION>:`` + the canonical JSON without defaults."""
+        key = f"v{SPEC_VERSION}:" + self.canonical_json(exclude_defaults=True)
+        return "j" + hashlib.sha256(key.encode()).hexdigest()[:15]
 
     def job_dir(self) -> Path:
         """``<output root>/<output.dir>/<job id>`` for this process, confined to its output root
@@ -195,9 +220,9 @@ def format_validation_error(err: ValidationError) -> str:
     """One line: 'field.path: message; other: message'."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "spec"
+        loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
+        parts.append(f"{loc}: {msg}" if loc else msg)  # no location: a check across fields
     return "; ".join(parts)
 
 

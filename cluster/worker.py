@@ -4,8 +4,11 @@ Loop: take a task (a dead worker's stale one first, else a new one) -> load the 
 engine -> sample the shard while a heartbeat thread keeps the task alive -> write the shard file atomically
 -> record the result and XACK in one transaction -> if that was the job's last shard, aggregate.
 
-Failures: an engine error (model cannot be loaded, sampler raised) is recorded and the shard queued again;
-after ``max_attempts`` the job fails with that error. SIGTERM/SIGINT abort the shard in flight at its next
+Failures: any exception while loading the job's model, or from the engine, is recorded as the shard's
+error and the shard queued again; after ``max_attempts`` (of the shard, or model-load failures of the job)
+the job fails with that error. A worker never dies of a job's fault; one bound to a job (``--job``) whose
+model cannot be loaded exits 5. A worker whose heartbeat finds its shard taken over stops computing it. An
+aggregation error fails the job with its reason. SIGTERM/SIGINT abort the shard in flight at its next
 progress report and give it back without counting an attempt, then exit 0. A lost Redis connection is
 retried with backoff (a finished shard's result is kept and recorded once Redis is back).
 """
@@ -24,9 +27,10 @@ import redis
 
 from cluster.aggregator import Aggregator
 from cluster.errors import ModelUnavailable, ServiceError
+from cluster.limits import check_worker_settings
 from cluster.paths import PathError, resolve_model_path, resolve_sampler_paths
 from cluster.queue import JobQueue, Task
-from cluster.records import JobStatus, ShardResult
+from cluster.records import JobStatus, RecordError, ShardResult
 from cluster.storage import shard_path, write_shard
 from workers.engine import Engine, EngineError, ShardWork, check_labels, check_store
 
@@ -57,6 +61,7 @@ class ShardWorker:
         self.q = queue
         self.engine = engine
         self.opt = options or WorkerOptions()
+        check_worker_settings(poll_interval=self.opt.poll_interval)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stop = threading.Event()  # shutdown requested
         self._abort: str | None = None  # reason to abort the shard in flight
@@ -141,7 +146,13 @@ class ShardWorker:
 
     # --------------------------------------------------------------------------------------------------
     def process(self, task: Task) -> None:
-        rec = self.q.get(task.job_id)
+        try:
+            rec = self.q.get(task.job_id)
+        except RecordError as e:  # a record this version cannot read: fail that job, keep serving the others
+            self.q.ack(task)
+            self.q.fail_job(task.job_id, str(e))
+            log.error("%s", e)
+            return
         spec = rec.spec
         if rec.status.terminal:
             self.q.ack(task)  # cancelled/failed/done: drop the task
@@ -164,20 +175,26 @@ class ShardWorker:
         self._abort = "shutdown" if self.stop.is_set() else None
         beat = _Heartbeat(self, task)
         beat.start()
-        # Load the model (cached by the engine).
+        # Load the model (cached by the engine). Any exception is the job's fault, not the worker's: it is
+        # recorded as the shard's error and counted against the job (see JobQueue.release).
         try:
             # Model and drafter paths resolved against this worker's SPECDIT_MODEL_ROOT (when set) and re-checked.
             model, sampler = resolve_model_path(spec.model), resolve_sampler_paths(spec.sampler.model_dump(mode="json"))
             info = self.engine.model_info(model, spec.model_options())
             check_labels(spec.labels, info)
             check_store(spec.output.store, info)
-        except (EngineError, PathError) as e:
+        except ShardAborted as e:
             beat.stop()
-            msg = str(e)
-            failed = self.q.release(task, error=msg)
+            self._handle_abort(task, e.reason)
+            return
+        except Exception as e:  # noqa: BLE001 - empty/corrupt checkpoints raise anything (EOFError, ...)
+            beat.stop()
+            msg = str(e) if isinstance(e, (EngineError, ServiceError)) else (
+                f"cannot load model {spec.model!r}: {type(e).__name__}: {' '.join(str(e).split())}".rstrip(": "))
+            failed = self._retry_redis(lambda: self.q.release(task, error=msg, job_level=True))
             log.error("job %s: %s%s", task.job_id, msg, " (job failed)" if failed else "")
             if self.opt.job_id is not None:
-                raise ModelUnavailable(f"worker cannot run job {task.job_id}: {msg}") from None
+                raise ModelUnavailable(f"worker cannot run job {task.job_id}: {' '.join(msg.split())}") from None
             return
         except BaseException:
             beat.stop()
@@ -194,7 +211,7 @@ class ShardWorker:
             job_dir = spec.job_dir()
         except PathError as e:
             beat.stop()
-            failed = self.q.release(task, error=str(e))
+            failed = self.q.release(task, error=str(e), job_level=True)  # the same for every shard
             log.error("job %s shard %d: %s%s", task.job_id, task.shard, e, " (job failed)" if failed else "")
             return
         started = time.time()
@@ -216,6 +233,9 @@ class ShardWorker:
             log.exception("job %s shard %d raised%s", task.job_id, task.shard, " (job failed)" if failed else "")
             return
         beat.stop()
+        if self._abort == "lost":  # taken over while the last batch ran: the new owner records it
+            self._handle_abort(task, "lost")
+            return
         path = shard_path(job_dir, start, stop)  # absolute: any process can find it
         try:
             digest = write_shard(path, out.arrays)
@@ -234,14 +254,17 @@ class ShardWorker:
         if done >= spec.num_shards and self.opt.aggregate:
             try:
                 self._retry_redis(lambda: self.aggregator.finalize(task.job_id))
-            except Exception as e:  # noqa: BLE001 - keep serving; 'specdit results --recompute' retries
-                msg = " ".join(str(e).split()) if isinstance(e, ServiceError) else f"{type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001 - keep serving; the job fails with the reason
+                msg = str(e) if isinstance(e, ServiceError) else f"{type(e).__name__}: {' '.join(str(e).split())}"
                 log.error("job %s: aggregation failed: %s", task.job_id, msg)
-                self._retry_redis(lambda: self.q.r.hset(self.q.keys.job(task.job_id), "error",
-                                                        f"aggregation failed: {msg}"))
+                self._retry_redis(lambda: self.q.fail_job(task.job_id, f"aggregation failed: {msg} "
+                                                          "('specdit results --recompute' retries)"))
 
     def _handle_abort(self, task: Task, reason: str) -> None:
-        if reason == "cancelled":
+        if reason == "lost":  # another worker owns the entry now: leave it alone
+            log.warning("job %s shard %d was taken over by another worker; stopped computing it", task.job_id,
+                        task.shard)
+        elif reason == "cancelled":
             self._retry_redis(lambda: self.q.ack(task))
             log.info("job %s cancelled; dropped shard %d", task.job_id, task.shard)
         else:
@@ -263,7 +286,9 @@ class ShardWorker:
 
 
 class _Heartbeat:
-    """Keeps the task in flight alive (every timeout/3 s) and watches for cancellation."""
+    """Keeps the task in flight alive (every timeout/3 s) and watches for cancellation (every <= 1 s). A
+    heartbeat that finds the entry owned by another worker (its claim failed) aborts the shard: two workers
+    never keep computing the same shard."""
 
     def __init__(self, worker: ShardWorker, task: Task):
         self.w, self.task = worker, task
@@ -271,6 +296,7 @@ class _Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
         self.interval = max(0.1, worker.q.heartbeat_timeout / 3)
+        self.check_every = min(self.interval, 1.0)
 
     def start(self) -> None:
         self._thread.start()
@@ -286,12 +312,17 @@ class _Heartbeat:
             raise ShardAborted(self.w._abort)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        last_touch = time.monotonic()
+        while not self._stop.wait(self.check_every):
             try:
-                self.w.q.touch(self.task, self.w.name, self.samples)
-                self.w.register(self.task)
-                rec = self.w.q.get(self.task.job_id)
-                if rec.status in (JobStatus.CANCELLED, JobStatus.FAILED):
+                if time.monotonic() - last_touch >= self.interval - 1e-3:
+                    last_touch = time.monotonic()
+                    if not self.w.q.touch(self.task, self.w.name, self.samples):
+                        self.w._abort = "lost"
+                        return
+                    self.w.register(self.task)
+                status = self.w.q.status_of(self.task.job_id)
+                if status in (None, JobStatus.CANCELLED, JobStatus.FAILED):
                     self.w._abort = "cancelled"
             except _REDIS_ERRORS as e:
                 log.warning("heartbeat failed (%s)", " ".join(str(e).split()))

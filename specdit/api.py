@@ -21,7 +21,7 @@ from specdit.models.perturbed import PerturbedModel
 from specdit.noise import NoiseStreams
 from specdit.samplers.common import NonFiniteTargetError
 from specdit.samplers.ddpm import sample_ddpm
-from specdit.samplers.draft_refine import sample_draft_refine
+from specdit.samplers.draft_refine import check_parallel, sample_draft_refine
 from specdit.samplers.speculative import sample_speculative
 from specdit.schedule import Schedule, check_num_steps
 from specdit.stats import SampleStats
@@ -73,6 +73,8 @@ class SamplerConfig:
             raise ValueError(f"refine mode must be 'conservative' or 'aggressive', got {self.refine_mode!r}")
         if self.parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {self.parallel}")
+        if self.sampler == "draft_refine":
+            check_parallel(self.parallel, self.steps)
         kind = self.drafter.split(":", 1)[0]
         if kind not in ("free", "feature", "perturbed", "model"):
             raise ValueError(f"unknown drafter {self.drafter!r}; use free, feature, perturbed:<error> or model:<name>")

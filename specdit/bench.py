@@ -46,8 +46,9 @@ def default_variants(steps: int, draft_lengths: tuple[int, ...], cfg_scale: floa
         for L in draft_lengths:
             for verify in ("token", "block"):
                 out.append((f"spec {drafter} L={L} {verify}", replace(base, drafter=drafter, draft_length=L, verify=verify)))
-    for mode in ("conservative", "aggressive"):
-        out.append((f"driffusion {mode} k=4", replace(base, sampler="draft_refine", refine_mode=mode, parallel=4)))
+    k = min(4, steps - 1)  # DRiffusion needs parallel < steps
+    for mode in ("conservative", "aggressive") if k >= 1 else ():
+        out.append((f"driffusion {mode} k={k}", replace(base, sampler="draft_refine", refine_mode=mode, parallel=k)))
     return out
 
 
@@ -76,13 +77,15 @@ def run_bench(
     labels: torch.Tensor | None = None,
     batch_size: int = 256,
     on_row: Callable[[BenchRow], None] | None = None,
+    model_name: str | None = None,
 ) -> list[BenchRow]:
-    """Run every variant on the same seeds; the first variant is the wall-time reference."""
+    """Run every variant on the same seeds; the first variant is the wall-time reference. ``model_name``
+    names the model (a registered name or a path) so that ``feature`` finds its built-in drafter."""
     seeds = sample_seed(seed, torch.arange(num_samples))
     truth = getattr(model, "projected_cdf", None)
     rows: list[BenchRow] = []
     for name, cfg in variants:
-        gen = generate(model, cfg, seeds, labels, batch_size=batch_size)
+        gen = generate(model, cfg, seeds, labels, batch_size=batch_size, model_name=model_name)
         s = gen.stats.summary()
         ks = ks_against_cdf(gen.samples, truth) if truth is not None and labels is None else None
         ref_wall = rows[0].wall if rows else gen.wall_time

@@ -4,10 +4,10 @@ Draft kernel p = N(mh, s^2 I), target kernel q = N(m, s^2 I); norms run over the
 function takes flattened float64 tensors ``(B, D)`` (means, states) and ``(B,)`` scalars.
 With ``d = |m - mh| / s``:
 
-- reflection maximal coupling (RMC, seed FREE-supplementary §B, eqs. 13-14): accept the draft xh with
+- reflection maximal coupling (RMC, FREE, arXiv 2511.20390, supplementary §B, eqs. 13-14): accept the draft xh with
   probability min(1, q(xh)/p(xh)), else output ``m + (I - 2 e e^T)(xh - mh)``, ``e = (mh - m)/|mh - m|``;
   P(reject) = TV(p, q) = 2 Phi(d/2) - 1.
-- block verification (Sun et al. 2025, Alg. 2; seed BlockVerification-summary) with the residual mass
+- block verification (Sun et al. 2025, Alg. 2; arXiv 2606.13426) with the residual mass
   ``R(c, d) = c Phi(d/2 + ln c / d) - Phi(-d/2 + ln c / d)`` and the continuous residual sampler of
   ``norm(max(0, c q - p))``.
 
@@ -111,7 +111,7 @@ def log_residual_mass(log_c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def residual_mass(c: torch.Tensor | float, d: torch.Tensor) -> torch.Tensor:
-    """R(c, d) = c Phi(d/2 + ln c / d) - Phi(-d/2 + ln c / d) (DESIGN.md "Block verification")."""
+    """R(c, d) = c Phi(d/2 + ln c / d) - Phi(-d/2 + ln c / d) (docs/design.md)."""
     c = torch.as_tensor(c, dtype=torch.float64).expand_as(d)
     return log_residual_mass(torch.log(c), d).exp()
 

@@ -1,6 +1,6 @@
 """DDPM noise schedule, timestep respacing and the eta-family Gaussian kernel.
 
-Notation (DESIGN.md "Schedule" and "Kernel"): the training schedule has 1000 linear betas from 1e-4 to
+Notation (docs/design.md): the training schedule has 1000 linear betas from 1e-4 to
 0.02 and ``abar_t = prod_{s<=t} (1 - beta_s)``. Sampling uses S respaced timesteps
 ``tau_1 < ... < tau_S`` (DiT's ``space_timesteps``) with ``abar(tau_0) = 1`` and
 
@@ -151,7 +151,7 @@ class Schedule:
     def skip_mean_std(
         self, x: torch.Tensor, eps: torch.Tensor, k: torch.Tensor, i: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """DRiffusion skip transition x_k -> x_{k-i} (seed DRiffusion-supplementary eq. 14) with
+        """DRiffusion skip transition x_k -> x_{k-i} (DRiffusion supplementary eq. 14) with
         sigma = eta * sqrt(DDPM skip posterior variance). Returns (mean float64 (N, *shape), std (N,))."""
         shape = (-1,) + (1,) * (x.dim() - 1)
         abar = self.abar.to(x.device)

@@ -2,7 +2,7 @@
 
 The proposer hands over a :class:`Proposal` (drafts, their means and the target means from one batched
 target call); a verifier returns a :class:`Verdict`. Both verifiers are pure functions of the proposal
-and the uniforms passed in (DESIGN.md style rule 3), so they can be compared on identical drafts.
+and the uniforms passed in, so they can be compared on identical drafts.
 
 Shapes: B chains, L = longest draft in the batch, D = flattened sample size. Chain b uses positions
 1..length[b]; position j is the step from state index k - j + 1 of the round started at k.

@@ -29,6 +29,7 @@ def test_generate_writes_samples_and_stats(tmp_path):
     (["--model", "gmm-2d", "--labels", "fixed:7"], "out of range"),
     (["--model", "gmm-2d", "--eta", "0"], "eta > 0"),
     (["--model", "gmm-2d", "--cfg", "2"], "guidance"),
+    (["--model", "gmm-2d", "--sampler", "draft_refine", "--parallel", "5"], "parallel (5) must be smaller"),
 ])
 def test_generate_user_errors_are_one_line(tmp_path, args, message):
     r = runner.invoke(app, ["generate", *args, "--out", str(tmp_path / "x.npz"), "--no-progress", "--steps", "5"])
@@ -133,6 +134,17 @@ def test_submit_refuses_before_anything_is_queued(args, message):
     r = runner.invoke(app, ["submit", *args, "-n", "4", "--redis-url", "redis://127.0.0.1:1/0"])
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_bench_builtin_model_with_free_and_feature_drafters(tmp_path):
+    """Issue 12 acceptance 6: bench passes the model's name down to the feature drafter's factory."""
+    r = runner.invoke(app, ["bench", "--model", "mnist-dit", "--drafters", "free,feature", "--steps", "4", "-n", "2",
+                            "--draft-lengths", "2", "--cfg", "1.5", "--labels", "uniform", "--threads", "1",
+                            "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row for row in json.loads((tmp_path / "b.json").read_text())["rows"]}
+    assert {"spec feature L=2 token", "spec feature L=2 block", "driffusion aggressive k=3"} <= set(rows)
+    assert rows["spec feature L=2 block"]["config"]["drafter"] == "feature"
 
 
 def test_submit_refuses_cfg_channels_the_model_does_not_have(tmp_path, redis_env, monkeypatch):

@@ -217,9 +217,9 @@ class PathEngine(SyntheticEngine):
         super().__init__()
         self.loaded = []
 
-    def model_info(self, model):
+    def model_info(self, model, options=None):
         self.loaded.append(model)
-        return super().model_info("synthetic-2d")
+        return super().model_info("synthetic-2d", options)
 
     def run(self, work, progress=None):
         from dataclasses import replace

@@ -168,3 +168,14 @@ def test_batch_smaller_than_world_is_refused(tmp_path):
     with pytest.raises(ValueError, match="smaller than the number of data-parallel ranks"):
         train_drafter(_tiny_dit(), _tiny_data(), cfg, tmp_path, progress=False,
                       world=_ThreadWorld(0, 2, {}))
+
+
+def test_pool_actor_builds_the_feature_drafter_of_the_named_model():
+    """Issue 12 acceptance 6, Ray path without Ray: the plain class behind a drafter actor builds ``feature``
+    for the model it is set up with (the engine passes the job's model name to ``setup``)."""
+    from workers.actors import Drafter
+
+    actor = Drafter(device="cpu", threads=1)
+    sampler = {"sampler": "speculative", "steps": 4, "draft_length": 2, "drafter": "feature", "cfg_scale": 1.5}
+    assert actor.setup("mnist-dit", sampler)["draft_cost"] == 1  # one FREE network call per draft step
+    assert actor.setup("mnist-dit", {**sampler, "drafter": "free"})["draft_cost"] == 0  # control

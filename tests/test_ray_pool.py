@@ -128,6 +128,20 @@ def test_ray_engine_decodes_a_latent_dit_like_the_local_engine(engine, tmp_path)
     out = engine.run(work)
     assert out.arrays["images"].shape == (8, 32, 32, 1) and "is_sum_p" in out.arrays
     _assert_same_arrays(ref.arrays, out.arrays)
+@pytest.mark.slow
+def test_ray_engine_feature_drafter_of_the_builtin_model(engine):
+    """Issue 12 acceptance 6: ``drafter: feature`` on the Ray engine finds the model's built-in drafter
+    (tiny: 2 samples, 4 steps) and gives the in-process engine's samples, up to float32 round-off (the DiT's
+    batches are composed differently by the pipeline: 4e-6 here)."""
+    sampler = {"sampler": "speculative", "steps": 4, "draft_length": 2, "drafter": "feature", "cfg_scale": 1.5}
+    work = ShardWork(model="mnist-dit", sampler=sampler, labels="uniform", base_seed=5, start=0, stop=2, batch_size=2,
+                     store="latents")  # raw float samples, compared up to round-off
+    out = engine.run(work)
+    ref = make_engine("local").run(work)
+    for k in ("indices", "seeds", "labels", "stat_rounds", "stat_accepted", "stat_draft_evals"):
+        assert np.array_equal(out.arrays[k], ref.arrays[k]), k
+    np.testing.assert_allclose(out.arrays["samples"], ref.arrays["samples"], rtol=0, atol=1e-4)
+    assert (out.arrays["stat_draft_evals"] > 0).all()
 
 
 def test_job_through_the_service_with_the_ray_engine(engine, tmp_path, monkeypatch, redis_env):

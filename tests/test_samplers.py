@@ -1,4 +1,4 @@
-"""Contract suite shared by every sampler (DESIGN.md style rule 7): shapes, statistics bookkeeping,
+"""Contract suite shared by every sampler (after diffusers' common scheduler tests): shapes, statistics bookkeeping,
 determinism, and batch invariance (a sample is identical alone or in a batch of 64)."""
 import pytest
 import torch
@@ -60,6 +60,7 @@ def test_different_seeds_give_different_samples(model):
 @pytest.mark.parametrize("bad", [
     dict(sampler="nope"), dict(steps=0), dict(eta=1.5), dict(sampler="speculative", eta=0.0),
     dict(draft_length=0), dict(verify="x"), dict(relax=-1.0), dict(drafter="perturbed:abc"), dict(drafter="magic"),
+    dict(sampler="draft_refine", steps=10, parallel=10), dict(sampler="draft_refine", steps=10, parallel=0),
 ])
 def test_invalid_configs_are_refused(bad):
     with pytest.raises(ValueError):
@@ -86,4 +87,7 @@ def test_draft_refine_round_accounting(model):
     # Conservative: 2 sequential calls per K + 1 = 5 steps -> 50 / 5 * 2 = 20 rounds.
     assert out.stats.rounds.tolist() == [20] * 4
     agg = generate(model, SamplerConfig(sampler="draft_refine", steps=50, parallel=4, refine_mode="aggressive"), sample_seed(0, torch.arange(4)))
-    assert agg.stats.rounds.tolist() == [11] * 4  # one fresh call, then one batched call per iteration
+    # Aggressive: one fresh call at x_S, then one batched call per K = 4 steps: 1 + ceil(49 / 4) = 14 rounds;
+    # every timestep is evaluated once in both modes.
+    assert agg.stats.rounds.tolist() == [14] * 4
+    assert out.stats.target_evals.tolist() == agg.stats.target_evals.tolist() == [50] * 4

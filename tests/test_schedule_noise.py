@@ -1,4 +1,4 @@
-"""Schedule formulas (DESIGN.md "Schedule", "Kernel") and the counter-based random streams."""
+"""Schedule formulas (docs/design.md) and the counter-based random streams."""
 import hashlib
 import json
 import subprocess

@@ -43,6 +43,8 @@ def test_bad_submissions(env, tmp_path):
         (["--model", model, "-n", "8", "--labels", "fixed:99", "--engine", engine], "out of range", 2),
         (["--model", model, "-n", "8", "--sampler", "magic", "--engine", engine], "sampler", 2),
         (["--model", model, "-n", "8", "--eta", "3", "--engine", engine], "eta", 2),
+        (["--model", model, "-n", "8", "--sampler", "draft_refine", "--steps", "6", "--parallel", "6",
+          "--engine", engine], "parallel (6) must be smaller than steps (6)", 2),
         (["-n", "8"], "model", 2),
     ]
     bad = tmp_path / "bad.yaml"

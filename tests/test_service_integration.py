@@ -143,3 +143,21 @@ def test_redis_restart_mid_job(tmp_path):
     whole = eng.run(ShardWork(model=model, sampler=spec.sampler.model_dump(mode="json"), labels=spec.labels,
                               base_seed=spec.base_seed, start=0, stop=n, batch_size=64))
     assert np.array_equal(xs["samples"], whole.arrays["samples"])
+
+
+def test_job_with_the_feature_drafter_of_the_builtin_model(q, tmp_path):
+    """Issue 12 acceptance 6: a job with ``drafter: feature`` reaches the worker's engine with the model's name
+    (it failed with "no built-in feature drafter for model None"). Tiny: 2 samples, 4 steps, in process."""
+    from cluster.storage import read_shard
+
+    spec = spec_from_dict({
+        "model": "mnist-dit", "num_samples": 2, "shard_size": 2, "batch_size": 2, "base_seed": 3,
+        "sampler": {"sampler": "speculative", "steps": 4, "draft_length": 2, "drafter": "feature", "cfg_scale": 1.5},
+        "output": {"dir": str(tmp_path)}, "evaluate": {"fid": False}})
+    q.submit(spec)
+    _in_process(q, "local")
+    assert q.get(spec.job_id).status == JobStatus.DONE, q.get(spec.job_id).error
+    (shard,) = sorted((spec.job_dir() / "shards").glob("*.npz"))
+    arrays = read_shard(shard)
+    assert arrays["images"].shape == (2, 32, 32, 1)
+    assert (arrays["stat_draft_evals"] > 0).all()  # the FREE network drafted

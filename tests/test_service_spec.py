@@ -34,6 +34,8 @@ def test_spec_defaults_and_id_stable():
     ({"model": "", "num_samples": 10}, "model"),
     ({"model": "gmm-2d", "num_samples": 10, "evaluate": {"fid_reference": "data:x"}}, "fid_reference"),
     ({"model": "gmm-2d", "num_samples": 10, "output": {"store": "pixels"}}, "output.store"),
+    ({"model": "gmm-2d", "num_samples": 10, "sampler": {"sampler": "draft_refine", "steps": 8, "parallel": 8}},
+     "sampler: parallel (8) must be smaller than steps (8)"),
 ])
 def test_invalid_specs_give_one_line(data, needle):
     with pytest.raises(SpecError) as e:

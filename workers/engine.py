@@ -276,7 +276,8 @@ class LocalEngine:
                 with warnings.catch_warnings():  # replaced drafts are counted in the job's report instead
                     warnings.simplefilter("ignore", DraftFallbackWarning)
                     gen = generate(model, config, seeds[a:b], None if labels is None else labels[a:b],
-                                   batch_size=work.batch_size, device=self.device, progress=tick)
+                                   batch_size=work.batch_size, device=self.device, progress=tick,
+                                   model_name=work.model)
             except NonFiniteTargetError as e:  # one line, naming the sample by its index in the job
                 raise EngineError(str(e.with_sample(work.start + a + e.sample))) from None
             out.add(gen.samples)  # (B, *shape) float32: decoded, featurised, stored

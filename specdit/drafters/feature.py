@@ -1,4 +1,4 @@
-"""FREE feature-level drafter (seeds FREE-abstract, FREE-supplementary §A; DESIGN.md "Drafters").
+"""FREE feature-level drafter (FREE, arXiv 2511.20390, supplementary §A; docs/design.md).
 
 A small network autoregresses the target DiT's top-block feature:
 

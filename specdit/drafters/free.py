@@ -1,5 +1,5 @@
-"""The training-free "Free Drafter" (frozen-target draft; De Bortoli et al. 2025, ASD; seed
-BlockVerification-summary): every draft step of a round reuses one target eps.
+"""The training-free "Free Drafter" (frozen-target draft; De Bortoli et al. 2025, ASD; arXiv
+2606.13426): every draft step of a round reuses one target eps.
 
 Following ASD, the eps reused is the chain's latest target eps, already computed in the previous round's
 verification batch (at the state one step before the round start), so drafting costs no target call.

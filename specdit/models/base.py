@@ -1,7 +1,7 @@
 """The one model contract: ``model(x, t, y) -> ModelOutput(eps, features)``.
 
 Every denoiser (the analytic mixture, a DiT, a CFG wrapper, a drafter network) is an adapter onto this
-contract (DESIGN.md style rule 4).
+contract.
 
 - ``x``: (N, *sample_shape) state, any float dtype;
 - ``t``: (N,) int64 *original* training timesteps in [0, 1000);

@@ -1,4 +1,4 @@
-"""DiT adapters onto the model contract (DESIGN.md "Models and data that work offline", style rule 4).
+"""DiT adapters onto the model contract (docs/design.md).
 
 - :class:`DiTDenoiser` wraps a diffusers ``DiTTransformer2DModel`` (Peebles & Xie 2023, "Scalable Diffusion
   Models with Transformers"). One forward returns eps and the top-block feature (the output of

@@ -1,4 +1,4 @@
-"""Analytic Gaussian-mixture model: exact eps(x, t) in closed form (DESIGN.md "Analytic model").
+"""Analytic Gaussian-mixture model: exact eps(x, t) in closed form (docs/design.md).
 
 Data x0 ~ sum_c w_c N(mu_c, s_c^2 I) in R^D. Under the forward process
 x_t = sqrt(abar) x0 + sqrt(1 - abar) eps the marginal is again a mixture,

@@ -1,8 +1,10 @@
-"""Named models and paths -> EpsModel (DESIGN.md style rule 5: a registry of named variants).
+"""Named models and paths -> EpsModel (a registry of named variants, as DiT's `DiT_models`).
 
 ``load_model(name_or_path)`` resolves, in order:
 
-1. a built-in DiT (``mnist-dit``: the MNIST DiT shipped in ``specdit/assets/mnist-dit``);
+1. a built-in DiT (``mnist-dit``: the pixel-space MNIST DiT shipped in ``specdit/assets/mnist-dit``;
+   ``mnist-latent-dit``: the latent MNIST DiT with its VAE, ``transformer/`` + ``vae/`` in
+   ``specdit/assets/mnist-latent-dit``);
 2. an analytic Gaussian-mixture preset from ``specdit.models.gmm.GMM_PRESETS`` (imported lazily);
 3. a path: a diffusers folder (``config.json`` or a ``DiTPipeline`` folder with ``transformer/``), an original
    DiT checkpoint (``.pt``/``.pth``), or our single-file ``.safetensors``.
@@ -17,8 +19,11 @@ from typing import Callable
 from specdit.models.base import EpsModel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-BUILTIN_DITS: dict[str, Path] = {"mnist-dit": ASSETS / "mnist-dit"}
-BUILTIN_DRAFTERS: dict[str, Path] = {"mnist-dit": ASSETS / "mnist-dit-drafter"}
+BUILTIN_DITS: dict[str, Path] = {"mnist-dit": ASSETS / "mnist-dit", "mnist-latent-dit": ASSETS / "mnist-latent-dit"}
+BUILTIN_DRAFTERS: dict[str, Path] = {"mnist-dit": ASSETS / "mnist-dit-drafter",
+                                     "mnist-latent-dit": ASSETS / "mnist-latent-dit-drafter"}
+BUILTIN_TRAINERS: dict[str, str] = {"mnist-dit": "specdit.training.train_mnist_dit",
+                                    "mnist-latent-dit": "specdit.training.train_mnist_latent"}
 ORIGINAL_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}  # original DiT checkpoints (torch.save)
 
 
@@ -77,9 +82,9 @@ def load_model(name_or_path: str, device: str = "cpu", *, guidance_scale: float 
     model = None
     if name in BUILTIN_DITS:
         folder = BUILTIN_DITS[name]
-        if not (folder / "config.json").is_file():
+        if not ((folder / "config.json").is_file() or (folder / "transformer" / "config.json").is_file()):
             raise ValueError(f"built-in model {name!r} has no weights at {folder} (train it with "
-                             f"`python -m specdit.training.train_mnist_dit`)")
+                             f"`python -m {BUILTIN_TRAINERS[name]}`)")
         model = dit.load_dit_diffusers(folder, device=device, dtype=dtype, vae=vae)
     else:
         presets = _gmm_presets()

@@ -1,4 +1,4 @@
-"""Speculative sampling of a diffusion chain (DESIGN.md "Speculative round"; FREE Alg. 1-2; Sun et al.).
+"""Speculative sampling of a diffusion chain (docs/design.md; FREE Alg. 1-2; Sun et al.).
 
 Each round, for every chain at state index k with draft length L_b = min(L, k):
 

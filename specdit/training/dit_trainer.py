@@ -38,13 +38,15 @@ NUM_CLASSES = 10
 
 @dataclass
 class MnistDiTConfig:
-    """Architecture of the built-in MNIST DiT (pixel space, 32x32x1, patch 4 -> 64 tokens)."""
+    """Architecture of the built-in MNIST DiTs: pixel space 1x32x32 with patch 4 -> 64 tokens (``mnist-dit``),
+    or latent space ``in_channels`` x ``sample_size``^2 (``mnist-latent-dit``: 4x8x8, patch 2 -> 16 tokens)."""
 
     hidden: int = 96
     depth: int = 6
     heads: int = 4
     patch_size: int = 4
     sample_size: int = 32
+    in_channels: int = 1
 
     def build(self):
         from diffusers import DiTTransformer2DModel
@@ -54,8 +56,8 @@ class MnistDiTConfig:
         return DiTTransformer2DModel(
             num_attention_heads=self.heads,
             attention_head_dim=self.hidden // self.heads,
-            in_channels=1,
-            out_channels=1,  # eps only; no learned variance
+            in_channels=self.in_channels,
+            out_channels=self.in_channels,  # eps only; no learned variance
             num_layers=self.depth,
             sample_size=self.sample_size,
             patch_size=self.patch_size,
@@ -86,6 +88,7 @@ class TrainConfig:
     max_minutes: float | None = None  # stop (checkpoint + export) after this much wall time
     snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (see ddpm_loss); None: uniform
     init_from: str | None = None  # fresh run only: start model and EMA from this diffusers folder's weights
+    data: str = "mnist"  # "mnist" or an .npz of (latent) samples and labels, see specdit.data.load_training_data
     model: MnistDiTConfig = field(default_factory=MnistDiTConfig)
 
 
@@ -209,7 +212,12 @@ def train(cfg: TrainConfig, bench_steps: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     export_dir = Path(cfg.export_dir) if cfg.export_dir else out / "export"
 
-    images, labels = load_mnist_tensor()
+    if cfg.data == "mnist":
+        images, labels = load_mnist_tensor()
+    else:
+        from specdit.data import load_training_data
+
+        images, labels = load_training_data(cfg.data)
     model = cfg.model.build()
     disable_internal_label_dropout(model)
     model.train()

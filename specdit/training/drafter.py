@@ -1,4 +1,4 @@
-"""Training the FREE feature drafter against a frozen DiT (seed FREE-supplementary §A).
+"""Training the FREE feature drafter against a frozen DiT (FREE, arXiv 2511.20390, supplementary §A).
 
 Each step, on the fly (no stored features):
 
