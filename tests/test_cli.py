@@ -165,3 +165,24 @@ def test_submit_refuses_cfg_channels_the_model_does_not_have(tmp_path, redis_env
     check_cfg_channels({"cfg_scale": 1.0, "cfg_channels": 5}, info)  # no guidance: nothing to check
     with pytest.raises(EngineError, match="4 channel"):
         check_cfg_channels({"cfg_scale": 2.0, "cfg_channels": 5}, info)
+
+
+def _strict(path):
+    """Parse a JSON file as strict readers do (``NaN`` / ``Infinity`` are not JSON)."""
+    def refuse(constant):
+        raise ValueError(f"{path.name}: non-standard JSON constant {constant}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_json_outputs_are_standard_json_and_undefined_acceptance_prints_a_dash(tmp_path):
+    """ddpm proposes no drafts, so its acceptance is undefined: the summary JSON of ``generate`` and the rows of
+    ``bench --json`` carry ``null`` (before: ``NaN``, which jq and JSON.parse reject) and the line prints '-'."""
+    r = runner.invoke(app, ["generate", "--model", "gmm-2d", "--sampler", "ddpm", "-n", "2", "--steps", "5",
+                            "--no-progress", "--out", str(tmp_path / "d.npz")])
+    assert r.exit_code == 0 and "acceptance - |" in r.output, r.output
+    assert _strict(tmp_path / "d.json")["stats"]["acceptance"] is None
+    r = runner.invoke(app, ["bench", "--model", "gmm-2d", "--steps", "5", "-n", "2", "--draft-lengths", "2",
+                            "--drafters", "free", "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row for row in _strict(tmp_path / "b.json")["rows"]}
+    assert rows["ddpm"]["acceptance"] is None and rows["spec free L=2 block"]["acceptance"] > 0
