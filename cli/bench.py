@@ -1,7 +1,6 @@
 """``specdit bench``: every sampler side by side on the same seeds in one run."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -84,8 +83,10 @@ def bench(
             print(f"| {r.name} | {_fmt(r.rounds, '.1f')} | {_fmt(r.efficiency)} | {_fmt(r.acceptance)} | "
                   f"{_fmt(r.wall_vs_ddpm, '.2f')} | {_fmt(r.ks, '.4f')} | {_fmt(r.ks_p, '.3g')} |")
     if json_out is not None:
-        json_out.write_text(json.dumps({"model": model, "steps": steps, "num_samples": num_samples, "seed": seed,
-                                        "batch_cost": curve, "rows": [r.as_dict() for r in rows]}, indent=2))
+        from specdit.outputs import strict_json
+
+        json_out.write_text(strict_json({"model": model, "steps": steps, "num_samples": num_samples, "seed": seed,
+                                         "batch_cost": curve, "rows": [r.as_dict() for r in rows]}, indent=2))
 
 
 def register(app: typer.Typer) -> None:

@@ -132,7 +132,8 @@ def one_line_warnings():
 
 @contextmanager
 def step_progress(total: int, description: str, enabled: bool = True):
-    """A rich progress bar over ``total`` chain-steps; yields ``advance(n)``."""
+    """A rich progress bar over ``total`` chain-steps; yields ``advance(n)``. If the body raises, the bar is
+    erased, so that a failed command prints its one ``error:`` line and nothing else."""
     if not enabled:
         yield lambda n: None
         return
@@ -141,4 +142,8 @@ def step_progress(total: int, description: str, enabled: bool = True):
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), transient=False) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+        try:
+            yield lambda n: bar.advance(task, n)
+        except BaseException:
+            bar.update(task, visible=False)  # the final render (on exit) then draws no bar
+            raise

@@ -10,6 +10,10 @@ from cli.common import one_line_warnings, step_progress, user_errors
 from cli.render import markup, plain
 
 
+def _fmt(v, spec=".3f") -> str:
+    return "-" if v is None or v != v else format(v, spec)  # NaN: undefined (no drafts proposed)
+
+
 def generate(
     model: str = typer.Option("mnist-dit", "--model", "-m", help="Registered model name or checkpoint path."),
     sampler: str = typer.Option("speculative", help="ddpm | speculative | draft_refine"),
@@ -53,7 +57,7 @@ def generate(
     typer.echo(plain(f"wrote {out}"))
     typer.echo(f"{s['samples']} samples x {s['steps']} steps in {summary['wall_time_s']:.2f} s | "
                f"rounds/sample {s['rounds_per_sample']:.2f} | parallel efficiency {s['parallel_efficiency']:.3f} | "
-               f"acceptance {s['acceptance']:.3f} | target evals/sample {s['target_evals_per_sample']:.1f}"
+               f"acceptance {_fmt(s['acceptance'])} | target evals/sample {s['target_evals_per_sample']:.1f}"
                + (f" | draft fallbacks {s['draft_fallbacks']}" if s.get("draft_fallbacks") else ""))
 
 

@@ -141,7 +141,7 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
     spec.job_dir()  # exit 2 now if the output directory leads out of the output root or a file is in the way
     q = _queue(redis_url, prefix)  # reach Redis before the (slower) model check
     if check_model:
-        from workers.engine import EngineError, check_labels, check_store, make_engine
+        from workers.engine import EngineError, check_cfg_channels, check_labels, check_store, make_engine
 
         try:
             eng = make_engine(engine)
@@ -150,6 +150,7 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
             check_store(spec.output.store, info)
             sampler = resolve_sampler_paths(spec.sampler.model_dump(mode="json"))
             eng.check_sampler(sampler)
+            check_cfg_channels(sampler, info)
             if sampler["drafter"].startswith("model:"):  # a drafter model must load as well as the target
                 eng.model_info(sampler["drafter"].removeprefix("model:"))
         except EngineError as e:

@@ -110,13 +110,14 @@ def looks_like_path(value: str) -> bool:
     return "/" in value or value.startswith((".", "~")) or value.lower().endswith(PATH_SUFFIXES)
 
 
-def normalize_model_path(value: str, what: str = "model") -> str:
+def normalize_model_path(value: str, what: str = "model", *, is_path: bool = False) -> str:
     """Canonical form of a model/drafter/reference path: unchanged for registered names; with
     ``SPECDIT_MODEL_ROOT`` set, relative to that root (refusing '..' and paths outside it); otherwise the path
-    with empty and '.' components removed (so ``./m.pt`` and ``m.pt`` give one job id)."""
+    with empty and '.' components removed (so ``./m.pt`` and ``m.pt`` give one job id). ``is_path``: ``value``
+    is a path even without a '/' or a file suffix (the folder of a ``feature:<folder>`` drafter)."""
     if CONTROL_CHARS.search(value):
         raise PathError(f"{what} {CONTROL_CHARS.sub('?', value)!r} contains control characters")
-    if not looks_like_path(value):
+    if not (is_path or looks_like_path(value)):
         return value
     root = model_root()
     if root is not None:
@@ -126,17 +127,18 @@ def normalize_model_path(value: str, what: str = "model") -> str:
 
 
 def resolve_sampler_paths(sampler: dict) -> dict:
-    """Sampler settings with a ``model:<path>`` drafter resolved like :func:`resolve_model_path`."""
-    drafter = str(sampler.get("drafter", ""))
-    if not drafter.startswith("model:"):
+    """Sampler settings with a ``model:<path>`` or ``feature:<folder>`` drafter resolved like
+    :func:`resolve_model_path`."""
+    kind, sep, arg = str(sampler.get("drafter", "")).partition(":")
+    if kind not in ("model", "feature") or not sep:
         return sampler
-    return {**sampler, "drafter": "model:" + resolve_model_path(drafter.removeprefix("model:"), "drafter")}
+    return {**sampler, "drafter": f"{kind}:{resolve_model_path(arg, 'drafter', is_path=kind == 'feature')}"}
 
 
-def resolve_model_path(value: str, what: str = "model") -> str:
+def resolve_model_path(value: str, what: str = "model", *, is_path: bool = False) -> str:
     """The path this process loads for a stored model/drafter/reference string: with ``SPECDIT_MODEL_ROOT``
     set, resolved against this process's root and re-checked (symlinks resolved); otherwise unchanged."""
     root = model_root()
-    if root is None or not looks_like_path(value):
+    if root is None or not (is_path or looks_like_path(value)):
         return value
     return str(confined(root, value, what, MODEL_ROOT_ENV))

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cluster import limits, paths
 from cluster.errors import SpecError
 
-_DRAFTER = re.compile(r"^(free|feature|perturbed:\d+(\.\d*)?([eE][-+]?\d+)?|model:[\w.\-/]+)$")
+_DRAFTER = re.compile(r"^(free|feature|perturbed:\d+(\.\d*)?([eE][-+]?\d+)?|(model|feature):[\w.\-/]+)$")
 _LABELS = re.compile(r"^(none|uniform|random|fixed:\d+)$")
 MAX_SEED = 2**63 - 1
 SPEC_VERSION = 2  # 1: ids hashed the full spec with its defaults; 2: without defaults, version in the hash
@@ -64,11 +64,14 @@ class SamplerSettings(_Strict):
     @classmethod
     def _drafter(cls, v: str) -> str:
         if not _DRAFTER.match(v):
-            raise ValueError("drafter must be 'free', 'feature', 'perturbed:<error>' or 'model:<name>'")
+            raise ValueError("drafter must be 'free', 'feature', 'feature:<folder>', 'perturbed:<error>' or "
+                             "'model:<name>'")
         if v.startswith("perturbed:") and not math.isfinite(float(v.split(":", 1)[1])):
             raise ValueError(f"drafter {v!r}: the error must be a finite number >= 0")
         kind, _, arg = v.partition(":")
-        return f"model:{paths.normalize_model_path(arg, 'drafter')}" if kind == "model" else v
+        if kind not in ("model", "feature") or not arg:
+            return v
+        return f"{kind}:{paths.normalize_model_path(arg, 'drafter', is_path=kind == 'feature')}"
 
     @model_validator(mode="after")
     def _parallel(self) -> "SamplerSettings":

@@ -21,6 +21,23 @@ def _atomic_save_npz(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def strict_json(obj, **kw) -> str:
+    """``json.dumps(obj)`` with every NaN/inf float written as ``null``: standard JSON, which strict readers
+    (``jq``, JavaScript's ``JSON.parse``) accept. An undefined statistic (the acceptance of ``ddpm``, which
+    proposes no drafts) is NaN in Python."""
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -80,7 +97,7 @@ def save_generation(gen: Generation, seeds: torch.Tensor, out: str | Path, *, mo
     if out.suffix == ".npz":
         out.parent.mkdir(parents=True, exist_ok=True)
         _atomic_save_npz(out, **arrays)
-        _atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2))
+        _atomic_write_text(out.with_suffix(".json"), strict_json(summary, indent=2))
         return summary
     out.mkdir(parents=True, exist_ok=True)
     _atomic_save_npz(out / "samples.npz", **arrays)
@@ -88,7 +105,7 @@ def save_generation(gen: Generation, seeds: torch.Tensor, out: str | Path, *, mo
         for i, img in enumerate(images):
             save_png(out / f"{i:05d}.png", img)
         save_png(out / "grid.png", image_grid(images))
-    _atomic_write_text(out / "stats.json", json.dumps(summary, indent=2))
+    _atomic_write_text(out / "stats.json", strict_json(summary, indent=2))
     return summary
 
 

@@ -38,6 +38,17 @@ def test_generate_user_errors_are_one_line(tmp_path, args, message):
     assert not (tmp_path / "x.npz").exists()
 
 
+@pytest.mark.parametrize("args", [["--drafter", "perturbed:inf"], ["--steps", "1"], ["--model", "nope"]])
+def test_generate_error_with_progress_bar_is_the_only_output(tmp_path, args):
+    """With the progress bar on (the default), a refused setting still prints exactly one line: the bar that
+    was opened before the error is erased (before: an empty 0/N bar line preceded the error)."""
+    r = runner.invoke(app, ["generate", "--model", "gmm-2d", "--sampler", "speculative", "-n", "2", "--steps", "5",
+                            *args, "--out", str(tmp_path / "x.npz")])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+
+
 def test_bench_runs_side_by_side(tmp_path):
     r = runner.invoke(app, ["bench", "--model", "gmm-2d", "--steps", "20", "-n", "50", "--draft-lengths", "4",
                             "--json", str(tmp_path / "b.json")])
@@ -77,7 +88,7 @@ def _small_dit(path, hidden=64, **extra):
     (["--model", "{dit}"], "pass --num-heads"),
     (["--model", "{dit}", "--num-heads", "5"], "not divisible by --num-heads 5"),
     (["--model", "{dit}", "--num-heads", "4", "--weights", "model"], "no 'model' weights"),
-    (["--model", "{junk}"], "cannot read checkpoint"),
+    (["--model", "{junk}"], "cannot read model checkpoint"),
     (["--model", "{evil}"], "refusing to unpickle"),
 ])
 def test_dit_options_and_bad_checkpoints_are_one_line(tmp_path, args, message):
@@ -123,6 +134,8 @@ def test_submit_refuses_before_anything_is_queued(args, message):
     r = runner.invoke(app, ["submit", *args, "-n", "4", "--redis-url", "redis://127.0.0.1:1/0"])
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
 def test_bench_builtin_model_with_free_and_feature_drafters(tmp_path):
     """Issue 12 acceptance 6: bench passes the model's name down to the feature drafter's factory."""
     r = runner.invoke(app, ["bench", "--model", "mnist-dit", "--drafters", "free,feature", "--steps", "4", "-n", "2",
@@ -132,3 +145,44 @@ def test_bench_builtin_model_with_free_and_feature_drafters(tmp_path):
     rows = {row["name"]: row for row in json.loads((tmp_path / "b.json").read_text())["rows"]}
     assert {"spec feature L=2 token", "spec feature L=2 block", "driffusion aggressive k=3"} <= set(rows)
     assert rows["spec feature L=2 block"]["config"]["drafter"] == "feature"
+
+
+def test_submit_refuses_cfg_channels_the_model_does_not_have(tmp_path, redis_env, monkeypatch):
+    """``cfg_channels: 3`` on the 1-channel mnist-dit is refused at submit (exit 2, nothing queued); before, it
+    was queued and failed in the worker after 3 attempts ("guided_channels must lie in [1, 1]")."""
+    from workers.engine import EngineError, ModelInfo, check_cfg_channels
+
+    client, prefix = redis_env
+    monkeypatch.setenv("SPECDIT_OUTPUT_ROOT", str(tmp_path))
+    spec = tmp_path / "c3.yaml"
+    spec.write_text("model: mnist-dit\nnum_samples: 4\nsampler: {sampler: ddpm, steps: 5, cfg_scale: 2.0, "
+                    "cfg_channels: 3}\n")
+    r = runner.invoke(app, ["submit", str(spec), "-q", "--redis-url", "redis://127.0.0.1:6379/0", "--prefix", prefix])
+    assert r.exit_code == 2 and "cfg_channels 3" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert client.zcard(f"{prefix}jobs") == 0
+    info = ModelInfo("m", (4, 8, 8), 10, "inception")
+    check_cfg_channels({"cfg_scale": 2.0, "cfg_channels": 3}, info)  # DiT's forward_with_cfg on 4 channels: fine
+    check_cfg_channels({"cfg_scale": 1.0, "cfg_channels": 5}, info)  # no guidance: nothing to check
+    with pytest.raises(EngineError, match="4 channel"):
+        check_cfg_channels({"cfg_scale": 2.0, "cfg_channels": 5}, info)
+
+
+def _strict(path):
+    """Parse a JSON file as strict readers do (``NaN`` / ``Infinity`` are not JSON)."""
+    def refuse(constant):
+        raise ValueError(f"{path.name}: non-standard JSON constant {constant}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_json_outputs_are_standard_json_and_undefined_acceptance_prints_a_dash(tmp_path):
+    """ddpm proposes no drafts, so its acceptance is undefined: the summary JSON of ``generate`` and the rows of
+    ``bench --json`` carry ``null`` (before: ``NaN``, which jq and JSON.parse reject) and the line prints '-'."""
+    r = runner.invoke(app, ["generate", "--model", "gmm-2d", "--sampler", "ddpm", "-n", "2", "--steps", "5",
+                            "--no-progress", "--out", str(tmp_path / "d.npz")])
+    assert r.exit_code == 0 and "acceptance - |" in r.output, r.output
+    assert _strict(tmp_path / "d.json")["stats"]["acceptance"] is None
+    r = runner.invoke(app, ["bench", "--model", "gmm-2d", "--steps", "5", "-n", "2", "--draft-lengths", "2",
+                            "--drafters", "free", "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row for row in _strict(tmp_path / "b.json")["rows"]}
+    assert rows["ddpm"]["acceptance"] is None and rows["spec free L=2 block"]["acceptance"] > 0

@@ -317,7 +317,7 @@ def test_registry_errors(tmp_path):
     with pytest.raises(ValueError, match="unsupported file type"):
         load_model(str(tmp_path / "x.txt"))
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
+    with pytest.raises(ValueError, match="cannot read model checkpoint"):
         load_model(str(tmp_path / "bad.pt"))
     torch.save({"foo": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="original DiT"):
@@ -640,8 +640,8 @@ def test_plain_containers_load_and_broken_files_are_one_line(tmp_path):
     (tmp_path / "cut.pt").write_bytes(good[: len(good) // 2])
     (tmp_path / "junk.pt").write_bytes(b"\x80\x04junk" * 10)
     torch.save([1, 2, 3], tmp_path / "list.pt")
-    for name, needle in [("empty.pt", "is empty"), ("cut.pt", "cannot read checkpoint"),
-                         ("junk.pt", "cannot read checkpoint"), ("list.pt", "not a state dict")]:
+    for name, needle in [("empty.pt", "is empty"), ("cut.pt", "cannot read model checkpoint"),
+                         ("junk.pt", "cannot read model checkpoint"), ("list.pt", "not a state dict")]:
         with pytest.raises(ValueError, match=needle) as e:
             load_model(str(tmp_path / name))
         assert "\n" not in str(e.value), name

@@ -274,3 +274,28 @@ def test_worker_log_lines_carry_no_control_characters():
     rec = logging.LogRecord("specdit.worker", logging.ERROR, __file__, 1, "job %s: %s", ("j1", HOSTILE), None)
     line = SafeFormatter("%(levelname)s %(message)s").format(rec)
     assert "\x1b" not in line and "\x07" not in line and "[/bold]" in line
+
+
+def test_feature_drafter_folder_in_a_spec_is_accepted_and_confined(tmp_path, monkeypatch):
+    """A trained FREE drafter (``feature:<folder>``, what ``specdit train-drafter`` writes) can be named in a job
+    spec, and its folder is confined like a ``model:`` drafter (before: the spec refused ``feature:<folder>``,
+    so a job could use a feature drafter only for a model with a built-in one)."""
+    from cluster.paths import PathError, resolve_sampler_paths
+
+    monkeypatch.delenv("SPECDIT_MODEL_ROOT", raising=False)
+    assert _spec(str(tmp_path), sampler={"drafter": "feature:runs/./d"}).sampler.drafter == "feature:runs/d"
+    assert _spec(str(tmp_path), sampler={"drafter": "feature"}).sampler.drafter == "feature"
+    root = tmp_path / "models"
+    (root / "drafter").mkdir(parents=True)
+    monkeypatch.setenv("SPECDIT_MODEL_ROOT", str(root))
+    assert _spec(str(tmp_path), sampler={"drafter": f"feature:{root}/drafter"}).sampler.drafter == "feature:drafter"
+    for bad in ("feature:/etc", "feature:../d", "feature:a/../../d"):
+        with pytest.raises(SpecError, match="drafter"):
+            _spec(str(tmp_path), sampler={"drafter": bad})
+    # A worker resolves the stored folder against its own root, even without a '/' in the name.
+    got = resolve_sampler_paths({"drafter": "feature:drafter", "steps": 5})
+    assert got == {"drafter": f"feature:{(root / 'drafter').resolve()}", "steps": 5}
+    (root / "evil").symlink_to("/etc")
+    with pytest.raises(PathError, match="outside the root"):
+        resolve_sampler_paths({"drafter": "feature:evil"})
+    assert resolve_sampler_paths({"drafter": "feature"}) == {"drafter": "feature"}  # the built-in one

@@ -161,3 +161,21 @@ def test_connect_without_an_address_starts_a_private_cluster(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # a foreign cluster ray.init() would pick up
     assert actors.connect(None, num_cpus=1) is True
     assert calls[-1]["address"] == "local"
+
+
+def exit_code_table(text: str) -> set[int]:
+    """The codes in a Markdown ``| Exit code | Cause |`` table (README) or a reST ``code  cause`` table."""
+    md = re.search(r"\| Exit code \| Cause \|\n\|[-|]+\|\n((?:\|.*\|\n)+)", text)
+    rows = md.group(1) if md else ""
+    return {int(m) for m in re.findall(r"^\| (\d+) \|", rows, flags=re.M)}
+
+
+def test_readme_exit_code_table_matches_the_cli():
+    """Every exit code the CLI defines (``cli.common.EXIT_*``) is in the README's table and nothing else is
+    (before: 6, a target that returns NaN/inf, was missing from the table)."""
+    from cli import common
+
+    defined = {v for k, v in vars(common).items() if k.startswith("EXIT_") and isinstance(v, int)}
+    table = exit_code_table((REPO / "README.md").read_text())
+    assert table == defined, (sorted(table), sorted(defined))
+    assert exit_code_table("| Exit code | Cause |\n|---|---|\n| 0 | ok |\n| 2 | bad |\n") == {0, 2}  # power

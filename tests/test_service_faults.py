@@ -181,7 +181,7 @@ def _poison_files(tmp_path):
                 "gen_state": torch.Generator().get_state(), "step": torch.tensor(5)}, d / "train.pt")
     # The reason the library gives (older loaders let the raw exception through: its type is the reason).
     return {"empty-pt": (d / "empty.pt", r"is empty|EOFError"),
-            "random-pt": (d / "random.pt", r"cannot read checkpoint|UnpicklingError"),
+            "random-pt": (d / "random.pt", r"cannot read (model )?checkpoint|UnpicklingError"),
             "random-safetensors": (d / "random.safetensors", r"SafetensorError|header"),
             "training-checkpoint": (d / "train.pt", r"does not look like|not a DiT|train")}
 

@@ -128,6 +128,17 @@ def check_store(store: str, info: ModelInfo) -> None:
         raise EngineError(str(e)) from None
 
 
+def check_cfg_channels(sampler: dict, info: ModelInfo) -> None:
+    """Raise EngineError if guidance is asked for on more channels (``cfg_channels``) than the model's
+    samples have: ``sample_shape[0]`` (C of a (C, H, W) DiT sample)."""
+    channels = sampler.get("cfg_channels")
+    if sampler.get("cfg_scale", 1.0) == 1.0 or channels is None or len(info.sample_shape) < 3:
+        return
+    if not 1 <= int(channels) <= info.sample_shape[0]:
+        raise EngineError(f"cfg_channels {channels} does not fit model {info.name!r}: its samples have "
+                          f"{info.sample_shape[0]} channel(s)")
+
+
 def _encode_samples(samples, dtype: str) -> np.ndarray:
     from workers.shard_arrays import encode_samples
 

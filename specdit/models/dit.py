@@ -398,7 +398,7 @@ def read_original_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     if not path.is_file():
         raise ValueError(f"no such checkpoint: {path}")
     if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint {path} is empty")
+        raise ValueError(f"cannot read model checkpoint {path}: the file is empty")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # e.g. pickle-protocol notes on a junk file
@@ -408,9 +408,9 @@ def read_original_checkpoint(path: str | Path, mmap: bool = False) -> dict:
         if found:
             raise ValueError(f"checkpoint {path} holds a pickled {found.group(1)}; refusing to unpickle it (only "
                              f"tensors, plain containers and argparse.Namespace are loaded)") from None
-        raise ValueError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+        raise ValueError(f"cannot read model checkpoint {path}: {_first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - a hostile or broken file fails in any way the unpickler can
-        raise ValueError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+        raise ValueError(f"cannot read model checkpoint {path}: {_first_line(e)}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     return obj
