@@ -110,6 +110,21 @@ def looks_like_path(value: str) -> bool:
     return "/" in value or value.startswith((".", "~")) or value.lower().endswith(PATH_SUFFIXES)
 
 
+def is_registered_name(value: str) -> bool:
+    """A built-in model, an analytic preset or the synthetic engine's ``synthetic-<D>d``: not a path."""
+    from specdit.models.registry import known_names
+
+    return value in known_names() or re.fullmatch(r"synthetic-\d+d", value) is not None
+
+
+def _is_path(value: str, is_path: bool) -> bool:
+    """With ``SPECDIT_MODEL_ROOT`` set, everything but a registered name is a path under that root (a bare
+    ``my-model`` must not load from the worker's working directory); unset, only what looks like a path."""
+    if is_path or looks_like_path(value):
+        return True
+    return model_root() is not None and not is_registered_name(value)
+
+
 def normalize_model_path(value: str, what: str = "model", *, is_path: bool = False) -> str:
     """Canonical form of a model/drafter/reference path: unchanged for registered names; with
     ``SPECDIT_MODEL_ROOT`` set, relative to that root (refusing '..' and paths outside it); otherwise the path
@@ -117,7 +132,7 @@ def normalize_model_path(value: str, what: str = "model", *, is_path: bool = Fal
     is a path even without a '/' or a file suffix (the folder of a ``feature:<folder>`` drafter)."""
     if CONTROL_CHARS.search(value):
         raise PathError(f"{what} {CONTROL_CHARS.sub('?', value)!r} contains control characters")
-    if not (is_path or looks_like_path(value)):
+    if not _is_path(value, is_path):
         return value
     root = model_root()
     if root is not None:
@@ -139,6 +154,6 @@ def resolve_model_path(value: str, what: str = "model", *, is_path: bool = False
     """The path this process loads for a stored model/drafter/reference string: with ``SPECDIT_MODEL_ROOT``
     set, resolved against this process's root and re-checked (symlinks resolved); otherwise unchanged."""
     root = model_root()
-    if root is None or not (is_path or looks_like_path(value)):
+    if root is None or not _is_path(value, is_path):
         return value
     return str(confined(root, value, what, MODEL_ROOT_ENV))

@@ -208,6 +208,10 @@ def test_model_paths_confined_to_the_model_root(tmp_path, monkeypatch):
     with pytest.raises(PathError, match="outside the root"):
         resolve_model_path("evil/passwd.pt")
     assert json.loads(_spec(str(tmp_path), model="sub/m.pt").canonical_json())["model"] == "sub/m.pt"
+    # A bare name that is not registered is a path under the root too: it must not load from the worker's
+    # working directory (it did before: 'outside-dit' came back unchanged).
+    assert resolve_model_path("outside-dit") == str((root / "outside-dit").resolve())
+    assert resolve_model_path("gmm-2d") == "gmm-2d" and resolve_model_path("synthetic-2d") == "synthetic-2d"
 
 
 class PathEngine(SyntheticEngine):
