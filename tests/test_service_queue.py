@@ -13,9 +13,10 @@ from cluster.aggregator import Aggregator
 from cluster.keys import Keys
 from cluster.queue import JobQueue
 from cluster.records import JobStatus
-from cluster.spec import spec_from_dict
 from cluster.testing import choose_engine, load_job_samples
 from cluster.worker import ShardWorker, WorkerOptions
+from tests.service_helpers import run_worker as _run
+from tests.service_helpers import small_spec as _spec
 from workers.engine import make_engine
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,22 +26,6 @@ pytestmark = pytest.mark.timeout(120)
 def q(redis_env):
     client, prefix = redis_env
     return JobQueue(client, Keys(prefix), heartbeat_timeout=1.0, max_attempts=3)
-
-
-def _spec(tmp_path, model="synthetic-2d", n=40, shard=16, **kw):
-    data = {"model": model, "num_samples": n, "shard_size": shard, "batch_size": 8,
-            "output": {"dir": str(tmp_path / "out")}, "sampler": {"steps": 20},
-            "evaluate": {"fid_reference": "data:300"}}
-    data.update(kw)
-    return spec_from_dict(data)
-
-
-def _run(q, engine="synthetic", **opts):
-    opts.setdefault("max_idle", 0.3)
-    opts.setdefault("poll_interval", 0.05)
-    w = ShardWorker(q, make_engine(engine), WorkerOptions(**opts))
-    assert w.run() == 0
-    return w
 
 
 def test_submit_is_idempotent(q, tmp_path):

@@ -160,8 +160,9 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 
 def export_ema(ema, export_dir: Path, meta: dict) -> None:
-    """Write the EMA weights as a diffusers folder (safetensors), replacing ``export_dir`` atomically-ish
-    (write to a sibling temp folder, then swap)."""
+    """Write a diffusers model (the EMA weights of a trainer) as a folder (safetensors) with ``meta`` in
+    ``training_state.json``, replacing ``export_dir`` atomically-ish (write to a sibling temp folder, then swap;
+    hand-written files such as the model card are kept)."""
     export_dir = Path(export_dir)
     tmp = export_dir.with_name(export_dir.name + ".tmp-export")
     if tmp.exists():

@@ -26,13 +26,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from specdit.training.dit_trainer import export_ema
 
 
 @dataclass
@@ -152,23 +153,7 @@ def export_vae(vae, images: torch.Tensor, export_dir: str | Path, meta: dict) ->
     vae.train(was_training)
     out = copy.deepcopy(vae)
     out.register_to_config(scaling_factor=scale)
-    tmp = export_dir.with_name(export_dir.name + ".tmp-export")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    out.save_pretrained(tmp, safe_serialization=True)
-    if export_dir.exists():  # keep hand-written files (model card)
-        for f in export_dir.iterdir():
-            if f.is_file() and not (tmp / f.name).exists() and f.name != "training_state.json":
-                shutil.copy2(f, tmp / f.name)
-    (tmp / "training_state.json").write_text(json.dumps({**meta, "scaling_factor": scale}, indent=2))
-    old = export_dir.with_name(export_dir.name + ".old-export")
-    if export_dir.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(export_dir, old)
-    os.replace(tmp, export_dir)
-    if old.exists():
-        shutil.rmtree(old)
+    export_ema(out, export_dir, {**meta, "scaling_factor": scale})  # the same atomic folder swap as the DiT's
     return scale
 
 
