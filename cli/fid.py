@@ -53,6 +53,11 @@ def fid(
         lines = [_accuracy_line(a, "A"), _accuracy_line(b, "B")] if features != Features.raw else []
     except (ValueError, OSError) as e:  # SourceError is a ValueError; FileNotFoundError an OSError
         fail(str(e))
+    for side, st in (("A", sa), ("B", sb)):
+        if 0 < st.n <= st.dim:  # rank-deficient covariance: the estimate is biased and can go negative
+            typer.secho(f"warning: n_{side}={st.n} samples for {st.dim} feature dimensions: the covariance is singular "
+                        "and the FID is biased (it can be negative); use more samples than dimensions",
+                        err=True, fg=typer.colors.YELLOW)
     typer.echo(f"FID[{features.value}] = {value:.6g}  (n_A={sa.n}, n_B={sb.n})")
     for line in lines:
         if line:

@@ -81,3 +81,15 @@ def test_fid_reads_a_folder_written_by_generate(tmp_path):
     assert load_source(str(out)).data.shape == (4, 32, 32)  # grid.png skipped
     res = runner.invoke(app, ["fid", str(out), "mnist", "-f", "mnist", "--no-progress"])
     assert res.exit_code == 0 and "n_A=4" in res.output, res.output
+
+
+def test_fid_warns_when_there_are_fewer_samples_than_feature_dimensions(tmp_path):
+    """8 raw 3-d samples against themselves: no warning; 2 samples in 3 dimensions: one warning line (the
+    covariance is singular and the estimate can be negative)."""
+    rng = np.random.default_rng(0)
+    for n, warned in ((8, False), (2, True)):
+        path = tmp_path / f"x{n}.npz"
+        np.savez(path, samples=rng.standard_normal((n, 3)).astype(np.float32))
+        res = runner.invoke(app, ["fid", str(path), str(path), "-f", "raw", "--no-progress"])
+        assert res.exit_code == 0, res.output
+        assert ("warning: n_A=2 samples for 3 feature dimensions" in res.stderr) is warned, res.stderr
