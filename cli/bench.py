@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import check_output_file, one_line_warnings, user_errors
+from cli.common import (CFG_CHANNELS_OPTION, NUM_HEADS_OPTION, WEIGHTS_OPTION, check_output_file, one_line_warnings,
+                        user_errors)
 
 
 def _fmt(v, spec=".3f"):
@@ -20,12 +21,9 @@ def bench(
     draft_lengths: str = typer.Option("4,8", help="Comma-separated speculation lengths L."),
     drafters: str = typer.Option("free,perturbed:3", help="Comma-separated drafters."),
     cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale."),
-    cfg_channels: str = typer.Option("all", "--cfg-channels",
-                                     help="Guided channels: all | 3 (3: the original DiT's forward_with_cfg)."),
-    num_heads: Optional[int] = typer.Option(None, "--num-heads",
-                                            help="Attention heads of an original DiT .pt (default: DiT's table)."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="ema | model: weights of a DiT train.py checkpoint "
-                                                                  "(default: ema)."),
+    cfg_channels: str = CFG_CHANNELS_OPTION,
+    num_heads: Optional[int] = NUM_HEADS_OPTION,
+    weights: Optional[str] = WEIGHTS_OPTION,
     labels: str = typer.Option("none", help="Label policy: none | uniform | random | fixed:<class>"),
     seed: int = typer.Option(0, help="Base seed."),
     batch_size: int = typer.Option(256, help="Chains sampled together."),

@@ -33,6 +33,13 @@ EXIT_OK, EXIT_OTHER, EXIT_USAGE, EXIT_REDIS, EXIT_NO_JOB, EXIT_MODEL, EXIT_INTER
 EXIT_NONFINITE = 6  # the target model returned NaN/inf (specdit.samplers.common.NonFiniteTargetError)
 
 
+# Options shared by `generate` and `bench` (one definition, one help text).
+CFG_CHANNELS_OPTION = typer.Option("all", "--cfg-channels",
+                                   help="Guided channels: all | 3 (3: the original DiT's forward_with_cfg).")
+NUM_HEADS_OPTION = typer.Option(None, "--num-heads", help="Attention heads of an original DiT .pt (default: DiT's table).")
+WEIGHTS_OPTION = typer.Option(None, "--weights", help="ema | model: weights of a DiT train.py checkpoint (default: ema).")
+
+
 def _error_line(msg: str) -> None:
     from cli.render import plain
 

@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import one_line_warnings, step_progress, user_errors
+from cli.common import (CFG_CHANNELS_OPTION, NUM_HEADS_OPTION, WEIGHTS_OPTION, one_line_warnings, step_progress,
+                        user_errors)
 from cli.render import markup, plain
 
 
@@ -23,12 +24,9 @@ def generate(
     steps: int = typer.Option(250, help="Sampling steps S."),
     eta: float = typer.Option(1.0, help="Stochasticity (1 = DDPM posterior variance, 0 = DDIM)."),
     cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale."),
-    cfg_channels: str = typer.Option("all", "--cfg-channels",
-                                     help="Guided channels: all | 3 (3: the original DiT's forward_with_cfg)."),
-    num_heads: Optional[int] = typer.Option(None, "--num-heads",
-                                            help="Attention heads of an original DiT .pt (default: DiT's table)."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="ema | model: weights of a DiT train.py checkpoint "
-                                                                  "(default: ema)."),
+    cfg_channels: str = CFG_CHANNELS_OPTION,
+    num_heads: Optional[int] = NUM_HEADS_OPTION,
+    weights: Optional[str] = WEIGHTS_OPTION,
     relax: float = typer.Option(0.0, help="Uncertainty-guided relaxation lambda (0 = exact)."),
     refine_mode: str = typer.Option("conservative", help="DRiffusion mode: conservative | aggressive"),
     parallel: int = typer.Option(4, help="DRiffusion parallel evaluations k (1 <= k < steps)."),
