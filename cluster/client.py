@@ -71,6 +71,10 @@ return {tonumber(ARGV[2]), added}
 """
 
 _RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+# Take a lock over from a dead holder: only if it still holds the value we read (ARGV[1]).
+_TAKE_OVER_LOCK = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                   "return redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end return false")
+WORKER_LOCK_PREFIX = "worker/"  # lock tokens of shard workers: "worker/<name>:<job id>"
 
 
 @dataclass
@@ -115,6 +119,7 @@ class SpecditRedis:
         self._set_status = client.register_script(_SET_STATUS)
         self._queue_chunk = client.register_script(_QUEUE_CHUNK)
         self._release_lock = client.register_script(_RELEASE_LOCK)
+        self._take_over_lock = client.register_script(_TAKE_OVER_LOCK)
 
     @property
     def r(self) -> redis.Redis:
@@ -332,9 +337,22 @@ class SpecditRedis:
         return sorted(self.r.smembers(self.keys.baseline(fingerprint)))
 
     def acquire_aggregate_lock(self, job_id: str, token: str, ttl_seconds: int = 600) -> bool:
-        """True if ``token`` now holds (or already held) the job's aggregation lock."""
+        """True if ``token`` now holds (or already held) the job's aggregation lock.
+
+        A lock held by a shard worker (token ``worker/<name>:<job id>``) whose registration has expired (the
+        worker died mid-aggregation, e.g. SIGKILL) is taken over at once instead of blocking the job for the
+        lock's whole TTL."""
         lock = self.keys.aggregate_lock(job_id)
-        return bool(self.r.set(lock, token, nx=True, ex=ttl_seconds)) or self.r.get(lock) == token
+        if self.r.set(lock, token, nx=True, ex=ttl_seconds):
+            return True
+        holder = self.r.get(lock)
+        if holder == token:
+            return True
+        if holder and holder.startswith(WORKER_LOCK_PREFIX):
+            name = holder[len(WORKER_LOCK_PREFIX):].rsplit(":", 1)[0]
+            if not self.r.exists(self.keys.worker(name)):
+                return bool(self._take_over_lock(keys=[lock], args=[holder, token, ttl_seconds]))
+        return False
 
     def release_aggregate_lock(self, job_id: str, token: str) -> None:
         self._release_lock(keys=[self.keys.aggregate_lock(job_id)], args=[token])

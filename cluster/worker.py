@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import redis
 
 from cluster.aggregator import Aggregator
+from cluster.client import WORKER_LOCK_PREFIX
 from cluster.errors import ModelUnavailable, ServiceError
 from cluster.limits import check_worker_settings
 from cluster.paths import PathError, resolve_model_path, resolve_sampler_paths
@@ -66,7 +67,7 @@ class ShardWorker:
         self.stop = threading.Event()  # shutdown requested
         self._abort: str | None = None  # reason to abort the shard in flight
         self.shards_done = 0
-        self.aggregator = Aggregator(queue, engine, owner=self.name)
+        self.aggregator = Aggregator(queue, engine, owner=f"{WORKER_LOCK_PREFIX}{self.name}")
 
     # --------------------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -110,6 +111,8 @@ class ShardWorker:
                     backoff = min(backoff * 2, 5.0)
                     continue
                 if task is None:
+                    if self.opt.job_id is not None and self.opt.aggregate:
+                        self._finish_if_complete(self.opt.job_id)
                     if self.opt.max_idle is not None and time.monotonic() - idle_since > self.opt.max_idle:
                         log.info("worker %s idle for %.0fs; exiting", self.name, self.opt.max_idle)
                         return 0
@@ -137,6 +140,14 @@ class ShardWorker:
             except Exception as e:  # noqa: BLE001 - shutting down anyway
                 log.warning("engine close failed: %s", e)
             log.info("worker %s stopped after %d shards", self.name, self.shards_done)
+
+    def _finish_if_complete(self, job_id: str) -> None:
+        """Aggregate a job whose shards are all recorded but that is not finished: the worker that recorded
+        the last shard died before (or while) aggregating it. ``finalize`` takes the lock over from a dead
+        worker and is a no-op while a live one holds it."""
+        rec = self.q.get(job_id)
+        if not rec.status.terminal and self.q.shards_done(job_id) >= rec.spec.num_shards:
+            self._aggregate(job_id)
 
     def register(self, task: Task | None = None) -> None:
         self.q.register_worker(self.name, {"name": self.name, "host": socket.gethostname(), "pid": os.getpid(),
@@ -252,13 +263,16 @@ class ShardWorker:
         log.info("job %s shard %d done in %.2fs (%d/%d shards)", task.job_id, task.shard, out.wall_time, done,
                  spec.num_shards)
         if done >= spec.num_shards and self.opt.aggregate:
-            try:
-                self._retry_redis(lambda: self.aggregator.finalize(task.job_id))
-            except Exception as e:  # noqa: BLE001 - keep serving; the job fails with the reason
-                msg = str(e) if isinstance(e, ServiceError) else f"{type(e).__name__}: {' '.join(str(e).split())}"
-                log.error("job %s: aggregation failed: %s", task.job_id, msg)
-                self._retry_redis(lambda: self.q.fail_job(task.job_id, f"aggregation failed: {msg} "
-                                                          "('specdit results --recompute' retries)"))
+            self._aggregate(task.job_id)
+
+    def _aggregate(self, job_id: str) -> None:
+        try:
+            self._retry_redis(lambda: self.aggregator.finalize(job_id))
+        except Exception as e:  # noqa: BLE001 - keep serving; the job fails with the reason
+            msg = str(e) if isinstance(e, ServiceError) else f"{type(e).__name__}: {' '.join(str(e).split())}"
+            log.error("job %s: aggregation failed: %s", job_id, msg)
+            self._retry_redis(lambda: self.q.fail_job(job_id, f"aggregation failed: {msg} "
+                                                      "('specdit results --recompute' retries)"))
 
     def _handle_abort(self, task: Task, reason: str) -> None:
         if reason == "lost":  # another worker owns the entry now: leave it alone

@@ -431,3 +431,21 @@ def test_unreadable_record_does_not_kill_the_worker(q, tmp_path):
     assert q.r.hget(q.keys.job(jid), "status") == "failed"
     assert "cannot be read" in q.r.hget(q.keys.job(jid), "error")
 
+
+
+def test_aggregation_lock_of_a_dead_worker_is_taken_over(q, tmp_path):
+    """The worker that records a job's last shard dies while aggregating (SIGKILL): its lock would block the
+    job for the lock's whole TTL (10 min) and no other worker retried. A worker bound to the job now takes the
+    lock over from the dead holder and finishes the job; a live holder's lock is respected."""
+    spec = _spec(tmp_path, n=32, shard=16)
+    jid = q.submit(spec).job_id
+    _run(q, aggregate=False)  # every shard recorded, nobody aggregated
+    assert q.shards_done(jid) == 2 and q.get(jid).status != JobStatus.DONE
+    lock = q.keys.aggregate_lock(jid)
+    q.register_worker("vm-alive-1", {"name": "vm-alive-1"})
+    q.r.set(lock, f"worker/vm-alive-1:{jid}", ex=600)
+    assert not q.acquire_aggregate_lock(jid, "worker/other:" + jid)  # a live holder keeps its lock
+    q.r.set(lock, f"worker/vm-dead-1:{jid}", ex=600)  # a holder with no registration: dead
+    _run(q, job_id=jid)
+    assert q.get(jid).status == JobStatus.DONE
+    assert q.r.get(lock) is None
