@@ -50,6 +50,16 @@ def _as_float64_2d(features) -> np.ndarray:
     return f
 
 
+def save_npz_atomic(path: Path, arrays: dict) -> Path:
+    """Write ``arrays`` to ``path`` (.npz) via a temp file and a rename: safe for concurrent writers."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
 @dataclass
 class FeatureStats:
     """Mergeable first and second moment sums of D-dimensional features (all float64).
@@ -184,12 +194,7 @@ class FeatureStats:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(path.suffix + ".npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **self.to_arrays())
-        os.replace(tmp, path)
-        return path
+        return save_npz_atomic(path, self.to_arrays())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
@@ -270,12 +275,7 @@ class GaussianStats:
     def save(self, path: str | os.PathLike) -> Path:
         """Write an ADM-style reference ``.npz`` (``mu``, ``sigma``) atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **self.to_arrays())
-        os.replace(tmp, path)
-        return path
+        return save_npz_atomic(path, self.to_arrays())
 
     def __repr__(self) -> str:
         return f"GaussianStats(dim={self.dim}, extractor={self.extractor!r})"
