@@ -86,9 +86,29 @@ def user_errors(fn):
     return wrapper
 
 
+def hide_flag_types(command, ctx) -> None:
+    """Give every on/off flag of ``command`` and of its subcommands (``--help`` included) an empty metavar.
+
+    typer's rich help prints a type column (``<bool>``) even for an option that takes no value; a flag shows
+    none. Options with a metavar of their own are left alone."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        hide_flag_types(sub, ctx)
+
+
 class OneLineErrors(TyperGroup):
     """The command group of ``specdit``: usage errors (unknown option, bad value, missing argument) are one
-    ``error:`` line and exit code 2, like every other user mistake, instead of a usage box."""
+    ``error:`` line and exit code 2, like every other user mistake, instead of a usage box. Flags show no
+    ``<bool>`` type in help (:func:`hide_flag_types`)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        if not getattr(self, "flag_types_hidden", False):
+            self.flag_types_hidden = True  # before the walk, which asks this group for its params again
+            hide_flag_types(self, ctx)
+        return params
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:

@@ -36,7 +36,8 @@ def generate(
     batch_size: int = typer.Option(64, help="Chains sampled together."),
     out: Path = typer.Option(..., "--out", "-o", help="A .npz file, or a directory (PNGs + grid for image models)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(True, "--progress/--no-progress",
+                                  help="Show a progress bar with ETA on stderr."),
 ) -> None:
     """Generate samples and print speed statistics (rounds, parallel efficiency, acceptance).
 

@@ -148,7 +148,7 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
             info = eng.model_info(resolve_model_path(spec.model), spec.model_options())
             check_labels(spec.labels, info)
             check_store(spec.output.store, info)
-            sampler = resolve_sampler_paths(spec.sampler.model_dump(mode="json"))
+            sampler = resolve_sampler_paths(spec.sampler.to_dict())
             eng.check_sampler(sampler)
             check_cfg_channels(sampler, info)
             if sampler["drafter"].startswith("model:"):  # a drafter model must load as well as the target
@@ -405,7 +405,7 @@ def _cancel(job_id, redis_url, prefix):
 
 def jobs(
     limit: int = typer.Option(50, min=1, help="Most recent jobs to list."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output: one JSON list of jobs (no worker line)."),
     redis_url: Optional[str] = RedisUrl,
     prefix: Optional[str] = Prefix,
 ):
@@ -451,7 +451,7 @@ def worker(
     max_shards: Optional[int] = typer.Option(None, "--max-shards", help="Exit after this many shards."),
     poll_interval: float = typer.Option(0.25, "--poll-interval", help="Seconds between polls when idle."),
     name: Optional[str] = typer.Option(None, help="Worker name (default host-pid-random)."),
-    log_level: str = typer.Option("INFO", "--log-level"),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG | INFO | WARNING | ERROR."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="SPECDIT_RAY_ADDRESS",
                                               help="--engine ray: the cluster (host:port; default: a private one)."),
     ray_pool: Optional[str] = typer.Option(None, "--ray-pool", envvar="SPECDIT_RAY_POOL",

@@ -141,7 +141,7 @@ class Aggregator:
         n = spec.num_samples
         report: dict = {
             "job_id": job_id, "name": spec.name, "model": spec.model, "status": JobStatus.DONE.value,
-            "sampler": spec.sampler.model_dump(mode="json"), "labels": spec.labels, "base_seed": spec.base_seed,
+            "sampler": spec.sampler.to_dict(), "labels": spec.labels, "base_seed": spec.base_seed,
             "num_samples": n, "num_shards": spec.num_shards, "shard_size": spec.shard_size,
             "unique_samples": int(unique),
         }

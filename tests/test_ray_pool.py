@@ -163,7 +163,7 @@ def test_job_through_the_service_with_the_ray_engine(engine, tmp_path, monkeypat
     assert w.run() == 0
     assert q.get(spec.job_id).status == JobStatus.DONE, q.get(spec.job_id).error
     xs = load_job_samples(spec.job_dir())
-    ref = make_engine("local").run(ShardWork(model="gmm-2d", sampler=spec.sampler.model_dump(mode="json"),
+    ref = make_engine("local").run(ShardWork(model="gmm-2d", sampler=spec.sampler.to_dict(),
                                              labels=spec.labels, base_seed=11, start=0, stop=48, batch_size=16))
     assert np.array_equal(xs["indices"], np.arange(48))
     assert np.array_equal(xs["samples"], ref.arrays["samples"])
@@ -258,7 +258,7 @@ def test_pool_cli_and_a_worker_process_on_a_named_pool(engine, tmp_path):
                                 SPECDIT_RAY_POOL="ptest", RAY_AUTH_MODE="disabled")
             assert proc.wait(timeout=120) == 0, (tmp_path / "worker.log").read_text()[-3000:]
             assert q.get(spec.job_id).status == JobStatus.DONE
-            ref = make_engine("local").run(ShardWork(model="gmm-2d", sampler=spec.sampler.model_dump(mode="json"),
+            ref = make_engine("local").run(ShardWork(model="gmm-2d", sampler=spec.sampler.to_dict(),
                                                      labels=spec.labels, base_seed=3, start=0, stop=20, batch_size=10))
             assert np.array_equal(load_job_samples(spec.job_dir())["samples"], ref.arrays["samples"])
         finally:
