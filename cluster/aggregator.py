@@ -26,7 +26,8 @@ from cluster.client import SpecditRedis
 from cluster.errors import CorruptShard, ServiceError
 from cluster.paths import resolve_model_path
 from cluster.records import JobRecord, JobStatus
-from cluster.spec import JobSpec
+from cluster.spec import SPEC_VERSION, JobSpec, shard_versions
+from specdit.config import SAMPLER_ARITHMETIC_VERSION
 from cluster.storage import read_shard
 from workers import evaluation
 from workers.engine import Engine, EngineError
@@ -98,6 +99,7 @@ class Aggregator:
                 idx = arrays.get("indices")
                 if idx is None or not np.array_equal(idx, np.arange(a, b)):
                     raise CorruptShard(f"shard file {res.path} holds the wrong sample indices")
+                check_versions(job_id, s, arrays)
             except CorruptShard as e:
                 corrupt.append((s, str(e)))
                 continue
@@ -269,6 +271,18 @@ class Aggregator:
                 "fid": base.get("fid"),
             }
         return None
+
+
+def check_versions(job_id: str, shard: int, arrays: dict) -> None:
+    """Refuse (ServiceError, the job's aggregation fails) a shard written under another spec or
+    sampler-arithmetic version than this process's: its samples may differ for the same seeds, and shards
+    of two versions must never merge into one job."""
+    spec_v, arith_v = shard_versions(arrays)
+    if (spec_v, arith_v) != (SPEC_VERSION, SAMPLER_ARITHMETIC_VERSION):
+        raise ServiceError(f"job {job_id}: shard {shard} was written under spec version {spec_v}, sampler "
+                           f"arithmetic version {arith_v}, this aggregator runs {SPEC_VERSION}/"
+                           f"{SAMPLER_ARITHMETIC_VERSION}: refusing to merge shards of two versions "
+                           "(resubmit the job: the new version gives it a new id)")
 
 
 def _remove_stale_temp_files(folder: Path, older_than: float) -> None:

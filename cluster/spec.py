@@ -203,11 +203,32 @@ class JobSpec(_Strict):
         return int(self.labels.split(":")[1]) if self.labels.startswith("fixed:") else None
 
 
-def id_key(canonical: str, arithmetic_version: int = SAMPLER_ARITHMETIC_VERSION) -> str:
-    """What a job id hashes: ``v<SPEC_VERSION>:`` (+ ``a<arithmetic version>:`` from version 2 on, so that the
-    ids of version 1, the first, are those of every job submitted before versions were recorded) + JSON."""
-    arith = "" if arithmetic_version == 1 else f"a{arithmetic_version}:"
+def id_key(canonical: str) -> str:
+    """What a job id hashes: ``v<SPEC_VERSION>:`` (+ ``a<SAMPLER_ARITHMETIC_VERSION>:`` from version 2 on, so
+    that the ids of version 1, the first, are those of every job submitted before versions were recorded)
+    + the canonical JSON."""
+    arith = "" if SAMPLER_ARITHMETIC_VERSION == 1 else f"a{SAMPLER_ARITHMETIC_VERSION}:"
     return f"v{SPEC_VERSION}:{arith}{canonical}"
+
+
+# Arrays every shard file carries (stamped by ``cluster.storage.write_shard`` with the writer's versions).
+SPEC_VERSION_KEY, ARITHMETIC_VERSION_KEY = "spec_version", "sampler_arithmetic_version"
+
+
+def version_arrays() -> dict[str, Any]:
+    """The versions of this process (0-d int64 arrays) for a shard file it writes."""
+    import numpy as np
+
+    return {SPEC_VERSION_KEY: np.array(SPEC_VERSION, dtype=np.int64),
+            ARITHMETIC_VERSION_KEY: np.array(SAMPLER_ARITHMETIC_VERSION, dtype=np.int64)}
+
+
+def shard_versions(arrays: dict[str, Any]) -> tuple[int, int]:
+    """(spec version, sampler-arithmetic version) of a shard file's arrays. Files written before versions
+    were recorded are (2, 1): the versions of that time."""
+    spec_v = int(arrays[SPEC_VERSION_KEY]) if SPEC_VERSION_KEY in arrays else 2
+    arith_v = int(arrays[ARITHMETIC_VERSION_KEY]) if ARITHMETIC_VERSION_KEY in arrays else 1
+    return spec_v, arith_v
 
 
 def format_validation_error(err: ValidationError) -> str:
