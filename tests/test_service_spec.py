@@ -89,7 +89,8 @@ def test_shard_file_roundtrip_and_corruption(tmp_path):
     p = shard_path(tmp_path, 0, 5)
     digest = write_shard(p, arrays)
     back = read_shard(p, digest)
-    assert set(back) == set(arrays) and back["steps"].shape == () and str(back["name"]) == "raw"
+    assert set(back) == set(arrays) | {"spec_version", "sampler_arithmetic_version"}  # versions stamped
+    assert back["steps"].shape == () and str(back["name"]) == "raw"
     np.testing.assert_array_equal(back["samples"], arrays["samples"])
     assert not list(p.parent.glob("*.tmp"))  # no temp file left behind
     with pytest.raises(CorruptShard, match="recorded"):
