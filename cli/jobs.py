@@ -147,7 +147,7 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
             eng = make_engine(engine)
             info = eng.model_info(resolve_model_path(spec.model), spec.model_options())
             check_labels(spec.labels, info)
-            check_store(spec.output.store, info)
+            check_store(spec.output.store, info, spec.output.sample_dtype)
             sampler = resolve_sampler_paths(spec.sampler.to_dict())
             eng.check_sampler(sampler)
             check_cfg_channels(sampler, info)

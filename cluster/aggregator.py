@@ -82,6 +82,7 @@ class Aggregator:
         first, last, workers, job_dir, unique = float("inf"), float("-inf"), set(), None, 0
         with_stats = True
         is_stats, is_shards = None, 0  # Inception-Score sums (every shard must have them)
+        clipped = 0  # stored sample values clipped or overflowed by output.sample_dtype
         for s, res in self.q.iter_done_results(job_id, spec.num_shards):
             a, b = spec.shard_range(s)
             if res is None or (res.start, res.stop) != (a, b):
@@ -106,6 +107,7 @@ class Aggregator:
             first, last = min(first, res.started_at), max(last, res.finished_at)
             workers.add(res.worker)
             unique += len(arrays["time_per_sample"])
+            clipped += int(arrays.get("samples_clipped", 0))
             stats = {key[len(evaluation.STAT_PREFIX):]: v for key, v in arrays.items()
                      if key.startswith(evaluation.STAT_PREFIX)}
             with_stats = with_stats and "rounds" in stats
@@ -146,6 +148,7 @@ class Aggregator:
             "sampler": spec.sampler.to_dict(), "labels": spec.labels, "base_seed": spec.base_seed,
             "num_samples": n, "num_shards": spec.num_shards, "shard_size": spec.shard_size,
             "unique_samples": int(unique),
+            "samples_clipped": clipped,  # stored values that output.sample_dtype clipped or overflowed
         }
         # Speed statistics
         report["speed"] = speed.summary() if (spec.evaluate.speed and with_stats and speed.n) else None

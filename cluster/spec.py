@@ -62,7 +62,10 @@ class OutputSpec(_Strict):
     # What a shard stores: "auto" = decoded uint8 images for image models (latent DiTs decoded by their VAE),
     # raw samples for vector models; "images"; "latents" (raw model output); "images+latents".
     store: Literal["auto", "images", "latents", "images+latents"] = "auto"
-    sample_dtype: Literal["float32", "float16", "uint8"] = "float32"  # of raw samples; uint8 maps [-1, 1] -> [0, 255]
+    # Of raw samples/latents. uint8 maps [-1, 1] -> [0, 255] and is refused for vector models (their samples
+    # are unbounded); float16 is finite within +-65504: values it overflows (or uint8 clips, for latents)
+    # are counted in the report's samples_clipped.
+    sample_dtype: Literal["float32", "float16", "uint8"] = "float32"
 
     @field_validator("dir")
     @classmethod

@@ -118,12 +118,13 @@ def check_labels(policy: str, info: ModelInfo) -> None:
             raise EngineError(f"{e} for model {info.name!r}") from None
 
 
-def check_store(store: str, info: ModelInfo) -> None:
-    """Raise EngineError if ``output.store`` does not fit the model (images of a vector model)."""
+def check_store(store: str, info: ModelInfo, sample_dtype: str = "float32") -> None:
+    """Raise EngineError if ``output.store`` or ``output.sample_dtype`` does not fit the model (images of a
+    vector model; vector samples in uint8)."""
     from workers.shard_arrays import StoreError, stored_arrays
 
     try:
-        stored_arrays(store, info.image_shape, f"model {info.name!r}")
+        stored_arrays(store, info.image_shape, f"model {info.name!r}", sample_dtype)
     except StoreError as e:
         raise EngineError(str(e)) from None
 
@@ -139,7 +140,7 @@ def check_cfg_channels(sampler: dict, info: ModelInfo) -> None:
                           f"{info.sample_shape[0]} channel(s)")
 
 
-def _encode_samples(samples, dtype: str) -> np.ndarray:
+def _encode_samples(samples, dtype: str) -> tuple[np.ndarray, int]:
     from workers.shard_arrays import encode_samples
 
     return encode_samples(samples, dtype)
@@ -425,7 +426,9 @@ class SyntheticEngine:
             "stat_proposed": prop.numpy(), "stat_steps": np.array(steps, dtype=np.int64),
         }
         if work.save_samples:
-            arrays["samples"] = _encode_samples(samples, work.sample_dtype)
+            check_store(work.store, info, work.sample_dtype)
+            arrays["samples"], clipped = _encode_samples(samples, work.sample_dtype)
+            arrays["samples_clipped"] = np.array(clipped, dtype=np.int64)
         if work.extractor:
             arrays.update(_stats_arrays(samples.double().numpy(), "raw"))
             arrays["feature_extractor"] = np.array("raw")
