@@ -24,7 +24,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/specdit bench --model gmm-2d --steps 250 --num-samples 2000 --markdown
+	$(BIN)/specdit bench --model gmm-2d --steps 250 --num-samples 2000 --threads 1 --markdown
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from cli.common import (CFG_CHANNELS_OPTION, NUM_HEADS_OPTION, WEIGHTS_OPTION, check_output_file, one_line_warnings,
-                        user_errors)
+                        step_progress, user_errors)
 
 
 def _fmt(v, spec=".3f"):
@@ -68,9 +68,11 @@ def bench(
     console.print("target batch cost (relative to batch 1): " + ", ".join(f"b={b}: {c:.2f}x" for b, c in curve.items()))
     cols = ["variant", "rounds/sample", "parallel eff.", "acceptance", "wall vs ddpm", "KS to truth", "KS p"]
     table = Table(*cols)
-    with one_line_warnings():
+    total = len(variants) * num_samples * steps  # chain-steps: the bar's ETA covers every variant
+    with one_line_warnings(), step_progress(total, f"{len(variants)} variants") as advance:
         rows = run_bench(m, variants, num_samples, seed, y, batch_size,
-                         on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"), model_name=model)
+                         on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"), model_name=model,
+                         progress=advance)
     for r in rows:
         table.add_row(r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.wall_vs_ddpm, ".2f"),
                       _fmt(r.ks, ".4f"), _fmt(r.ks_p, ".3g"))

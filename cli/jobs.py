@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import fail
+from cli.common import EXIT_USAGE, fail
 from cli.render import SafeFormatter, markup, plain
 
 # Service log records reach stderr only where a command configures logging (the worker does); the other
@@ -220,6 +220,7 @@ def _status_renderable(p):
     rec = p.record
     n = rec.spec.num_samples
     t = Table.grid(padding=(0, 1))
+    t.add_column(overflow="fold", min_width=len(rec.id))  # the job id stays whole (users copy it), never cut
     colour = {"done": "green", "failed": "red", "cancelled": "yellow"}.get(rec.status.value, "cyan")
     head = f"[bold]{markup(rec.id)}[/bold]" + (f" ({markup(rec.spec.name)})" if rec.spec.name else "")
     t.add_row(head, f"[{colour}]{rec.status.value}[/{colour}]", ProgressBar(total=1.0, completed=p.fraction, width=30),
@@ -317,9 +318,12 @@ def _results(job_id, as_json, recompute, export, engine, redis_url, prefix):
     q = _queue(redis_url, prefix)
     rec = q.get(job_id)
     if export is not None:
-        from cluster.export import export_images
+        from cluster.export import NotExportable, export_images
 
-        ex = export_images(q, job_id, export)
+        try:
+            ex = export_images(q, job_id, export)
+        except NotExportable as e:
+            fail(str(e), EXIT_USAGE)
         typer.echo(f"wrote {ex.path}: arr_0 {ex.shape} uint8" + (", arr_1 labels" if ex.labels else ""),
                    err=as_json)
     agg = Aggregator(q, make_engine(engine))
@@ -359,7 +363,9 @@ def _print_report(r: dict) -> None:
     t.add_row("model / sampler", markup(f"{r['model']} / {s['sampler']} (S={s['steps']}, L={s['draft_length']}, "
                                         f"{s['verify']}, drafter {s['drafter']}, eta {s['eta']})"))
     t.add_row("samples", f"{r['unique_samples']} / {r['num_samples']} in {r['num_shards']} shards")
-    t.add_row("FID", f(r.get("fid"), "{:.6g}") + (markup(f"  (vs {r['fid_reference']}, {r.get('fid_extractor')})")
+    ref, resolved = r.get("fid_reference"), r.get("fid_reference_resolved")
+    ref = f"{ref} = {resolved}" if ref == "auto" and resolved else ref  # say what "auto" stood for
+    t.add_row("FID", f(r.get("fid"), "{:.6g}") + (markup(f"  (vs {ref}, {r.get('fid_extractor')})")
                                                   if r.get("fid") is not None else ""))
     isc = r.get("inception_score")
     if isc:
@@ -374,13 +380,19 @@ def _print_report(r: dict) -> None:
             t.add_row("draft fallbacks", f"{sp['draft_fallbacks']} (non-finite or too large drafts replaced)")
     w = r["wall_time"]
     t.add_row("wall time / sample", f"{1000 * w['engine_seconds_per_sample']:.2f} ms (engine), "
-                                    f"{1000 * w['job_seconds_per_sample']:.2f} ms (job, {len(w['workers'])} workers)")
+                                    f"{1000 * w['job_seconds_per_sample']:.2f} ms (job, {_plural(len(w['workers']), 'worker')})")
     b = r.get("baseline")
     t.add_row("speed-up vs DDPM", "-" if not b else f"{b['speedup_rounds']:.2f}x rounds, {b['speedup_wall']:.2f}x wall "
                                                    f"(baseline {markup(b['job_id'])})")
-    for k, v in r.get("files", {}).items():
-        t.add_row(markup(k), markup(v))
+    t.columns[1].overflow = "fold"  # ids in the values must stay whole to be copied: fold, never "…"
     Console().print(t)
+    for k, v in r.get("files", {}).items():  # outside the table: a path of any length prints whole, on one line
+        typer.echo(plain(f"{k}: {v}"))
+
+
+def _plural(n: int, word: str) -> str:
+    """``"1 worker"``, ``"2 workers"``."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -425,7 +437,11 @@ def _jobs(limit, as_json, redis_url, prefix):
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("job", "name", "model", "sampler", "N", "status", "shards", "submitted")
+    from rich.table import Column
+
+    # the id is what users copy into 'specdit status' (and the model into 'submit'): never cut to "j3dde78…"
+    t = Table(Column("job", no_wrap=True, min_width=len(recs[0].id) if recs else None),
+              *(Column(h, overflow="fold") for h in ("name", "model", "sampler", "N", "status", "shards", "submitted")))
     for r in recs:
         done = q.shards_done(r.id)
         t.add_row(markup(r.id), markup(r.spec.name or ""), markup(r.spec.model), r.spec.sampler.sampler,

@@ -169,6 +169,7 @@ class Aggregator:
             report["fid_extractor"] = merged.extractor
             report["feature_stats"] = str(stats_path)
             ref = self._reference(spec, extractor_key, job_dir.parent)
+            report["fid_reference_resolved"] = self._resolved_reference(spec)
             if ref is not None:
                 try:
                     report["fid"] = evaluation.frechet_distance(merged, ref)
@@ -229,6 +230,17 @@ class Aggregator:
         stats = evaluation.feature_stats_from_arrays(arrays)
         stats.save(cache)
         return stats
+
+    def _resolved_reference(self, spec: JobSpec) -> str | None:
+        """What ``evaluate.fid_reference`` "auto" stands for (e.g. "data:10000", "ref:mnist"); None when the
+        engine cannot say (no engine, or one without ``resolve_reference``)."""
+        resolve = getattr(self.engine, "resolve_reference", None)
+        if spec.evaluate.fid_reference is None or resolve is None:
+            return spec.evaluate.fid_reference if spec.evaluate.fid_reference != "auto" else None
+        try:
+            return resolve(resolve_model_path(spec.model), spec.evaluate.fid_reference)
+        except EngineError:
+            return None
 
     def attach_baseline(self, rec: JobRecord, report: dict) -> dict:
         """A report without a baseline whose DDPM baseline finished later: add the baseline to the report in

@@ -299,18 +299,23 @@ class LocalEngine:
         arrays.update(out.arrays())
         return ShardOutput(arrays, wall)
 
+    def resolve_reference(self, model: str, source: str) -> str:
+        """What FID reference ``source`` "auto" means for ``model``: "data:10000" (ground truth) for an
+        analytic model, "ref:mnist" for an MNIST model; any other source unchanged. EngineError otherwise."""
+        if source != "auto":
+            return source
+        if hasattr(self._load(model), "sample_data"):
+            return "data:10000"
+        if "mnist" in model:
+            return "ref:mnist"
+        raise EngineError(f"no automatic FID reference for model {model!r}: set evaluate.fid_reference "
+                          "to a statistics .npz (see 'specdit fid-ref')")
+
     def reference_stats(self, model: str, labels: str, extractor: str, source: str) -> dict[str, np.ndarray]:
         import torch
 
         m = self._load(model)
-        if source == "auto":
-            if hasattr(m, "sample_data"):
-                source = "data:10000"
-            elif "mnist" in model:
-                source = "ref:mnist"
-            else:
-                raise EngineError(f"no automatic FID reference for model {model!r}: set evaluate.fid_reference "
-                                  "to a statistics .npz (see 'specdit fid-ref')")
+        source = self.resolve_reference(model, source)
         if source.startswith("ref:"):
             from specdit.metrics.reference import reference_stats
 
@@ -434,11 +439,15 @@ class SyntheticEngine:
             arrays["feature_extractor"] = np.array("raw")
         return ShardOutput(arrays, wall)
 
+    def resolve_reference(self, model: str, source: str) -> str:
+        """FID reference "auto" is "data:10000" (ground truth) for every synthetic model."""
+        return "data:10000" if source == "auto" else source
+
     def reference_stats(self, model: str, labels: str, extractor: str, source: str) -> dict[str, np.ndarray]:
         import torch
 
         info = self.model_info(model)
-        n = 10000 if source == "auto" else int(source.removeprefix("data:"))
+        n = int(self.resolve_reference(model, source).removeprefix("data:"))
         g = torch.Generator().manual_seed(REFERENCE_SEED)
         x = torch.randn(n, *info.sample_shape, generator=g, dtype=torch.float64)
         seeds = seeds_for(REFERENCE_SEED, 0, n)
