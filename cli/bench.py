@@ -41,8 +41,10 @@ def bench(
     from specdit.api import guided, load_model, parse_cfg_channels
     from specdit.bench import batch_cost_curve, default_variants, run_bench
     from specdit.labels import labels_for
+    from specdit.config import as_float, check_seed
     from specdit.noise import sample_seed
 
+    seed, cfg = check_seed(seed), as_float("cfg_scale", cfg)  # the rules every command and job spec share
     if json_out is not None:
         check_output_file(json_out, "--json file")
     if threads is not None:

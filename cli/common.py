@@ -98,6 +98,31 @@ def hide_flag_types(command, ctx) -> None:
         hide_flag_types(sub, ctx)
 
 
+def number_parse_error(e: UsageError) -> str | None:
+    """For a number option given text (``--relax abc``): the message ``specdit.config`` gives the same value
+    in a spec file, naming the option's setting; None for any other usage error. (Typer parses numbers with
+    pydantic: the raw text is in the cause's first error.)"""
+    param, cause = getattr(e, "param", None), e.__cause__
+    try:
+        err = cause.errors()[0]
+        kind, raw = err["type"].split("_")[0], err["input"]
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    if param is None or kind not in ("float", "int") or not isinstance(raw, str):
+        return None
+    from specdit.config import SettingError, as_float, as_int  # torch-free
+
+    try:
+        value: object = float(raw)  # "1.5" for an integer option: the number, as a spec file gives it
+    except ValueError:
+        value = raw
+    try:
+        (as_float if kind == "float" else as_int)(max(param.opts, key=len), value)
+    except SettingError as exc:
+        return str(exc)
+    return None
+
+
 class OneLineErrors(TyperGroup):
     """The command group of ``specdit``: usage errors (unknown option, bad value, missing argument) are one
     ``error:`` line and exit code 2, like every other user mistake, instead of a usage box. Flags show no
@@ -120,6 +145,10 @@ class OneLineErrors(TyperGroup):
                 e.show()
                 sys.exit(e.exit_code)
             where = e.ctx.command_path if e.ctx is not None else (prog_name or "specdit")
+            typed = number_parse_error(e)
+            if typed is not None:  # worded as the shared rules word the same value in a spec file
+                _error_line(typed)
+                sys.exit(EXIT_USAGE)
             _error_line(f"{where}: {e.format_message()} (see '{where} --help')")
             sys.exit(EXIT_USAGE)
         except ClickException as e:

@@ -44,8 +44,10 @@ def generate(
     Exit codes: 2 for an invalid setting, 6 if the target model returns NaN/inf (one line naming the
     step and the sample)."""
     from specdit.api import SamplerConfig, parse_cfg_channels
+    from specdit.config import check_seed
     from specdit.outputs import generate_to_disk
 
+    seed = check_seed(seed)  # one range for every command and job spec
     config = SamplerConfig(sampler=sampler, steps=steps, eta=eta, draft_length=draft_length, verify=verify,
                            drafter=drafter, relax=relax, cfg_scale=cfg, cfg_channels=parse_cfg_channels(cfg_channels),
                            refine_mode=refine_mode, parallel=parallel)
