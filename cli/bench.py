@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import (CFG_CHANNELS_OPTION, NUM_HEADS_OPTION, WEIGHTS_OPTION, check_output_file, one_line_warnings,
-                        step_progress, user_errors)
+from cli import options as opt
+from cli.common import check_output_file, one_line_warnings, user_errors
 
 
 def _fmt(v, spec=".3f"):
@@ -15,21 +15,23 @@ def _fmt(v, spec=".3f"):
 
 
 def bench(
-    model: str = typer.Option("gmm-2d", "--model", "-m", help="Registered model name or checkpoint path."),
-    steps: int = typer.Option(250, help="Sampling steps S."),
+    model: str = typer.Option("gmm-2d", "--model", "-m", help=opt.MODEL_HELP),
+    steps: Optional[str] = opt.STEPS,
     num_samples: int = typer.Option(2000, "--num-samples", "-n", help="Samples per variant (same seeds for all)."),
-    draft_lengths: str = typer.Option("4,8", help="Comma-separated speculation lengths L."),
-    drafters: str = typer.Option("free,perturbed:3", help="Comma-separated drafters."),
-    cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale."),
-    cfg_channels: str = CFG_CHANNELS_OPTION,
-    num_heads: Optional[int] = NUM_HEADS_OPTION,
-    weights: Optional[str] = WEIGHTS_OPTION,
-    labels: str = typer.Option("none", help="Label policy: none | uniform | random | fixed:<class>"),
-    seed: int = typer.Option(0, help="Base seed."),
-    batch_size: int = typer.Option(256, help="Chains sampled together."),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
+    draft_lengths: str = typer.Option("4,8", "--draft-lengths", help="Comma-separated speculation lengths L."),
+    drafters: str = typer.Option("free,perturbed:3", "--drafters", help="Comma-separated drafters (see "
+                                 "generate --drafter)."),
+    cfg_scale: Optional[str] = opt.CFG_SCALE,
+    cfg_channels: Optional[str] = opt.CFG_CHANNELS,
+    num_heads: Optional[int] = opt.NUM_HEADS,
+    weights: Optional[str] = opt.WEIGHTS,
+    labels: str = typer.Option("none", "--labels", help=opt.LABELS_HELP + " bench's default is none: the KS "
+                               "distance compares with the full (unconditional) distribution."),
+    seed: Optional[str] = opt.SEED,
+    batch_size: int = typer.Option(256, "--batch-size", help="Chains sampled together."),
+    threads: Optional[int] = opt.THREADS,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
-    markdown: bool = typer.Option(False, help="Print a Markdown table (for the README)."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table (for the README)."),
 ) -> None:
     """Rounds, parallel efficiency, acceptance, wall time relative to ddpm, and distance to ground truth."""
     import torch
@@ -38,13 +40,11 @@ def bench(
     from cli.render import markup
     from rich.table import Table
 
-    from specdit.api import guided, load_model, parse_cfg_channels
+    from specdit.api import guided, load_model
     from specdit.bench import batch_cost_curve, default_variants, run_bench
     from specdit.labels import labels_for
-    from specdit.config import as_float, check_seed
     from specdit.noise import sample_seed
 
-    seed, cfg = check_seed(seed), as_float("cfg_scale", cfg)  # the rules every command and job spec share
     if json_out is not None:
         check_output_file(json_out, "--json file")
     if threads is not None:
@@ -55,7 +55,8 @@ def bench(
         lengths = tuple(int(v) for v in draft_lengths.split(","))
     except ValueError:
         raise ValueError(f"--draft-lengths must be comma-separated integers, got {draft_lengths!r}") from None
-    channels = parse_cfg_channels(cfg_channels)
+    base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+    steps, cfg, channels, seed = base.steps, base.cfg_scale, base.cfg_channels, opt.seed_value(seed)
     m = load_model(model, num_heads=num_heads, weights=weights)
     idx = torch.arange(num_samples)
     y = labels_for(labels, idx, sample_seed(seed, idx), m.num_classes)
@@ -70,11 +71,9 @@ def bench(
     console.print("target batch cost (relative to batch 1): " + ", ".join(f"b={b}: {c:.2f}x" for b, c in curve.items()))
     cols = ["variant", "rounds/sample", "parallel eff.", "acceptance", "wall vs ddpm", "KS to truth", "KS p"]
     table = Table(*cols)
-    total = len(variants) * num_samples * steps  # chain-steps: the bar's ETA covers every variant
-    with one_line_warnings(), step_progress(total, f"{len(variants)} variants") as advance:
+    with one_line_warnings():
         rows = run_bench(m, variants, num_samples, seed, y, batch_size,
-                         on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"), model_name=model,
-                         progress=advance)
+                         on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"), model_name=model)
     for r in rows:
         table.add_row(r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.wall_vs_ddpm, ".2f"),
                       _fmt(r.ks, ".4f"), _fmt(r.ks_p, ".3g"))
@@ -92,4 +91,4 @@ def bench(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("bench")(user_errors(bench))
+    app.command("bench", cls=opt.AliasedCommand)(user_errors(bench))

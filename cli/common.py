@@ -33,13 +33,6 @@ EXIT_OK, EXIT_OTHER, EXIT_USAGE, EXIT_REDIS, EXIT_NO_JOB, EXIT_MODEL, EXIT_INTER
 EXIT_NONFINITE = 6  # the target model returned NaN/inf (specdit.samplers.common.NonFiniteTargetError)
 
 
-# Options shared by `generate` and `bench` (one definition, one help text).
-CFG_CHANNELS_OPTION = typer.Option("all", "--cfg-channels",
-                                   help="Guided channels: all | 3 (3: the original DiT's forward_with_cfg).")
-NUM_HEADS_OPTION = typer.Option(None, "--num-heads", help="Attention heads of an original DiT .pt (default: DiT's table).")
-WEIGHTS_OPTION = typer.Option(None, "--weights", help="ema | model: weights of a DiT train.py checkpoint (default: ema).")
-
-
 def _error_line(msg: str) -> None:
     from cli.render import plain
 
@@ -57,10 +50,28 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _service_error_line(e: BaseException, redis_url: str | None) -> tuple[str, int] | None:
+    """(message, exit code) of a job-service failure (``cluster.errors.ServiceError``: its own code; a lost
+    Redis connection: EXIT_REDIS; a Ray pool error: EXIT_USAGE or EXIT_OTHER), or None. Looks only at modules already loaded: no import cost here."""
+    errors, redis = sys.modules.get("cluster.errors"), sys.modules.get("redis")
+    if errors is not None and isinstance(e, errors.ServiceError):
+        return str(e), e.exit_code
+    actors = sys.modules.get("workers.actors")
+    if actors is not None and isinstance(e, actors.PoolError):  # Ray pool: a bad address is the user's
+        return _first_line(e), EXIT_USAGE if isinstance(e, ValueError) else EXIT_OTHER
+    if redis is not None and isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+        from cluster.connection import redact, resolve_url
+
+        return (f"lost connection to Redis at {redact(resolve_url(redis_url))}: {' '.join(str(e).split())}",
+                EXIT_REDIS)
+    return None
+
+
 def user_errors(fn):
-    """Every failure of a command as one line: errors a user can cause (bad values, unusable files or paths:
-    ``ValueError``, ``OSError``) exit 2; anything else is an internal error (exit 1, traceback only with
-    ``SPECDIT_DEBUG=1``)."""
+    """The one error wrapper of every command: each failure is one line and a named exit code (see the
+    table above). Refused settings (``specdit.config.SettingError``) name their flag; other errors a user
+    can cause (bad values, unusable files or paths: ``ValueError``, ``OSError``) exit 2; job-service errors
+    carry their own code; anything else is an internal error (exit 1, traceback only with ``SPECDIT_DEBUG=1``)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -70,20 +81,35 @@ def user_errors(fn):
             raise
         except KeyboardInterrupt:
             fail("interrupted", EXIT_INTERRUPTED)
-        except OSError as e:  # "Not a directory: 'x/y'" rather than "[Errno 20] Not a directory: 'x/y'"
-            fail(f"{e.strerror}: {e.filename}" if e.strerror and e.filename else _first_line(e))
-        except ValueError as e:
-            common = sys.modules.get("specdit.samplers.common")  # loaded if a sampler ran: no torch import here
-            if common is not None and isinstance(e, common.NonFiniteTargetError):
-                fail(_first_line(e), EXIT_NONFINITE)
-            fail(_first_line(e))
         except Exception as e:  # noqa: BLE001 - no traceback for a user, ever
-            if os.environ.get("SPECDIT_DEBUG"):
+            msg, code = error_line(e, kwargs.get("redis_url"))
+            if code == EXIT_OTHER and os.environ.get("SPECDIT_DEBUG"):
                 raise
-            fail(f"internal error: {type(e).__name__}: {_first_line(e)} (set SPECDIT_DEBUG=1 for a traceback)",
-                 EXIT_OTHER)
+            fail(msg, code)
 
     return wrapper
+
+
+def error_line(e: Exception, redis_url: str | None = None) -> tuple[str, int]:
+    """(one-line message, exit code) for any exception a command raised."""
+    from specdit.config import SettingError
+
+    service = _service_error_line(e, redis_url)
+    if service is not None:
+        return service
+    if isinstance(e, SettingError):
+        from cli.options import setting_error_line
+
+        return setting_error_line(e), EXIT_USAGE
+    if isinstance(e, OSError):  # "Not a directory: 'x/y'" rather than "[Errno 20] Not a directory: 'x/y'"
+        return (f"{e.strerror}: {e.filename}" if e.strerror and e.filename else _first_line(e)), EXIT_USAGE
+    if isinstance(e, ValueError):
+        common = sys.modules.get("specdit.samplers.common")  # loaded if a sampler ran: no torch import here
+        if common is not None and isinstance(e, common.NonFiniteTargetError):
+            return _first_line(e), EXIT_NONFINITE
+        return _first_line(e), EXIT_USAGE
+    return (f"internal error: {type(e).__name__}: {_first_line(e)} (set SPECDIT_DEBUG=1 for a traceback)",
+            EXIT_OTHER)
 
 
 def hide_flag_types(command, ctx) -> None:

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from cli import options as opt
 from cli.common import user_errors
 
 
@@ -29,7 +30,7 @@ def train_drafter(
                                               "pool: a cluster address (host:port | auto) or 'local' (a private "
                                               "cluster for this run)."),
     workers: int = typer.Option(2, "--workers", help="Data-parallel ranks (pool actors) with --ray-address."),
-    pool: Optional[str] = typer.Option(None, "--pool", help="Use this named pool ('specdit pool start')."),
+    pool: Optional[str] = typer.Option(None, "--ray-pool", envvar="SPECDIT_RAY_POOL", help="Use this named pool ('specdit pool start')."),
 ) -> None:
     """Train the drafter against the frozen DiT with on-the-fly supervision; prints the final losses."""
     import torch
@@ -77,4 +78,4 @@ def _every_new_step(fn):
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train-drafter")(user_errors(train_drafter))
+    app.command("train-drafter", cls=opt.AliasedCommand)(user_errors(train_drafter))

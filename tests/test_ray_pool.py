@@ -234,12 +234,12 @@ def test_pool_cli_and_a_worker_process_on_a_named_pool(engine, tmp_path):
 
     address = ray.get_runtime_context().gcs_address
     runner = CliRunner()
-    res = runner.invoke(app, ["pool", "start", "ptest", "--address", address, "--actors", "2", "--device", "cpu"])
+    res = runner.invoke(app, ["pool", "start", "ptest", "--ray-address", address, "--actors", "2", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["pool", "list", "--address", address, "--json"])
+    res = runner.invoke(app, ["pool", "list", "--ray-address", address, "--json"])
     rows = json.loads(res.output)
     assert [(r["pool"], r["role"]) for r in rows] == [("ptest", "verifier"), ("ptest", "drafter")]
-    res = runner.invoke(app, ["pool", "start", "ptest", "--address", address])
+    res = runner.invoke(app, ["pool", "start", "ptest", "--ray-address", address])
     assert res.exit_code == 1 and "already running" in res.output
     try:
         try:
@@ -264,11 +264,11 @@ def test_pool_cli_and_a_worker_process_on_a_named_pool(engine, tmp_path):
         finally:
             cleanup_prefix(client, prefix)
     finally:
-        res = runner.invoke(app, ["pool", "stop", "ptest", "--address", address])
+        res = runner.invoke(app, ["pool", "stop", "ptest", "--ray-address", address])
     assert res.exit_code == 0 and "2 actors" in res.output, res.output
-    res = runner.invoke(app, ["pool", "list", "--address", address])
+    res = runner.invoke(app, ["pool", "list", "--ray-address", address])
     assert "no specdit pools" in res.output
-    assert runner.invoke(app, ["pool", "stop", "nope", "--address", address]).exit_code == 1
+    assert runner.invoke(app, ["pool", "stop", "nope", "--ray-address", address]).exit_code == 1
 
 
 def test_shutdown_leaves_no_processes(cluster):
