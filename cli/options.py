@@ -122,7 +122,13 @@ def sampler_config(base: SamplerConfig | None = None, **flags: Any) -> SamplerCo
 
 def seed_value(value: Any, default: int = 0) -> int:
     """A ``--seed`` flag (text) as an int in [0, 2^63-1] (SettingError otherwise)."""
-    return default if value is None else check_seed(value)
+    if value is None:
+        return default
+    try:
+        value = float(value) if "." in str(value) or "e" in str(value).lower() else value  # "1.5" as YAML reads it
+    except ValueError:
+        pass
+    return check_seed(value)
 
 
 def setting_error_line(e: SettingError) -> str:

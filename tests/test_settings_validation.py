@@ -38,6 +38,7 @@ def _error_line(res) -> str:
 def _normalise(line: str, setting: str) -> str:
     """The message without the command's frame and with the setting's spelling made one."""
     msg = line.removeprefix("error: ").removeprefix("invalid job spec: ")
+    msg = re.sub(r"^invalid (setting \S+|settings): ", "", msg)  # the flag's frame, e.g. "invalid setting --relax: "
     msg = re.sub(r"^(sampler\.\w+|sampler|base_seed): ", "", msg)
     names = "|".join(re.escape(s) for s in SPELLINGS[setting])  # longest first: --cfg-scale before --cfg
     return re.sub(rf"(?<![\w-])({names})(?![\w-])", f"<{setting}>", msg)
