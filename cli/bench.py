@@ -43,6 +43,10 @@ def bench(
     from specdit.labels import labels_for
     from specdit.noise import sample_seed
 
+    from specdit.settings_rules import check_cfg_scale, check_seed
+
+    check_seed(seed)
+    check_cfg_scale(cfg)
     if json_out is not None:
         check_output_file(json_out, "--json file")
     if threads is not None:

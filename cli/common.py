@@ -86,6 +86,31 @@ def user_errors(fn):
     return wrapper
 
 
+def number_parse_error(e) -> str | None:
+    """For an option that wants a number and got text (``--relax abc``): the message the shared rules give for
+    the same value in a spec file (``specdit.settings_rules``), spelled with the option; else None. (Typer
+    parses options with pydantic: the raw value is in the cause's error.)"""
+    cause, param = e.__cause__, getattr(e, "param", None)
+    try:
+        err = cause.errors()[0]
+        kind, raw, opts = err["type"].split("_")[0], err["input"], param.opts
+    except Exception:  # noqa: BLE001 - not a number option's parse error: the usual message
+        return None
+    if kind not in ("float", "int") or not opts or not isinstance(raw, str):
+        return None
+    from specdit import settings_rules as rules
+
+    try:
+        value = float(raw)  # "1.5" for an integer option: the number, as a spec file would give it
+    except ValueError:
+        value = raw
+    try:
+        (rules.check_float if kind == "float" else rules.check_int)(max(opts, key=len), value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 class OneLineErrors(TyperGroup):
     """The command group of ``specdit``: usage errors (unknown option, bad value, missing argument) are one
     ``error:`` line and exit code 2, like every other user mistake, instead of a usage box."""
@@ -100,6 +125,10 @@ class OneLineErrors(TyperGroup):
                 e.show()
                 sys.exit(e.exit_code)
             where = e.ctx.command_path if e.ctx is not None else (prog_name or "specdit")
+            typed = number_parse_error(e)
+            if typed is not None:  # the message of the shared rules (specdit.settings_rules), as in spec files
+                _error_line(typed)
+                sys.exit(EXIT_USAGE)
             _error_line(f"{where}: {e.format_message()} (see '{where} --help')")
             sys.exit(EXIT_USAGE)
         except ClickException as e:

@@ -23,9 +23,16 @@ from cluster.errors import SpecError
 
 _DRAFTER = re.compile(r"^(free|feature|perturbed:\d+(\.\d*)?([eE][-+]?\d+)?|(model|feature):[\w.\-/]+)$")
 _LABELS = re.compile(r"^(none|uniform|random|fixed:\d+)$")
-MAX_SEED = 2**63 - 1
 SPEC_VERSION = 2  # 1: ids hashed the full spec with its defaults; 2: without defaults, version in the hash
 MAX_NAME_LENGTH = 100
+
+
+def _rules():
+    """``specdit.settings_rules`` (torch-free), imported when a spec is validated: the cluster modules import
+    no ``specdit`` module at start-up (a worker starts fast). The one seed range, [0, 2^63 - 1], is there."""
+    from specdit import settings_rules
+
+    return settings_rules
 
 
 class _Strict(BaseModel):
@@ -55,6 +62,21 @@ class SamplerSettings(_Strict):
                              "sampler would return its input noise")
         return v
 
+    @field_validator("eta", mode="before")
+    @classmethod
+    def _eta(cls, v):
+        return _rules().check_eta(v)  # the rules of specdit.api.SamplerConfig: same messages
+
+    @field_validator("relax", mode="before")
+    @classmethod
+    def _relax(cls, v):
+        return _rules().check_relax(v)
+
+    @field_validator("cfg_scale", mode="before")
+    @classmethod
+    def _cfg_scale(cls, v):
+        return _rules().check_cfg_scale(v)
+
     @field_validator("cfg_channels", mode="before")
     @classmethod
     def _cfg_channels(cls, v):
@@ -75,6 +97,8 @@ class SamplerSettings(_Strict):
 
     @model_validator(mode="after")
     def _parallel(self) -> "SamplerSettings":
+        if self.eta <= 0:  # only then can the rule refuse: the default settings built at import stay torch-free
+            _rules().check_sampler_eta(self.sampler, self.eta)
         if self.sampler == "draft_refine" and self.parallel >= self.steps:
             raise ValueError(f"parallel ({self.parallel}) must be smaller than steps ({self.steps}) for draft_refine")
         return self
@@ -130,11 +154,16 @@ class JobSpec(_Strict):
     sampler: SamplerSettings = SamplerSettings()
     labels: str = "uniform"  # "none" | "uniform" (i % C) | "random" (from the seed) | "fixed:<c>"
     num_samples: int = Field(gt=0, le=limits.MAX_SAMPLES_PER_JOB)
-    base_seed: int = Field(0, ge=0, le=MAX_SEED)
+    base_seed: int = 0  # in [0, 2^63 - 1] (specdit.settings_rules.check_seed)
     shard_size: int = Field(64, gt=0, le=limits.MAX_SHARD_SIZE)
     batch_size: int = Field(64, gt=0, le=100_000)
     output: OutputSpec = OutputSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+
+    @field_validator("base_seed", mode="before")
+    @classmethod
+    def _seed(cls, v):
+        return _rules().check_seed(v)
 
     @field_validator("name")
     @classmethod

@@ -24,6 +24,7 @@ from specdit.samplers.ddpm import sample_ddpm
 from specdit.samplers.draft_refine import check_parallel, sample_draft_refine
 from specdit.samplers.speculative import sample_speculative
 from specdit.schedule import Schedule, check_num_steps
+from specdit.settings_rules import check_cfg_scale, check_eta, check_relax, check_sampler_eta
 from specdit.stats import SampleStats
 
 SAMPLERS = ("ddpm", "speculative", "draft_refine")
@@ -50,22 +51,19 @@ class SamplerConfig:
     parallel: int = 4
 
     def validate(self) -> "SamplerConfig":
-        """Raise ValueError with a one-line message for an invalid setting; returns self."""
+        """Raise ValueError with a one-line message for an invalid setting; returns self. The float and seed
+        rules are those of :mod:`specdit.settings_rules` (shared with job specs and the CLI): NaN and inf are
+        refused, eta in [0, 1] (> 0 for speculative), relax and cfg_scale >= 0."""
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         check_num_steps(self.steps)
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
-        if self.sampler == "speculative" and self.eta <= 0:
-            raise ValueError("the speculative sampler needs eta > 0 (a stochastic kernel)")
+        check_sampler_eta(self.sampler, check_eta(self.eta))
         if self.draft_length < 1:
             raise ValueError(f"draft length must be >= 1, got {self.draft_length}")
         if self.verify not in ("token", "block"):
             raise ValueError(f"verify must be 'token' or 'block', got {self.verify!r}")
-        if self.relax < 0:
-            raise ValueError(f"relax must be >= 0, got {self.relax}")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg scale must be >= 0, got {self.cfg_scale}")
+        check_relax(self.relax)
+        check_cfg_scale(self.cfg_scale)
         if self.cfg_channels is not None and (isinstance(self.cfg_channels, bool) or
                                               not isinstance(self.cfg_channels, int) or self.cfg_channels < 1):
             raise ValueError(f"cfg channels must be 'all' (None) or a positive integer, got {self.cfg_channels!r}")
@@ -224,10 +222,10 @@ def generate(
         sl = slice(lo, lo + batch_size)
         y = None if labels is None else labels[sl]
         try:
-            x, st = run_sampler(target, drafter, config, NoiseStreams(seeds[sl]), y, progress)
+            x, st = run_sampler(target, drafter, config, NoiseStreams(seeds[sl], device=device), y, progress)
         except NonFiniteTargetError as e:
             raise e.with_sample(lo + e.sample) from None  # name the sample by its index in ``seeds``
-        outs.append(x.float())
+        outs.append(x.float().cpu())
         stats.append(st)
     samples = torch.cat(outs) if outs else torch.zeros(0, *base.sample_shape)
     st = SampleStats.concat(stats) if stats else SampleStats.zeros(0, config.steps)

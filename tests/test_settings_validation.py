@@ -1,0 +1,95 @@
+"""One rule set for sampler settings and seeds (issue 17): every invalid value of relax, cfg, eta and seed gives
+the same exit code and the same one-line message, apart from the setting's spelling, through ``generate``,
+``bench``, ``submit`` flags and a ``submit`` spec file. In process (typer's CliRunner)."""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.common import EXIT_USAGE
+from cli.main import app
+from specdit.api import SamplerConfig
+from specdit.settings_rules import MAX_SEED
+
+# setting -> (generate flag, bench flag, submit flag, spec file location) - None: the command lacks it
+SURFACES = {
+    "relax": ("--relax", None, "--relax", "sampler.relax"),
+    "cfg": ("--cfg", "--cfg", "--cfg-scale", "sampler.cfg_scale"),
+    "eta": ("--eta", None, "--eta", "sampler.eta"),
+    "seed": ("--seed", "--seed", "--seed", "base_seed"),
+}
+SPELLINGS = {"relax": ("--relax", "relax"), "cfg": ("--cfg-scale", "--cfg", "cfg_scale"),
+             "eta": ("--eta", "eta"), "seed": ("--seed", "seed")}
+FLOAT_BAD = ["nan", "inf", "-inf", "-1", "-0.5", "abc", "1e999"]
+INVALID = {"relax": FLOAT_BAD, "cfg": FLOAT_BAD, "eta": FLOAT_BAD + ["1.5", "2"],
+           "seed": ["-1", str(MAX_SEED + 1), str(2**64), "1.5", "abc"]}
+CASES = [(s, v) for s, values in INVALID.items() for v in values]
+
+
+def _error_line(res) -> str:
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output + res.stderr
+    return lines[0]
+
+
+def _normalise(line: str, setting: str) -> str:
+    """The message without the command's frame and with the setting's spelling made one."""
+    msg = line.removeprefix("error: ").removeprefix("invalid job spec: ")
+    msg = re.sub(r"^(sampler\.\w+|sampler|base_seed): ", "", msg)
+    names = "|".join(re.escape(s) for s in SPELLINGS[setting])  # longest first: --cfg-scale before --cfg
+    return re.sub(rf"(?<![\w-])({names})(?![\w-])", f"<{setting}>", msg)
+
+
+def _runs(setting: str, value: str, tmp_path) -> dict[str, object]:
+    gen, bench, sub, loc = SURFACES[setting]
+    runner, runs = CliRunner(), {}
+    common_submit = ["--no-check-model", "--redis-url", "redis://127.0.0.1:1/0"]
+    runs["generate"] = runner.invoke(app, ["generate", "-m", "gmm-2d", "--steps", "10", "-n", "2",
+                                           "-o", str(tmp_path / "g.npz"), "--no-progress", f"{gen}={value}"])
+    if bench is not None:
+        runs["bench"] = runner.invoke(app, ["bench", "-m", "gmm-2d", "--steps", "10", "-n", "2", f"{bench}={value}"])
+    runs["submit flags"] = runner.invoke(app, ["submit", "--model", "gmm-2d", "-n", "1000", f"{sub}={value}",
+                                               *common_submit])
+    section, _, key = loc.rpartition(".")  # the value as YAML text: YAML reads nan/inf/abc as strings
+    body = f"{section}:\n  {key}: {value}\n" if section else f"{key}: {value}\n"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("model: gmm-2d\nnum_samples: 1000\n" + body)
+    runs["submit spec file"] = runner.invoke(app, ["submit", str(spec), *common_submit])
+    return runs
+
+
+@pytest.mark.parametrize("setting,value", CASES)
+def test_invalid_value_same_code_and_message_everywhere(setting, value, tmp_path):
+    runs = _runs(setting, value, tmp_path)
+    messages = {name: _normalise(_error_line(res), setting) for name, res in runs.items()}
+    codes = {name: res.exit_code for name, res in runs.items()}
+    assert set(codes.values()) == {EXIT_USAGE}, (codes, messages)
+    assert len(set(messages.values())) == 1, messages
+    assert f"<{setting}>" in next(iter(messages.values())), messages  # names the setting
+
+
+def test_speculative_eta_zero_refused_everywhere(tmp_path):
+    runs = _runs("eta", "0", tmp_path)
+    messages = {name: _normalise(_error_line(res), "eta") for name, res in runs.items()}
+    assert {res.exit_code for res in runs.values()} == {EXIT_USAGE}
+    assert len(set(messages.values())) == 1 and "speculative sampler needs <eta> > 0" in messages["generate"], messages
+    with pytest.raises(ValueError, match="eta > 0"):
+        SamplerConfig(eta=0.0).validate()
+    SamplerConfig(sampler="ddpm", eta=0.0).validate()  # DDIM stays allowed
+
+
+@pytest.mark.parametrize("field", ["eta", "relax", "cfg_scale"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_library_config_refuses_non_finite(field, bad):
+    with pytest.raises(ValueError, match="finite"):
+        SamplerConfig(**{field: bad}).validate()
+
+
+def test_valid_edge_values_accepted(tmp_path):
+    """Negative control: the rules are not refusing everything (largest seed, eta 1, relax 0)."""
+    res = CliRunner().invoke(app, ["generate", "-m", "gmm-2d", "--steps", "4", "-n", "2", "--no-progress",
+                                   "-o", str(tmp_path / "ok.npz"), f"--seed={MAX_SEED}", "--eta=1", "--relax=0.5"])
+    assert res.exit_code == 0, res.output + res.stderr
