@@ -91,7 +91,7 @@ class DeviceWorker:
                 drafter = make_drafter(config.drafter, target, self.device, model)
             self._setups[key] = (target, drafter, Schedule.create(config.steps, config.eta), config)
         target, drafter, _, _ = self._setups[key]
-        return {"draft_cost": getattr(drafter, "cost", 0), "dtype": str(getattr(target, "dtype", "torch.float64"))}
+        return {"draft_cost": 0 if drafter is None else drafter.cost, "dtype": str(getattr(target, "dtype", "torch.float64"))}
 
     def _get(self, model: str, sampler: dict):
         import json
@@ -141,7 +141,7 @@ class Verifier(DeviceWorker):
         from workers.pipeline import VerifyComputer
 
         target, _, schedule, _ = self._get(model, sampler)
-        return VerifyComputer(target, schedule).verify(draft, k, y)
+        return VerifyComputer(target, schedule, self.device).verify(draft, k, y)
 
 
 class Drafter(DeviceWorker):
@@ -153,7 +153,7 @@ class Drafter(DeviceWorker):
         from workers.pipeline import DraftComputer
 
         _, drafter, schedule, _ = self._get(model, sampler)
-        return DraftComputer(drafter, schedule).draft(seeds, ctx, draft_length)
+        return DraftComputer(drafter, schedule, self.device).draft(seeds, ctx, draft_length)
 
 
 class VerifierDrafter(Verifier, Drafter):
