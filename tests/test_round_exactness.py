@@ -134,7 +134,7 @@ def test_statistics_are_uniform_for_true_innovations_and_catch_a_shift():
 
 def test_fault_contexts_restore_the_verifiers():
     import specdit.coupling as coupling
-    import specdit.samplers.speculative as spec
+    import specdit.samplers.round_steps as spec
 
     before = (spec.verify_token, spec.verify_block, coupling.reflect, coupling.sample_residual)
     for name in ("accept-all", "translate", "collide", "c-one"):
