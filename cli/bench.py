@@ -28,6 +28,7 @@ def bench(
     seed: int = typer.Option(0, help="Base seed."),
     batch_size: int = typer.Option(256, help="Chains sampled together."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
+    device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
     markdown: bool = typer.Option(False, help="Print a Markdown table (for the README)."),
 ) -> None:
@@ -45,6 +46,9 @@ def bench(
 
     from specdit.settings_rules import check_cfg_scale, check_seed
 
+    from specdit.devices import resolve_device
+
+    dev = str(resolve_device(device))
     check_seed(seed)
     check_cfg_scale(cfg)
     if json_out is not None:
@@ -58,7 +62,7 @@ def bench(
     except ValueError:
         raise ValueError(f"--draft-lengths must be comma-separated integers, got {draft_lengths!r}") from None
     channels = parse_cfg_channels(cfg_channels)
-    m = load_model(model, num_heads=num_heads, weights=weights)
+    m = load_model(model, device=dev, num_heads=num_heads, weights=weights)
     idx = torch.arange(num_samples)
     y = labels_for(labels, idx, sample_seed(seed, idx), m.num_classes)
     if y is not None and labels == "none":
@@ -74,7 +78,8 @@ def bench(
     table = Table(*cols)
     with one_line_warnings():
         rows = run_bench(m, variants, num_samples, seed, y, batch_size,
-                         on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"), model_name=model)
+                         on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"), model_name=model,
+                         device=dev)
     for r in rows:
         table.add_row(r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.wall_vs_ddpm, ".2f"),
                       _fmt(r.ks, ".4f"), _fmt(r.ks_p, ".3g"))

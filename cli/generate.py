@@ -36,6 +36,7 @@ def generate(
     batch_size: int = typer.Option(64, help="Chains sampled together."),
     out: Path = typer.Option(..., "--out", "-o", help="A .npz file, or a directory (PNGs + grid for image models)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice)."),
+    device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Generate samples and print speed statistics (rounds, parallel efficiency, acceptance).
@@ -43,13 +44,16 @@ def generate(
     Exit codes: 2 for an invalid setting, 6 if the target model returns NaN/inf (one line naming the
     step and the sample)."""
     from specdit.api import SamplerConfig, parse_cfg_channels
+    from specdit.devices import resolve_device
     from specdit.outputs import generate_to_disk
+
+    dev = str(resolve_device(device))
 
     config = SamplerConfig(sampler=sampler, steps=steps, eta=eta, draft_length=draft_length, verify=verify,
                            drafter=drafter, relax=relax, cfg_scale=cfg, cfg_channels=parse_cfg_channels(cfg_channels),
                            refine_mode=refine_mode, parallel=parallel)
     with one_line_warnings(), step_progress(num_samples * steps, markup(f"{sampler} on {model}"), progress) as advance:
-        summary = generate_to_disk(model, config, num_samples, seed, labels, out, batch_size=batch_size,
+        summary = generate_to_disk(model, config, num_samples, seed, labels, out, batch_size=batch_size, device=dev,
                                    threads=threads, progress=advance, num_heads=num_heads, weights=weights)
     s = summary["stats"]
     typer.echo(plain(f"wrote {out}"))

@@ -175,3 +175,55 @@ def test_hand_overs_are_typed_and_the_scorer_gets_states_only():
     assert slim.m_draft is None and slim.eps_hat is None and slim.states is d.states
     s = TargetScores(torch.zeros(2, 2, 4), torch.zeros(2, 2, 4), None).to("cpu")
     assert s.features is None
+
+
+# ------------------------------------------------------------------------------------------------------
+# --device on generate, bench, worker and pool: cpu | cuda | cuda:N; a device that does not exist is one line
+# ------------------------------------------------------------------------------------------------------
+def _one_error_line(res, needle):
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0], res.stderr
+
+
+NO_SUCH_GPU = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
+
+
+@pytest.mark.parametrize("device,needle", [(NO_SUCH_GPU, "does not exist"), ("gpu", "device must be"),
+                                           ("cpu:1", "device must be")])
+def test_cli_refuses_a_device_that_does_not_exist(tmp_path, device, needle):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    gen = ["generate", "-m", "gmm-2d", "-n", "2", "--steps", "3", "-o", str(tmp_path / "o.npz"), "--no-progress"]
+    for args in ([*gen, "--device", device],
+                 ["bench", "-m", "gmm-2d", "-n", "2", "--steps", "3", "--device", device],
+                 ["worker", "--engine", "synthetic", "--device", device, "--max-shards", "0"]):
+        _one_error_line(runner.invoke(app, args), needle)
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_pool_device_names_are_checked_before_connecting():
+    from workers.actors import BadDevice, check_pool_device
+
+    assert [check_pool_device(d) for d in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
+    with pytest.raises(BadDevice, match="device must be auto, cpu, cuda or cuda:N"):
+        check_pool_device("tpu")
+
+
+def test_generate_on_cpu_device_equals_the_default(tmp_path):
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    base = ["generate", "-m", "gmm-2d", "-n", "3", "--steps", "6", "--no-progress", "-L", "2"]
+    a = runner.invoke(app, [*base, "-o", str(tmp_path / "a.npz")])
+    b = runner.invoke(app, [*base, "-o", str(tmp_path / "b.npz"), "--device", "cpu"])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    with np.load(tmp_path / "a.npz") as fa, np.load(tmp_path / "b.npz") as fb:
+        assert np.array_equal(fa["samples"], fb["samples"])

@@ -18,6 +18,8 @@ import socket
 import time
 from dataclasses import dataclass
 
+from specdit.devices import check_device_name
+
 NAMESPACE = "specdit"
 
 
@@ -27,6 +29,10 @@ class PoolError(Exception):
 
 class BadAddress(PoolError, ValueError):
     """A malformed Ray address (a user mistake: exit code 2 in the CLI)."""
+
+
+class BadDevice(PoolError, ValueError):
+    """A pool device that is not auto, cpu, cuda or cuda:N (a user mistake: exit code 2 in the CLI)."""
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -162,6 +168,15 @@ class VerifierDrafter(Verifier, Drafter):
     role = "verifier+drafter"
 
 
+def check_pool_device(device: str) -> str:
+    """``device`` if it is auto, cpu, cuda or cuda:N, else :class:`BadDevice`. Inside an actor the GPU it
+    was given is always cuda:0, so cuda:N only says that the pool uses GPUs."""
+    try:
+        return check_device_name(device, allow_auto=True)
+    except ValueError as e:
+        raise BadDevice(str(e)) from None
+
+
 def _node_ip() -> str:
     try:
         import ray
@@ -263,6 +278,7 @@ class Pool:
 
         if size < 1:
             raise PoolError(f"a pool needs at least 1 actor, got {size}")
+        check_pool_device(device)
         if name is not None and _find_pg(name) is not None:
             raise PoolError(f"a pool named {name!r} is already running (stop it with 'specdit pool stop {name}')")
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -395,6 +411,7 @@ def _find_pg(name: str):
 # ------------------------------------------------------------------------------------------------------
 def start_pool(address: str, name: str, size: int, threads: int, device: str) -> list[dict]:
     """Start a named, detached pool on the cluster at ``address``; returns its actors' descriptions."""
+    check_pool_device(device)
     connect(address)
     return Pool.create(size, threads=threads, device=device, name=name).describe()
 
