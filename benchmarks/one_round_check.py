@@ -1,7 +1,7 @@
 """Ad-hoc one-round check of block / token verification on gmm-2d (the measurement of issue 12).
 
 From a fixed state x at index k0 = 12 of S = 20, one speculative round per seed (1e5 seeds) through
-``draft_round`` / ``speculative_round``; the state one step after the round start (xh_1 if kept, else the
+``round_steps.speculative_round``; the state one step after the round start (xh_1 if kept, else the
 verdict's state) must be N(m_1(x), s^2 I). Prints the rejection rate and KS p-values of the innovation's
 squared radius, axes and diagonals. The round-level suite in tests/ is the real test; this is a quick probe.
 
@@ -17,7 +17,7 @@ from specdit.drafters.base import DraftContext, ModelDrafter
 from specdit.models.gmm import GMM_PRESETS
 from specdit.models.perturbed import PerturbedModel
 from specdit.noise import NoiseStreams, sample_seed
-from specdit.samplers.speculative import draft_round, speculative_round
+from specdit.samplers.round_steps import speculative_round
 from specdit.schedule import Schedule
 
 
@@ -42,8 +42,7 @@ def main() -> None:
         tau = int(sch.timesteps[k0 - 1])  # position 2's timestep
         model = BandFault(BandFault(model, tau, tau, float("nan")), 0, 999, float("inf"), where=lambda s: s[:, 0] > 0.9)
     drafter = ModelDrafter(model)
-    draft = draft_round(drafter, sch, streams, ctx, a.L)
-    verdict, *_ = speculative_round(g, drafter, sch, streams, ctx, draft_length=a.L, verification=a.verify)
+    verdict, _, draft = speculative_round(g, drafter, sch, streams, ctx, draft_length=a.L, verification=a.verify)
     x1 = torch.where((verdict.kept >= 1)[:, None], draft.states[:, 1], verdict.state)
     kk = torch.full((N,), k0)
     m1 = sch.step_mean(x, g(x, sch.timesteps[kk], None).eps, kk)

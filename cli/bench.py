@@ -32,6 +32,7 @@ def bench(
     threads: Optional[int] = opt.THREADS,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table (for the README)."),
+    device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
 ) -> None:
     """Rounds, parallel efficiency, acceptance, wall time relative to ddpm, and distance to ground truth."""
     import torch
@@ -57,7 +58,10 @@ def bench(
         raise ValueError(f"--draft-lengths must be comma-separated integers, got {draft_lengths!r}") from None
     base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
     steps, cfg, channels, seed = base.steps, base.cfg_scale, base.cfg_channels, opt.seed_value(seed)
-    m = load_model(model, num_heads=num_heads, weights=weights)
+    from specdit.devices import resolve_device
+
+    dev = str(resolve_device(device))
+    m = load_model(model, device=dev, num_heads=num_heads, weights=weights)
     idx = torch.arange(num_samples)
     y = labels_for(labels, idx, sample_seed(seed, idx), m.num_classes)
     if y is not None and labels == "none":
@@ -73,7 +77,8 @@ def bench(
     table = Table(*cols)
     with one_line_warnings():
         rows = run_bench(m, variants, num_samples, seed, y, batch_size,
-                         on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"), model_name=model)
+                         on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"), model_name=model,
+                         device=dev)
     for r in rows:
         table.add_row(r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.wall_vs_ddpm, ".2f"),
                       _fmt(r.ks, ".4f"), _fmt(r.ks_p, ".3g"))

@@ -37,11 +37,13 @@ def generate(
     out: Path = typer.Option(..., "--out", "-o", help="A .npz file, or a directory (PNGs + grid for image models)."),
     threads: Optional[int] = opt.THREADS,
     progress: bool = opt.PROGRESS,
+    device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
 ) -> None:
     """Generate samples and print speed statistics (rounds, parallel efficiency, acceptance).
 
     Exit codes: 2 for an invalid setting, 6 if the target model returns NaN/inf (one line naming the
     step and the sample)."""
+    from specdit.devices import resolve_device
     from specdit.outputs import generate_to_disk
 
     config = opt.sampler_config(sampler=sampler, steps=steps, eta=eta, draft_length=draft_length, verify=verify,
@@ -51,6 +53,7 @@ def generate(
     with one_line_warnings(), step_progress(num_samples * config.steps, markup(f"{config.sampler} on {model}"),
                                             progress) as advance:
         summary = generate_to_disk(model, config, num_samples, base_seed, labels, out, batch_size=batch_size,
+                                   device=str(resolve_device(device)),
                                    threads=threads, progress=advance, num_heads=num_heads, weights=weights)
     s = summary["stats"]
     typer.echo(plain(f"wrote {out}"))

@@ -382,6 +382,13 @@ def _worker(engine, job, device, threads, heartbeat_timeout, max_attempts, max_i
 
     check_worker_settings(heartbeat_timeout=heartbeat_timeout, max_attempts=max_attempts, threads=threads,
                           poll_interval=poll_interval)
+    if device is not None:  # a ray pool's devices live on the cluster: their spelling only is checked here
+        from specdit.devices import check_device_name, resolve_device
+
+        try:
+            check_device_name(device, allow_auto=True) if engine == "ray" else resolve_device(device)
+        except ValueError as e:
+            fail(str(e))
     q = _queue(redis_url, prefix, heartbeat_timeout=heartbeat_timeout, max_attempts=max_attempts)
     eng = service_engine(engine, threads=threads, device=device, ray_address=ray_address, ray_pool=ray_pool)
     w = ShardWorker(q, eng, WorkerOptions(job_id=job, poll_interval=poll_interval, max_idle=max_idle,

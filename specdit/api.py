@@ -149,10 +149,10 @@ def generate(
         sl = slice(lo, lo + batch_size)
         y = None if labels is None else labels[sl]
         try:
-            x, st = run_sampler(target, drafter, config, NoiseStreams(seeds[sl]), y, progress)
+            x, st = run_sampler(target, drafter, config, NoiseStreams(seeds[sl], device=device), y, progress)
         except NonFiniteTargetError as e:
             raise e.with_sample(lo + e.sample) from None  # name the sample by its index in ``seeds``
-        outs.append(x.float())
+        outs.append(x.float().cpu())
         stats.append(st)
     samples = torch.cat(outs) if outs else torch.zeros(0, *base.sample_shape)
     st = SampleStats.concat(stats) if stats else SampleStats.zeros(0, config.steps)

@@ -101,7 +101,7 @@ def log_residual_mass(log_c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """log R(c, d), R = integral max(0, c q - p) = c Phi(u*) - Phi(u* - d), for c in (0, 1], d >= 0.
 
     R = 0 (log R = -inf) when d = 0 (c <= 1) or c = 0; R = c when d = inf (point-mass target)."""
-    log_c = torch.as_tensor(log_c, dtype=torch.float64).expand_as(d)
+    log_c = torch.as_tensor(log_c, dtype=torch.float64, device=d.device).expand_as(d)
     finite = (d > 0) & torch.isfinite(d) & torch.isfinite(log_c)
     d_safe = torch.where(finite, d, torch.ones_like(d))
     lc_safe = torch.where(finite, log_c, torch.zeros_like(log_c))

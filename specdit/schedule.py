@@ -27,14 +27,15 @@ import torch
 TRAIN_STEPS = 1000
 
 
-def training_betas(num_steps: int = TRAIN_STEPS, start: float = 1e-4, end: float = 0.02) -> torch.Tensor:
-    """DiT's linear beta schedule, float64, shape (num_steps,)."""
-    return torch.linspace(start, end, num_steps, dtype=torch.float64)
+def training_betas(num_steps: int = TRAIN_STEPS, start: float = 1e-4, end: float = 0.02,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """DiT's linear beta schedule, float64, shape (num_steps,), on ``device``."""
+    return torch.linspace(start, end, num_steps, dtype=torch.float64, device=device)
 
 
-def training_alphas_cumprod(num_steps: int = TRAIN_STEPS) -> torch.Tensor:
-    """``abar_t`` for t = 0..num_steps-1, float64, shape (num_steps,)."""
-    return torch.cumprod(1.0 - training_betas(num_steps), dim=0)
+def training_alphas_cumprod(num_steps: int = TRAIN_STEPS, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``abar_t`` for t = 0..num_steps-1, float64, shape (num_steps,), on ``device``."""
+    return torch.cumprod(1.0 - training_betas(num_steps, device=device), dim=0)
 
 
 def space_timesteps(num_timesteps: int, section_counts: int | str | list[int]) -> list[int]:
@@ -138,6 +139,19 @@ class Schedule:
     @property
     def num_steps(self) -> int:
         return self.abar.numel() - 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.abar.device
+
+    def to(self, device: torch.device | str) -> "Schedule":
+        """This schedule with its tensors on ``device`` (itself when they already are): a sampler moves its
+        schedule to its chains' device once, so that indexing by per-chain state indices stays there."""
+        device = torch.device(device)
+        if self.abar.device == device:
+            return self
+        move = {f: getattr(self, f).to(device) for f in ("timesteps", "abar", "sigma", "coef_x", "coef_e")}
+        return Schedule(eta=self.eta, **move)
 
     def step_mean(self, x: torch.Tensor, eps: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Kernel mean of the step x_k -> x_{k-1}; ``k`` is (N,) per-item state indices >= 1.

@@ -27,9 +27,14 @@ class SampleStats:
     draft_fallbacks: torch.Tensor  # (N,) int64 drafter outputs replaced by the fallback proposal
 
     @staticmethod
-    def zeros(n: int, steps: int) -> "SampleStats":
-        z = lambda *s: torch.zeros(*s, dtype=torch.int64)  # noqa: E731
+    def zeros(n: int, steps: int, device: torch.device | str = "cpu") -> "SampleStats":
+        z = lambda *s: torch.zeros(*s, dtype=torch.int64, device=device)  # noqa: E731
         return SampleStats(steps, z(n), z(n), z(n), z(n, steps + 1), z(n, steps + 1), z(n))
+
+    def to(self, device: torch.device | str) -> "SampleStats":
+        """The same statistics on ``device`` (samplers count on their chains' device, report on the CPU)."""
+        return SampleStats(self.steps, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                          if f.name != "steps"})
 
     def __len__(self) -> int:
         return self.rounds.numel()

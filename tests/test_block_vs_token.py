@@ -11,7 +11,7 @@ import torch
 from specdit.drafters.base import DraftContext, ModelDrafter
 from specdit.models.perturbed import PerturbedModel
 from specdit.noise import NoiseStreams, sample_seed
-from specdit.samplers.speculative import speculative_round
+from specdit.samplers.round_steps import speculative_round
 from specdit.schedule import Schedule
 
 N = 20_000

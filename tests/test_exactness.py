@@ -12,7 +12,7 @@ so the exact target there is the DDPM chain itself.
 import pytest
 import torch
 
-import specdit.samplers.speculative as spec_module
+import specdit.samplers.round_steps as spec_module
 from specdit.drafters.base import ModelDrafter
 from specdit.drafters.free import FreeDrafter
 from specdit.metrics.two_sample import ks_against_cdf, ks_two_sample

@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy import stats
 
-import specdit.samplers.speculative as spec
+import specdit.samplers.round_steps as spec
 from specdit.api import DraftFallbackWarning, SamplerConfig, generate
 from specdit.drafters.base import ModelDrafter
 from specdit.drafters.feature import FeatureDrafter, FeatureDrafterConfig, FeatureDrafterNet
@@ -106,7 +106,7 @@ def test_a_non_finite_feature_does_not_poison_later_positions(tiny_dit, monkeypa
     """With the carry repaired (the drafter keeps its last finite feature), only position 2 of each round
     falls back; the negative control (no repair) makes every later position fall back too."""
     if not repair:
-        monkeypatch.setattr(spec, "_keep_finite_carry", lambda old, new, bad: new)
+        monkeypatch.setattr(spec, "keep_finite_carry", lambda old, new, bad: new)
     torch.manual_seed(0)
     drafter = _FlakyFeatureDrafter(FeatureDrafterNet(FeatureDrafterConfig(hidden=32)), tiny_dit)
     x, st = sample_speculative(tiny_dit, drafter, Schedule.create(S), NoiseStreams(sample_seed(1, torch.arange(3))),

@@ -36,7 +36,7 @@ def test_pipeline_equals_in_process_sampler(gmm2d, drafter, verification, overla
     steps = []
     tl = Timeline()
     x, stats = speculative_pipeline(dx, vx, schedule, seeds, None, gmm2d.sample_shape, draft_length=4,
-                                    verification=verification, draft_cost=d.cost, groups=groups, overlap=overlap,
+                                    verification=verification, groups=groups, overlap=overlap,
                                     callback=steps.append, timeline=tl)
     assert torch.equal(x, ref) and _same_stats(stats, ref_stats)  # bit-identical
     assert sum(steps) == 21 * 30
@@ -85,11 +85,11 @@ def test_feature_drafter_pipeline_matches_sampler(tmp_path):
     ref, ref_stats = sample_speculative(tiny, d, schedule, NoiseStreams(seeds), y=y, draft_length=3)
     x, stats = speculative_pipeline(ThreadExecutor(DraftComputer(d, schedule)),
                                     ThreadExecutor(VerifyComputer(tiny, schedule)), schedule, seeds, y,
-                                    tiny.sample_shape, draft_length=3, verification="block", draft_cost=1,
+                                    tiny.sample_shape, draft_length=3, verification="block",
                                     groups=1, overlap=True)
     assert torch.equal(x, ref) and _same_stats(stats, ref_stats)
     x2, _ = speculative_pipeline(DraftComputer(d, schedule), VerifyComputer(tiny, schedule), schedule, seeds, y,
-                                 tiny.sample_shape, draft_length=3, verification="block", draft_cost=1, groups=2)
+                                 tiny.sample_shape, draft_length=3, verification="block", groups=2)
     torch.testing.assert_close(x2, ref, atol=1e-3, rtol=0)  # other batch composition: float32 noise only
 
 

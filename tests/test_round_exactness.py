@@ -2,7 +2,7 @@
 
 Whole-chain tests (tests/test_exactness.py) compare final samples; an error made in one round is mostly
 washed out by the steps after it. Here every chain starts at the same fixed state x_k, runs ONE round through
-the sampler's own ``speculative_round`` and random streams (``draft_round`` -> ``target_batch`` -> ``decide``,
+the sampler's own ``speculative_round`` and random streams (``propose`` -> ``score`` -> ``verify``,
 the drafter's context from ``Chains``), then fresh target steps to the fixed horizon k - H (H = L), and the
 innovations z_i = (x_{k-i} - m(x_{k-i+1})) / sigma_{k-i+1} along the path are tested against i.i.d.
 N(0, I_D) (specdit.testing.round_harness): per position i, the squared radius, the axes, the diagonals,
@@ -134,7 +134,7 @@ def test_statistics_are_uniform_for_true_innovations_and_catch_a_shift():
 
 def test_fault_contexts_restore_the_verifiers():
     import specdit.coupling as coupling
-    import specdit.samplers.speculative as spec
+    import specdit.samplers.round_steps as spec
 
     before = (spec.verify_token, spec.verify_block, coupling.reflect, coupling.sample_residual)
     for name in ("accept-all", "translate", "collide", "c-one"):

@@ -18,6 +18,8 @@ import socket
 import time
 from dataclasses import dataclass
 
+from specdit.devices import check_device_name
+
 NAMESPACE = "specdit"
 
 
@@ -27,6 +29,10 @@ class PoolError(Exception):
 
 class BadAddress(PoolError, ValueError):
     """A malformed Ray address (a user mistake: exit code 2 in the CLI)."""
+
+
+class BadDevice(PoolError, ValueError):
+    """A pool device that is not auto, cpu, cuda or cuda:N (a user mistake: exit code 2 in the CLI)."""
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -91,7 +97,7 @@ class DeviceWorker:
                 drafter = make_drafter(config.drafter, target, self.device, model)
             self._setups[key] = (target, drafter, Schedule.create(config.steps, config.eta), config)
         target, drafter, _, _ = self._setups[key]
-        return {"draft_cost": getattr(drafter, "cost", 0), "dtype": str(getattr(target, "dtype", "torch.float64"))}
+        return {"draft_cost": 0 if drafter is None else drafter.cost, "dtype": str(getattr(target, "dtype", "torch.float64"))}
 
     def _get(self, model: str, sampler: dict):
         import json
@@ -141,7 +147,7 @@ class Verifier(DeviceWorker):
         from workers.pipeline import VerifyComputer
 
         target, _, schedule, _ = self._get(model, sampler)
-        return VerifyComputer(target, schedule).verify(draft, k, y)
+        return VerifyComputer(target, schedule, self.device).verify(draft, k, y)
 
 
 class Drafter(DeviceWorker):
@@ -153,13 +159,22 @@ class Drafter(DeviceWorker):
         from workers.pipeline import DraftComputer
 
         _, drafter, schedule, _ = self._get(model, sampler)
-        return DraftComputer(drafter, schedule).draft(seeds, ctx, draft_length)
+        return DraftComputer(drafter, schedule, self.device).draft(seeds, ctx, draft_length)
 
 
 class VerifierDrafter(Verifier, Drafter):
     """Both roles on one device (a pool of one actor)."""
 
     role = "verifier+drafter"
+
+
+def check_pool_device(device: str) -> str:
+    """``device`` if it is auto, cpu, cuda or cuda:N, else :class:`BadDevice`. Inside an actor the GPU it
+    was given is always cuda:0, so cuda:N only says that the pool uses GPUs."""
+    try:
+        return check_device_name(device, allow_auto=True)
+    except ValueError as e:
+        raise BadDevice(str(e)) from None
 
 
 def _node_ip() -> str:
@@ -263,6 +278,7 @@ class Pool:
 
         if size < 1:
             raise PoolError(f"a pool needs at least 1 actor, got {size}")
+        check_pool_device(device)
         if name is not None and _find_pg(name) is not None:
             raise PoolError(f"a pool named {name!r} is already running (stop it with 'specdit pool stop {name}')")
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -395,6 +411,7 @@ def _find_pg(name: str):
 # ------------------------------------------------------------------------------------------------------
 def start_pool(address: str, name: str, size: int, threads: int, device: str) -> list[dict]:
     """Start a named, detached pool on the cluster at ``address``; returns its actors' descriptions."""
+    check_pool_device(device)
     connect(address)
     return Pool.create(size, threads=threads, device=device, name=name).describe()
 

@@ -1,4 +1,4 @@
-"""Overlapped speculative sampling and sharded target calls over "executors" (no Ray in this module).
+"""Speculative sampling and sharded target calls over "executors" (no Ray in this module).
 
 An *executor* is anything with the methods below, returning either a value or a
 ``concurrent.futures.Future`` of it (a Ray ``ObjectRef.future()``, a thread pool's future, or a plain value
@@ -6,23 +6,27 @@ for in-process use). Each call returns ``(result, (t_start, t_end[, cpu_s]))``: 
 was busy, in ``time.time()`` seconds (and the CPU seconds its thread used), from which the pipeline reports
 how long both devices worked at once (and, on CPUs, whether a device got a whole core while busy).
 
-- drafter executor: ``draft(seeds, ctx, draft_length) -> DraftBatch`` (step 1 of a round, see
-  ``specdit.samplers.speculative.draft_round``);
-- verifier executor: ``verify(draft, k, y) -> (eps, means, features)`` (step 2, ``target_batch``);
+- drafter executor: ``draft(seeds, ctx, draft_length) -> DraftBatch`` (step 1 of a round,
+  ``specdit.samplers.round_steps.propose``);
+- verifier executor: ``verify(draft, k, y) -> TargetScores`` (step 2, ``round_steps.score``);
 - model executor (DRiffusion): ``evaluate(x, t, y) -> ModelOutput``.
 
-**Overlap (double buffering).** The chains of a batch are split into ``groups`` groups that advance
-independently. While the verifier evaluates group A's batch, the drafter drafts group B's next round; the
-coordinator (this process) runs the cheap verification maths (``decide``) and hands each group on. A
-group's round never starts before its previous verdict, so every chain goes through exactly the rounds of
-``sample_speculative``: since all randomness is keyed by (seed, purpose, k, position), results are
-identical to the in-process sampler (bit-identical for row-wise float64 models; float32 DiTs differ at
-~1e-5 because batch composition changes).
+The rounds themselves are driven by the one round loop, ``specdit.samplers.rounds.run_rounds``
+(:class:`ExecutorRounds` adapts the two executors to it): ``groups`` groups of chains advance
+independently, and with ``overlap`` the drafter drafts one group's round while the verifier evaluates
+another's. Results equal the in-process sampler's (bit-identical for row-wise float64 models; float32 DiTs
+differ at ~1e-5 where batch composition changes).
+
+**Devices.** The coordinator (this process) keeps the chains' state, statistics and verification maths on
+:data:`COORDINATOR_DEVICE`, the CPU, whatever devices the executors use: a round's tensors cross to an
+executor's device and back once per call (:func:`to_device`), which is cheap next to a target call and
+keeps the coordinator free of any accelerator.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,18 +35,14 @@ import torch
 from specdit.drafters.base import DraftContext
 from specdit.models.base import ModelOutput
 from specdit.noise import NoiseStreams
-from specdit.samplers.speculative import Chains, DraftBatch, decide, draft_round, target_batch
+from specdit.samplers.chains import Chains
+from specdit.samplers.proposals import DraftBatch, TargetScores
+from specdit.samplers.round_steps import propose, score
+from specdit.samplers.rounds import RoundRule, as_future, check_round_settings, run_rounds
 from specdit.schedule import Schedule
 from specdit.stats import SampleStats
 
-
-def as_future(value) -> Future:
-    """A value or a future -> a future."""
-    if isinstance(value, Future):
-        return value
-    f: Future = Future()
-    f.set_result(value)
-    return f
+COORDINATOR_DEVICE = torch.device("cpu")  # where the pipeline keeps chain state (see the module doc)
 
 
 @dataclass
@@ -106,51 +106,53 @@ def _measure_intersection(x: list[tuple[float, float]], y: list[tuple[float, flo
 # ------------------------------------------------------------------------------------------------------
 # In-process executors (tests, single-device runs) and the plain computations the actors wrap
 # ------------------------------------------------------------------------------------------------------
-def to_cpu(obj):
-    """Tensors (inside tuples / dataclasses) moved to the CPU, for the trip back to the coordinator. Chain
-    states stay on the CPU in float64; models move their inputs to their own device."""
-    import dataclasses
-
+def to_device(obj, device: torch.device | str):
+    """Tensors (inside tuples and dataclasses) moved to ``device``: what crosses between the coordinator and
+    an executor's device."""
     if isinstance(obj, torch.Tensor):
-        return obj.cpu()
+        return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(to_cpu(o) for o in obj)
+        return tuple(to_device(o, device) for o in obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: to_cpu(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+        return dataclasses.replace(obj, **{f.name: to_device(getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj)})
     return obj
 
 
 class DraftComputer:
-    """Step 1 on this process's drafter."""
+    """Step 1 on this process's drafter, on ``device`` (results come back on the coordinator's device)."""
 
-    def __init__(self, drafter, schedule: Schedule):
-        self.drafter, self.schedule = drafter, schedule
+    def __init__(self, drafter, schedule: Schedule, device: torch.device | str = "cpu"):
+        self.drafter, self.device, self.schedule = drafter, torch.device(device), schedule.to(device)
 
     def draft(self, seeds: torch.Tensor, ctx: DraftContext, draft_length: int):
         t0, c0 = time.time(), time.thread_time()
         with torch.no_grad():
-            out = to_cpu(draft_round(self.drafter, self.schedule, NoiseStreams(seeds), ctx, draft_length))
-        return out, (t0, time.time(), time.thread_time() - c0)
+            streams = NoiseStreams(seeds, device=self.device)
+            out = propose(self.drafter, self.schedule, streams, to_device(ctx, self.device), draft_length)
+        return to_device(out, COORDINATOR_DEVICE), (t0, time.time(), time.thread_time() - c0)
 
 
 class VerifyComputer:
-    """Step 2 (and DRiffusion evaluations) on this process's target model."""
+    """Step 2 (and DRiffusion evaluations) on this process's target model, on ``device``."""
 
-    def __init__(self, model, schedule: Schedule | None = None):
-        self.model, self.schedule = model, schedule
+    def __init__(self, model, schedule: Schedule | None = None, device: torch.device | str = "cpu"):
+        self.model, self.device = model, torch.device(device)
+        self.schedule = None if schedule is None else schedule.to(device)
 
     def verify(self, draft: DraftBatch, k: torch.Tensor, y: torch.Tensor | None):
         t0, c0 = time.time(), time.thread_time()
         with torch.no_grad():
-            out = to_cpu(target_batch(self.model, self.schedule, draft, k, y))
-        return out, (t0, time.time(), time.thread_time() - c0)
+            out = score(self.model, self.schedule, to_device(draft, self.device), k.to(self.device),
+                        None if y is None else y.to(self.device))
+        return to_device(out, COORDINATOR_DEVICE), (t0, time.time(), time.thread_time() - c0)
 
     def evaluate(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, features: bool = False):
         t0, c0 = time.time(), time.thread_time()
         with torch.no_grad():
             out = self.model(x, t, y)
-        return ModelOutput(out.eps.cpu(), out.features.cpu() if features and out.features is not None else None), (
-            t0, time.time(), time.thread_time() - c0)
+        feats = out.features if features else None
+        return to_device(ModelOutput(out.eps, feats), COORDINATOR_DEVICE), (t0, time.time(), time.thread_time() - c0)
 
 
 class ThreadExecutor:
@@ -180,6 +182,37 @@ def split_groups(n: int, groups: int) -> list[torch.Tensor]:
     return [torch.arange(bounds[g], bounds[g + 1]) for g in range(groups) if bounds[g + 1] > bounds[g]]
 
 
+class ExecutorRounds:
+    """The round loop's executor (``specdit.samplers.rounds.RoundExecutor``) over a drafter executor and a
+    verifier executor; records each call's busy interval in ``timeline``."""
+
+    def __init__(self, drafter_ex, verifier_ex, seeds: torch.Tensor, draft_length: int, timeline: "Timeline"):
+        self.drafter_ex, self.verifier_ex, self.seeds = drafter_ex, verifier_ex, seeds
+        self.draft_length, self.timeline = draft_length, timeline
+
+    def propose(self, rows: torch.Tensor, ctx: DraftContext) -> Future:
+        return self._timed("drafter", self.drafter_ex.draft(self.seeds[rows], ctx, self.draft_length))
+
+    def score(self, draft: DraftBatch, ctx: DraftContext) -> Future:
+        return self._timed("verifier", self.verifier_ex.verify(draft, ctx.k, ctx.y))
+
+    def _timed(self, role: str, call) -> Future:
+        """A future of the call's result, its busy interval added to the timeline once it is known."""
+        out: Future = Future()
+
+        def done(f: Future) -> None:
+            try:
+                result, busy = f.result()
+            except BaseException as e:  # noqa: BLE001 - handed on to whoever waits for the result
+                out.set_exception(e)
+                return
+            self.timeline.add(role, busy)
+            out.set_result(result)
+
+        as_future(call).add_done_callback(done)
+        return out
+
+
 def speculative_pipeline(
     drafter_ex,
     verifier_ex,
@@ -191,82 +224,33 @@ def speculative_pipeline(
     draft_length: int,
     verification: str,
     relax: float = 0.0,
-    draft_cost: int = 0,
     groups: int = 2,
     overlap: bool = True,
     callback: Callable[[int], None] | None = None,
     timeline: Timeline | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
-    """Speculative sampling with the drafter and the verifier on two executors.
+    """Speculative sampling with the drafter and the verifier on two executors, driven by
+    ``specdit.samplers.rounds.run_rounds``.
 
     ``overlap=True`` keeps one round of every group in flight (the drafter works on one group while the
     verifier works on another); ``overlap=False`` runs the groups' rounds strictly one after another (the
-    baseline: one device idles while the other works). Returns (samples (B, *shape) float64, stats), equal
-    to ``sample_speculative``'s for the same seeds. ``callback(n)`` reports steps advanced."""
-    if draft_length < 1:
-        raise ValueError(f"draft length must be >= 1, got {draft_length}")
-    if schedule.eta <= 0:
-        raise ValueError("speculative sampling needs a stochastic kernel (eta > 0)")
-    seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1)
-    streams = NoiseStreams(seeds)
+    baseline: one device idles while the other works). Returns (samples (B, *shape) float64, stats), both on
+    the coordinator's CPU and equal to ``sample_speculative``'s for the same seeds. ``callback(n)`` reports
+    steps advanced. Raises ``NonFiniteTargetError`` naming the chain's row if the target returns NaN/inf."""
+    check_round_settings(draft_length, relax, schedule.eta)
+    seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1).to(COORDINATOR_DEVICE)
+    schedule = schedule.to(COORDINATOR_DEVICE)
+    streams = NoiseStreams(seeds, device=COORDINATOR_DEVICE)
     chains = Chains.start(streams, tuple(shape), schedule.num_steps)
     tl = timeline if timeline is not None else Timeline()
     tl.start = time.time()
-    pending: dict[Future, tuple] = {}
     parts = split_groups(len(seeds), groups)
-
-    def start_round(g: int) -> bool:
-        """Submit the drafts of group g's next round (if any chain of it is unfinished)."""
-        rows = chains.active(parts[g])
-        if rows.numel() == 0:
-            return False
-        ctx = chains.context(rows, y)
-        fut = as_future(drafter_ex.draft(seeds[rows], ctx, draft_length))
-        pending[fut] = ("draft", g, rows, ctx, None)
-        return True
-
-    def finish(fut: Future) -> int | None:
-        """Move on the group whose call ``fut`` finished; returns the group when its round is complete."""
-        phase, g, rows, ctx, draft = pending.pop(fut)
-        result, busy = fut.result()
-        if phase == "draft":
-            tl.add("drafter", busy)
-            # The verifier needs only the states and lengths (not the draft means / eps).
-            slim = DraftBatch(result.states, None, None, result.length)
-            vf = as_future(verifier_ex.verify(slim, ctx.k, ctx.y))
-            pending[vf] = ("verify", g, rows, ctx, result)
-            return None
-        tl.add("verifier", busy)
-        eps_t, m_target, feats = result
-        # Verify drafts in order (token-wise RMC or block verification), then apply the verdict.
-        verdict = decide(schedule, streams.subset(rows), ctx.k, draft, eps_t, m_target,
-                         verification=verification, relax=relax)
-        chains.advance(rows, ctx.k, verdict, eps_t, feats, draft.length, draft_cost, draft.fallbacks)
-        if callback is not None:
-            callback(int(verdict.steps.sum()))
-        return g
-
-    if overlap:
-        for g in range(len(parts)):
-            start_round(g)
-        while pending:
-            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-            for fut in done:
-                g = finish(fut)
-                if g is not None:
-                    start_round(g)
-    else:
-        busy = True
-        while busy:
-            busy = False
-            for g in range(len(parts)):
-                if start_round(g):
-                    busy = True
-                    while pending:  # drafts, then the target batch, then the verdict: nothing overlaps
-                        fut = next(iter(pending))
-                        wait([fut])
-                        finish(fut)
-    tl.end = time.time()
+    try:
+        run_rounds(chains, ExecutorRounds(drafter_ex, verifier_ex, seeds, draft_length, tl), streams,
+                   None if y is None else y.to(COORDINATOR_DEVICE), RoundRule(schedule, verification, relax),
+                   groups=parts, in_flight=len(parts) if overlap else 1, callback=callback)
+    finally:
+        tl.end = time.time()
     return chains.x, chains.stats
 
 

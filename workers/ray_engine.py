@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from specdit.samplers.common import NonFiniteTargetError
 from workers.actors import Pool, PoolError, connect
 from workers.engine import EngineError, ModelInfo, ShardOutput, ShardWork, labels_for, seeds_for, shard_arrays_for
 
@@ -127,6 +128,8 @@ class RayEngine:
                 self._run_whole_batches(work, sampler, seeds, y_all, batches, results, progress)
         except ray.exceptions.RayActorError as e:
             raise EngineError(f"a pool actor died: {' '.join(str(e).split())[:200]}") from None
+        except NonFiniteTargetError as e:  # one line, naming the sample by its index in the job
+            raise EngineError(str(NonFiniteTargetError(e.step, e.timestep, work.start + e.sample))) from None
         wall = time.perf_counter() - t0
         parts = [results[i] for i in range(len(batches))]
         # Decode on the verifier's device (it holds the model and its VAE), batch by batch as LocalEngine.
@@ -169,7 +172,6 @@ class RayEngine:
 
         schedule = Schedule.create(config.steps, config.eta)
         sampler = config.to_dict()
-        cost = ray.get(self.pool.drafter.setup.remote(work.model, sampler))["draft_cost"]
         done = [0]
 
         def one(pair, i):
@@ -177,11 +179,14 @@ class RayEngine:
             tl = Timeline()
             t0 = time.perf_counter()
             tick = (lambda _steps: progress(done[0])) if progress is not None else None
-            x, st = speculative_pipeline(
-                _Remote(drafter, work.model, sampler), _Remote(verifier, work.model, sampler), schedule,
-                seeds[a:b], None if y_all is None else y_all[a:b], info.sample_shape,
-                draft_length=config.draft_length, verification=config.verify, relax=config.relax,
-                draft_cost=cost, groups=self.groups, overlap=self.overlap, callback=tick, timeline=tl)
+            try:
+                x, st = speculative_pipeline(
+                    _Remote(drafter, work.model, sampler), _Remote(verifier, work.model, sampler), schedule,
+                    seeds[a:b], None if y_all is None else y_all[a:b], info.sample_shape,
+                    draft_length=config.draft_length, verification=config.verify, relax=config.relax,
+                    groups=self.groups, overlap=self.overlap, callback=tick, timeline=tl)
+            except NonFiniteTargetError as e:  # the row in this batch -> the row in the shard
+                raise NonFiniteTargetError(e.step, e.timestep, a + e.sample) from None
             results[i] = (x.float(), st, time.perf_counter() - t0)
             self.last_timeline = tl
             done[0] += b - a

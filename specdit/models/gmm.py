@@ -45,7 +45,7 @@ class GaussianMixture:
         return None if self.classes is None else int(self.classes.max()) + 1
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> ModelOutput:
-        abar = training_alphas_cumprod(TRAIN_STEPS).to(x.device)[t]  # (N,)
+        abar = training_alphas_cumprod(TRAIN_STEPS, device=x.device)[t.to(x.device)]  # (N,)
         return ModelOutput(self.eps_at(x, abar, y).to(x.dtype))
 
     # -- closed forms ------------------------------------------------------------------------

@@ -26,19 +26,20 @@ class NonFiniteTargetError(ValueError):
 
 def call_model(model: EpsModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, *,
                steps: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> ModelOutput:
-    """Evaluate the target ``model`` on float64 states x (N, *shape); eps comes back as float64.
+    """Evaluate the target ``model`` on float64 states x (N, *shape); eps comes back as float64 and, like the
+    features, on x's device (the model may live on another one).
 
     Raises :class:`NonFiniteTargetError` if any eps is not finite, naming the first such item by its state
     index ``steps[i]`` (N,), its timestep ``t[i]`` and its sample row ``rows[i]`` (N,) (default: i)."""
     dtype = getattr(model, "dtype", torch.float64)
     out = model(x.to(dtype), t, y)
-    eps = out.eps.double()
+    eps = out.eps.to(device=x.device, dtype=torch.float64)  # the model may live on another device
     bad = ~torch.isfinite(eps).flatten(1).all(1)  # (N,)
     if bad.any():
         i = int(bad.nonzero()[0, 0])
         raise NonFiniteTargetError(None if steps is None else int(steps[i]), int(t[i]),
                                    i if rows is None else int(rows[i]))
-    return ModelOutput(eps, out.features)
+    return ModelOutput(eps, None if out.features is None else out.features.to(x.device))
 
 
 def initial_noise(streams: NoiseStreams, shape: tuple[int, ...]) -> torch.Tensor:

@@ -27,9 +27,11 @@ def sample_ddpm(
     Raises ``NonFiniteTargetError`` (naming the step and the sample's row) if the model returns NaN/inf."""
     shape = tuple(model.sample_shape)
     B, S = len(streams), schedule.num_steps
-    x = initial_noise(streams, shape)  # (B, *shape)
+    schedule = schedule.to(streams.device)  # the streams fix the device (see specdit.samplers.speculative)
+    y = None if y is None else y.to(streams.device)
+    x = initial_noise(streams, shape)  # (B, *shape) on the streams' device
     for k in range(S, 0, -1):
-        kk = torch.full((B,), k, dtype=torch.int64)
+        kk = torch.full((B,), k, dtype=torch.int64, device=x.device)
         eps = call_model(model, x, schedule.timesteps[kk], y, steps=kk).eps  # NonFiniteTargetError if not finite
         x = schedule.step_mean(x, eps, kk)
         if schedule.sigma[k] > 0:

@@ -80,16 +80,17 @@ def skip_drafts(
     index k - i."""
     B, shape = x.shape[0], tuple(x.shape[1:])
     bshape = (-1,) + (1,) * len(shape)
-    kk = torch.full((B,), k, dtype=torch.int64)
+    dev = x.device
+    kk = torch.full((B,), k, dtype=torch.int64, device=dev)
     drafts = []
     for i in range(1, K + 1):
-        mean, std = schedule.skip_mean_std(x, eps, kk, torch.full((B,), i, dtype=torch.int64))
+        mean, std = schedule.skip_mean_std(x, eps, kk, torch.full((B,), i, dtype=torch.int64, device=dev))
         drafts.append(mean + std.view(bshape) * streams.normal(Purpose.SKIP_DRAFT, k, i, shape=shape))
     d = torch.stack(drafts, 1)  # (B, K, *shape)
-    kd = (k - torch.arange(1, K + 1)).repeat(B)  # (B*K,) row b*K + (i-1) -> state index k - i
+    kd = (k - torch.arange(1, K + 1, device=dev)).repeat(B)  # (B*K,) row b*K + (i-1) -> state index k - i
     yy = None if y is None else y.repeat_interleave(K)
     eps_d = call_model(model, d.flatten(0, 1), schedule.timesteps[kd], yy, steps=kd,
-                       rows=torch.arange(B).repeat_interleave(K)).eps.view(d.shape)
+                       rows=torch.arange(B, device=dev).repeat_interleave(K)).eps.view(d.shape)
     return d, eps_d
 
 
@@ -103,7 +104,7 @@ def refine(
     x = drafts[:, 0]
     for i in range(2, n + 1):
         j = k - i + 1  # the step x_j -> x_{j-1}; its eps is the draft's at index j, slot i - 2
-        x = schedule.step_mean(x, eps_d[:, i - 2], torch.full((B,), j, dtype=torch.int64))
+        x = schedule.step_mean(x, eps_d[:, i - 2], torch.full((B,), j, dtype=torch.int64, device=x.device))
         if schedule.sigma[j] > 0:
             x = x + schedule.sigma[j] * streams.normal(Purpose.REFINE, k, i, shape=shape)
     return x
@@ -129,12 +130,14 @@ def sample_draft_refine(
     B, S = len(streams), schedule.num_steps
     check_parallel(parallel, S)
     shape = tuple(model.sample_shape)
-    x = initial_noise(streams, shape)
-    stats = SampleStats.zeros(B, S)
+    schedule = schedule.to(streams.device)  # the streams fix the device (see specdit.samplers.speculative)
+    y = None if y is None else y.to(streams.device)
+    x = initial_noise(streams, shape)  # (B, *shape) on the streams' device
+    stats = SampleStats.zeros(B, S)  # counted on the CPU: same for every chain, no per-round tensors
     eps: torch.Tensor | None = None  # eps of the anchor x_k; aggressive: the last draft's, carried over
     k = S
     while k > 0:
-        kk = torch.full((B,), k, dtype=torch.int64)
+        kk = torch.full((B,), k, dtype=torch.int64, device=x.device)
         if eps is None:
             eps = call_model(model, x, schedule.timesteps[kk], y, steps=kk).eps  # 1. sequential call at (x_k, tau_k)
             stats.rounds += 1

@@ -1,8 +1,8 @@
 """Round-level exactness harness: one speculative round, wired as ``sample_speculative`` wires it.
 
 From a fixed start state x_k (round start index k) every chain runs ONE round through the sampler's own
-``speculative_round`` (``draft_round`` -> ``target_batch`` -> ``decide`` of
-:mod:`specdit.samplers.speculative`, with the sampler's :class:`~specdit.noise.NoiseStreams` and the
+``speculative_round`` (``propose`` -> ``score`` -> ``verify`` of
+:mod:`specdit.samplers.round_steps`, with the sampler's :class:`~specdit.noise.NoiseStreams` and the
 :class:`Chains` bookkeeping that gives the drafter its context and applies the verdict), then fresh
 target (ancestral) steps up to the fixed horizon k - H, H >= L, so every path x_k, x_{k-1}, ..., x_{k-H}
 has the same length whatever the round kept.
@@ -37,11 +37,12 @@ import torch
 from scipy import stats
 
 import specdit.coupling as coupling
-import specdit.samplers.speculative as spec
+import specdit.samplers.round_steps as spec
 from specdit.drafters.base import DraftContext, ModelDrafter
 from specdit.drafters.free import FreeDrafter
 from specdit.models.base import EpsModel
 from specdit.noise import NoiseStreams, sample_seed
+from specdit.samplers.chains import Chains
 from specdit.samplers.common import call_model
 from specdit.schedule import Schedule
 from specdit.stats import SampleStats
@@ -283,7 +284,7 @@ def run_round(case: RoundCase, *, seeds: torch.Tensor | None = None) -> RoundPat
     shape = tuple(model.sample_shape)
 
     # The chains as sample_speculative keeps them: each has a previous round's latest target output.
-    chains = spec.Chains(
+    chains = Chains(
         x_k.expand(B, *shape).clone(), torch.full((B,), k0, dtype=torch.int64), eps_prev.expand(B, *shape).clone(),
         None if feats_prev is None else feats_prev.expand(B, *feats_prev.shape[1:]).clone(),
         torch.ones(B, dtype=torch.bool), SampleStats.zeros(B, schedule.num_steps),
@@ -291,15 +292,15 @@ def run_round(case: RoundCase, *, seeds: torch.Tensor | None = None) -> RoundPat
     drafter = make_drafter(case, model, schedule, x_k)
     rows = chains.active()
     ctx = chains.context(rows, y)
-    # The round exactly as sample_speculative runs it (draft_round -> target_batch -> decide).
-    verdict, eps_t, feats, draft = spec.speculative_round(
+    # The round exactly as sample_speculative runs it (propose -> score -> verify).
+    verdict, scores, draft = spec.speculative_round(
         model, drafter, schedule, streams.subset(rows), ctx, draft_length=L, verification=case.verification,
     )
     kept, steps = verdict.kept.clone(), verdict.steps.clone()
     c_below_1 = 0
     if case.verification == "block":
-        c_below_1 = _residual_c_below_1(schedule, ctx.k, draft, eps_t, kept)
-    chains.advance(rows, ctx.k, verdict, eps_t, feats, draft.length, drafter.cost, draft.fallbacks)
+        c_below_1 = _residual_c_below_1(schedule, ctx.k, draft, scores.eps, kept)
+    chains.advance(rows, ctx.k, verdict, scores, draft)
 
     # Path states x_{k0 - j}, j = 0..H: kept drafts, the round's output, then fresh target steps.
     D = math.prod(shape)

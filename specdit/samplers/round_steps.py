@@ -1,0 +1,150 @@
+"""The three calls of a speculative round (FREE Alg. 1-2; Sun et al.; split as vLLM's spec decode):
+
+1. :func:`propose` (the drafter) -> :class:`DraftBatch`: means mh_1..mh_{L_b} drafted autoregressively,
+   xh_j = mh_j + sigma_{k-j+1} z_j;
+2. :func:`score` (the target) -> :class:`TargetScores`: ONE batched call on [xh_0 = x, ..., xh_{L_b - 1}]
+   (each at its own timestep) gives the target means m_1..m_{L_b};
+3. :func:`verify` (pure maths) -> ``Verdict``: token-wise RMC or block verification decides how many drafts to
+   keep and draws the next state.
+
+Device policy: every tensor a call makes lives on the device of the chains' states (``ctx.x`` /
+``draft.states``); the schedule must already be there (``Schedule.to``). Models and drafters may live
+elsewhere: their outputs are brought to the chains' device at the call. Verification maths is float64.
+All random numbers are keyed by (seed, purpose, kind, k[, position]), each draw site with its own purpose
+(``DRAFT``, ``ACCEPT``, ``BLOCK``, ``RESIDUAL_COORD``): no draw is reused by a later round or another site.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from specdit.drafters.base import DraftContext, Drafter
+from specdit.drafters.free import latest_target_eps
+from specdit.models.base import EpsModel
+from specdit.noise import NoiseStreams, Purpose
+from specdit.samplers.common import call_model
+from specdit.samplers.proposals import DraftBatch, TargetScores
+from specdit.schedule import Schedule
+from specdit.verify import Proposal, Verdict, verify_block, verify_token
+
+Verification = Literal["token", "block"]
+VERIFICATIONS = ("token", "block")
+
+EPS_LIMIT = 1e6  # a drafted eps with a larger entry is treated like a non-finite one
+
+
+def unusable_drafts(eps_hat: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: chains whose drafted eps (B, *shape) is not finite or has an entry above ``EPS_LIMIT`` in
+    magnitude, or whose draft mean (B, *shape) is not finite. Below the limit, means, distances and
+    log-ratios stay far from float64 overflow (|eps| <= 1e6 moves a mean by at most ~1e6 per coordinate)."""
+    finite = torch.isfinite(eps_hat).flatten(1).all(1) & torch.isfinite(mean).flatten(1).all(1)
+    small = eps_hat.abs().flatten(1).amax(1) <= EPS_LIMIT  # False for NaN too
+    return ~(finite & small)
+
+
+def keep_finite_carry(old: Any, new: Any, bad: torch.Tensor) -> Any:
+    """A drafter's carry after a replaced draft: rows of ``new`` that are not finite (e.g. a FREE feature
+    gone to inf) take the previous carry's rows, so later positions do not inherit the fault."""
+    if not (isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor) and new.shape == old.shape):
+        return new
+    broken = bad & ~torch.isfinite(new).flatten(1).all(1)  # (B,)
+    return torch.where(broken.view(-1, *([1] * (new.dim() - 1))), old, new)
+
+
+def _rows(mask: torch.Tensor, dims: int) -> torch.Tensor:
+    """(B,) mask -> (B, 1, ..., 1) with ``dims`` trailing singleton dims (for torch.where on samples)."""
+    return mask.view(-1, *([1] * dims))
+
+
+def propose(drafter: Drafter, schedule: Schedule, streams: NoiseStreams, ctx: DraftContext,
+            draft_length: int) -> DraftBatch:
+    """Step 1: autoregressive drafts of L_b = min(draft_length, k_b) positions per chain.
+
+    Fallback proposal: a drafted eps that ``unusable_drafts`` flags is replaced, before z_j is drawn, by the
+    chain's latest target eps (the free drafter's proposal; x itself in the first round). Both verifiers
+    are exact for ANY draft kernel N(mh_j, s_j^2 I) whose mean is a finite function of the prefix, and
+    whether a draft is replaced depends only on the drafter's output (itself a function of the prefix), so
+    no special acceptance rule is needed. Every state entering the target batch is therefore finite."""
+    length = ctx.k.clamp_max(draft_length)  # (B,)
+    dims, shape, dev = ctx.x.dim() - 1, tuple(ctx.x.shape[1:]), ctx.x.device
+    carry = drafter.start(ctx)
+    fallback = latest_target_eps(ctx)  # (B, *shape) finite
+    replaced = torch.zeros(ctx.x.shape[0], dtype=torch.int64, device=dev)
+    states, means, eps_hats = [ctx.x], [], []
+    for j in range(1, int(length.max()) + 1):
+        kj = (ctx.k - j + 1).clamp_min(1)  # (B,) state index of the step taken at position j
+        eps_hat, new_carry = drafter.step(states[-1], schedule.timesteps[kj], ctx.y, carry)
+        eps_hat = eps_hat.to(device=dev, dtype=torch.float64)
+        mean = schedule.step_mean(states[-1], eps_hat, kj)
+        bad = unusable_drafts(eps_hat, mean)  # (B,)
+        if bad.any():
+            eps_hat = torch.where(_rows(bad, dims), fallback, eps_hat)
+            mean = torch.where(_rows(bad, dims), schedule.step_mean(states[-1], fallback, kj), mean)
+            new_carry = keep_finite_carry(carry, new_carry, bad)
+            replaced += (bad & (j <= length)).long()  # padding positions are not counted
+        carry = new_carry
+        z = streams.normal(Purpose.DRAFT, ctx.k, j, shape=shape)  # (B, *shape)
+        states.append(mean + _rows(schedule.sigma[kj], dims) * z)
+        means.append(mean)
+        eps_hats.append(eps_hat)
+    return DraftBatch(torch.stack(states, 1), torch.stack(means, 1), torch.stack(eps_hats, 1), length, replaced,
+                      drafter.cost * length)
+
+
+def score(model: EpsModel, schedule: Schedule, draft: DraftBatch, k: torch.Tensor,
+          y: torch.Tensor | None) -> TargetScores:
+    """Step 2: one batched target call on xh_0..xh_{L_b-1} of every chain (round started at ``k`` (B,)).
+
+    Raises ``NonFiniteTargetError`` naming the step and the chain's row in this batch if the target returns
+    NaN/inf (the round loop renames the row to the sample's index)."""
+    states, length = draft.states, draft.length
+    B, Lmax, dev = states.shape[0], states.shape[1] - 1, states.device
+    pos = torch.arange(Lmax, device=dev)[None, :]  # (1, Lmax)
+    items = pos < length[:, None]  # (B, Lmax) which (chain, position) pairs are evaluated
+    kk = (k[:, None] - pos).clamp_min(1)  # (B, Lmax) state index of item j: k - j
+    yy = None if y is None else y[:, None].expand(B, Lmax)[items]
+    rows = torch.arange(B, device=dev)[:, None].expand(B, Lmax)[items]  # chain row of each item
+    out = call_model(model, states[:, :Lmax][items], schedule.timesteps[kk[items]], yy, steps=kk[items], rows=rows)
+    eps = torch.zeros(B, Lmax, *states.shape[2:], dtype=torch.float64, device=dev)
+    eps[items] = out.eps
+    feats = None
+    if out.features is not None:
+        feats = torch.zeros(B, Lmax, *out.features.shape[1:], dtype=out.features.dtype, device=dev)
+        feats[items] = out.features
+    means = schedule.step_mean(states[:, :Lmax].flatten(0, 1), eps.flatten(0, 1), kk.flatten())
+    return TargetScores(eps, means.view(eps.shape), feats)
+
+
+def verify(schedule: Schedule, streams: NoiseStreams, k: torch.Tensor, draft: DraftBatch, scores: TargetScores,
+           *, verification: Verification, relax: float = 0.0) -> Verdict:
+    """Step 3: token-wise or block verification of the drafts against the target means (pure float64 maths).
+
+    ``relax`` > 0 is uncertainty-guided relaxation (not exact): log q/p is divided by
+    1 + relax * mean((eps_hat - eps)^2)."""
+    B, Lmax = scores.eps.shape[:2]
+    kk = (k[:, None] - torch.arange(Lmax, device=k.device)[None, :]).clamp_min(1)  # (B, Lmax)
+    temper = None
+    if relax > 0:
+        temper = 1.0 + relax * (draft.eps_hat - scores.eps).flatten(2).pow(2).mean(-1)  # (B, Lmax)
+    proposal = Proposal(
+        x_draft=draft.states[:, 1:].flatten(2), m_draft=draft.m_draft.flatten(2), m_target=scores.means.flatten(2),
+        sigma=schedule.sigma[kk], length=draft.length, temper=temper,
+    )
+    if verification == "token":
+        log_u = streams.uniform(Purpose.ACCEPT, k, n=Lmax).log()  # (B, Lmax)
+        return verify_token(proposal, log_u)
+    if verification == "block":
+        eta = streams.uniform(Purpose.BLOCK, k, n=Lmax)  # (B, Lmax)
+        w = streams.uniform(Purpose.RESIDUAL_COORD, k, n=1)[:, 0]  # (B,)
+        return verify_block(proposal, eta, w)
+    raise ValueError(f"verification must be 'token' or 'block', got {verification!r}")
+
+
+def speculative_round(model: EpsModel, drafter: Drafter, schedule: Schedule, streams: NoiseStreams,
+                      ctx: DraftContext, *, draft_length: int, verification: Verification,
+                      relax: float = 0.0) -> tuple[Verdict, TargetScores, DraftBatch]:
+    """One round for a batch of chains (all with k >= 1), the three calls in a row."""
+    draft = propose(drafter, schedule, streams, ctx, draft_length)
+    scores = score(model, schedule, draft, ctx.k, ctx.y)
+    return verify(schedule, streams, ctx.k, draft, scores, verification=verification, relax=relax), scores, draft
