@@ -46,6 +46,9 @@ def evaluate_latent_model(model_dir: str, per_class: int = 20, steps: int = 250,
 
         n, h, w, c = images.shape
         g = images.view(10, per_class, h, w, c).permute(0, 2, 1, 3, 4).reshape(10 * h, per_class * w, c).numpy()
+        from pathlib import Path
+
+        Path(grid).parent.mkdir(parents=True, exist_ok=True)  # e.g. outputs/ in a fresh clone
         Image.fromarray(g[..., 0] if c == 1 else g).save(grid)
     acc = class_accuracy(images.numpy(), labels.numpy())
     fid = frechet_distance(compute_stats(images.numpy(), "mnist"), reference_stats("mnist", "mnist"))
