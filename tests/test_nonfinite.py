@@ -210,7 +210,7 @@ def _stderr_lines(r):
 def test_cli_refuses_non_finite_perturbation(tmp_path, drafter):
     r = _cli(["--drafter", drafter], tmp_path)
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit)
-    assert _stderr_lines(r) == [f"error: drafter {drafter!r}: the error must be a finite number >= 0"]
+    assert _stderr_lines(r) == [f"error: invalid setting --drafter: drafter {drafter!r}: the error must be a finite number >= 0"]
     assert not (tmp_path / "x.npz").exists()
 
 
