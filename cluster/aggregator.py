@@ -1,5 +1,6 @@
-"""The aggregator: once every shard of a job is recorded, verify each shard file, merge FID feature sums
-exactly and per-sample speed statistics, and write the job report (JSON + acceptance-by-timestep plot).
+"""The aggregator: once every shard of a job is recorded, verify each shard file, merge it (``cluster.merge``:
+pure, into a typed ``Report``), then finish the job: FID against its reference, the report (JSON +
+acceptance-by-timestep plot) in the job's directory and in Redis, status done.
 
 It streams: shard records are read ``READ_CHUNK_SHARDS`` at a time and each shard file is folded into running
 sums (FID feature sums, ``evaluation.SpeedAccumulator``) and dropped before the next is read, so its memory
@@ -22,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster import merge
 from cluster.client import SpecditRedis
 from cluster.errors import CorruptShard, ServiceError
 from cluster.paths import resolve_model_path
 from cluster.records import JobRecord, JobStatus
 from cluster.spec import SPEC_VERSION, JobSpec, shard_versions
-from specdit.config import SAMPLER_ARITHMETIC_VERSION
 from cluster.storage import read_shard
+from specdit.config import SAMPLER_ARITHMETIC_VERSION
 from workers import evaluation
 from workers.engine import Engine, EngineError
 
@@ -73,16 +75,28 @@ class Aggregator:
 
     # --------------------------------------------------------------------------------------------------
     def _aggregate(self, rec: JobRecord) -> dict | None:
-        spec, job_id = rec.spec, rec.id
+        """Merge every shard of ``rec`` and finish the job; None (shards queued again) when a shard file is
+        missing or corrupt."""
         self.requeued = []
-        if self.q.shards_done(job_id) < spec.num_shards:
+        if self.q.shards_done(rec.id) < rec.spec.num_shards:
             return None
-        speed = evaluation.SpeedAccumulator()
-        fid_stats, extractor_key, corrupt = None, "raw", []
-        first, last, workers, job_dir, unique = float("inf"), float("-inf"), set(), None, 0
-        with_stats = True
-        is_stats, is_shards = None, 0  # Inception-Score sums (every shard must have them)
-        clipped = 0  # stored sample values clipped or overflowed by output.sample_dtype
+        merged, job_dir, corrupt = self._merge_shards(rec)
+        if corrupt:
+            for s, why in corrupt:
+                log.warning("job %s: %s; shard queued again", rec.id, why)
+                self.q.requeue_shard(rec.id, s, why)
+            self.requeued = corrupt
+            return None
+        # Temp files of writers killed mid-write were never counted; remove the stale ones (a late duplicate
+        # writer may still be using a fresh one).
+        _remove_stale_temp_files(job_dir / "shards", older_than=600.0)
+        return self._finish(rec, merge.build_report(rec.id, rec.spec, merged), merged, job_dir)
+
+    def _merge_shards(self, rec: JobRecord) -> tuple[merge.ShardMerge, Path | None, list[tuple[int, str]]]:
+        """Read, verify and fold every shard file (one at a time). Returns the sums, the job's directory as
+        the workers wrote it, and the (shard, why) of files that failed verification."""
+        spec, job_id = rec.spec, rec.id
+        merged, job_dir, corrupt = merge.ShardMerge(), None, []
         for s, res in self.q.iter_done_results(job_id, spec.num_shards):
             a, b = spec.shard_range(s)
             if res is None or (res.start, res.stop) != (a, b):
@@ -104,102 +118,64 @@ class Aggregator:
             except CorruptShard as e:
                 corrupt.append((s, str(e)))
                 continue
-            first, last = min(first, res.started_at), max(last, res.finished_at)
-            workers.add(res.worker)
-            unique += len(arrays["time_per_sample"])
-            clipped += int(arrays.get("samples_clipped", 0))
-            stats = {key[len(evaluation.STAT_PREFIX):]: v for key, v in arrays.items()
-                     if key.startswith(evaluation.STAT_PREFIX)}
-            with_stats = with_stats and "rounds" in stats
-            if with_stats:
-                speed.add(stats, arrays["time_per_sample"])
-            else:
-                speed.seconds += float(np.sum(arrays["time_per_sample"]))
-            fid = {key[len(evaluation.FID_PREFIX):]: v for key, v in arrays.items()
-                   if key.startswith(evaluation.FID_PREFIX)}
-            if fid:
-                part = evaluation.feature_stats_from_arrays(fid)
-                fid_stats = part if fid_stats is None else fid_stats.merge(part)
-                extractor_key = str(arrays.get("feature_extractor", "raw"))
-            isc = {key[len(evaluation.IS_PREFIX):]: v for key, v in arrays.items()
-                   if key.startswith(evaluation.IS_PREFIX)}
-            if isc:
-                part = evaluation.class_stats_from_arrays(isc)
-                is_stats = part if is_stats is None else is_stats.merge(part)
-                is_shards += 1
-            del arrays, stats, fid, isc
+            merged.add(res, arrays)
+            del arrays
             # np.load parses each array header with ast.literal_eval, whose closures form reference cycles:
             # collect them per shard (young generations, cheap) and fully every 32 shards, or the garbage
             # piles up with the number of shards until the interpreter's next full collection.
             gc.collect() if s % 32 == 31 else gc.collect(1)
-        if corrupt:
-            for s, why in corrupt:
-                log.warning("job %s: %s; shard queued again", job_id, why)
-                self.q.requeue_shard(job_id, s, why)
-            self.requeued = corrupt
-            return None
-        # Temp files of writers killed mid-write were never counted; remove the stale ones (a late duplicate
-        # writer may still be using a fresh one).
-        _remove_stale_temp_files(job_dir / "shards", older_than=600.0)
+        return merged, job_dir, corrupt
 
-        n = spec.num_samples
-        report: dict = {
-            "job_id": job_id, "name": spec.name, "model": spec.model, "status": JobStatus.DONE.value,
-            "sampler": spec.sampler.to_dict(), "labels": spec.labels, "base_seed": spec.base_seed,
-            "num_samples": n, "num_shards": spec.num_shards, "shard_size": spec.shard_size,
-            "unique_samples": int(unique),
-            "samples_clipped": clipped,  # stored values that output.sample_dtype clipped or overflowed
-        }
-        # Speed statistics
-        report["speed"] = speed.summary() if (spec.evaluate.speed and with_stats and speed.n) else None
-        report["wall_time"] = {
-            "job_seconds": last - first,
-            "job_seconds_per_sample": (last - first) / n,
-            "samples_per_second": n / max(last - first, 1e-9),
-            "engine_seconds_per_sample": speed.seconds / n,
-            "workers": sorted(workers),
-        }
-        # FID
-        report["fid"] = None
-        report["fid_reference"] = spec.evaluate.fid_reference
-        if spec.evaluate.fid and fid_stats is not None:
-            merged = fid_stats
-            stats_path = job_dir / "feature_stats.npz"
-            merged.save(stats_path)
-            report["fid_extractor"] = merged.extractor
-            report["feature_stats"] = str(stats_path)
-            ref = self._reference(spec, extractor_key, job_dir.parent)
-            report["fid_reference_resolved"] = self._resolved_reference(spec)
-            if ref is not None:
-                try:
-                    report["fid"] = evaluation.frechet_distance(merged, ref)
-                except ValueError as e:  # fewer than 2 samples, or a reference of other features
-                    raise ServiceError(f"job {job_id}: FID reference {spec.evaluate.fid_reference}: "
-                                       f"{' '.join(str(e).split())}") from None
-        # Inception Score: one split over all samples, from the merged sums (every shard must have them).
-        report["inception_score"] = None
-        if is_stats is not None and is_shards == spec.num_shards:
-            report["inception_score"] = {"value": is_stats.inception_score(), "classifier": is_stats.classifier,
-                                         "n": is_stats.n, "splits": 1}
-        # Baseline
-        report["baseline"] = self.baseline_for(spec, report)
-        # Files
-        report["files"] = {"report": str(job_dir / "report.json"), "shards": str(job_dir / "shards")}
-        if report["speed"] is not None and any(v is not None for v in report["speed"]["acceptance_by_timestep"]):
+    def _finish(self, rec: JobRecord, report: merge.Report, merged: merge.ShardMerge, job_dir: Path) -> dict:
+        """The I/O that ends a job: FID against its reference, feature statistics, plot, ``report.json``, the
+        report in Redis, the baseline index, status done."""
+        spec, job_id = rec.spec, rec.id
+        if spec.evaluate.fid and merged.fid_stats is not None:
+            self._fid(rec, report, merged, job_dir)
+        report.baseline = self.baseline_for(spec, report.to_dict())
+        report.files = {"report": str(job_dir / "report.json"), "shards": str(job_dir / "shards")}
+        if report.speed is not None and any(v is not None for v in report.speed["acceptance_by_timestep"]):
             plot = job_dir / "acceptance.png"
             try:
-                plot_acceptance(report, plot)
-                report["files"]["plot"] = str(plot)
+                plot_acceptance(report.to_dict(), plot)
+                report.files["plot"] = str(plot)
             except Exception as e:  # noqa: BLE001 - a missing plot must not lose the report
                 log.warning("job %s: no plot (%s)", job_id, e)
-        report["finished_at"] = time.time()
-        _atomic_write_text(job_dir / "report.json", json.dumps(report, indent=2))
-        self.q.save_report(job_id, report)
+        report.finished_at = time.time()
+        out = report.to_dict()
+        _atomic_write_text(job_dir / "report.json", json.dumps(out, indent=2))
+        self.q.save_report(job_id, out)
         if spec.sampler.sampler == "ddpm":
             self.q.add_baseline(spec.baseline_fingerprint(), job_id)
         self.q.mark_done(job_id)
-        log.info("job %s done: %d samples, FID %s", job_id, n, report["fid"])
-        return report
+        log.info("job %s done: %d samples, FID %s", job_id, spec.num_samples, report.fid)
+        return out
+
+    def _resolved_reference(self, spec: JobSpec) -> str | None:
+        """What ``evaluate.fid_reference`` "auto" stands for (e.g. "data:10000", "ref:mnist"); None when the
+        engine cannot say (no engine, or one without ``resolve_reference``)."""
+        resolve = getattr(self.engine, "resolve_reference", None)
+        if spec.evaluate.fid_reference is None or resolve is None:
+            return spec.evaluate.fid_reference if spec.evaluate.fid_reference != "auto" else None
+        try:
+            return resolve(resolve_model_path(spec.model), spec.evaluate.fid_reference)
+        except EngineError:
+            return None
+
+    def _fid(self, rec: JobRecord, report: merge.Report, merged: merge.ShardMerge, job_dir: Path) -> None:
+        """Save the merged feature statistics beside the job and fill the report's FID fields."""
+        stats_path = job_dir / "feature_stats.npz"
+        merged.fid_stats.save(stats_path)
+        report.fid_extractor, report.feature_stats = merged.fid_stats.extractor, str(stats_path)
+        report.fid_reference_resolved = self._resolved_reference(rec.spec)
+        ref = self._reference(rec.spec, merged.extractor, job_dir.parent)
+        if ref is None:
+            return
+        try:
+            report.fid = evaluation.frechet_distance(merged.fid_stats, ref)
+        except ValueError as e:  # fewer than 2 samples, or a reference of other features
+            raise ServiceError(f"job {rec.id}: FID reference {rec.spec.evaluate.fid_reference}: "
+                               f"{' '.join(str(e).split())}") from None
 
     def _reference(self, spec: JobSpec, extractor: str, root: Path):
         ref = spec.evaluate.fid_reference
@@ -230,17 +206,6 @@ class Aggregator:
         stats = evaluation.feature_stats_from_arrays(arrays)
         stats.save(cache)
         return stats
-
-    def _resolved_reference(self, spec: JobSpec) -> str | None:
-        """What ``evaluate.fid_reference`` "auto" stands for (e.g. "data:10000", "ref:mnist"); None when the
-        engine cannot say (no engine, or one without ``resolve_reference``)."""
-        resolve = getattr(self.engine, "resolve_reference", None)
-        if spec.evaluate.fid_reference is None or resolve is None:
-            return spec.evaluate.fid_reference if spec.evaluate.fid_reference != "auto" else None
-        try:
-            return resolve(resolve_model_path(spec.model), spec.evaluate.fid_reference)
-        except EngineError:
-            return None
 
     def attach_baseline(self, rec: JobRecord, report: dict) -> dict:
         """A report without a baseline whose DDPM baseline finished later: add the baseline to the report in

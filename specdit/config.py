@@ -44,10 +44,16 @@ def _label(name: str) -> str:
     return name.replace("_", " ")
 
 
+def _shown(value: Any) -> str:
+    """A refused value as text, the same whether it came typed (YAML, Python) or as text (a flag): the
+    float NaN and the flag text ``nan`` both show as ``nan``."""
+    return str(value) if isinstance(value, (str, int, float)) else repr(value)
+
+
 def as_int(name: str, value: Any) -> int:
     """``value`` as an int: ints, integral floats and decimal strings; SettingError otherwise."""
     if isinstance(value, bool):
-        raise SettingError(name, f"{_label(name)} must be an integer, got {value!r}")
+        raise SettingError(name, f"{_label(name)} must be an integer, got {_shown(value)}")
     if isinstance(value, int):
         return value
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
@@ -57,17 +63,17 @@ def as_int(name: str, value: Any) -> int:
             return int(value.strip())
         except ValueError:
             pass
-    raise SettingError(name, f"{_label(name)} must be an integer, got {value!r}")
+    raise SettingError(name, f"{_label(name)} must be an integer, got {_shown(value)}")
 
 
 def as_float(name: str, value: Any) -> float:
     """``value`` as a finite float (ints and numeric strings accepted); SettingError for NaN, inf, other types."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise SettingError(name, f"{_label(name)} must be a finite number, got {value!r}")
+        raise SettingError(name, f"{_label(name)} must be a finite number, got {_shown(value)}")
     try:
         x = float(value)
     except (ValueError, OverflowError):
-        raise SettingError(name, f"{_label(name)} must be a finite number, got {value!r}") from None
+        raise SettingError(name, f"{_label(name)} must be a finite number, got {_shown(value)}") from None
     if not math.isfinite(x):
         raise SettingError(name, f"{_label(name)} must be a finite number, got {x}")
     return x
@@ -83,7 +89,7 @@ def as_cfg_channels(value: Any) -> int | None:
         n = None
     if n is None or n < 1:
         raise SettingError("cfg_channels", "cfg channels must be 'all' or a positive integer (3: DiT's "
-                                           f"forward_with_cfg), got {value!r}")
+                                           f"forward_with_cfg), got {_shown(value)}")
     return n
 
 
