@@ -28,7 +28,7 @@ def _pool_errors(fn):
     @functools.wraps(fn)
     @user_errors
     def wrapper(*args, **kwargs):
-        from workers.actors import PoolError
+        from workers.ray_pool.actors import PoolError
 
         try:
             return fn(*args, **kwargs)
@@ -62,7 +62,7 @@ def start(
     device: str = typer.Option("auto", help="auto (GPUs if the cluster has enough) | cpu | cuda."),
 ):
     """Start a named, detached pool; it lives until 'specdit pool stop'."""
-    from workers.actors import start_pool
+    from workers.ray_pool.actors import start_pool
 
     _table(start_pool(address, name, actors, threads, device))
 
@@ -75,7 +75,7 @@ def list_(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """List the pools' actors and their devices."""
-    from workers.actors import list_pool
+    from workers.ray_pool.actors import list_pool
 
     rows = list_pool(address, name)
     if as_json:
@@ -90,7 +90,7 @@ def list_(
 @_pool_errors
 def stop(name: str = typer.Argument("specdit", help="Pool name."), address: str = Address):
     """Kill a pool's actors and free its placement group."""
-    from workers.actors import stop_pool
+    from workers.ray_pool.actors import stop_pool
 
     typer.echo(plain(f"stopped pool {name!r} ({stop_pool(address, name)} actors)"))
 
