@@ -15,7 +15,7 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/specdit generate --model $(or $(MODEL),mnist-dit) --sampler speculative --drafter $(or $(DRAFTER),feature) \
-		--verify block --draft-length 8 --cfg 1.5 --steps 250 --num-samples 48 --out outputs/run
+		--verify block --draft-length 8 --cfg-scale 1.5 --steps 250 --num-samples 48 --out outputs/run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
@@ -24,7 +24,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/specdit bench --model gmm-2d --steps 250 --num-samples 2000 --markdown
+	$(BIN)/specdit bench --model gmm-2d --steps 250 --num-samples 2000 --threads 1 --markdown
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

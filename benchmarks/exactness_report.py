@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/exactness_report.py
 """
+import argparse
+
 import torch
 
 from specdit.drafters.base import ModelDrafter
@@ -37,4 +39,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help before any sampling
     main()

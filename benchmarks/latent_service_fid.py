@@ -15,7 +15,7 @@ same samples through ``specdit generate``'s library call, then compares:
 
 Keep ``--shard-size`` a multiple of ``--batch-size``: a float32 DiT's outputs depend on batch composition at
 the level of float rounding, and generate samples in batches of ``--batch-size`` from sample 0.
-Uses Redis at $SPECDIT_REDIS_URL (default localhost) under a random key prefix, removed at the end.
+Uses Redis at $SPECDIT_REDIS_URL (default localhost) under a random key prefix (inside $SPECDIT_REDIS_PREFIX if set), removed at the end.
 Writes ``result.json`` to ``--out``.
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     from cluster.queue import JobQueue
     from cluster.spec import spec_from_dict
     from cluster.storage import read_shard
-    from cluster.testing import cleanup_prefix, make_prefix, spawn_worker, wait_for
+    from cluster.testing import benchmark_prefix, cleanup_prefix, spawn_worker, wait_for
     from cluster.worker import ShardWorker, WorkerOptions
     from specdit.api import SamplerConfig
     from specdit.metrics.extractors import get_extractor
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
 
     # 1. The service: a sharded job.
     url = resolve_url(None)
-    client, prefix = connect(url), make_prefix()
+    client, prefix = connect(url), benchmark_prefix()
     q = JobQueue(client, Keys(prefix), heartbeat_timeout=60.0)
     spec = spec_from_dict({"model": model, "num_samples": n, "shard_size": a.shard_size,
                            "batch_size": a.batch_size, "base_seed": a.seed, "labels": "uniform",

@@ -20,7 +20,7 @@ heartbeat timeout), then reports:
 - that every sample index appears exactly once: every recorded shard file is read back and its indices
   counted, and the shard directory holds exactly one file per shard.
 
-Uses Redis at $SPECDIT_REDIS_URL (default localhost) under a random key prefix, removed at the end; writes
+Uses Redis at $SPECDIT_REDIS_URL (default localhost) under a random key prefix (inside $SPECDIT_REDIS_PREFIX if set), removed at the end; writes
 the figures to ``--out`` (JSON).
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ from cluster.paths import OUTPUT_ROOT_ENV  # noqa: E402
 from cluster.records import JobStatus  # noqa: E402
 from cluster.spec import spec_from_dict  # noqa: E402
 from cluster.storage import read_shard  # noqa: E402
-from cluster.testing import cleanup_prefix, make_prefix, spawn_worker  # noqa: E402
+from cluster.testing import benchmark_prefix, cleanup_prefix, spawn_worker  # noqa: E402
 from workers.engine import make_engine  # noqa: E402
 
 
@@ -178,7 +178,7 @@ def main(argv=None) -> dict:
     if not 0 <= args.kills < args.workers:
         ap.error("--kills must be below --workers (one worker must survive)")
     url = resolve_url(args.redis_url)
-    client = SpecditRedis.connect(url, make_prefix())
+    client = SpecditRedis.connect(url, benchmark_prefix())
     rng = random.Random(args.seed)
     results = {"machine": {"cores": os.cpu_count(), "load_average": os.getloadavg()}, "args": vars(args),
                "jobs": []}

@@ -17,7 +17,7 @@ from outside) and the queue overhead per shard:
   does besides sampling (Redis round trips, heartbeats, writing + fsyncing the shard file, polling);
 - pure: a zero-cost synthetic job of many 1-sample shards, wall time / shards with one worker.
 
-Uses Redis at $SPECDIT_REDIS_URL (default localhost) under a random key prefix, removed at the end.
+Uses Redis at $SPECDIT_REDIS_URL (default localhost) under a random key prefix (inside $SPECDIT_REDIS_PREFIX if set), removed at the end.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from cluster.keys import Keys  # noqa: E402
 from cluster.queue import JobQueue  # noqa: E402
 from cluster.records import JobStatus  # noqa: E402
 from cluster.spec import spec_from_dict  # noqa: E402
-from cluster.testing import cleanup_prefix, make_prefix, spawn_worker  # noqa: E402
+from cluster.testing import benchmark_prefix, cleanup_prefix, spawn_worker  # noqa: E402
 
 
 def run_job(q: JobQueue, spec, workers: int, engine: str, url: str, logdir: Path, extra: dict) -> dict:
@@ -91,7 +91,7 @@ def main() -> None:
     if args.engine == "synthetic":
         extra = ({"SPECDIT_SYNTHETIC_SLEEP": str(args.sleep), "SPECDIT_SYNTHETIC_COST": "0"} if args.sleep
                  else {"SPECDIT_SYNTHETIC_COST": str(args.cost)})
-    q = JobQueue(connect(url), Keys(make_prefix()))
+    q = JobQueue(connect(url), Keys(benchmark_prefix()))
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start")
     try:

@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import (CFG_CHANNELS_OPTION, NUM_HEADS_OPTION, WEIGHTS_OPTION, check_output_file, one_line_warnings,
-                        user_errors)
+from cli import options as opt
+from cli.common import check_output_file, one_line_warnings, user_errors
 
 
 def _fmt(v, spec=".3f"):
@@ -15,22 +15,24 @@ def _fmt(v, spec=".3f"):
 
 
 def bench(
-    model: str = typer.Option("gmm-2d", "--model", "-m", help="Registered model name or checkpoint path."),
-    steps: int = typer.Option(250, help="Sampling steps S."),
+    model: str = typer.Option("gmm-2d", "--model", "-m", help=opt.MODEL_HELP),
+    steps: Optional[str] = opt.STEPS,
     num_samples: int = typer.Option(2000, "--num-samples", "-n", help="Samples per variant (same seeds for all)."),
-    draft_lengths: str = typer.Option("4,8", help="Comma-separated speculation lengths L."),
-    drafters: str = typer.Option("free,perturbed:3", help="Comma-separated drafters."),
-    cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale."),
-    cfg_channels: str = CFG_CHANNELS_OPTION,
-    num_heads: Optional[int] = NUM_HEADS_OPTION,
-    weights: Optional[str] = WEIGHTS_OPTION,
-    labels: str = typer.Option("none", help="Label policy: none | uniform | random | fixed:<class>"),
-    seed: int = typer.Option(0, help="Base seed."),
-    batch_size: int = typer.Option(256, help="Chains sampled together."),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
-    device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
+    draft_lengths: str = typer.Option("4,8", "--draft-lengths", help="Comma-separated speculation lengths L."),
+    drafters: str = typer.Option("free,perturbed:3", "--drafters", help="Comma-separated drafters (see "
+                                 "generate --drafter)."),
+    cfg_scale: Optional[str] = opt.CFG_SCALE,
+    cfg_channels: Optional[str] = opt.CFG_CHANNELS,
+    num_heads: Optional[int] = opt.NUM_HEADS,
+    weights: Optional[str] = opt.WEIGHTS,
+    labels: str = typer.Option("none", "--labels", help=opt.LABELS_HELP + " bench's default is none: the KS "
+                               "distance compares with the full (unconditional) distribution."),
+    seed: Optional[str] = opt.SEED,
+    batch_size: int = typer.Option(256, "--batch-size", help="Chains sampled together."),
+    threads: Optional[int] = opt.THREADS,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
-    markdown: bool = typer.Option(False, help="Print a Markdown table (for the README)."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table (for the README)."),
+    device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
 ) -> None:
     """Rounds, parallel efficiency, acceptance, wall time relative to ddpm, and distance to ground truth."""
     import torch
@@ -39,18 +41,11 @@ def bench(
     from cli.render import markup
     from rich.table import Table
 
-    from specdit.api import guided, load_model, parse_cfg_channels
+    from specdit.api import guided, load_model
     from specdit.bench import batch_cost_curve, default_variants, run_bench
     from specdit.labels import labels_for
     from specdit.noise import sample_seed
 
-    from specdit.settings_rules import check_cfg_scale, check_seed
-
-    from specdit.devices import resolve_device
-
-    dev = str(resolve_device(device))
-    check_seed(seed)
-    check_cfg_scale(cfg)
     if json_out is not None:
         check_output_file(json_out, "--json file")
     if threads is not None:
@@ -61,7 +56,11 @@ def bench(
         lengths = tuple(int(v) for v in draft_lengths.split(","))
     except ValueError:
         raise ValueError(f"--draft-lengths must be comma-separated integers, got {draft_lengths!r}") from None
-    channels = parse_cfg_channels(cfg_channels)
+    base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+    steps, cfg, channels, seed = base.steps, base.cfg_scale, base.cfg_channels, opt.seed_value(seed)
+    from specdit.devices import resolve_device
+
+    dev = str(resolve_device(device))
     m = load_model(model, device=dev, num_heads=num_heads, weights=weights)
     idx = torch.arange(num_samples)
     y = labels_for(labels, idx, sample_seed(seed, idx), m.num_classes)
@@ -97,4 +96,4 @@ def bench(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("bench")(user_errors(bench))
+    app.command("bench", cls=opt.AliasedCommand)(user_errors(bench))

@@ -33,13 +33,6 @@ EXIT_OK, EXIT_OTHER, EXIT_USAGE, EXIT_REDIS, EXIT_NO_JOB, EXIT_MODEL, EXIT_INTER
 EXIT_NONFINITE = 6  # the target model returned NaN/inf (specdit.samplers.common.NonFiniteTargetError)
 
 
-# Options shared by `generate` and `bench` (one definition, one help text).
-CFG_CHANNELS_OPTION = typer.Option("all", "--cfg-channels",
-                                   help="Guided channels: all | 3 (3: the original DiT's forward_with_cfg).")
-NUM_HEADS_OPTION = typer.Option(None, "--num-heads", help="Attention heads of an original DiT .pt (default: DiT's table).")
-WEIGHTS_OPTION = typer.Option(None, "--weights", help="ema | model: weights of a DiT train.py checkpoint (default: ema).")
-
-
 def _error_line(msg: str) -> None:
     from cli.render import plain
 
@@ -57,10 +50,28 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _service_error_line(e: BaseException, redis_url: str | None) -> tuple[str, int] | None:
+    """(message, exit code) of a job-service failure (``cluster.errors.ServiceError``: its own code; a lost
+    Redis connection: EXIT_REDIS; a Ray pool error: EXIT_USAGE or EXIT_OTHER), or None. Looks only at modules already loaded: no import cost here."""
+    errors, redis = sys.modules.get("cluster.errors"), sys.modules.get("redis")
+    if errors is not None and isinstance(e, errors.ServiceError):
+        return str(e), e.exit_code
+    actors = sys.modules.get("workers.ray_pool.actors")
+    if actors is not None and isinstance(e, actors.PoolError):  # Ray pool: a bad address is the user's
+        return _first_line(e), EXIT_USAGE if isinstance(e, ValueError) else EXIT_OTHER
+    if redis is not None and isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+        from cluster.connection import redact, resolve_url
+
+        return (f"lost connection to Redis at {redact(resolve_url(redis_url))}: {' '.join(str(e).split())}",
+                EXIT_REDIS)
+    return None
+
+
 def user_errors(fn):
-    """Every failure of a command as one line: errors a user can cause (bad values, unusable files or paths:
-    ``ValueError``, ``OSError``) exit 2; anything else is an internal error (exit 1, traceback only with
-    ``SPECDIT_DEBUG=1``)."""
+    """The one error wrapper of every command: each failure is one line and a named exit code (see the
+    table above). Refused settings (``specdit.config.SettingError``) name their flag; other errors a user
+    can cause (bad values, unusable files or paths: ``ValueError``, ``OSError``) exit 2; job-service errors
+    carry their own code; anything else is an internal error (exit 1, traceback only with ``SPECDIT_DEBUG=1``)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -70,50 +81,85 @@ def user_errors(fn):
             raise
         except KeyboardInterrupt:
             fail("interrupted", EXIT_INTERRUPTED)
-        except OSError as e:  # "Not a directory: 'x/y'" rather than "[Errno 20] Not a directory: 'x/y'"
-            fail(f"{e.strerror}: {e.filename}" if e.strerror and e.filename else _first_line(e))
-        except ValueError as e:
-            common = sys.modules.get("specdit.samplers.common")  # loaded if a sampler ran: no torch import here
-            if common is not None and isinstance(e, common.NonFiniteTargetError):
-                fail(_first_line(e), EXIT_NONFINITE)
-            fail(_first_line(e))
         except Exception as e:  # noqa: BLE001 - no traceback for a user, ever
-            if os.environ.get("SPECDIT_DEBUG"):
+            msg, code = error_line(e, kwargs.get("redis_url"))
+            if code == EXIT_OTHER and os.environ.get("SPECDIT_DEBUG"):
                 raise
-            fail(f"internal error: {type(e).__name__}: {_first_line(e)} (set SPECDIT_DEBUG=1 for a traceback)",
-                 EXIT_OTHER)
+            fail(msg, code)
 
     return wrapper
 
 
-def number_parse_error(e) -> str | None:
-    """For an option that wants a number and got text (``--relax abc``): the message the shared rules give for
-    the same value in a spec file (``specdit.settings_rules``), spelled with the option; else None. (Typer
-    parses options with pydantic: the raw value is in the cause's error.)"""
-    cause, param = e.__cause__, getattr(e, "param", None)
+def error_line(e: Exception, redis_url: str | None = None) -> tuple[str, int]:
+    """(one-line message, exit code) for any exception a command raised."""
+    from specdit.config import SettingError
+
+    service = _service_error_line(e, redis_url)
+    if service is not None:
+        return service
+    if isinstance(e, SettingError):
+        from cli.options import setting_error_line
+
+        return setting_error_line(e), EXIT_USAGE
+    if isinstance(e, OSError):  # "Not a directory: 'x/y'" rather than "[Errno 20] Not a directory: 'x/y'"
+        return (f"{e.strerror}: {e.filename}" if e.strerror and e.filename else _first_line(e)), EXIT_USAGE
+    if isinstance(e, ValueError):
+        common = sys.modules.get("specdit.samplers.common")  # loaded if a sampler ran: no torch import here
+        if common is not None and isinstance(e, common.NonFiniteTargetError):
+            return _first_line(e), EXIT_NONFINITE
+        return _first_line(e), EXIT_USAGE
+    return (f"internal error: {type(e).__name__}: {_first_line(e)} (set SPECDIT_DEBUG=1 for a traceback)",
+            EXIT_OTHER)
+
+
+def hide_flag_types(command, ctx) -> None:
+    """Give every on/off flag of ``command`` and of its subcommands (``--help`` included) an empty metavar.
+
+    typer's rich help prints a type column (``<bool>``) even for an option that takes no value; a flag shows
+    none. Options with a metavar of their own are left alone."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        hide_flag_types(sub, ctx)
+
+
+def number_parse_error(e: UsageError) -> str | None:
+    """For a number option given text (``--relax abc``): the message ``specdit.config`` gives the same value
+    in a spec file, naming the option's setting; None for any other usage error. (Typer parses numbers with
+    pydantic: the raw text is in the cause's first error.)"""
+    param, cause = getattr(e, "param", None), e.__cause__
     try:
         err = cause.errors()[0]
-        kind, raw, opts = err["type"].split("_")[0], err["input"], param.opts
-    except Exception:  # noqa: BLE001 - not a number option's parse error: the usual message
+        kind, raw = err["type"].split("_")[0], err["input"]
+    except (AttributeError, IndexError, KeyError, TypeError):
         return None
-    if kind not in ("float", "int") or not opts or not isinstance(raw, str):
+    if param is None or kind not in ("float", "int") or not isinstance(raw, str):
         return None
-    from specdit import settings_rules as rules
+    from specdit.config import SettingError, as_float, as_int  # torch-free
 
     try:
-        value = float(raw)  # "1.5" for an integer option: the number, as a spec file would give it
+        value: object = float(raw)  # "1.5" for an integer option: the number, as a spec file gives it
     except ValueError:
         value = raw
     try:
-        (rules.check_float if kind == "float" else rules.check_int)(max(opts, key=len), value)
-    except ValueError as exc:
+        (as_float if kind == "float" else as_int)(max(param.opts, key=len), value)
+    except SettingError as exc:
         return str(exc)
     return None
 
 
 class OneLineErrors(TyperGroup):
     """The command group of ``specdit``: usage errors (unknown option, bad value, missing argument) are one
-    ``error:`` line and exit code 2, like every other user mistake, instead of a usage box."""
+    ``error:`` line and exit code 2, like every other user mistake, instead of a usage box. Flags show no
+    ``<bool>`` type in help (:func:`hide_flag_types`)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        if not getattr(self, "flag_types_hidden", False):
+            self.flag_types_hidden = True  # before the walk, which asks this group for its params again
+            hide_flag_types(self, ctx)
+        return params
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
@@ -126,7 +172,7 @@ class OneLineErrors(TyperGroup):
                 sys.exit(e.exit_code)
             where = e.ctx.command_path if e.ctx is not None else (prog_name or "specdit")
             typed = number_parse_error(e)
-            if typed is not None:  # the message of the shared rules (specdit.settings_rules), as in spec files
+            if typed is not None:  # worded as the shared rules word the same value in a spec file
                 _error_line(typed)
                 sys.exit(EXIT_USAGE)
             _error_line(f"{where}: {e.format_message()} (see '{where} --help')")

@@ -66,10 +66,10 @@ def fid(
 
 def fid_ref(
     name: str = typer.Argument("mnist", help="Named reference data set."),
-    features: Features = typer.Option(Features.inception, "--features", "-f"),
+    features: Features = typer.Option(Features.inception, "--features", "-f", help="Feature extractor."),
     recompute: bool = typer.Option(False, help="Ignore cached/shipped statistics."),
     out: Optional[Path] = typer.Option(None, help="Write here instead of the user cache."),
-    batch_size: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None, help="Extractor batch size (default per extractor)."),
 ) -> None:
     """Compute (once) and cache the FID reference statistics of a built-in data set."""
     from specdit.metrics.reference import reference_stats, reference_stats_path

@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import (CFG_CHANNELS_OPTION, NUM_HEADS_OPTION, WEIGHTS_OPTION, one_line_warnings, step_progress,
-                        user_errors)
+from cli import options as opt
+from cli.common import one_line_warnings, step_progress, user_errors
 from cli.render import markup, plain
 
 
@@ -16,44 +16,44 @@ def _fmt(v, spec=".3f") -> str:
 
 
 def generate(
-    model: str = typer.Option("mnist-dit", "--model", "-m", help="Registered model name or checkpoint path."),
-    sampler: str = typer.Option("speculative", help="ddpm | speculative | draft_refine"),
-    drafter: str = typer.Option("free", help="free | feature | perturbed:<error> | model:<name>"),
-    verify: str = typer.Option("block", help="token | block"),
-    draft_length: int = typer.Option(8, "--draft-length", "-L", help="Speculation length L."),
-    steps: int = typer.Option(250, help="Sampling steps S."),
-    eta: float = typer.Option(1.0, help="Stochasticity (1 = DDPM posterior variance, 0 = DDIM)."),
-    cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale."),
-    cfg_channels: str = CFG_CHANNELS_OPTION,
-    num_heads: Optional[int] = NUM_HEADS_OPTION,
-    weights: Optional[str] = WEIGHTS_OPTION,
-    relax: float = typer.Option(0.0, help="Uncertainty-guided relaxation lambda (0 = exact)."),
-    refine_mode: str = typer.Option("conservative", help="DRiffusion mode: conservative | aggressive"),
-    parallel: int = typer.Option(4, help="DRiffusion parallel evaluations k (1 <= k < steps)."),
-    num_samples: int = typer.Option(64, "--num-samples", "-n", help="Number of samples."),
-    seed: int = typer.Option(0, help="Base seed; sample i uses seed f(seed, i)."),
-    labels: str = typer.Option("uniform", help="Label policy: none | uniform | random | fixed:<class>"),
-    batch_size: int = typer.Option(64, help="Chains sampled together."),
+    model: str = typer.Option("mnist-dit", "--model", "-m", help=opt.MODEL_HELP),
+    sampler: Optional[str] = opt.SAMPLER,
+    drafter: Optional[str] = opt.DRAFTER,
+    verify: Optional[str] = opt.VERIFY,
+    draft_length: Optional[str] = opt.DRAFT_LENGTH,
+    steps: Optional[str] = opt.STEPS,
+    eta: Optional[str] = opt.ETA,
+    cfg_scale: Optional[str] = opt.CFG_SCALE,
+    cfg_channels: Optional[str] = opt.CFG_CHANNELS,
+    num_heads: Optional[int] = opt.NUM_HEADS,
+    weights: Optional[str] = opt.WEIGHTS,
+    relax: Optional[str] = opt.RELAX,
+    refine_mode: Optional[str] = opt.REFINE_MODE,
+    parallel: Optional[str] = opt.PARALLEL,
+    num_samples: int = typer.Option(64, "--num-samples", "-n", help="Number of samples N."),
+    seed: Optional[str] = opt.SEED,
+    labels: str = opt.LABELS,
+    batch_size: int = typer.Option(64, "--batch-size", help="Chains sampled together."),
     out: Path = typer.Option(..., "--out", "-o", help="A .npz file, or a directory (PNGs + grid for image models)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice)."),
+    threads: Optional[int] = opt.THREADS,
+    progress: bool = opt.PROGRESS,
     device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Generate samples and print speed statistics (rounds, parallel efficiency, acceptance).
 
     Exit codes: 2 for an invalid setting, 6 if the target model returns NaN/inf (one line naming the
     step and the sample)."""
-    from specdit.api import SamplerConfig, parse_cfg_channels
     from specdit.devices import resolve_device
     from specdit.outputs import generate_to_disk
 
-    dev = str(resolve_device(device))
-
-    config = SamplerConfig(sampler=sampler, steps=steps, eta=eta, draft_length=draft_length, verify=verify,
-                           drafter=drafter, relax=relax, cfg_scale=cfg, cfg_channels=parse_cfg_channels(cfg_channels),
-                           refine_mode=refine_mode, parallel=parallel)
-    with one_line_warnings(), step_progress(num_samples * steps, markup(f"{sampler} on {model}"), progress) as advance:
-        summary = generate_to_disk(model, config, num_samples, seed, labels, out, batch_size=batch_size, device=dev,
+    config = opt.sampler_config(sampler=sampler, steps=steps, eta=eta, draft_length=draft_length, verify=verify,
+                                drafter=drafter, relax=relax, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
+                                refine_mode=refine_mode, parallel=parallel)
+    base_seed = opt.seed_value(seed)
+    with one_line_warnings(), step_progress(num_samples * config.steps, markup(f"{config.sampler} on {model}"),
+                                            progress) as advance:
+        summary = generate_to_disk(model, config, num_samples, base_seed, labels, out, batch_size=batch_size,
+                                   device=str(resolve_device(device)),
                                    threads=threads, progress=advance, num_heads=num_heads, weights=weights)
     s = summary["stats"]
     typer.echo(plain(f"wrote {out}"))
@@ -64,4 +64,4 @@ def generate(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("generate")(user_errors(generate))
+    app.command("generate", cls=opt.AliasedCommand)(user_errors(generate))

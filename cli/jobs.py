@@ -6,7 +6,6 @@ Also runnable on its own (fast start, no other command groups): ``python -m cli.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -17,7 +16,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import fail
+from cli import options as opt
+from cli.common import EXIT_USAGE, fail, user_errors
 from cli.render import SafeFormatter, markup, plain
 
 # Service log records reach stderr only where a command configures logging (the worker does); the other
@@ -28,36 +28,6 @@ RedisUrl = typer.Option(None, "--redis-url", envvar="SPECDIT_REDIS_URL",
                         help="redis://[:password@]host:port/db (default redis://127.0.0.1:6379/0). "
                              "A password may also come from SPECDIT_REDIS_PASSWORD.")
 Prefix = typer.Option(None, "--prefix", envvar="SPECDIT_REDIS_PREFIX", help="Redis key prefix (default specdit:).")
-
-
-def _guard(fn):
-    """Turn every failure into one line and an exit code (no tracebacks unless SPECDIT_DEBUG=1)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        import redis
-
-        from cluster.connection import redact, resolve_url
-        from cluster.errors import ServiceError
-
-        try:
-            return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
-            raise
-        except ServiceError as e:
-            fail(str(e), e.exit_code)
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            fail(f"lost connection to Redis at {redact(resolve_url(kwargs.get('redis_url')))}: "
-                 f"{' '.join(str(e).split())}", 3)
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
-        except Exception as e:  # noqa: BLE001
-            if os.environ.get("SPECDIT_DEBUG"):
-                raise
-            fail(f"internal error: {type(e).__name__}: {' '.join(str(e).split())} "
-                 "(set SPECDIT_DEBUG=1 for a traceback)", 1)
-
-    return wrapper
 
 
 def _queue(redis_url, prefix, **kwargs):
@@ -76,32 +46,39 @@ def _queue(redis_url, prefix, **kwargs):
 # ------------------------------------------------------------------------------------------------------
 def submit(
     spec_file: Optional[Path] = typer.Argument(None, help="Job spec (.yaml/.yml/.json); flags override it."),
-    model: Optional[str] = typer.Option(None, help="Model name, e.g. gmm-2d, gmm-16d, mnist-dit."),
-    sampler: Optional[str] = typer.Option(None, help="ddpm | speculative | draft_refine"),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps S."),
-    eta: Optional[float] = typer.Option(None, help="Stochasticity eta in [0, 1]."),
-    draft_length: Optional[int] = typer.Option(None, "--draft-length", "-L", help="Draft length L."),
-    verify: Optional[str] = typer.Option(None, help="token | block"),
-    drafter: Optional[str] = typer.Option(None, help="free | feature | model:<name>"),
-    relax: Optional[float] = typer.Option(None, help="Relaxation lambda (0 = exact)."),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale."),
-    refine_mode: Optional[str] = typer.Option(None, "--refine-mode", help="conservative | aggressive"),
-    parallel: Optional[int] = typer.Option(None, help="Draft-and-refine parallelism."),
-    labels: Optional[str] = typer.Option(None, help="none | uniform | random | fixed:<class>"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=opt.MODEL_HELP),
+    sampler: Optional[str] = opt.SAMPLER,
+    steps: Optional[str] = opt.STEPS,
+    eta: Optional[str] = opt.ETA,
+    draft_length: Optional[str] = opt.DRAFT_LENGTH,
+    verify: Optional[str] = opt.VERIFY,
+    drafter: Optional[str] = opt.DRAFTER,
+    relax: Optional[str] = opt.RELAX,
+    cfg_scale: Optional[str] = opt.CFG_SCALE,
+    cfg_channels: Optional[str] = opt.CFG_CHANNELS,
+    refine_mode: Optional[str] = opt.REFINE_MODE,
+    parallel: Optional[str] = opt.PARALLEL,
+    num_heads: Optional[int] = opt.NUM_HEADS,
+    weights: Optional[str] = opt.WEIGHTS,
+    labels: Optional[str] = typer.Option(None, "--labels", help=opt.LABELS_HELP + " [default: uniform]"),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="Number of samples N."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Base seed; sample i uses f(seed, i)."),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Chains sampled together."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output directory shared by workers."),
+    seed: Optional[str] = opt.SEED,
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard [default: 64]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Chains sampled together [default: 64]."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory shared by workers, relative "
+                                      "to SPECDIT_OUTPUT_ROOT [default: jobs]."),
     store: Optional[str] = typer.Option(None, "--store", help="What shards store: auto | images | latents | "
                                                               "images+latents (auto: decoded images)."),
     fid_reference: Optional[str] = typer.Option(None, "--fid-ref", help="data:<n>, ref:<name>, or a statistics "
                                                                         ".npz (ours, or ADM-style mu/sigma)."),
-    extractor: Optional[str] = typer.Option(None, help="FID features: auto | raw | mnist | inception."),
+    features: Optional[str] = typer.Option(None, "--features", "-f",
+                                           help="FID features: auto | raw | mnist | inception [default: auto]."),
     no_fid: bool = typer.Option(False, "--no-fid", help="Do not compute FID statistics."),
-    baseline: Optional[str] = typer.Option(None, help="Baseline job id for speed-up (default: auto)."),
-    name: Optional[str] = typer.Option(None, help="A label for the job."),
-    engine: str = typer.Option("local", help="Engine used to check the model (local | ray | synthetic)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Baseline job id for speed-up "
+                                                                    "(default: auto)."),
+    name: Optional[str] = typer.Option(None, "--name", help="A label for the job."),
+    engine: str = typer.Option("local", "--engine", help="Engine used to check the model (local | ray | "
+                                                         "synthetic)."),
     check_model: bool = typer.Option(True, "--check-model/--no-check-model",
                                      help="Load the model once to check the name and label range."),
     watch: bool = typer.Option(False, "--watch", "-w", help="Follow progress until the job ends."),
@@ -110,59 +87,24 @@ def submit(
     prefix: Optional[str] = Prefix,
 ):
     """Submit a generation / FID-evaluation job (idempotent: the same spec is the same job)."""
-    _submit(**locals())
+    from cluster.submission import spec_from_sources, submit_job
 
-
-@_guard
-def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter, relax, cfg_scale, refine_mode,
-            parallel, labels, num_samples, seed, shard_size, batch_size, output, store, fid_reference, extractor, no_fid,
-            baseline, name, engine, check_model, watch, quiet, redis_url, prefix):
-    from cluster.errors import SpecError
-    from cluster.paths import resolve_model_path, resolve_sampler_paths
-    from cluster.spec import load_spec_file, merge_overrides, spec_from_dict
-
-    data = load_spec_file(spec_file) if spec_file is not None else {}
+    flags = opt.coerce_flags(sampler=sampler, steps=steps, eta=eta, draft_length=draft_length, verify=verify,
+                             drafter=drafter, relax=relax, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
+                             refine_mode=refine_mode, parallel=parallel)
     overrides = {
-        "model": model, "name": name, "labels": labels, "num_samples": num_samples, "base_seed": seed,
-        "shard_size": shard_size, "batch_size": batch_size, "output.dir": output, "output.store": store,
-        "sampler.sampler": sampler, "sampler.steps": steps, "sampler.eta": eta,
-        "sampler.draft_length": draft_length, "sampler.verify": verify, "sampler.drafter": drafter,
-        "sampler.relax": relax, "sampler.cfg_scale": cfg_scale, "sampler.refine_mode": refine_mode,
-        "sampler.parallel": parallel, "evaluate.fid_reference": fid_reference,
-        "evaluate.extractor": extractor, "evaluate.baseline": baseline,
+        "model": model, "name": name, "labels": labels, "num_samples": num_samples,
+        "base_seed": None if seed is None else opt.seed_value(seed), "num_heads": num_heads, "weights": weights,
+        "shard_size": shard_size, "batch_size": batch_size, "output.dir": out, "output.store": store,
+        "evaluate.fid_reference": fid_reference, "evaluate.extractor": features, "evaluate.baseline": baseline,
         "evaluate.fid": False if no_fid else None,
     }
-    data = merge_overrides(data, overrides)
-    if "model" not in data:
-        raise SpecError("invalid job spec: model: Field required (give --model or a spec file)")
-    if "num_samples" not in data:
-        raise SpecError("invalid job spec: num_samples: Field required (give -n or a spec file)")
-    spec = spec_from_dict(data)
-    spec.job_dir()  # exit 2 now if the output directory leads out of the output root or a file is in the way
+    spec = spec_from_sources(spec_file, flags, overrides)
     q = _queue(redis_url, prefix)  # reach Redis before the (slower) model check
-    if check_model:
-        from workers.engine import EngineError, check_cfg_channels, check_labels, check_store, make_engine
-
-        try:
-            eng = make_engine(engine)
-            info = eng.model_info(resolve_model_path(spec.model), spec.model_options())
-            check_labels(spec.labels, info)
-            check_store(spec.output.store, info)
-            sampler = resolve_sampler_paths(spec.sampler.model_dump(mode="json"))
-            eng.check_sampler(sampler)
-            check_cfg_channels(sampler, info)
-            if sampler["drafter"].startswith("model:"):  # a drafter model must load as well as the target
-                eng.model_info(sampler["drafter"].removeprefix("model:"))
-        except EngineError as e:
-            raise SpecError(f"invalid job spec: {e}") from None
-        _warn_fid_dimension(spec, info)
-        _check_reference(spec.evaluate.fid_reference if spec.evaluate.fid else None)
-    res = q.submit(spec)
-    if res.resumed and not res.queued_shards:  # every shard was already done: only the report is missing
-        from cluster.aggregator import Aggregator
-        from workers.engine import make_engine
-
-        Aggregator(q, make_engine(engine)).finalize(res.job_id)
+    done = submit_job(q, spec, engine_name=engine, check_model=check_model)
+    for w in done.warnings:
+        typer.echo(plain(f"warning: {w}"), err=True)
+    res = done.result
     if quiet:
         typer.echo(res.job_id)
     elif res.created:
@@ -174,35 +116,6 @@ def _submit(spec_file, model, sampler, steps, eta, draft_length, verify, drafter
         typer.echo(f"job {res.job_id} already exists ({res.status.value}); nothing submitted")
     if watch:
         _watch(q, res.job_id)
-
-
-def _warn_fid_dimension(spec, info) -> None:
-    """Warn (stderr) when a FID job has fewer samples than its features have dimensions: the covariance is
-    then singular and the FID is dominated by its estimation error."""
-    from cluster.limits import feature_dim
-
-    if not spec.evaluate.fid:
-        return
-    name = info.default_extractor if spec.evaluate.extractor == "auto" else spec.evaluate.extractor
-    dim = feature_dim(name, info.sample_shape)
-    if dim is not None and spec.num_samples < dim:
-        typer.echo(f"warning: FID on {spec.num_samples} samples of {dim}-dimensional {name} features: the "
-                   "covariance is singular below the feature dimension and the FID is biased", err=True)
-
-
-def _check_reference(ref: str | None) -> None:
-    """An FID reference given as a statistics file must be readable here (the aggregator reads it later)."""
-    if ref is None or ref == "auto" or ref.startswith(("data:", "ref:")):
-        return
-    from cluster.errors import SpecError
-    from cluster.paths import resolve_model_path
-    from workers.evaluation import load_feature_stats
-
-    try:
-        load_feature_stats(resolve_model_path(ref, "fid_reference"))
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the spec's fault
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise SpecError(f"invalid job spec: fid_reference {ref!r} is not readable FID statistics: {first}") from None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -220,6 +133,7 @@ def _status_renderable(p):
     rec = p.record
     n = rec.spec.num_samples
     t = Table.grid(padding=(0, 1))
+    t.add_column(overflow="fold", min_width=len(rec.id))  # the job id stays whole (users copy it), never cut
     colour = {"done": "green", "failed": "red", "cancelled": "yellow"}.get(rec.status.value, "cyan")
     head = f"[bold]{markup(rec.id)}[/bold]" + (f" ({markup(rec.spec.name)})" if rec.spec.name else "")
     t.add_row(head, f"[{colour}]{rec.status.value}[/{colour}]", ProgressBar(total=1.0, completed=p.fraction, width=30),
@@ -270,7 +184,6 @@ def status(
     _status(job_id=job_id, watch=watch, as_json=as_json, redis_url=redis_url, prefix=prefix)
 
 
-@_guard
 def _status(job_id, watch, as_json, redis_url, prefix):
     q = _queue(redis_url, prefix)
     if watch and not as_json:
@@ -307,40 +220,20 @@ def results(
              redis_url=redis_url, prefix=prefix)
 
 
-@_guard
 def _results(job_id, as_json, recompute, export, engine, redis_url, prefix):
-    from cluster.aggregator import Aggregator
-    from cluster.errors import ServiceError
-    from cluster.records import JobStatus
-    from workers.engine import make_engine
+    from cluster.results import job_report
 
     q = _queue(redis_url, prefix)
-    rec = q.get(job_id)
     if export is not None:
-        from cluster.export import export_images
+        from cluster.export import NotExportable, export_images
 
-        ex = export_images(q, job_id, export)
+        try:
+            ex = export_images(q, job_id, export)
+        except NotExportable as e:
+            fail(str(e), EXIT_USAGE)
         typer.echo(f"wrote {ex.path}: arr_0 {ex.shape} uint8" + (", arr_1 labels" if ex.labels else ""),
                    err=as_json)
-    agg = Aggregator(q, make_engine(engine))
-    retry_aggregation = recompute and rec.status == JobStatus.FAILED and (rec.error or "").startswith(
-        "aggregation failed")
-    if rec.status in (JobStatus.FAILED, JobStatus.CANCELLED) and not retry_aggregation:
-        raise ServiceError(f"job {job_id} {rec.status.value}: {rec.error or 'no report'}")
-    report = agg.report(job_id)
-    if report is None or recompute:
-        done = q.shards_done(job_id)
-        if done < rec.num_shards:
-            raise ServiceError(f"job {job_id} is {rec.status.value} ({done}/{rec.num_shards} shards done); "
-                               f"see 'specdit status {job_id}'")
-        report = agg.finalize(job_id, force=True)
-        if report is None and agg.requeued:
-            s, why = agg.requeued[0]
-            raise ServiceError(f"job {job_id}: {len(agg.requeued)} shard file(s) failed verification and were "
-                               f"queued again for recomputation (shard {s}: {why}); run a worker, then retry")
-        if report is None:
-            raise ServiceError(f"job {job_id} is being aggregated by another process; retry in a moment")
-    report = agg.attach_baseline(rec, report)  # a baseline may have finished after this job
+    report = job_report(q, job_id, recompute=recompute, engine_name=engine)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -359,7 +252,9 @@ def _print_report(r: dict) -> None:
     t.add_row("model / sampler", markup(f"{r['model']} / {s['sampler']} (S={s['steps']}, L={s['draft_length']}, "
                                         f"{s['verify']}, drafter {s['drafter']}, eta {s['eta']})"))
     t.add_row("samples", f"{r['unique_samples']} / {r['num_samples']} in {r['num_shards']} shards")
-    t.add_row("FID", f(r.get("fid"), "{:.6g}") + (markup(f"  (vs {r['fid_reference']}, {r.get('fid_extractor')})")
+    ref, resolved = r.get("fid_reference"), r.get("fid_reference_resolved")
+    ref = f"{ref} = {resolved}" if ref == "auto" and resolved else ref  # say what "auto" stood for
+    t.add_row("FID", f(r.get("fid"), "{:.6g}") + (markup(f"  (vs {ref}, {r.get('fid_extractor')})")
                                                   if r.get("fid") is not None else ""))
     isc = r.get("inception_score")
     if isc:
@@ -374,13 +269,19 @@ def _print_report(r: dict) -> None:
             t.add_row("draft fallbacks", f"{sp['draft_fallbacks']} (non-finite or too large drafts replaced)")
     w = r["wall_time"]
     t.add_row("wall time / sample", f"{1000 * w['engine_seconds_per_sample']:.2f} ms (engine), "
-                                    f"{1000 * w['job_seconds_per_sample']:.2f} ms (job, {len(w['workers'])} workers)")
+                                    f"{1000 * w['job_seconds_per_sample']:.2f} ms (job, {_plural(len(w['workers']), 'worker')})")
     b = r.get("baseline")
     t.add_row("speed-up vs DDPM", "-" if not b else f"{b['speedup_rounds']:.2f}x rounds, {b['speedup_wall']:.2f}x wall "
                                                    f"(baseline {markup(b['job_id'])})")
-    for k, v in r.get("files", {}).items():
-        t.add_row(markup(k), markup(v))
+    t.columns[1].overflow = "fold"  # ids in the values must stay whole to be copied: fold, never "…"
     Console().print(t)
+    for k, v in r.get("files", {}).items():  # outside the table: a path of any length prints whole, on one line
+        typer.echo(plain(f"{k}: {v}"))
+
+
+def _plural(n: int, word: str) -> str:
+    """``"1 worker"``, ``"2 workers"``."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -393,7 +294,6 @@ def cancel(
     _cancel(job_id=job_id, redis_url=redis_url, prefix=prefix)
 
 
-@_guard
 def _cancel(job_id, redis_url, prefix):
     q = _queue(redis_url, prefix)
     rec = q.cancel(job_id)
@@ -405,7 +305,7 @@ def _cancel(job_id, redis_url, prefix):
 
 def jobs(
     limit: int = typer.Option(50, min=1, help="Most recent jobs to list."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output: one JSON list of jobs (no worker line)."),
     redis_url: Optional[str] = RedisUrl,
     prefix: Optional[str] = Prefix,
 ):
@@ -413,7 +313,6 @@ def jobs(
     _jobs(limit=limit, as_json=as_json, redis_url=redis_url, prefix=prefix)
 
 
-@_guard
 def _jobs(limit, as_json, redis_url, prefix):
     q = _queue(redis_url, prefix)
     recs = q.jobs(limit)
@@ -425,7 +324,11 @@ def _jobs(limit, as_json, redis_url, prefix):
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("job", "name", "model", "sampler", "N", "status", "shards", "submitted")
+    from rich.table import Column
+
+    # the id is what users copy into 'specdit status' (and the model into 'submit'): never cut to "j3dde78…"
+    t = Table(Column("job", no_wrap=True, min_width=len(recs[0].id) if recs else None),
+              *(Column(h, overflow="fold") for h in ("name", "model", "sampler", "N", "status", "shards", "submitted")))
     for r in recs:
         done = q.shards_done(r.id)
         t.add_row(markup(r.id), markup(r.spec.name or ""), markup(r.spec.model), r.spec.sampler.sampler,
@@ -439,8 +342,8 @@ def _jobs(limit, as_json, redis_url, prefix):
 
 # ------------------------------------------------------------------------------------------------------
 def worker(
-    engine: str = typer.Option("local", help="local (specdit.api in this process) | ray (actor pool) | "
-                                             "synthetic (no model, for testing the service)."),
+    engine: str = typer.Option("local", "--engine", help="local (specdit.api in this process) | ray (actor pool) | "
+                                                        "synthetic (no model, for testing the service)."),
     job: Optional[str] = typer.Option(None, "--job", help="Serve only this job; exit when it ends."),
     device: Optional[str] = typer.Option(None, help="Torch device for the engine (default: the engine's)."),
     threads: int = typer.Option(1, help="Torch threads per worker (1: one core each)."),
@@ -451,7 +354,7 @@ def worker(
     max_shards: Optional[int] = typer.Option(None, "--max-shards", help="Exit after this many shards."),
     poll_interval: float = typer.Option(0.25, "--poll-interval", help="Seconds between polls when idle."),
     name: Optional[str] = typer.Option(None, help="Worker name (default host-pid-random)."),
-    log_level: str = typer.Option("INFO", "--log-level"),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG | INFO | WARNING | ERROR."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="SPECDIT_RAY_ADDRESS",
                                               help="--engine ray: the cluster (host:port; default: a private one)."),
     ray_pool: Optional[str] = typer.Option(None, "--ray-pool", envvar="SPECDIT_RAY_POOL",
@@ -463,21 +366,19 @@ def worker(
     _worker(**locals())
 
 
-@_guard
 def _worker(engine, job, device, threads, heartbeat_timeout, max_attempts, max_idle, max_shards, poll_interval,
             name, log_level, ray_address, ray_pool, redis_url, prefix):
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):
-        fail(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        fail(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}", EXIT_USAGE)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ.setdefault("MKL_NUM_THREADS", str(threads))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))  # hostile job text
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    from cluster.errors import ServiceError
+    from cluster.engines import service_engine
     from cluster.limits import check_worker_settings
     from cluster.worker import ShardWorker, WorkerOptions
-    from workers.engine import EngineError, make_engine
 
     check_worker_settings(heartbeat_timeout=heartbeat_timeout, max_attempts=max_attempts, threads=threads,
                           poll_interval=poll_interval)
@@ -489,13 +390,7 @@ def _worker(engine, job, device, threads, heartbeat_timeout, max_attempts, max_i
         except ValueError as e:
             fail(str(e))
     q = _queue(redis_url, prefix, heartbeat_timeout=heartbeat_timeout, max_attempts=max_attempts)
-    try:
-        kwargs = {"threads": threads} if device is None else {"threads": threads, "device": device}
-        if engine == "ray":
-            kwargs.update(address=ray_address, pool=ray_pool)
-        eng = make_engine(engine, **kwargs)
-    except EngineError as e:
-        fail(str(e), 2 if "unknown engine" in str(e) else 1)
+    eng = service_engine(engine, threads=threads, device=device, ray_address=ray_address, ray_pool=ray_pool)
     w = ShardWorker(q, eng, WorkerOptions(job_id=job, poll_interval=poll_interval, max_idle=max_idle,
                                           max_shards=max_shards), name=name)
     w.install_signal_handlers()
@@ -510,7 +405,7 @@ COMMANDS = {"submit": submit, "status": status, "results": results, "cancel": ca
 
 def register(app: typer.Typer) -> None:
     for cmd_name, fn in COMMANDS.items():
-        app.command(cmd_name)(fn)
+        app.command(cmd_name, cls=opt.AliasedCommand)(user_errors(fn))
 
 
 def standalone_app() -> typer.Typer:

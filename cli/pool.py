@@ -1,41 +1,26 @@
 """``specdit pool start | list | stop``: the verifier/drafter actor pool on an existing Ray cluster.
 
 Start a cluster first (``ray start --head --node-ip-address=127.0.0.1 --port=6380 --num-cpus=2`` locally, or
-the compose services), then ``specdit pool start main --address 127.0.0.1:6380``; workers attach with
+the compose services), then ``specdit pool start main --ray-address 127.0.0.1:6380``; workers attach with
 ``specdit worker --engine ray --ray-address 127.0.0.1:6380 --ray-pool main``. There is no default address: a
-command never attaches to whatever Ray cluster runs on the machine unless told to (``--address auto``).
+command never attaches to whatever Ray cluster runs on the machine unless told to (``--ray-address auto``).
+The old spellings ``--address`` and ``pool start -n`` are deprecated aliases.
 """
 from __future__ import annotations
 
-import functools
 import json
 from typing import Optional
 
 import typer
 
-from cli.common import fail, user_errors
+from cli import options as opt
+from cli.common import user_errors
 from cli.render import markup, plain
 
 pool_app = typer.Typer(help="The Ray actor pool (verifier + drafter on separate devices).", no_args_is_help=True)
 
-Address = typer.Option(..., "--address", envvar="SPECDIT_RAY_ADDRESS", show_default=False,
+Address = typer.Option(..., "--ray-address", envvar="SPECDIT_RAY_ADDRESS", show_default=False,
                        help="Ray cluster address: host:port | ray://host:port | auto (any cluster running here).")
-
-
-def _pool_errors(fn):
-    """PoolError -> one line and exit code 1."""
-
-    @functools.wraps(fn)
-    @user_errors
-    def wrapper(*args, **kwargs):
-        from workers.ray_pool.actors import PoolError
-
-        try:
-            return fn(*args, **kwargs)
-        except PoolError as e:
-            fail(str(e), 2 if isinstance(e, ValueError) else 1)
-
-    return wrapper
 
 
 def _table(rows: list[dict]) -> None:
@@ -51,12 +36,12 @@ def _table(rows: list[dict]) -> None:
     Console().print(t)
 
 
-@pool_app.command("start")
-@_pool_errors
+@pool_app.command("start", cls=opt.AliasedCommand)
+@user_errors
 def start(
     name: str = typer.Argument("specdit", help="Pool name (actors are named <name>-<rank>-<role>)."),
     address: str = Address,
-    actors: int = typer.Option(2, "--actors", "-n",
+    actors: int = typer.Option(2, "--actors",
                                help="Actors: (verifier, drafter) pairs; a single actor holds both roles."),
     threads: int = typer.Option(1, help="CPU threads per actor (CPU actors)."),
     device: str = typer.Option("auto", help="auto (GPUs if the cluster has enough) | cpu | cuda."),
@@ -67,8 +52,8 @@ def start(
     _table(start_pool(address, name, actors, threads, device))
 
 
-@pool_app.command("list")
-@_pool_errors
+@pool_app.command("list", cls=opt.AliasedCommand)
+@user_errors
 def list_(
     name: Optional[str] = typer.Argument(None, help="Pool name (default: every pool)."),
     address: str = Address,
@@ -86,8 +71,8 @@ def list_(
         _table(rows)
 
 
-@pool_app.command("stop")
-@_pool_errors
+@pool_app.command("stop", cls=opt.AliasedCommand)
+@user_errors
 def stop(name: str = typer.Argument("specdit", help="Pool name."), address: str = Address):
     """Kill a pool's actors and free its placement group."""
     from workers.ray_pool.actors import stop_pool

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from cli import options as opt
 from cli.common import user_errors
 
 
@@ -15,13 +16,13 @@ def train_drafter(
     out: Path = typer.Option(Path("runs/drafter"), "--out", "-o", help="Run folder (checkpoints, loss log)."),
     export: Optional[Path] = typer.Option(None, help="Where to write the trained drafter (default OUT/drafter)."),
     steps: int = typer.Option(3000, help="Optimisation steps."),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(3e-4),
+    batch_size: int = typer.Option(64, help="Training images per optimisation step."),
+    lr: float = typer.Option(3e-4, help="AdamW learning rate."),
     lambda_feat: float = typer.Option(0.5, help="Weight of L_feat."),
     lambda_smooth: float = typer.Option(0.005, help="Weight of L_smooth."),
     ema: float = typer.Option(0.999, help="EMA decay."),
     sample_steps: int = typer.Option(250, help="Sampling steps S the drafter will draft on."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Random seed."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Warm start from a trained drafter folder "
                                              "(e.g. the previous drafter of a model that was trained further)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
@@ -29,7 +30,7 @@ def train_drafter(
                                               "pool: a cluster address (host:port | auto) or 'local' (a private "
                                               "cluster for this run)."),
     workers: int = typer.Option(2, "--workers", help="Data-parallel ranks (pool actors) with --ray-address."),
-    pool: Optional[str] = typer.Option(None, "--pool", help="Use this named pool ('specdit pool start')."),
+    pool: Optional[str] = typer.Option(None, "--ray-pool", envvar="SPECDIT_RAY_POOL", help="Use this named pool ('specdit pool start')."),
 ) -> None:
     """Train the drafter against the frozen DiT with on-the-fly supervision; prints the final losses."""
     import torch
@@ -77,4 +78,4 @@ def _every_new_step(fn):
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train-drafter")(user_errors(train_drafter))
+    app.command("train-drafter", cls=opt.AliasedCommand)(user_errors(train_drafter))

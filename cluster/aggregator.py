@@ -26,7 +26,8 @@ from cluster.client import SpecditRedis
 from cluster.errors import CorruptShard, ServiceError
 from cluster.paths import resolve_model_path
 from cluster.records import JobRecord, JobStatus
-from cluster.spec import JobSpec
+from cluster.spec import SPEC_VERSION, JobSpec, shard_versions
+from specdit.config import SAMPLER_ARITHMETIC_VERSION
 from cluster.storage import read_shard
 from workers import evaluation
 from workers.engine import Engine, EngineError
@@ -81,6 +82,7 @@ class Aggregator:
         first, last, workers, job_dir, unique = float("inf"), float("-inf"), set(), None, 0
         with_stats = True
         is_stats, is_shards = None, 0  # Inception-Score sums (every shard must have them)
+        clipped = 0  # stored sample values clipped or overflowed by output.sample_dtype
         for s, res in self.q.iter_done_results(job_id, spec.num_shards):
             a, b = spec.shard_range(s)
             if res is None or (res.start, res.stop) != (a, b):
@@ -98,12 +100,14 @@ class Aggregator:
                 idx = arrays.get("indices")
                 if idx is None or not np.array_equal(idx, np.arange(a, b)):
                     raise CorruptShard(f"shard file {res.path} holds the wrong sample indices")
+                check_versions(job_id, s, arrays)
             except CorruptShard as e:
                 corrupt.append((s, str(e)))
                 continue
             first, last = min(first, res.started_at), max(last, res.finished_at)
             workers.add(res.worker)
             unique += len(arrays["time_per_sample"])
+            clipped += int(arrays.get("samples_clipped", 0))
             stats = {key[len(evaluation.STAT_PREFIX):]: v for key, v in arrays.items()
                      if key.startswith(evaluation.STAT_PREFIX)}
             with_stats = with_stats and "rounds" in stats
@@ -141,9 +145,10 @@ class Aggregator:
         n = spec.num_samples
         report: dict = {
             "job_id": job_id, "name": spec.name, "model": spec.model, "status": JobStatus.DONE.value,
-            "sampler": spec.sampler.model_dump(mode="json"), "labels": spec.labels, "base_seed": spec.base_seed,
+            "sampler": spec.sampler.to_dict(), "labels": spec.labels, "base_seed": spec.base_seed,
             "num_samples": n, "num_shards": spec.num_shards, "shard_size": spec.shard_size,
             "unique_samples": int(unique),
+            "samples_clipped": clipped,  # stored values that output.sample_dtype clipped or overflowed
         }
         # Speed statistics
         report["speed"] = speed.summary() if (spec.evaluate.speed and with_stats and speed.n) else None
@@ -164,6 +169,7 @@ class Aggregator:
             report["fid_extractor"] = merged.extractor
             report["feature_stats"] = str(stats_path)
             ref = self._reference(spec, extractor_key, job_dir.parent)
+            report["fid_reference_resolved"] = self._resolved_reference(spec)
             if ref is not None:
                 try:
                     report["fid"] = evaluation.frechet_distance(merged, ref)
@@ -225,6 +231,17 @@ class Aggregator:
         stats.save(cache)
         return stats
 
+    def _resolved_reference(self, spec: JobSpec) -> str | None:
+        """What ``evaluate.fid_reference`` "auto" stands for (e.g. "data:10000", "ref:mnist"); None when the
+        engine cannot say (no engine, or one without ``resolve_reference``)."""
+        resolve = getattr(self.engine, "resolve_reference", None)
+        if spec.evaluate.fid_reference is None or resolve is None:
+            return spec.evaluate.fid_reference if spec.evaluate.fid_reference != "auto" else None
+        try:
+            return resolve(resolve_model_path(spec.model), spec.evaluate.fid_reference)
+        except EngineError:
+            return None
+
     def attach_baseline(self, rec: JobRecord, report: dict) -> dict:
         """A report without a baseline whose DDPM baseline finished later: add the baseline to the report in
         Redis *and* to the job's ``report.json`` (when this process sees the job's directory), so the two never
@@ -269,6 +286,18 @@ class Aggregator:
                 "fid": base.get("fid"),
             }
         return None
+
+
+def check_versions(job_id: str, shard: int, arrays: dict) -> None:
+    """Refuse (ServiceError, the job's aggregation fails) a shard written under another spec or
+    sampler-arithmetic version than this process's: its samples may differ for the same seeds, and shards
+    of two versions must never merge into one job."""
+    spec_v, arith_v = shard_versions(arrays)
+    if (spec_v, arith_v) != (SPEC_VERSION, SAMPLER_ARITHMETIC_VERSION):
+        raise ServiceError(f"job {job_id}: shard {shard} was written under spec version {spec_v}, sampler "
+                           f"arithmetic version {arith_v}, this aggregator runs {SPEC_VERSION}/"
+                           f"{SAMPLER_ARITHMETIC_VERSION}: refusing to merge shards of two versions "
+                           "(resubmit the job: the new version gives it a new id)")
 
 
 def _remove_stale_temp_files(folder: Path, older_than: float) -> None:

@@ -22,6 +22,11 @@ from cluster.storage import read_shard
 HEADROOM_BYTES = 1 << 20  # .npy headers and zip records
 
 
+class NotExportable(ServiceError):
+    """The user asked for something export cannot do (a job without images, a path not ending in .npz): a
+    usage error, which the CLI reports with its usage exit code."""
+
+
 @dataclass(frozen=True)
 class Export:
     path: Path
@@ -54,7 +59,7 @@ def export_images(q: JobQueue, job_id: str, path: str | Path) -> Export:
                            "export needs every shard")
     path = Path(path)
     if path.suffix != ".npz":
-        raise ServiceError(f"export path {path} must end in .npz")
+        raise NotExportable(f"export path {path} must end in .npz")
 
     def shard(k: int) -> dict[str, np.ndarray]:
         res = done[k]
@@ -65,7 +70,7 @@ def export_images(q: JobQueue, job_id: str, path: str | Path) -> Export:
             raise ServiceError(f"{e}; run 'specdit results {job_id} --recompute' to queue it again") from None
         if "images" not in arrays:
             what = "vectors" if arrays.get("samples") is not None and arrays["samples"].ndim == 2 else "no images"
-            raise ServiceError(f"job {job_id} stored {what} (output.store={spec.output.store!r}, "
+            raise NotExportable(f"job {job_id} stored {what} (output.store={spec.output.store!r}, "
                                f"save_samples={spec.output.save_samples}): nothing to export as images")
         if not np.array_equal(arrays["indices"], np.arange(start, stop)):
             raise ServiceError(f"shard file {res.path} holds the wrong sample indices")

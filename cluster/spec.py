@@ -3,7 +3,9 @@
 A spec is validated field by field on load (YAML, JSON or CLI flags). Its id is a hash of ``SPEC_VERSION``
 and its canonical JSON *without default values*, so submitting the same spec twice names the same job
 (idempotent submission) and adding a field with a default to a later version keeps every id. Bump
-``SPEC_VERSION`` when a default or the meaning of a field changes: ids then change on purpose. Sample ``i`` of a job
+``SPEC_VERSION`` when a default or the meaning of a field changes, and ``specdit.config.SAMPLER_ARITHMETIC_VERSION``
+when the library's arithmetic changes (same settings, other samples): ids then change on purpose, and shard
+files record both versions (the aggregator refuses to merge shards of another version). Sample ``i`` of a job
 uses seed ``sample_seed(base_seed, i)`` and a label derived from ``i`` alone, so results depend neither on
 the number of workers nor on the shard size.
 """
@@ -11,97 +13,45 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError,
+                      field_validator, model_validator)
 
 from cluster import limits, paths
 from cluster.errors import SpecError
+from specdit.config import MAX_SEED, SAMPLER_ARITHMETIC_VERSION, SamplerConfig, SettingError, check_seed, with_drafter
 
-_DRAFTER = re.compile(r"^(free|feature|perturbed:\d+(\.\d*)?([eE][-+]?\d+)?|(model|feature):[\w.\-/]+)$")
+_DRAFTER_PATH = re.compile(r"^[\w.\-/]+$")
 _LABELS = re.compile(r"^(none|uniform|random|fixed:\d+)$")
 SPEC_VERSION = 2  # 1: ids hashed the full spec with its defaults; 2: without defaults, version in the hash
 MAX_NAME_LENGTH = 100
-
-
-def _rules():
-    """``specdit.settings_rules`` (torch-free), imported when a spec is validated: the cluster modules import
-    no ``specdit`` module at start-up (a worker starts fast). The one seed range, [0, 2^63 - 1], is there."""
-    from specdit import settings_rules
-
-    return settings_rules
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SamplerSettings(_Strict):
-    """Mirror of ``specdit.api.SamplerConfig`` (same field names, validated here without torch)."""
+def _sampler_config(value: Any) -> SamplerConfig:
+    """The job's sampler settings: the library's own rules (``specdit.config``), then the service's path rule
+    for a ``model:<path>`` / ``feature:<folder>`` drafter (normalised relative to the model root)."""
+    config = value.validate() if isinstance(value, SamplerConfig) else SamplerConfig.from_dict(value)
+    kind, _, arg = config.drafter.partition(":")
+    if kind not in ("model", "feature") or not arg:
+        return config
+    if not _DRAFTER_PATH.match(arg):
+        raise SettingError("drafter", "drafter must be 'free', 'feature', 'feature:<folder>', 'perturbed:<error>' "
+                                      "or 'model:<name>' (a name or path of letters, digits, '_', '.', '-', '/')")
+    arg = paths.normalize_model_path(arg, "drafter", is_path=kind == "feature")
+    return with_drafter(config, f"{kind}:{arg}")
 
-    sampler: Literal["ddpm", "speculative", "draft_refine"] = "speculative"
-    steps: int = Field(250, ge=2, le=1000)
-    eta: float = Field(1.0, ge=0.0, le=1.0)
-    draft_length: int = Field(8, ge=1, le=1000)
-    verify: Literal["token", "block"] = "block"
-    drafter: str = "free"
-    relax: float = Field(0.0, ge=0.0)
-    cfg_scale: float = Field(1.0, ge=0.0)
-    cfg_channels: int | None = Field(None, ge=1)  # None ("all"): guide every channel; 3: DiT's forward_with_cfg
-    refine_mode: Literal["conservative", "aggressive"] = "conservative"
-    parallel: int = Field(4, ge=1)
 
-    @field_validator("steps", mode="before")
-    @classmethod
-    def _steps(cls, v):
-        if v == 1:
-            raise ValueError("steps must be >= 2: with 1 step the respaced schedule keeps only t = 0 and the "
-                             "sampler would return its input noise")
-        return v
-
-    @field_validator("eta", mode="before")
-    @classmethod
-    def _eta(cls, v):
-        return _rules().check_eta(v)  # the rules of specdit.api.SamplerConfig: same messages
-
-    @field_validator("relax", mode="before")
-    @classmethod
-    def _relax(cls, v):
-        return _rules().check_relax(v)
-
-    @field_validator("cfg_scale", mode="before")
-    @classmethod
-    def _cfg_scale(cls, v):
-        return _rules().check_cfg_scale(v)
-
-    @field_validator("cfg_channels", mode="before")
-    @classmethod
-    def _cfg_channels(cls, v):
-        return None if isinstance(v, str) and v.strip().lower() == "all" else v
-
-    @field_validator("drafter")
-    @classmethod
-    def _drafter(cls, v: str) -> str:
-        if not _DRAFTER.match(v):
-            raise ValueError("drafter must be 'free', 'feature', 'feature:<folder>', 'perturbed:<error>' or "
-                             "'model:<name>'")
-        if v.startswith("perturbed:") and not math.isfinite(float(v.split(":", 1)[1])):
-            raise ValueError(f"drafter {v!r}: the error must be a finite number >= 0")
-        kind, _, arg = v.partition(":")
-        if kind not in ("model", "feature") or not arg:
-            return v
-        return f"{kind}:{paths.normalize_model_path(arg, 'drafter', is_path=kind == 'feature')}"
-
-    @model_validator(mode="after")
-    def _parallel(self) -> "SamplerSettings":
-        if self.eta <= 0:  # only then can the rule refuse: the default settings built at import stay torch-free
-            _rules().check_sampler_eta(self.sampler, self.eta)
-        if self.sampler == "draft_refine" and self.parallel >= self.steps:
-            raise ValueError(f"parallel ({self.parallel}) must be smaller than steps ({self.steps}) for draft_refine")
-        return self
+# ``JobSpec.sampler``: validated by SamplerConfig's rules (one message per setting wherever it comes from),
+# stored and hashed as its plain dict.
+SamplerField = Annotated[SamplerConfig, PlainValidator(_sampler_config),
+                         PlainSerializer(lambda c: c.to_dict(), return_type=dict)]
 
 
 class OutputSpec(_Strict):
@@ -112,7 +62,10 @@ class OutputSpec(_Strict):
     # What a shard stores: "auto" = decoded uint8 images for image models (latent DiTs decoded by their VAE),
     # raw samples for vector models; "images"; "latents" (raw model output); "images+latents".
     store: Literal["auto", "images", "latents", "images+latents"] = "auto"
-    sample_dtype: Literal["float32", "float16", "uint8"] = "float32"  # of raw samples; uint8 maps [-1, 1] -> [0, 255]
+    # Of raw samples/latents. uint8 maps [-1, 1] -> [0, 255] and is refused for vector models (their samples
+    # are unbounded); float16 is finite within +-65504: values it overflows (or uint8 clips, for latents)
+    # are counted in the report's samples_clipped.
+    sample_dtype: Literal["float32", "float16", "uint8"] = "float32"
 
     @field_validator("dir")
     @classmethod
@@ -151,19 +104,14 @@ class JobSpec(_Strict):
     model: str = Field(min_length=1, max_length=500)
     num_heads: int | None = Field(None, ge=1, le=4096)  # original DiT .pt only (default: DiT's table)
     weights: Literal["ema", "model"] | None = None  # a DiT train.py checkpoint's weights (default: ema)
-    sampler: SamplerSettings = SamplerSettings()
+    sampler: SamplerField = SamplerConfig()
     labels: str = "uniform"  # "none" | "uniform" (i % C) | "random" (from the seed) | "fixed:<c>"
     num_samples: int = Field(gt=0, le=limits.MAX_SAMPLES_PER_JOB)
-    base_seed: int = 0  # in [0, 2^63 - 1] (specdit.settings_rules.check_seed)
+    base_seed: int = 0  # in [0, MAX_SEED] (specdit.config.check_seed, the range of every command)
     shard_size: int = Field(64, gt=0, le=limits.MAX_SHARD_SIZE)
     batch_size: int = Field(64, gt=0, le=100_000)
     output: OutputSpec = OutputSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
-
-    @field_validator("base_seed", mode="before")
-    @classmethod
-    def _seed(cls, v):
-        return _rules().check_seed(v)
 
     @field_validator("name")
     @classmethod
@@ -178,6 +126,11 @@ class JobSpec(_Strict):
     @classmethod
     def _model(cls, v: str) -> str:
         return paths.normalize_model_path(v, "model")
+
+    @field_validator("base_seed", mode="before")
+    @classmethod
+    def _seed(cls, v: Any) -> int:
+        return check_seed(v)
 
     @field_validator("labels")
     @classmethod
@@ -211,14 +164,22 @@ class JobSpec(_Strict):
         return start, min(self.num_samples, start + self.shard_size)
 
     def canonical_json(self, *, exclude_defaults: bool = False) -> str:
-        """Sorted, compact JSON of the spec (every field, or only those that differ from their defaults)."""
+        """Sorted, compact JSON of the spec (every field, or only those that differ from their defaults, the
+        sampler's settings included one by one)."""
         data = self.model_dump(mode="json", exclude_defaults=exclude_defaults)
+        if exclude_defaults:
+            sampler = self.sampler.to_dict(exclude_defaults=True)
+            data.pop("sampler", None)
+            if sampler:
+                data["sampler"] = sampler
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @property
     def job_id(self) -> str:
-        """``j`` + 15 hex digits of SHA-256 over ``v<SPEC_VERSION>:`` + the canonical JSON without defaults."""
-        key = f"v{SPEC_VERSION}:" + self.canonical_json(exclude_defaults=True)
+        """``j`` + 15 hex digits of SHA-256 over :func:`id_key` (versions + the canonical JSON without
+        defaults): equivalent spellings of a spec share an id; a new spec or sampler-arithmetic version
+        gives a new one."""
+        key = id_key(self.canonical_json(exclude_defaults=True))
         return "j" + hashlib.sha256(key.encode()).hexdigest()[:15]
 
     def job_dir(self) -> Path:
@@ -245,11 +206,43 @@ class JobSpec(_Strict):
         return int(self.labels.split(":")[1]) if self.labels.startswith("fixed:") else None
 
 
+def id_key(canonical: str) -> str:
+    """What a job id hashes: ``v<SPEC_VERSION>:`` (+ ``a<SAMPLER_ARITHMETIC_VERSION>:`` from version 2 on, so
+    that the ids of version 1, the first, are those of every job submitted before versions were recorded)
+    + the canonical JSON."""
+    arith = "" if SAMPLER_ARITHMETIC_VERSION == 1 else f"a{SAMPLER_ARITHMETIC_VERSION}:"
+    return f"v{SPEC_VERSION}:{arith}{canonical}"
+
+
+# Arrays every shard file carries (stamped by ``cluster.storage.write_shard`` with the writer's versions).
+SPEC_VERSION_KEY, ARITHMETIC_VERSION_KEY = "spec_version", "sampler_arithmetic_version"
+
+
+def version_arrays() -> dict[str, Any]:
+    """The versions of this process (0-d int64 arrays) for a shard file it writes."""
+    import numpy as np
+
+    return {SPEC_VERSION_KEY: np.array(SPEC_VERSION, dtype=np.int64),
+            ARITHMETIC_VERSION_KEY: np.array(SAMPLER_ARITHMETIC_VERSION, dtype=np.int64)}
+
+
+def shard_versions(arrays: dict[str, Any]) -> tuple[int, int]:
+    """(spec version, sampler-arithmetic version) of a shard file's arrays. Files written before versions
+    were recorded are (2, 1): the versions of that time."""
+    spec_v = int(arrays[SPEC_VERSION_KEY]) if SPEC_VERSION_KEY in arrays else 2
+    arith_v = int(arrays[ARITHMETIC_VERSION_KEY]) if ARITHMETIC_VERSION_KEY in arrays else 1
+    return spec_v, arith_v
+
+
 def format_validation_error(err: ValidationError) -> str:
-    """One line: 'field.path: message; other: message'."""
+    """One line: 'field.path: message; other: message'. A sampler setting's error is located at its setting
+    (``sampler.eta``); a rule across sampler settings at ``sampler``."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, SettingError) and cause.setting is not None and loc == "sampler":
+            loc = f"sampler.{cause.setting}"
         msg = e["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)  # no location: a check across fields
     return "; ".join(parts)

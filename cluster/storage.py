@@ -41,7 +41,11 @@ def checksum(arrays: dict[str, np.ndarray]) -> str:
 
 
 def write_shard(path: Path | str, arrays: dict[str, np.ndarray]) -> str:
-    """Write ``arrays`` (+ their checksum) to ``path`` atomically; returns the checksum."""
+    """Write ``arrays`` (+ the writer's spec and sampler-arithmetic versions, + their checksum) to ``path``
+    atomically; returns the checksum."""
+    from cluster.spec import version_arrays
+
+    arrays = {**version_arrays(), **arrays}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     digest = checksum(arrays)

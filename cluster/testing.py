@@ -22,6 +22,14 @@ def make_prefix() -> str:
     return f"specdit-test-{uuid.uuid4().hex[:10]}:"
 
 
+def benchmark_prefix() -> str:
+    """A fresh key prefix for one benchmark run. Under ``$SPECDIT_REDIS_PREFIX`` when it is set (the prefix the
+    service and the CLI use, ``cluster.keys.default_prefix``), so that a run on a shared Redis stays in that key
+    space; the run's cleanup removes only the keys of its own random sub-prefix."""
+    parent = os.environ.get("SPECDIT_REDIS_PREFIX")
+    return f"{parent}bench-{uuid.uuid4().hex[:10]}:" if parent else make_prefix()
+
+
 def cleanup_prefix(client, prefix: str) -> None:
     keys = list(client.scan_iter(match=prefix + "*", count=500))
     for i in range(0, len(keys), 500):

@@ -190,7 +190,7 @@ class ShardWorker:
         # recorded as the shard's error and counted against the job (see JobQueue.release).
         try:
             # Model and drafter paths resolved against this worker's SPECDIT_MODEL_ROOT (when set) and re-checked.
-            model, sampler = resolve_model_path(spec.model), resolve_sampler_paths(spec.sampler.model_dump(mode="json"))
+            model, sampler = resolve_model_path(spec.model), resolve_sampler_paths(spec.sampler.to_dict())
             info = self.engine.model_info(model, spec.model_options())
             check_labels(spec.labels, info)
             check_store(spec.output.store, info)

@@ -6,11 +6,10 @@ size or on which other samples share its batch.
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -21,72 +20,14 @@ from specdit.models.perturbed import PerturbedModel
 from specdit.noise import NoiseStreams
 from specdit.samplers.common import NonFiniteTargetError
 from specdit.samplers.ddpm import sample_ddpm
-from specdit.samplers.draft_refine import check_parallel, sample_draft_refine
+from specdit.samplers.draft_refine import sample_draft_refine
 from specdit.samplers.speculative import sample_speculative
-from specdit.schedule import Schedule, check_num_steps
-from specdit.settings_rules import check_cfg_scale, check_eta, check_relax, check_sampler_eta
+from specdit.schedule import Schedule
 from specdit.stats import SampleStats
 
-SAMPLERS = ("ddpm", "speculative", "draft_refine")
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    """Sampler settings. ``drafter``: "free" (training-free), "feature" (trained FREE drafter shipped
-    beside the model), "perturbed:<error>" (the target plus a fixed eps error, see PerturbedModel) or
-    "model:<name>" (any registered model). ``cfg_channels``: classifier-free guidance on the first
-    ``cfg_channels`` channels only (3 with ``cfg_scale`` w is DiT's ``forward_with_cfg``; the other channels
-    keep the conditional eps), None guides all channels (see :func:`parse_cfg_channels`)."""
-
-    sampler: Literal["ddpm", "speculative", "draft_refine"] = "speculative"
-    steps: int = 250
-    eta: float = 1.0
-    draft_length: int = 8
-    verify: Literal["token", "block"] = "block"
-    drafter: str = "free"
-    relax: float = 0.0
-    cfg_scale: float = 1.0
-    cfg_channels: int | None = None  # channels guided (None: all; 3: the original DiT's forward_with_cfg)
-    refine_mode: Literal["conservative", "aggressive"] = "conservative"
-    parallel: int = 4
-
-    def validate(self) -> "SamplerConfig":
-        """Raise ValueError with a one-line message for an invalid setting; returns self. The float and seed
-        rules are those of :mod:`specdit.settings_rules` (shared with job specs and the CLI): NaN and inf are
-        refused, eta in [0, 1] (> 0 for speculative), relax and cfg_scale >= 0."""
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        check_num_steps(self.steps)
-        check_sampler_eta(self.sampler, check_eta(self.eta))
-        if self.draft_length < 1:
-            raise ValueError(f"draft length must be >= 1, got {self.draft_length}")
-        if self.verify not in ("token", "block"):
-            raise ValueError(f"verify must be 'token' or 'block', got {self.verify!r}")
-        check_relax(self.relax)
-        check_cfg_scale(self.cfg_scale)
-        if self.cfg_channels is not None and (isinstance(self.cfg_channels, bool) or
-                                              not isinstance(self.cfg_channels, int) or self.cfg_channels < 1):
-            raise ValueError(f"cfg channels must be 'all' (None) or a positive integer, got {self.cfg_channels!r}")
-        if self.refine_mode not in ("conservative", "aggressive"):
-            raise ValueError(f"refine mode must be 'conservative' or 'aggressive', got {self.refine_mode!r}")
-        if self.parallel < 1:
-            raise ValueError(f"parallel must be >= 1, got {self.parallel}")
-        if self.sampler == "draft_refine":
-            check_parallel(self.parallel, self.steps)
-        kind = self.drafter.split(":", 1)[0]
-        if kind not in ("free", "feature", "perturbed", "model"):
-            raise ValueError(f"unknown drafter {self.drafter!r}; use free, feature, perturbed:<error> or model:<name>")
-        if kind == "perturbed":
-            try:
-                error = float(self.drafter.split(":", 1)[1])
-            except (IndexError, ValueError):
-                raise ValueError(f"drafter {self.drafter!r}: expected perturbed:<error>, e.g. perturbed:3") from None
-            if not (math.isfinite(error) and error >= 0):
-                raise ValueError(f"drafter {self.drafter!r}: the error must be a finite number >= 0")
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+# The settings type lives in a torch-free module (client commands stay light); re-exported here.
+from specdit.config import SAMPLERS, SamplerConfig, SettingError  # noqa: F401
+from specdit.config import as_cfg_channels as parse_cfg_channels  # noqa: F401
 
 
 class DraftFallbackWarning(RuntimeWarning):
@@ -110,20 +51,6 @@ def load_model(name: str, device: str = "cpu", *, num_heads: int | None = None,
     from specdit.models.registry import load_model as _load
 
     return _load(name, device=device, num_heads=num_heads, weights=weights)
-
-
-def parse_cfg_channels(text: str | int | None) -> int | None:
-    """``"all"`` (or None) -> None (guide every channel); ``"3"`` / 3 -> 3. Raises ValueError (one line)."""
-    if text is None or (isinstance(text, str) and text.strip().lower() == "all"):
-        return None
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"cfg channels must be 'all' or a positive integer (3: DiT's forward_with_cfg), "
-                         f"got {text!r}") from None
-    if value < 1:
-        raise ValueError(f"cfg channels must be 'all' or a positive integer, got {text!r}")
-    return value
 
 
 def make_drafter(spec: str, target: EpsModel, device: str = "cpu", model_name: str | None = None) -> Drafter:

@@ -78,16 +78,19 @@ def run_bench(
     batch_size: int = 256,
     on_row: Callable[[BenchRow], None] | None = None,
     model_name: str | None = None,
+    progress: Callable[[int], None] | None = None,
     device: str = "cpu",
 ) -> list[BenchRow]:
     """Run every variant on the same seeds; the first variant is the wall-time reference. ``model_name``
     names the model (a registered name or a path) so that ``feature`` finds its built-in drafter; ``device``
-    holds the chains (and the drafters ``generate`` loads)."""
+    holds the chains (and the drafters ``generate`` loads).
+    ``progress(n)``: n more chain-steps done (``len(variants) * num_samples * steps`` in all)."""
     seeds = sample_seed(seed, torch.arange(num_samples))
     truth = model.projected_cdf if Capabilities.of(model).exact_marginals else None
     rows: list[BenchRow] = []
     for name, cfg in variants:
-        gen = generate(model, cfg, seeds, labels, batch_size=batch_size, device=device, model_name=model_name)
+        gen = generate(model, cfg, seeds, labels, batch_size=batch_size, device=device, model_name=model_name,
+                       progress=progress)
         s = gen.stats.summary()
         ks = ks_against_cdf(gen.samples, truth) if truth is not None and labels is None else None
         ref_wall = rows[0].wall if rows else gen.wall_time

@@ -105,7 +105,7 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
     from specdit.api import generate, load_model
     from specdit.labels import labels_for
     from specdit.noise import sample_seed
-    from specdit.settings_rules import check_seed
+    from specdit.config import check_seed
 
     if num_samples < 1:
         raise ValueError(f"number of samples must be >= 1, got {num_samples}")

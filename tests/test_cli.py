@@ -28,7 +28,7 @@ def test_generate_writes_samples_and_stats(tmp_path):
     (["--model", "gmm-2d", "--sampler", "fast"], "unknown sampler"),
     (["--model", "gmm-2d", "--labels", "fixed:7"], "out of range"),
     (["--model", "gmm-2d", "--eta", "0"], "eta > 0"),
-    (["--model", "gmm-2d", "--cfg", "2"], "guidance"),
+    (["--model", "gmm-2d", "--cfg-scale", "2"], "guidance"),
     (["--model", "gmm-2d", "--sampler", "draft_refine", "--parallel", "5"], "parallel (5) must be smaller"),
 ])
 def test_generate_user_errors_are_one_line(tmp_path, args, message):
@@ -61,7 +61,7 @@ def test_bench_runs_side_by_side(tmp_path):
 
 def test_generate_builtin_model_with_its_feature_drafter(tmp_path):
     """`make run`'s path: the built-in DiT with the drafter shipped beside it, PNGs and a grid."""
-    r = runner.invoke(app, ["generate", "--model", "mnist-dit", "--drafter", "feature", "--cfg", "1.5", "-n", "3",
+    r = runner.invoke(app, ["generate", "--model", "mnist-dit", "--drafter", "feature", "--cfg-scale", "1.5", "-n", "3",
                             "--steps", "6", "--out", str(tmp_path / "run"), "--no-progress"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "run" / "grid.png").is_file() and (tmp_path / "run" / "00002.png").is_file()
@@ -106,7 +106,7 @@ def test_dit_options_and_bad_checkpoints_are_one_line(tmp_path, args, message):
 
 def test_generate_and_bench_pass_dit_options_through(tmp_path):
     ckpt = str(_small_dit(tmp_path / "train.pt", opt={"state": {}, "param_groups": []}))
-    common = ["--num-heads", "4", "--cfg", "2", "--cfg-channels", "1", "--steps", "3"]
+    common = ["--num-heads", "4", "--cfg-scale", "2", "--cfg-channels", "1", "--steps", "3"]
     outs = {}
     for weights in ("ema", "model"):
         r = runner.invoke(app, ["generate", "--model", ckpt, "--weights", weights, *common, "--sampler", "ddpm",
@@ -139,7 +139,7 @@ def test_submit_refuses_before_anything_is_queued(args, message):
 def test_bench_builtin_model_with_free_and_feature_drafters(tmp_path):
     """Issue 12 acceptance 6: bench passes the model's name down to the feature drafter's factory."""
     r = runner.invoke(app, ["bench", "--model", "mnist-dit", "--drafters", "free,feature", "--steps", "4", "-n", "2",
-                            "--draft-lengths", "2", "--cfg", "1.5", "--labels", "uniform", "--threads", "1",
+                            "--draft-lengths", "2", "--cfg-scale", "1.5", "--labels", "uniform", "--threads", "1",
                             "--json", str(tmp_path / "b.json")])
     assert r.exit_code == 0, r.output
     rows = {row["name"]: row for row in json.loads((tmp_path / "b.json").read_text())["rows"]}

@@ -89,9 +89,9 @@ def _cases(b):
         (["train-drafter", "--threads", "0"], 2, "--threads"),
         (["train-drafter", "--ray-address", "not-an-address", "-o", f"{b}/run"], 2, "bad Ray address"),
         # pool
-        (["pool", "start", "p", "--address", "not-an-address"], 2, "bad Ray address"),
-        (["pool", "list", "--address", f"127.0.0.1:{free_port()}"], 1, "cannot reach a Ray cluster"),
-        (["pool", "stop", "p", "--address", "x:y"], 2, "bad Ray address"),
+        (["pool", "start", "p", "--ray-address", "not-an-address"], 2, "bad Ray address"),
+        (["pool", "list", "--ray-address", f"127.0.0.1:{free_port()}"], 1, "cannot reach a Ray cluster"),
+        (["pool", "stop", "p", "--ray-address", "x:y"], 2, "bad Ray address"),
         (["pool", "nosuch"], 2, "No such command"),
         (["nosuch"], 2, "No such command"),
     ]

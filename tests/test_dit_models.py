@@ -308,8 +308,8 @@ def test_pixel_images_to_uint8():
 def test_registry_errors(tmp_path):
     with pytest.raises(ValueError, match="known names: .*mnist-dit"):
         load_model("no-such-model")
-    with pytest.raises(ValueError, match="known names"):
-        load_model(str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="no such checkpoint file: .*missing.pt.*'Model weights'"):
+        load_model(str(tmp_path / "missing.pt"))  # says what is missing and where checkpoints come from
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a diffusers DiT"):
         load_model(str(tmp_path / "empty"))

@@ -56,7 +56,7 @@ def readme_specdit_commands(text: str) -> list[list[str]]:
 
 def test_readme_commands_exist():
     cmds = readme_specdit_commands((REPO / "README.md").read_text())
-    assert len(cmds) >= 20 and ["pool", "start", "main", "--address", "127.0.0.1:6380", "--actors", "2",
+    assert len(cmds) >= 20 and ["pool", "start", "main", "--ray-address", "127.0.0.1:6380", "--actors", "2",
                                "--device", "cpu"] in cmds
     for argv in cmds:
         check_command(argv)

@@ -298,7 +298,7 @@ def test_builtin_latent_model_service_matches_generate(tmp_path, redis_env, monk
 
 
 def test_results_export_cli(job, tmp_path):
-    """``specdit results ID --export``: the file, and one-line refusals with exit code 1."""
+    """``specdit results ID --export``: the file, and one-line refusals with exit code 2 (usage)."""
     from cluster.testing import run_cli
 
     q, spec, _, _ = job
@@ -310,7 +310,7 @@ def test_results_export_cli(job, tmp_path):
     with np.load(tmp_path / "s.npz") as z:
         assert z["arr_0"].shape == (N, 32, 32, 3)
     r = run_cli("results", spec.job_id, "--export", str(tmp_path / "s.png"), redis_url=url, prefix=prefix)
-    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0  # a usage error (EXIT_USAGE)
     assert "export path" in r.stderr and "must end in .npz" in r.stderr
 
 

@@ -184,14 +184,14 @@ def test_generate_and_bench_run_on_the_shipped_latent_model(tmp_path):
 
     _shipped()
     runner = CliRunner()
-    r = runner.invoke(app, ["generate", "--model", "mnist-latent-dit", "--drafter", "feature", "--cfg", "1.5",
+    r = runner.invoke(app, ["generate", "--model", "mnist-latent-dit", "--drafter", "feature", "--cfg-scale", "1.5",
                             "-n", "2", "--steps", "6", "--out", str(tmp_path / "run"), "--no-progress"])
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "run" / "00001.png").size == (32, 32)
     assert (tmp_path / "run" / "grid.png").is_file()
     # bench names drafters explicitly (its `feature` without a folder does not look up the built-in one)
     drafters = f"free,feature:{BUILTIN_DRAFTERS['mnist-latent-dit']}"
-    r = runner.invoke(app, ["bench", "--model", "mnist-latent-dit", "--steps", "6", "-n", "2", "--cfg", "1.5",
+    r = runner.invoke(app, ["bench", "--model", "mnist-latent-dit", "--steps", "6", "-n", "2", "--cfg-scale", "1.5",
                             "--labels", "uniform", "--draft-lengths", "2", "--drafters", drafters,
                             "--json", str(tmp_path / "b.json")])
     assert r.exit_code == 0, r.output

@@ -173,13 +173,13 @@ def test_perturbed_accepts_finite_non_negative_errors_only(spec_):
 
 
 def test_service_spec_refuses_infinite_perturbation():
-    from pydantic import ValidationError
+    from cluster.errors import SpecError
+    from cluster.spec import spec_from_dict
 
-    from cluster.spec import SamplerSettings
-
-    with pytest.raises(ValidationError, match="finite"):
-        SamplerSettings(drafter="perturbed:1e999")
-    assert SamplerSettings(drafter="perturbed:3").drafter == "perturbed:3"
+    spec = {"model": "gmm-2d", "num_samples": 10, "evaluate": {"fid": False}}
+    with pytest.raises(SpecError, match="sampler.drafter: .*finite"):
+        spec_from_dict({**spec, "sampler": {"drafter": "perturbed:1e999"}})
+    assert spec_from_dict({**spec, "sampler": {"drafter": "perturbed:3"}}).sampler.drafter == "perturbed:3"
 
 
 def test_fallback_rule_flags_non_finite_and_huge_drafts():

@@ -163,7 +163,7 @@ def test_job_through_the_service_with_the_ray_engine(engine, tmp_path, monkeypat
     assert w.run() == 0
     assert q.get(spec.job_id).status == JobStatus.DONE, q.get(spec.job_id).error
     xs = load_job_samples(spec.job_dir())
-    ref = make_engine("local").run(ShardWork(model="gmm-2d", sampler=spec.sampler.model_dump(mode="json"),
+    ref = make_engine("local").run(ShardWork(model="gmm-2d", sampler=spec.sampler.to_dict(),
                                              labels=spec.labels, base_seed=11, start=0, stop=48, batch_size=16))
     assert np.array_equal(xs["indices"], np.arange(48))
     assert np.array_equal(xs["samples"], ref.arrays["samples"])
@@ -234,12 +234,12 @@ def test_pool_cli_and_a_worker_process_on_a_named_pool(engine, tmp_path):
 
     address = ray.get_runtime_context().gcs_address
     runner = CliRunner()
-    res = runner.invoke(app, ["pool", "start", "ptest", "--address", address, "--actors", "2", "--device", "cpu"])
+    res = runner.invoke(app, ["pool", "start", "ptest", "--ray-address", address, "--actors", "2", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["pool", "list", "--address", address, "--json"])
+    res = runner.invoke(app, ["pool", "list", "--ray-address", address, "--json"])
     rows = json.loads(res.output)
     assert [(r["pool"], r["role"]) for r in rows] == [("ptest", "verifier"), ("ptest", "drafter")]
-    res = runner.invoke(app, ["pool", "start", "ptest", "--address", address])
+    res = runner.invoke(app, ["pool", "start", "ptest", "--ray-address", address])
     assert res.exit_code == 1 and "already running" in res.output
     try:
         try:
@@ -258,17 +258,17 @@ def test_pool_cli_and_a_worker_process_on_a_named_pool(engine, tmp_path):
                                 SPECDIT_RAY_POOL="ptest", RAY_AUTH_MODE="disabled")
             assert proc.wait(timeout=120) == 0, (tmp_path / "worker.log").read_text()[-3000:]
             assert q.get(spec.job_id).status == JobStatus.DONE
-            ref = make_engine("local").run(ShardWork(model="gmm-2d", sampler=spec.sampler.model_dump(mode="json"),
+            ref = make_engine("local").run(ShardWork(model="gmm-2d", sampler=spec.sampler.to_dict(),
                                                      labels=spec.labels, base_seed=3, start=0, stop=20, batch_size=10))
             assert np.array_equal(load_job_samples(spec.job_dir())["samples"], ref.arrays["samples"])
         finally:
             cleanup_prefix(client, prefix)
     finally:
-        res = runner.invoke(app, ["pool", "stop", "ptest", "--address", address])
+        res = runner.invoke(app, ["pool", "stop", "ptest", "--ray-address", address])
     assert res.exit_code == 0 and "2 actors" in res.output, res.output
-    res = runner.invoke(app, ["pool", "list", "--address", address])
+    res = runner.invoke(app, ["pool", "list", "--ray-address", address])
     assert "no specdit pools" in res.output
-    assert runner.invoke(app, ["pool", "stop", "nope", "--address", address]).exit_code == 1
+    assert runner.invoke(app, ["pool", "stop", "nope", "--ray-address", address]).exit_code == 1
 
 
 def test_shutdown_leaves_no_processes(cluster):

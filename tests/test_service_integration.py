@@ -140,7 +140,7 @@ def test_redis_restart_mid_job(tmp_path):
         xs, rep = _assert_exact(q, spec, n)
     # Bit-identical to sampling all N at once in this process.
     eng = make_engine(engine)
-    whole = eng.run(ShardWork(model=model, sampler=spec.sampler.model_dump(mode="json"), labels=spec.labels,
+    whole = eng.run(ShardWork(model=model, sampler=spec.sampler.to_dict(), labels=spec.labels,
                               base_seed=spec.base_seed, start=0, stop=n, batch_size=64))
     assert np.array_equal(xs["samples"], whole.arrays["samples"])
 

@@ -89,7 +89,8 @@ def test_shard_file_roundtrip_and_corruption(tmp_path):
     p = shard_path(tmp_path, 0, 5)
     digest = write_shard(p, arrays)
     back = read_shard(p, digest)
-    assert set(back) == set(arrays) and back["steps"].shape == () and str(back["name"]) == "raw"
+    assert set(back) == set(arrays) | {"spec_version", "sampler_arithmetic_version"}  # versions stamped
+    assert back["steps"].shape == () and str(back["name"]) == "raw"
     np.testing.assert_array_equal(back["samples"], arrays["samples"])
     assert not list(p.parent.glob("*.tmp"))  # no temp file left behind
     with pytest.raises(CorruptShard, match="recorded"):
@@ -138,14 +139,16 @@ def test_labels_depend_only_on_the_index():
 
 
 def test_worker_entry_point_imports_no_torch():
-    """``specdit worker`` starts fast: the job CLI and the cluster modules import torch only when sampling."""
+    """``specdit worker`` starts fast: the job CLI and the cluster modules import torch only when sampling. Of
+    the library they import only the torch-free settings module (``specdit.config``, which JobSpec embeds)."""
     import subprocess
     import sys
 
     from cluster.testing import REPO
 
     code = ("import sys, cli.jobs, cluster.worker, cluster.queue, cluster.aggregator, workers.engine; "
-            "bad = [m for m in ('torch', 'ray', 'matplotlib', 'specdit') if m in sys.modules]; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'matplotlib') or "
+            "(m.startswith('specdit') and m not in ('specdit', 'specdit.config'))]; "
             "assert not bad, bad")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
@@ -165,7 +168,7 @@ def test_cfg_channels_and_model_options_reach_the_engine_work():
     assert every.sampler.cfg_channels is None and every.model_options() == {}
     assert spec_from_dict({**base, "sampler": {"cfg_scale": 1.5, "cfg_channels": "all"}}) == every
     dit3 = spec_from_dict({**base, "sampler": {"cfg_scale": 1.5, "cfg_channels": 3}})
-    assert dit3.sampler.cfg_channels == 3 and dit3.sampler.model_dump()["cfg_channels"] == 3
+    assert dit3.sampler.cfg_channels == 3 and dit3.sampler.to_dict()["cfg_channels"] == 3
     assert dit3.baseline_fingerprint() != every.baseline_fingerprint()  # a different target distribution
     # the fingerprint of a spec that sets none of the new fields is what it was before they existed
     s = every.sampler
@@ -218,7 +221,7 @@ def test_local_engine_loads_with_the_spec_model_options(tmp_path):
     with pytest.raises(EngineError, match="pass --num-heads"):
         engine.model_info(s.model)
     assert engine.model_info(s.model, s.model_options()).sample_shape == (1, 8, 8)
-    work = ShardWork(model=s.model, sampler=s.sampler.model_dump(mode="json"), labels=s.labels, base_seed=0,
+    work = ShardWork(model=s.model, sampler=s.sampler.to_dict(), labels=s.labels, base_seed=0,
                      start=0, stop=2, batch_size=2, model_options=s.model_options())
     out = engine.run(work)
     images = out.arrays["images"]  # an image model stores its uint8 images by default (output.store=auto)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from cli.common import EXIT_USAGE
 from cli.main import app
 from specdit.api import SamplerConfig
-from specdit.settings_rules import MAX_SEED
+from specdit.config import MAX_SEED
 
 # setting -> (generate flag, bench flag, submit flag, spec file location) - None: the command lacks it
 SURFACES = {
@@ -21,7 +21,7 @@ SURFACES = {
     "eta": ("--eta", None, "--eta", "sampler.eta"),
     "seed": ("--seed", "--seed", "--seed", "base_seed"),
 }
-SPELLINGS = {"relax": ("--relax", "relax"), "cfg": ("--cfg-scale", "--cfg", "cfg_scale"),
+SPELLINGS = {"relax": ("--relax", "relax"), "cfg": ("--cfg-scale", "--cfg", "cfg_scale", "cfg scale", "cfg"),
              "eta": ("--eta", "eta"), "seed": ("--seed", "seed")}
 FLOAT_BAD = ["nan", "inf", "-inf", "-1", "-0.5", "abc", "1e999"]
 INVALID = {"relax": FLOAT_BAD, "cfg": FLOAT_BAD, "eta": FLOAT_BAD + ["1.5", "2"],
@@ -38,6 +38,7 @@ def _error_line(res) -> str:
 def _normalise(line: str, setting: str) -> str:
     """The message without the command's frame and with the setting's spelling made one."""
     msg = line.removeprefix("error: ").removeprefix("invalid job spec: ")
+    msg = re.sub(r"^invalid (setting \S+|settings): ", "", msg)  # the flag's frame, e.g. "invalid setting --relax: "
     msg = re.sub(r"^(sampler\.\w+|sampler|base_seed): ", "", msg)
     names = "|".join(re.escape(s) for s in SPELLINGS[setting])  # longest first: --cfg-scale before --cfg
     return re.sub(rf"(?<![\w-])({names})(?![\w-])", f"<{setting}>", msg)

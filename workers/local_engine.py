@@ -136,18 +136,23 @@ class LocalEngine:
                 progress(done)
         return stats, times
 
+    def resolve_reference(self, model: str, source: str) -> str:
+        """What FID reference ``source`` "auto" means for ``model``: "data:10000" (ground truth) for an
+        analytic model, "ref:mnist" for an MNIST model; any other source unchanged. EngineError otherwise."""
+        if source != "auto":
+            return source
+        if self.capabilities(model).data:
+            return "data:10000"
+        if "mnist" in model:
+            return "ref:mnist"
+        raise EngineError(f"no automatic FID reference for model {model!r}: set evaluate.fid_reference "
+                          "to a statistics .npz (see 'specdit fid-ref')")
+
     def reference_stats(self, model: str, labels: str, extractor: str, source: str) -> dict[str, np.ndarray]:
         import torch
 
         m, has_data = self.load(model), self.capabilities(model).data
-        if source == "auto":
-            if has_data:
-                source = "data:10000"
-            elif "mnist" in model:
-                source = "ref:mnist"
-            else:
-                raise EngineError(f"no automatic FID reference for model {model!r}: set evaluate.fid_reference "
-                                  "to a statistics .npz (see 'specdit fid-ref')")
+        source = self.resolve_reference(model, source)
         if source.startswith("ref:"):
             from specdit.metrics.reference import reference_stats
 

@@ -115,12 +115,13 @@ def check_labels(policy: str, info: ModelInfo) -> None:
             raise EngineError(f"{e} for model {info.name!r}") from None
 
 
-def check_store(store: str, info: ModelInfo) -> None:
-    """Raise EngineError if ``output.store`` does not fit the model (images of a vector model)."""
+def check_store(store: str, info: ModelInfo, sample_dtype: str = "float32") -> None:
+    """Raise EngineError if ``output.store`` or ``output.sample_dtype`` does not fit the model (images of a
+    vector model; vector samples in uint8)."""
     from workers.shard_arrays import StoreError, stored_arrays
 
     try:
-        stored_arrays(store, info.image_shape, f"model {info.name!r}")
+        stored_arrays(store, info.image_shape, f"model {info.name!r}", sample_dtype)
     except StoreError as e:
         raise EngineError(str(e)) from None
 
@@ -136,7 +137,7 @@ def check_cfg_channels(sampler: dict, info: ModelInfo) -> None:
                           f"{info.sample_shape[0]} channel(s)")
 
 
-def encode_samples(samples, dtype: str) -> np.ndarray:
+def encode_samples(samples, dtype: str) -> tuple[np.ndarray, int]:
     from workers.shard_arrays import encode_samples
 
     return encode_samples(samples, dtype)

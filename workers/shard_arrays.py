@@ -14,7 +14,13 @@ What is stored follows ``output.store``:
 - ``latents``: ``samples`` (n, *sample_shape) in ``sample_dtype`` (the latents of a latent DiT);
 - ``images+latents``: both.
 
-Shard keys: ``images``, ``samples``, ``fid_{n,sum,sum_outer,extractor}`` (``specdit.metrics.fid``),
+Storage dtypes of ``samples`` (``output.sample_dtype``): ``float32``; ``float16`` (finite only within
++-65504: a larger value is stored as inf and counted in ``samples_clipped``); ``uint8`` (DiT's
+``clamp(127.5 x + 128, 0, 255)``: holds [-1, 1] only, so it is refused for vector models, whose samples
+are unbounded; for latents every value it clips is counted in ``samples_clipped``).
+
+Shard keys: ``images``, ``samples``, ``samples_clipped`` (with ``samples``: int64 count of stored values
+clipped or overflowed by ``sample_dtype``), ``fid_{n,sum,sum_outer,extractor}`` (``specdit.metrics.fid``),
 ``is_{n,sum_p,sum_plogp,classifier}`` (``specdit.metrics.inception_score``; only when the extractor has a
 classifier head) and ``feature_extractor``.
 """
@@ -33,27 +39,41 @@ class StoreError(ValueError):
     """``output.store`` does not fit the model (one line)."""
 
 
-def stored_arrays(store: str, image_shape: tuple | None, model: str = "the model") -> tuple[bool, bool]:
+def stored_arrays(store: str, image_shape: tuple | None, model: str = "the model",
+                  sample_dtype: str = "float32") -> tuple[bool, bool]:
     """(store images?, store raw samples/latents?) for an ``output.store`` choice and a model whose
-    ``image_shape`` is (H, W, C), or None for a vector-valued model."""
+    ``image_shape`` is (H, W, C), or None for a vector-valued model.
+
+    Raises StoreError when the choice does not fit the model: images of a vector model, or vector samples
+    in ``uint8`` (which holds [-1, 1] only)."""
     if store not in STORE_CHOICES:
         raise StoreError(f"output.store must be one of {', '.join(STORE_CHOICES)}, got {store!r}")
     if image_shape is None:
         if store in ("images", "images+latents"):
             raise StoreError(f"output.store {store!r}: {model} samples vectors, not images (use 'auto' or 'latents')")
+        if sample_dtype == "uint8":
+            raise StoreError(f"output.sample_dtype 'uint8' holds only [-1, 1] and {model} samples unbounded "
+                             f"vectors (use float32, or float16 for |x| <= 65504)")
         return False, True
     return store in ("auto", "images", "images+latents"), store in ("latents", "images+latents")
 
 
-def encode_samples(samples, dtype: str) -> np.ndarray:
-    """Float samples -> stored array: ``float32``/``float16`` as they are, ``uint8`` as DiT's
-    ``clamp(127.5 x + 128, 0, 255)``."""
+def encode_samples(samples, dtype: str) -> tuple[np.ndarray, int]:
+    """Float samples (B, ...) -> (stored array (B, ...), number of values the dtype clipped or overflowed).
+
+    ``float32``/``float16``: cast as they are; a finite value that becomes inf (|x| > 65504 in float16)
+    counts. ``uint8``: DiT's ``clamp(127.5 x + 128, 0, 255)``; a value outside [-1.0039, 0.9961] (or NaN),
+    which the clamp changes by more than the rounding, counts."""
     import torch
 
     x = samples.detach().cpu()
     if dtype == "uint8":
-        return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8).numpy()
-    return x.to(getattr(torch, dtype)).numpy()
+        y = 127.5 * x.float() + 128.0
+        clipped = int((~((y >= 0) & (y < 256))).sum())
+        return torch.clamp(y, 0, 255).to(torch.uint8).numpy(), clipped
+    out = x.to(getattr(torch, dtype))
+    clipped = int((torch.isfinite(x) & ~torch.isfinite(out)).sum())
+    return out.numpy(), clipped
 
 
 class ShardArrays:
@@ -65,7 +85,7 @@ class ShardArrays:
 
     def __init__(self, *, image_shape: tuple | None, to_images: Callable | None, extractor: str | None,
                  store: str = "auto", sample_dtype: str = "float32", save: bool = True, model: str = "the model"):
-        self.keep_images, self.keep_samples = stored_arrays(store, image_shape, model)
+        self.keep_images, self.keep_samples = stored_arrays(store, image_shape, model, sample_dtype)
         if not save:
             self.keep_images = self.keep_samples = False
         if image_shape is not None and to_images is None:
@@ -75,6 +95,7 @@ class ShardArrays:
         self._extractor = None
         self._images: list[np.ndarray] = []
         self._samples: list[np.ndarray] = []
+        self.samples_clipped = 0  # stored values clipped or overflowed by sample_dtype
         self._fid = None  # FeatureStats
         self._cls = None  # ClassProbStats
 
@@ -101,7 +122,9 @@ class ShardArrays:
         if self.keep_images:
             self._images.append(images)
         if self.keep_samples:
-            self._samples.append(encode_samples(samples, self.sample_dtype))
+            stored, clipped = encode_samples(samples, self.sample_dtype)
+            self._samples.append(stored)
+            self.samples_clipped += clipped
         if self.extractor_name is None:
             return
         x = samples if self.extractor_name == "raw" or images is None else images
@@ -121,6 +144,7 @@ class ShardArrays:
             out["images"] = np.concatenate(self._images)
         if self.keep_samples:
             out["samples"] = np.concatenate(self._samples)
+            out["samples_clipped"] = np.array(self.samples_clipped, dtype=np.int64)
         if self._fid is not None:
             out.update({f"{FID_PREFIX}{k}": v for k, v in self._fid.to_arrays().items()})
             out["feature_extractor"] = np.array(self.extractor_name)  # registry name, e.g. "raw"

@@ -8,8 +8,8 @@ from typing import Callable
 
 import numpy as np
 
-from workers.protocol import (REFERENCE_SEED, EngineError, ModelInfo, ShardOutput, ShardWork, encode_samples,
-                              labels_for, seeds_for, set_threads, stats_arrays)
+from workers.protocol import (REFERENCE_SEED, EngineError, ModelInfo, ShardOutput, ShardWork, check_store,
+                              encode_samples, labels_for, seeds_for, set_threads, stats_arrays)
 
 
 class SyntheticEngine:
@@ -101,17 +101,23 @@ class SyntheticEngine:
             "stat_proposed": prop.numpy(), "stat_steps": np.array(steps, dtype=np.int64),
         }
         if work.save_samples:
-            arrays["samples"] = encode_samples(samples, work.sample_dtype)
+            check_store(work.store, info, work.sample_dtype)
+            arrays["samples"], clipped = encode_samples(samples, work.sample_dtype)
+            arrays["samples_clipped"] = np.array(clipped, dtype=np.int64)
         if work.extractor:
             arrays.update(stats_arrays(samples.double().numpy(), "raw"))
             arrays["feature_extractor"] = np.array("raw")
         return ShardOutput(arrays, wall)
 
+    def resolve_reference(self, model: str, source: str) -> str:
+        """FID reference "auto" is "data:10000" (ground truth) for every synthetic model."""
+        return "data:10000" if source == "auto" else source
+
     def reference_stats(self, model: str, labels: str, extractor: str, source: str) -> dict[str, np.ndarray]:
         import torch
 
         info = self.model_info(model)
-        n = 10000 if source == "auto" else int(source.removeprefix("data:"))
+        n = int(self.resolve_reference(model, source).removeprefix("data:"))
         g = torch.Generator().manual_seed(REFERENCE_SEED)
         x = torch.randn(n, *info.sample_shape, generator=g, dtype=torch.float64)
         seeds = seeds_for(REFERENCE_SEED, 0, n)

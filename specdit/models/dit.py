@@ -145,9 +145,16 @@ class DiTDenoiser:
         adaLN modulation by ``c = embed(t, y)``, linear projection to patches, unpatchify (the same ops as
         ``DiTTransformer2DModel.forward``, so bit-identical to it), then drop learned-sigma channels.
         Differentiable in ``features`` (weights are frozen)."""
+        return self.final_layer(features, *self.final_modulation(self.embed(t, y)))
+
+    def final_modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen final layer's adaLN (shift, scale), each (N, D), from the conditioning ``cond`` (N, D)."""
+        return self.transformer.proj_out_1(F.silu(cond)).chunk(2, dim=1)
+
+    def final_layer(self, features: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The frozen final layer on features (N, T, D) with the modulation of :meth:`final_modulation`
+        -> eps (N, C, H, W): what :meth:`eps_from_features` computes, for a caller that caches the modulation."""
         tr = self.transformer
-        cond = self.embed(t, y)  # (N, D)
-        shift, scale = tr.proj_out_1(F.silu(cond)).chunk(2, dim=1)  # (N, D) each
         h = tr.norm_out(features) * (1 + scale[:, None]) + shift[:, None]  # (N, T, D)
         h = tr.proj_out_2(h)  # (N, T, p*p*C_out)
         p, c = self.patch_size, self.out_channels

@@ -102,6 +102,9 @@ def load_model(name_or_path: str, device: str = "cpu", *, guidance_scale: float 
                                                                          num_heads=num_heads, weights=weights))
         elif path.is_file() and path.suffix == ".safetensors":
             model = _read_checkpoint(path, lambda: dit.load_dit_safetensors(path, device=device, dtype=dtype, vae=vae))
+        elif not path.exists() and path.suffix in ORIGINAL_SUFFIXES | {".safetensors"}:
+            raise ValueError(f"no such checkpoint file: {name!r} (download it first: the README's 'Model weights' "
+                             "says where DiT checkpoints come from)")
         else:
             what = "unsupported file type" if path.is_file() else "unknown model name or missing path"
             raise ValueError(f"{what}: {name!r}; known names: {', '.join(known_names())}; or pass a diffusers "

@@ -1,0 +1,189 @@
+"""Cost per draft step of the shipped feature drafter, and the batch-1 cost-model limit (issue #23, item 3).
+
+On ``mnist-dit`` (cfg 1.5, batch 1) this measures
+- d: the drafter's whole cost per draft step (``FeatureDrafter.step``) at each thread count, with a breakdown
+  timed piece by piece: input prep (dtype cast, carry reshape, cat), the cached conditioning lookup, the
+  DiT's frozen patch embedding, the drafter network, the frozen final layer, the guided combine + float64
+  cast + carry stack; "other" is d minus these; the cache-miss pieces (``base.embed``, the adaLN
+  modulations) are paid once per distinct (t, y), not per step, and are listed apart;
+- c(L): one guided target call on L states (batch 2L), L = 1, 2, 4, 8;
+- the limit PE(L) x c(1) / (c(L) + L d + v) of the batch-1 speed-up for the given PE(L) and v (ms).
+
+Every time is the median (ms) of ``--repeats`` single calls after ``--warmup`` calls. The run is flagged
+contended when a timing's spread ((q75 - q25) / median) exceeds 20% or the 1-minute load average exceeds 1.5.
+A JSON record (torch version, CPU model, threads, load average) goes to ``--out``.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/profile_drafter.py --threads 1,2 --out outputs/profile_drafter.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from specdit.drafters.base import DraftContext
+from specdit.drafters.feature import load_feature_drafter
+from specdit.models.registry import BUILTIN_DRAFTERS, load_model
+
+SPREAD_LIMIT = 0.20
+LOAD_LIMIT = 1.5
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def timed(fn, warmup: int, repeats: int) -> dict:
+    """Median and spread (ms) of ``repeats`` single calls of ``fn`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    ms = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        fn()
+        ms.append((time.perf_counter_ns() - t0) / 1e6)
+    q = statistics.quantiles(ms, n=4)
+    med = statistics.median(ms)
+    return {"median_ms": med, "spread": (q[2] - q[0]) / med if med > 0 else 0.0, "n": repeats}
+
+
+def pieces(drafter, x, t, y, carry) -> dict:
+    """One thunk per piece of ``FeatureDrafter.step`` (guided target), each on the inputs it sees there.
+
+    Pieces under "cache miss" are paid once per distinct (t, y) (the drafter caches the conditioning), so they
+    are not part of d once the cache is warm; "conditioning (cache hit)" is the per-step lookup."""
+    base, cfg = drafter.base, drafter.cfg
+    n = x.shape[0]
+    t2, y2 = cfg._pair(t, y)
+    xf = x.to(base.dtype)
+    f_prev = carry.transpose(0, 1).reshape(2 * n, *carry.shape[2:])  # (2N, T, D)
+    xx = torch.cat([xf, xf])
+    tokens = base.transformer.pos_embed(xx)
+    c = base.embed(t2, y2)
+    mod, final = drafter.conditioning(t, y)
+    f = drafter.net(f_prev, tokens, None, mod)
+    e = base.final_layer(f, *final)
+    return {
+        "prep (x cast, carry reshape, cat)": lambda: (x.to(base.dtype), carry.transpose(0, 1).reshape(
+            2 * n, *carry.shape[2:]), torch.cat([xf, xf])),
+        "conditioning (cache hit)": lambda: drafter.conditioning(t, y),
+        "patch embedding (frozen)": lambda: base.transformer.pos_embed(xx),
+        "drafter network": lambda: drafter.net(f_prev, tokens, None, mod),
+        "final layer (frozen) + unpatchify": lambda: base.final_layer(f, *final),
+        "cfg combine + float64 cast + carry stack": lambda: (cfg.combine(e[:n], e[n:]).double(),
+                                                             torch.stack(f.chunk(2), dim=1)),
+        " cache miss: t/y embedding base.embed": lambda: base.embed(t2, y2),
+        " cache miss: adaLN modulations": lambda: (drafter.net.modulation(c), base.final_modulation(c)),
+    }
+
+
+def measure(threads: int, model, drafter, args) -> dict:
+    """d (whole + breakdown) and c(L) at ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    T, D = drafter.base.num_tokens, drafter.base.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, *model.sample_shape, generator=gen, dtype=torch.float64)
+    t = torch.full((1,), 500, dtype=torch.long)
+    y = torch.tensor([3])
+    ctx = DraftContext(x=x, k=torch.tensor([100]), y=y, last_eps=None,
+                       last_features=torch.randn(1, 2, T, D, generator=gen).to(drafter.base.dtype),
+                       has_last=torch.tensor([True]))
+    carry = drafter.start(ctx)
+    w, r = args.warmup, args.repeats
+    with torch.no_grad():
+        whole = timed(lambda: drafter.step(x, t, y, carry), w, r)
+        parts = {k: timed(fn, w, r) for k, fn in pieces(drafter, x, t, y, carry).items()}
+        c = {}
+        for L in args.L:
+            xs, ts, ys = x.repeat(L, 1, 1, 1), t.repeat(L), y.repeat(L)
+            c[str(L)] = timed(lambda: model(xs, ts, ys), w, r)
+    top = [v["median_ms"] for k, v in parts.items() if not k.startswith(" ")]
+    return {"threads": threads, "d": whole, "breakdown": parts,
+            "other_ms": whole["median_ms"] - sum(top), "c": c}
+
+
+def limits(run: dict, pe: dict, v: float) -> dict:
+    """PE(L) x c(1) / (c(L) + L d + v) for each L with both a PE and a measured c(L)."""
+    c1, d = run["c"]["1"]["median_ms"], run["d"]["median_ms"]
+    return {str(L): pe[L] * c1 / (run["c"][str(L)]["median_ms"] + L * d + v)
+            for L in pe if str(L) in run["c"]}
+
+
+def report(run: dict, pe: dict, v: float, load: float) -> None:
+    print(f"\n## {run['threads']} thread(s), load average {load:.2f}")
+    print("| piece | median ms | spread |\n|---|---|---|")
+    print(f"| **d (whole step)** | {run['d']['median_ms']:.3f} | {run['d']['spread']:.0%} |")
+    for k, s in run["breakdown"].items():
+        print(f"| {k} | {s['median_ms']:.3f} | {s['spread']:.0%} |")
+    print(f"| other (d minus pieces) | {run['other_ms']:.3f} | |")
+    print("\n| L | c(L) ms | spread | PE(L) | limit |\n|---|---|---|---|---|")
+    for L, s in run["c"].items():
+        lim = run["limits"].get(L)
+        print(f"| {L} | {s['median_ms']:.3f} | {s['spread']:.0%} | {pe.get(int(L), '')} | "
+              f"{'' if lim is None else f'{lim:.2f}x'} |")
+
+
+def parse_pe(text: str) -> dict:
+    """'4:2.76,8:3.80' -> {4: 2.76, 8: 3.8}."""
+    try:
+        return {int(k): float(val) for k, val in (p.split(":") for p in text.split(",") if p)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pe must look like '4:2.76,8:3.80', got {text!r}") from None
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts (default 1,2)")
+    p.add_argument("--repeats", type=int, default=30, help="timed calls per measurement (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
+    p.add_argument("--L", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8],
+                   help="draft lengths for c(L) (default 1,2,4,8; 1 is always added)")
+    p.add_argument("--pe", type=parse_pe, default={4: 2.76}, help="PE per L, e.g. '4:2.76,8:3.80'")
+    p.add_argument("--v", type=float, default=2.6, help="verification maths per round, ms (default 2.6)")
+    p.add_argument("--cfg", type=float, default=1.5, help="guidance scale (default 1.5)")
+    p.add_argument("--out", default="outputs/profile_drafter.json", help="JSON record path")
+    p.add_argument("--quick", action="store_true", help="smoke run: 3 repeats, 1 warm-up, L = 1,2, 1 thread")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup, args.L, args.threads = 3, 1, [1, 2], "1"
+    args.L = sorted(set(args.L) | {1})
+    model = load_model("mnist-dit", guidance_scale=args.cfg)
+    drafter = load_feature_drafter(model, BUILTIN_DRAFTERS["mnist-dit"])
+    runs = []
+    for n in (int(v) for v in args.threads.split(",")):
+        load = os.getloadavg()[0]
+        run = measure(n, model, drafter, args)
+        run["load_average"] = load
+        run["limits"] = limits(run, args.pe, args.v)
+        report(run, args.pe, args.v, load)
+        runs.append(run)
+    spreads = [s["spread"] for r in runs for s in [r["d"], *r["breakdown"].values(), *r["c"].values()]]
+    contended = max(spreads) > SPREAD_LIMIT or max(r["load_average"] for r in runs) > LOAD_LIMIT
+    record = {"torch": torch.__version__, "cpu": cpu_model(), "model": "mnist-dit", "cfg": args.cfg,
+              "batch": 1, "repeats": args.repeats, "warmup": args.warmup, "pe": {str(k): v for k, v in args.pe.items()},
+              "v_ms": args.v, "load_average_end": os.getloadavg()[0], "contended": contended, "runs": runs}
+    print(f"\ncontended: {contended} (max spread {max(spreads):.0%}, limit {SPREAD_LIMIT:.0%}; "
+          f"load limit {LOAD_LIMIT})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""One command-line vocabulary: each setting has one flag name, one help text and one default, defined here
+and shared by every command that takes it; old spellings are hidden, deprecated aliases.
+
+Sampler settings are ``specdit.config.SamplerConfig`` fields, spelled ``--<field with dashes>``
+(``cfg_scale`` -> ``--cfg-scale``). Their flags take text and :func:`sampler_config` coerces and validates it
+with the library's rules, so a bad value gives the same reason whether it comes from a flag or a job spec
+file (``invalid setting --eta: <reason>`` / ``invalid job spec: sampler.eta: <reason>``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from typer.core import TyperCommand
+
+from specdit.config import MAX_STEPS, SamplerConfig, SettingError, as_cfg_channels, as_float, as_int, check_seed
+
+_D = SamplerConfig()
+
+
+def flag(setting: str) -> str:
+    """The flag of a sampler setting (or of ``seed``): ``cfg_scale`` -> ``--cfg-scale``."""
+    return "--" + setting.replace("_", "-")
+
+
+def _opt(setting: str, metavar: str, help: str, *short: str):
+    """A sampler-setting flag (text, coerced by :func:`sampler_config`); its default is SamplerConfig's."""
+    default = getattr(_D, setting, None) if setting in SamplerConfig.__dataclass_fields__ else None
+    return typer.Option(None, flag(setting), *short, metavar=metavar, help=help,
+                        show_default="all" if setting == "cfg_channels" else str(default))
+
+
+# Sampler settings (``specdit.config.SamplerConfig``); defaults are the config's, shown in the help.
+SAMPLER = _opt("sampler", "NAME", f"ddpm | speculative | draft_refine")
+STEPS = _opt("steps", "INT", f"Sampling steps S in [2, {MAX_STEPS}]")
+ETA = _opt("eta", "FLOAT", f"Stochasticity in [0, 1] (1: DDPM posterior variance, 0: DDIM)")
+DRAFT_LENGTH = _opt("draft_length", "INT", f"Speculation length L", "-L")
+VERIFY = _opt("verify", "NAME", f"Verification: token | block")
+DRAFTER = _opt("drafter", "SPEC", "free | feature | feature:<folder> | perturbed:<error> | model:<name> "
+                                  "")
+RELAX = _opt("relax", "FLOAT", f"Uncertainty-guided relaxation lambda >= 0 (0: exact)")
+CFG_SCALE = _opt("cfg_scale", "FLOAT", f"Classifier-free guidance scale w >= 0 (1: none)")
+CFG_CHANNELS = _opt("cfg_channels", "all|INT", "Guided channels: all | 3 (3: the original DiT's forward_with_cfg) "
+                                               "")
+REFINE_MODE = _opt("refine_mode", "NAME", f"DRiffusion mode: conservative | aggressive")
+PARALLEL = _opt("parallel", "INT", f"DRiffusion parallel evaluations k, 1 <= k < steps")
+SEED = typer.Option(None, "--seed", metavar="INT", show_default="0",
+                    help="Base seed in [0, 2^63-1]; sample i uses seed f(seed, i).")
+
+# Model options (``specdit.api.load_model`` keywords).
+MODEL_HELP = "Registered model name (gmm-2d, gmm-16d, mnist-dit, ...) or checkpoint path."
+NUM_HEADS = typer.Option(None, "--num-heads", min=1, help="Attention heads of an original DiT .pt "
+                                                          "(default: DiT's table).")
+WEIGHTS = typer.Option(None, "--weights", help="ema | model: weights of a DiT train.py checkpoint (default: ema).")
+
+# Other shared settings.
+LABELS_HELP = "Label policy: none | uniform (i mod C) | random | fixed:<class>."
+LABELS = typer.Option("uniform", "--labels", help=LABELS_HELP)
+THREADS = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice).")
+PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with ETA.")
+RAY_ADDRESS_HELP = "Ray cluster address: host:port | ray://host:port | auto (any cluster running here)."
+
+# Deprecated spellings, kept for one release: command name -> {old: new}. Hidden from --help; using one
+# prints one ``warning:`` line and then works as the new spelling.
+DEPRECATED: dict[str, dict[str, str]] = {
+    "generate": {"--cfg": "--cfg-scale"},
+    "bench": {"--cfg": "--cfg-scale"},
+    "submit": {"--output": "--out", "--extractor": "--features"},
+    "train-drafter": {"--pool": "--ray-pool"},
+    "start": {"--address": "--ray-address", "-n": "--actors"},  # pool start
+    "list": {"--address": "--ray-address"},  # pool list
+    "stop": {"--address": "--ray-address"},  # pool stop
+}
+
+
+def rewrite_deprecated(command: str, args: list[str]) -> list[str]:
+    """``args`` with the deprecated spellings of ``command`` replaced (``--old=v`` too; nothing after ``--``);
+    prints ``warning: <old> is deprecated; use <new>`` once per spelling used."""
+    table, out, warned = DEPRECATED.get(command, {}), [], set()
+    for i, arg in enumerate(args):
+        if arg == "--":
+            out.extend(args[i:])
+            break
+        name, eq, value = arg.partition("=")
+        if name in table:
+            if name not in warned:
+                typer.secho(f"warning: {name} is deprecated; use {table[name]}", err=True, fg=typer.colors.YELLOW)
+                warned.add(name)
+            arg = table[name] + eq + value
+        out.append(arg)
+    return out
+
+
+class AliasedCommand(TyperCommand):
+    """A command that accepts its deprecated spellings (:data:`DEPRECATED`) with a one-line note."""
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, rewrite_deprecated(self.name or "", list(args)))
+
+
+def _coerce(setting: str, value: Any) -> Any:
+    if setting in ("steps", "draft_length", "parallel"):
+        return as_int(setting, value)
+    if setting in ("eta", "relax", "cfg_scale"):
+        return as_float(setting, value)
+    if setting == "cfg_channels":
+        return as_cfg_channels(value)
+    return value
+
+
+def coerce_flags(**flags: Any) -> dict[str, Any]:
+    """The sampler-setting flags that were given (not None), as typed values. Raises SettingError (a wrong
+    type, NaN, inf): the error wrapper names the flag."""
+    return {k: _coerce(k, v) for k, v in flags.items() if v is not None}
+
+
+def sampler_config(base: SamplerConfig | None = None, **flags: Any) -> SamplerConfig:
+    """``base`` (default: the defaults) with the sampler-setting flags that were given (not None), coerced and
+    validated by the library's rules. Raises SettingError: the caller's error wrapper names the flag."""
+    return (base or SamplerConfig()).updated(**coerce_flags(**flags))
+
+
+def seed_value(value: Any, default: int = 0) -> int:
+    """A ``--seed`` flag (text) as an int in [0, 2^63-1] (SettingError otherwise)."""
+    if value is None:
+        return default
+    try:
+        value = float(value) if "." in str(value) or "e" in str(value).lower() else value  # "1.5" as YAML reads it
+    except ValueError:
+        pass
+    return check_seed(value)
+
+
+def setting_error_line(e: SettingError) -> str:
+    """The one-line message of a refused flag value: ``invalid setting --eta: <reason>``."""
+    return f"invalid setting {flag(e.setting)}: {e.reason}" if e.setting else f"invalid settings: {e.reason}"
