@@ -39,7 +39,7 @@ def main() -> None:
 
     from workers.engine import ShardWork
     from workers.evaluation import feature_stats_from_arrays, frechet_distance
-    from workers.ray_engine import RayEngine
+    from workers.ray_pool.engine import RayEngine
 
     torch.set_num_threads(1)
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="specdit", log_to_driver=False)

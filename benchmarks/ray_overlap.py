@@ -48,7 +48,7 @@ def main() -> None:
     import torch
 
     from workers.engine import ShardWork, make_engine
-    from workers.ray_engine import RayEngine
+    from workers.ray_pool.engine import RayEngine
 
     torch.set_num_threads(1)
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="specdit", log_to_driver=False)

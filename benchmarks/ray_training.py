@@ -51,8 +51,8 @@ def main() -> None:
     from specdit.api import load_model
     from specdit.data import load_training_data
     from specdit.training.drafter import DrafterTrainConfig, train_drafter
-    from workers.actors import Pool
-    from workers.distributed_training import train_drafter_on_pool
+    from workers.ray_pool.actors import Pool
+    from workers.ray_pool.training import train_drafter_on_pool
 
     torch.set_num_threads(1)
     root = a.out or Path(tempfile.mkdtemp(prefix="ray-training-"))

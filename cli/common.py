@@ -56,7 +56,7 @@ def _service_error_line(e: BaseException, redis_url: str | None) -> tuple[str, i
     errors, redis = sys.modules.get("cluster.errors"), sys.modules.get("redis")
     if errors is not None and isinstance(e, errors.ServiceError):
         return str(e), e.exit_code
-    actors = sys.modules.get("workers.actors")
+    actors = sys.modules.get("workers.ray_pool.actors")
     if actors is not None and isinstance(e, actors.PoolError):  # Ray pool: a bad address is the user's
         return _first_line(e), EXIT_USAGE if isinstance(e, ValueError) else EXIT_OTHER
     if redis is not None and isinstance(e, (redis.ConnectionError, redis.TimeoutError)):

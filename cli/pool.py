@@ -47,7 +47,7 @@ def start(
     device: str = typer.Option("auto", help="auto (GPUs if the cluster has enough) | cpu | cuda."),
 ):
     """Start a named, detached pool; it lives until 'specdit pool stop'."""
-    from workers.actors import start_pool
+    from workers.ray_pool.actors import start_pool
 
     _table(start_pool(address, name, actors, threads, device))
 
@@ -60,7 +60,7 @@ def list_(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """List the pools' actors and their devices."""
-    from workers.actors import list_pool
+    from workers.ray_pool.actors import list_pool
 
     rows = list_pool(address, name)
     if as_json:
@@ -75,7 +75,7 @@ def list_(
 @user_errors
 def stop(name: str = typer.Argument("specdit", help="Pool name."), address: str = Address):
     """Kill a pool's actors and free its placement group."""
-    from workers.actors import stop_pool
+    from workers.ray_pool.actors import stop_pool
 
     typer.echo(plain(f"stopped pool {name!r} ({stop_pool(address, name)} actors)"))
 

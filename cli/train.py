@@ -47,8 +47,8 @@ def train_drafter(
                              lambda_smooth=lambda_smooth, ema_decay=ema, sample_steps=sample_steps, seed=seed,
                              init_from=str(init_from) if init_from else None)
     if ray_address is not None:
-        from workers.actors import PoolError
-        from workers.distributed_training import train_on_cluster
+        from workers.ray_pool.actors import PoolError
+        from workers.ray_pool.training import train_on_cluster
 
         show = lambda p: typer.echo(f"step {p['step']}: loss {p['loss']:.4f}", err=True)  # noqa: E731
         try:

@@ -17,7 +17,7 @@ import torch
 
 from specdit.api import SamplerConfig, generate
 from specdit.metrics.two_sample import ks_against_cdf
-from specdit.models.base import EpsModel
+from specdit.models.base import Capabilities, EpsModel
 from specdit.noise import sample_seed
 
 
@@ -56,7 +56,7 @@ def batch_cost_curve(model: EpsModel, sizes=(1, 2, 4, 8), repeats: int = 10, lab
     """Median time of one target call on a batch of b items, relative to b = 1."""
     times = {}
     for b in sizes:
-        x = torch.randn(b, *model.sample_shape, dtype=getattr(model, "dtype", torch.float64))
+        x = torch.randn(b, *model.sample_shape, dtype=model.dtype)
         t = torch.full((b,), 500, dtype=torch.int64)
         y = None if model.num_classes is None else torch.full((b,), label if label is not None else 0, dtype=torch.int64)
         model(x, t, y)  # warm-up
@@ -86,7 +86,7 @@ def run_bench(
     holds the chains (and the drafters ``generate`` loads).
     ``progress(n)``: n more chain-steps done (``len(variants) * num_samples * steps`` in all)."""
     seeds = sample_seed(seed, torch.arange(num_samples))
-    truth = getattr(model, "projected_cdf", None)
+    truth = model.projected_cdf if Capabilities.of(model).exact_marginals else None
     rows: list[BenchRow] = []
     for name, cfg in variants:
         gen = generate(model, cfg, seeds, labels, batch_size=batch_size, device=device, model_name=model_name,

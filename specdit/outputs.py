@@ -6,19 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from specdit.api import Generation, SamplerConfig
-
-
-def _atomic_save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+from specdit.atomic import atomic_save_npz, atomic_write, atomic_write_text
+from specdit.models.base import Capabilities
 
 
 def strict_json(obj, **kw) -> str:
@@ -38,12 +33,6 @@ def strict_json(obj, **kw) -> str:
     return json.dumps(clean(obj), allow_nan=False, **kw)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
     """Tile uint8 images (N, H, W, C) into one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) image."""
     n, h, w, c = images.shape
@@ -59,9 +48,7 @@ def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.
 def save_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save, suffix=".png")
 
 
 def check_output(out: str | Path) -> Path:
@@ -96,16 +83,16 @@ def save_generation(gen: Generation, seeds: torch.Tensor, out: str | Path, *, mo
         arrays["labels"] = gen.labels.numpy()
     if out.suffix == ".npz":
         out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save_npz(out, **arrays)
-        _atomic_write_text(out.with_suffix(".json"), strict_json(summary, indent=2))
+        atomic_save_npz(out, arrays)
+        atomic_write_text(out.with_suffix(".json"), strict_json(summary, indent=2))
         return summary
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_save_npz(out / "samples.npz", **arrays)
+    atomic_save_npz(out / "samples.npz", arrays)
     if images is not None:
         for i, img in enumerate(images):
             save_png(out / f"{i:05d}.png", img)
         save_png(out / "grid.png", image_grid(images))
-    _atomic_write_text(out / "stats.json", strict_json(summary, indent=2))
+    atomic_write_text(out / "stats.json", strict_json(summary, indent=2))
     return summary
 
 
@@ -134,5 +121,5 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
     gen = generate(model, config, seeds, labels, batch_size=batch_size, device=device, progress=progress,
                    model_name=model_name)
     # Decoded batch by batch, with the sampling batches (the job service's workers decode the same way).
-    images = model.to_images(gen.samples, batch_size).numpy() if hasattr(model, "to_images") else None
+    images = model.to_images(gen.samples, batch_size).numpy() if Capabilities.of(model).images else None
     return save_generation(gen, seeds, out, model_name=model_name, config=config, images=images)

@@ -18,8 +18,7 @@ class BandFault:
         self.model, self.lo, self.hi, self.value, self.label, self.where = model, lo, hi, value, label, where
         self.sample_shape = tuple(model.sample_shape)
         self.num_classes = model.num_classes
-        if hasattr(model, "dtype"):
-            self.dtype = model.dtype
+        self.dtype = model.dtype
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> ModelOutput:
         out = self.model(x, t, y)

@@ -207,7 +207,7 @@ def test_cli_refuses_a_device_that_does_not_exist(tmp_path, device, needle):
 
 
 def test_pool_device_names_are_checked_before_connecting():
-    from workers.actors import BadDevice, check_pool_device
+    from workers.ray_pool.actors import BadDevice, check_pool_device
 
     assert [check_pool_device(d) for d in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
     with pytest.raises(BadDevice, match="device must be auto, cpu, cuda or cuda:N"):

@@ -152,7 +152,7 @@ def test_no_ray_init_without_an_address():
 
 def test_connect_without_an_address_starts_a_private_cluster(monkeypatch):
     ray = pytest.importorskip("ray")
-    from workers import actors
+    from workers.ray_pool import actors
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

@@ -264,21 +264,22 @@ def test_worker_engine_reports_the_job_index_in_one_line_and_counts_fallbacks(gm
     from workers.engine import EngineError, LocalEngine, ShardWork
 
     eng = LocalEngine(threads=None)
-    eng._models["nan-target"] = BandFault(gmm2d, 400, 600, math.nan, label=1)
-    eng._models["gmm-2d"] = gmm2d
+    models = {"nan-target": BandFault(gmm2d, 400, 600, math.nan, label=1), "gmm-2d": gmm2d,
+              "nan-drafter": BandFault(gmm2d, 300, 700, math.nan)}
+    for name in ("nan-target", "gmm-2d"):
+        eng.add_model(name, models[name])
     work = ShardWork(model="nan-target", sampler={"sampler": "ddpm", "steps": S}, labels="uniform", base_seed=0,
                      start=10, stop=18, batch_size=3)
     with pytest.raises(EngineError) as err:
         eng.run(work)
     m = _ONE_LINE.match(str(err.value))
     assert m and int(m.group(3)) == 10, str(err.value)  # labels are i % 3: sample 10 is the first with label 1
-    eng._models["nan-drafter"] = BandFault(gmm2d, 300, 700, math.nan)
     work = ShardWork(model="gmm-2d", sampler={"steps": S, "drafter": "model:nan-drafter", "draft_length": 4},
                      labels="uniform", base_seed=0, start=10, stop=18, batch_size=3)
     import specdit.api as api
 
     real = api.load_model
-    api.load_model = lambda name, device="cpu", **kw: eng._models[name]
+    api.load_model = lambda name, device="cpu", **kw: models[name]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", DraftFallbackWarning)

@@ -173,7 +173,7 @@ def test_batch_smaller_than_world_is_refused(tmp_path):
 def test_pool_actor_builds_the_feature_drafter_of_the_named_model():
     """Issue 12 acceptance 6, Ray path without Ray: the plain class behind a drafter actor builds ``feature``
     for the model it is set up with (the engine passes the job's model name to ``setup``)."""
-    from workers.actors import Drafter
+    from workers.ray_pool.actors import Drafter
 
     actor = Drafter(device="cpu", threads=1)
     sampler = {"sampler": "speculative", "steps": 4, "draft_length": 2, "drafter": "feature", "cfg_scale": 1.5}

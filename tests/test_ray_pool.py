@@ -180,7 +180,7 @@ def test_distributed_training_on_the_pool(engine, tmp_path):
     from specdit.api import load_model
     from specdit.data import load_training_data
     from specdit.training.drafter import DrafterTrainConfig, train_drafter
-    from workers.distributed_training import train_drafter_on_pool
+    from workers.ray_pool.training import train_drafter_on_pool
 
     model = _tiny_dit(tmp_path / "dit")
     g = torch.Generator().manual_seed(0)

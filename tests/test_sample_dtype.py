@@ -80,7 +80,7 @@ def test_float16_overflow_and_uint8_clipping_are_counted():
 
 
 def test_report_counts_clipped_samples(redis_env, tmp_path, monkeypatch):
-    import workers.engine as engine_mod
+    import workers.synthetic_engine as engine_mod
     from cluster.queue import JobQueue
     from cluster.spec import spec_from_dict
     from cluster.worker import ShardWorker, WorkerOptions
@@ -91,7 +91,7 @@ def test_report_counts_clipped_samples(redis_env, tmp_path, monkeypatch):
                            "sampler": {"sampler": "ddpm", "steps": 2}, "evaluate": {"fid": False},
                            "output": {"dir": str(tmp_path), "sample_dtype": "float16"}})
     q.submit(spec)
-    orig = engine_mod._encode_samples  # every sample x 1e30: far beyond float16's 65504
-    monkeypatch.setattr(engine_mod, "_encode_samples", lambda s, dtype: orig(s * 1e30, dtype))
+    orig = engine_mod.encode_samples  # every sample x 1e30: far beyond float16's 65504
+    monkeypatch.setattr(engine_mod, "encode_samples", lambda s, dtype: orig(s * 1e30, dtype))
     assert ShardWorker(q, engine_mod.SyntheticEngine(), WorkerOptions(max_idle=0.2, poll_interval=0.05)).run() == 0
     assert q.report(spec.job_id)["samples_clipped"] == 16  # 8 samples x 2 dimensions, all overflowed

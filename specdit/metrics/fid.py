@@ -33,6 +33,8 @@ from typing import Iterable
 
 import numpy as np
 
+from specdit.atomic import atomic_save_npz
+
 __all__ = ["FeatureStats", "GaussianStats", "frechet_distance", "fid_from_stats", "load_stats"]
 
 _KEYS = ("n", "sum", "sum_outer", "extractor")
@@ -52,12 +54,7 @@ def _as_float64_2d(features) -> np.ndarray:
 
 def save_npz_atomic(path: Path, arrays: dict) -> Path:
     """Write ``arrays`` to ``path`` (.npz) via a temp file and a rename: safe for concurrent writers."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, path)
-    return path
+    return atomic_save_npz(path, arrays)
 
 
 @dataclass

@@ -215,6 +215,10 @@ class CFGDenoiser:
         self.num_classes = model.num_classes
         self.vae = model.vae
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
     def _pair(self, t: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         n = t.shape[0]
         y = self.model._labels(y, n)

@@ -41,6 +41,10 @@ class GaussianMixture:
         return (self.means.shape[1],)
 
     @property
+    def dtype(self) -> torch.dtype:
+        return torch.float64  # closed forms in float64
+
+    @property
     def num_classes(self) -> int | None:
         return None if self.classes is None else int(self.classes.max()) + 1
 

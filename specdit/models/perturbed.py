@@ -23,8 +23,7 @@ class PerturbedModel:
         g = torch.Generator().manual_seed(seed)
         b = torch.randn(math.prod(self.sample_shape), generator=g, dtype=torch.float64)
         self.bias = (b / b.pow(2).mean().sqrt()).view(self.sample_shape)  # (*shape), unit RMS
-        if hasattr(model, "dtype"):
-            self.dtype = model.dtype
+        self.dtype = model.dtype
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> ModelOutput:
         out = self.model(x, t, y)

@@ -31,8 +31,7 @@ def call_model(model: EpsModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tenso
 
     Raises :class:`NonFiniteTargetError` if any eps is not finite, naming the first such item by its state
     index ``steps[i]`` (N,), its timestep ``t[i]`` and its sample row ``rows[i]`` (N,) (default: i)."""
-    dtype = getattr(model, "dtype", torch.float64)
-    out = model(x.to(dtype), t, y)
+    out = model(x.to(model.dtype), t, y)
     eps = out.eps.to(device=x.device, dtype=torch.float64)  # the model may live on another device
     bad = ~torch.isfinite(eps).flatten(1).all(1)  # (N,)
     if bad.any():

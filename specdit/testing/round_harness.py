@@ -40,7 +40,7 @@ import specdit.coupling as coupling
 import specdit.samplers.round_steps as spec
 from specdit.drafters.base import DraftContext, ModelDrafter
 from specdit.drafters.free import FreeDrafter
-from specdit.models.base import EpsModel
+from specdit.models.base import Capabilities, EpsModel
 from specdit.noise import NoiseStreams, sample_seed
 from specdit.samplers.chains import Chains
 from specdit.samplers.common import call_model
@@ -234,7 +234,7 @@ def start_state(model, schedule: Schedule, k: int, seed: int = 7):
     shape = tuple(model.sample_shape)
     y = _labels(model, 1)
     normal = lambda: torch.randn(1, *shape, generator=g, dtype=torch.float64)  # noqa: E731
-    if getattr(model, "eps_from_features", None) is None:
+    if not Capabilities.of(model).features:
         first, x = schedule.num_steps, normal()
     else:
         first, abar = k + 1, schedule.abar[k + 1]

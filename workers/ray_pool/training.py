@@ -20,51 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from workers.actors import Pool, PoolError
-
-
-def _write_progress(out_dir: Path, row: dict) -> None:
-    tmp = out_dir / "progress.json.tmp"
-    tmp.write_text(json.dumps({**row, "time": time.time()}))
-    os.replace(tmp, out_dir / "progress.json")
-
-
-def read_progress(out_dir: str | Path) -> dict | None:
-    try:
-        return json.loads((Path(out_dir) / "progress.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def checkpoint_step(out_dir: str | Path) -> int:
-    """The step of the checkpoint in ``out_dir`` (0 if none)."""
-    import torch
-
-    path = Path(out_dir) / "ckpt.pt"
-    if not path.is_file():
-        return 0
-    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
-
-
-def train_rank(worker, model: str, data: str, cfg: dict, out_dir: str, export_dir: str | None,
-               init_method: str, world_size: int, rank: int) -> str:
-    """One rank of a data-parallel run, inside a pool actor (``worker`` is its ``DeviceWorker``)."""
-    from specdit.data import load_training_data
-    from specdit.training.distributed import TorchWorld
-    from specdit.training.drafter import DrafterTrainConfig, train_drafter
-
-    target = worker.engine._load(model)
-    if not hasattr(target, "eps_from_features"):
-        raise ValueError(f"model {model!r} has no top-block features: the feature drafter needs a DiT")
-    out = Path(out_dir)
-    world = TorchWorld.init(rank, world_size, init_method, device=worker.device)
-    try:
-        on_log = (lambda row: _write_progress(out, row)) if rank == 0 else None
-        folder = train_drafter(target, load_training_data(data), DrafterTrainConfig(**cfg), out,
-                               export_dir=export_dir, progress=False, on_log=on_log, world=world)
-    finally:
-        world.close()
-    return str(folder)
+from workers.ray_pool.actors import Pool, PoolError
+from workers.ray_pool.progress import checkpoint_step, read_progress
 
 
 @dataclass
@@ -141,7 +98,7 @@ def train_on_cluster(address: str, model: str, data: str, cfg, out_dir: str | Pa
     local Ray cluster for the run."""
     import ray
 
-    from workers.actors import connect
+    from workers.ray_pool.actors import connect
 
     local = address == "local"
     started = connect(None if local else address, num_cpus=workers * threads if local else None)

@@ -25,8 +25,11 @@ from typing import Callable
 import numpy as np
 
 from specdit.samplers.common import NonFiniteTargetError
-from workers.actors import Pool, PoolError, connect
-from workers.engine import EngineError, ModelInfo, ShardOutput, ShardWork, labels_for, seeds_for, shard_arrays_for
+from workers.local_engine import LocalEngine
+from workers.pipeline import ShardedModel, Timeline, speculative_pipeline
+from workers.protocol import (EngineError, ModelInfo, ShardOutput, ShardWork, labels_for, seeds_for, shard_arrays,
+                              shard_arrays_for)
+from workers.ray_pool.actors import Pool, PoolError, connect
 
 
 class _Remote:
@@ -57,6 +60,7 @@ class RayEngine:
         size = int(actors if actors is not None else env("SPECDIT_RAY_ACTORS", "2"))
         pool = pool if pool is not None else env("SPECDIT_RAY_POOL") or None
         device = env("SPECDIT_RAY_DEVICE", device)  # "auto": GPUs when the cluster has enough
+        self.pool, self._started_ray = None, False  # for close() after a failed start
         try:
             self._started_ray = connect(address, num_cpus=num_cpus)
             self.pool = Pool.attach(pool) if pool else Pool.create(size, threads=threads or 1, device=device)
@@ -84,8 +88,6 @@ class RayEngine:
         return self._infos[model]
 
     def check_sampler(self, sampler: dict) -> None:
-        from workers.engine import LocalEngine
-
         LocalEngine().check_sampler(sampler)  # pure validation, no model
 
     def reference_stats(self, model: str, labels: str, extractor: str, source: str) -> dict[str, np.ndarray]:
@@ -104,12 +106,10 @@ class RayEngine:
         import torch
 
         from specdit.api import SamplerConfig
-        from specdit.stats import SampleStats
 
         info = self.model_info(work.model, work.model_options)
         config = SamplerConfig(**work.sampler).validate()
-        sampler = config.to_dict()
-        ray.get([h.setup.remote(work.model, sampler) for h in self.pool.handles])
+        ray.get([h.setup.remote(work.model, config.to_dict()) for h in self.pool.handles])
         seeds = seeds_for(work.base_seed, work.start, work.stop)  # (n,)
         indices = torch.arange(work.start, work.stop, dtype=torch.int64)
         labels = labels_for(work.labels, indices, seeds, info.num_classes)
@@ -117,43 +117,43 @@ class RayEngine:
         # Same batches and labels as LocalEngine / specdit.api.generate (null class for "no label").
         y_all = labels if labels is not None or info.num_classes is None else torch.full_like(seeds, info.num_classes)
         batches = [(a, min(n, a + work.batch_size)) for a in range(0, n, work.batch_size)]
-        results: dict[int, tuple] = {}
         t0 = time.perf_counter()
+        results = self._sample(work, config, info, seeds, y_all, batches, progress)
+        wall = time.perf_counter() - t0
+        parts = [results[i] for i in range(len(batches))]
+        # Decode on the verifier's device (it holds the model and its VAE), batch by batch as LocalEngine.
+        out = shard_arrays_for(work, info, lambda x: ray.get(self.pool.verifier.to_images.remote(work.model, x)))
+        for p in parts:
+            out.add(p[0])
+        times = [np.full(b - a, p[2] / (b - a)) for (a, b), p in zip(batches, parts)]
+        return ShardOutput(shard_arrays(indices, seeds, labels, times, [p[1] for p in parts], out), wall)
+
+    def _sample(self, work, config, info, seeds, y_all, batches, progress) -> dict[int, tuple]:
+        """Every batch with the configured sampler: batch i -> (samples float32, stats, wall seconds).
+        A dead actor or a non-finite target is an EngineError (one line, the sample named by its job index)."""
+        import ray
+
+        results: dict[int, tuple] = {}
         try:
             if config.sampler == "speculative":
                 self._run_speculative(work, config, info, seeds, y_all, batches, results, progress)
             elif config.sampler == "draft_refine":
                 self._run_draft_refine(work, config, info, seeds, y_all, batches, results, progress)
             else:
-                self._run_whole_batches(work, sampler, seeds, y_all, batches, results, progress)
+                self._run_whole_batches(work, config.to_dict(), seeds, y_all, batches, results, progress)
         except ray.exceptions.RayActorError as e:
             raise EngineError(f"a pool actor died: {' '.join(str(e).split())[:200]}") from None
         except NonFiniteTargetError as e:  # one line, naming the sample by its index in the job
             raise EngineError(str(NonFiniteTargetError(e.step, e.timestep, work.start + e.sample))) from None
-        wall = time.perf_counter() - t0
-        parts = [results[i] for i in range(len(batches))]
-        # Decode on the verifier's device (it holds the model and its VAE), batch by batch as LocalEngine.
-        decode = lambda x: ray.get(self.pool.verifier.to_images.remote(work.model, x))  # noqa: E731
-        out = shard_arrays_for(work, info, decode)
-        for p in parts:
-            out.add(p[0])
-        arrays: dict[str, np.ndarray] = {
-            "indices": indices.numpy(), "seeds": seeds.numpy(),
-            "labels": (labels if labels is not None else torch.full((n,), -1, dtype=torch.int64)).numpy(),
-            "time_per_sample": np.concatenate([np.full(b - a, p[2] / (b - a)) for (a, b), p in zip(batches, parts)]),
-        }
-        for k, v in SampleStats.concat([p[1] for p in parts]).to_arrays().items():
-            arrays[f"stat_{k}"] = np.asarray(v)
-        arrays.update(out.arrays())
-        return ShardOutput(arrays, wall)
+        return results
 
     def close(self) -> None:
         import ray
 
-        if getattr(self, "pool", None) is not None and self.pool.owned:
+        if self.pool is not None and self.pool.owned:
             self.pool.shutdown()
         self.pool = None
-        if getattr(self, "_started_ray", False) and ray.is_initialized():
+        if self._started_ray and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False
 
@@ -168,7 +168,6 @@ class RayEngine:
         import ray
 
         from specdit.schedule import Schedule
-        from workers.pipeline import Timeline, speculative_pipeline
 
         schedule = Schedule.create(config.steps, config.eta)
         sampler = config.to_dict()
@@ -201,12 +200,9 @@ class RayEngine:
         from specdit.noise import NoiseStreams
         from specdit.samplers.draft_refine import sample_draft_refine
         from specdit.schedule import Schedule
-        from workers.pipeline import ShardedModel
 
         schedule = Schedule.create(config.steps, config.eta)
         sampler = config.to_dict()
-        from workers.pipeline import Timeline
-
         self.last_timeline = tl = Timeline(start=time.time())
         model = ShardedModel([_Remote(h, work.model, sampler) for h in self.pool.handles], info.sample_shape,
                              info.num_classes, dtype=torch.float64, timeline=tl)

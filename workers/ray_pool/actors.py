@@ -17,8 +17,11 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from specdit.devices import check_device_name
+from workers.local_engine import LocalEngine
+from workers.protocol import set_threads
 
 NAMESPACE = "specdit"
 
@@ -42,10 +45,9 @@ class DeviceWorker:
     """Holds models on one device and runs the pieces of sampling and training placed on it."""
 
     role = "device"
+    drafts = False  # holds a drafter (speculative sampling's step 1)
 
     def __init__(self, device: str = "cpu", threads: int = 1, rank: int = 0):
-        from workers.engine import LocalEngine, set_threads
-
         if threads:
             set_threads(threads)
         self.device, self.threads, self.rank = device, threads, rank
@@ -89,15 +91,15 @@ class DeviceWorker:
             from specdit.api import SamplerConfig, guided, make_drafter
             from specdit.schedule import Schedule
 
-            base = self.engine._load(model)
+            base = self.engine.load(model)
             config = SamplerConfig(**sampler).validate()
             target = guided(base, config.cfg_scale, config.cfg_channels)
             drafter = None
-            if config.sampler == "speculative" and hasattr(self, "draft"):
+            if config.sampler == "speculative" and self.drafts:
                 drafter = make_drafter(config.drafter, target, self.device, model)
             self._setups[key] = (target, drafter, Schedule.create(config.steps, config.eta), config)
         target, drafter, _, _ = self._setups[key]
-        return {"draft_cost": 0 if drafter is None else drafter.cost, "dtype": str(getattr(target, "dtype", "torch.float64"))}
+        return {"draft_cost": 0 if drafter is None else drafter.cost, "dtype": str(target.dtype)}
 
     def _get(self, model: str, sampler: dict):
         import json
@@ -125,17 +127,30 @@ class DeviceWorker:
         target, _, _, config = self._get(model, sampler)
         t0 = time.perf_counter()
         with torch.no_grad():
-            x, st = run_sampler(target, None, config, NoiseStreams(seeds), labels)
+            x, st = run_sampler(target, None, config, NoiseStreams(seeds, device=self.device), labels)
         return x.float().cpu(), st, time.perf_counter() - t0
 
     # -- training ------------------------------------------------------------------------------------
     def train_drafter(self, model: str, data: str, cfg: dict, out_dir: str, export_dir: str | None,
                       init_method: str, world_size: int, rank: int) -> str:
-        """Data-parallel drafter training as rank ``rank`` of ``world_size`` (see
-        ``workers.distributed_training``). The frozen DiT already held here produces the supervision."""
-        from workers.distributed_training import train_rank
+        """Data-parallel drafter training as rank ``rank`` of ``world_size`` (see ``workers.ray_pool.training``):
+        the frozen DiT already held here produces the supervision; rank 0 writes progress into ``out_dir``."""
+        from specdit.data import load_training_data
+        from specdit.models.base import require_features
+        from specdit.training.distributed import TorchWorld
+        from specdit.training.drafter import DrafterTrainConfig, train_drafter
+        from workers.ray_pool.progress import write_progress
 
-        return train_rank(self, model, data, cfg, out_dir, export_dir, init_method, world_size, rank)
+        target = require_features(self.engine.load(model))
+        out = Path(out_dir)
+        world = TorchWorld.init(rank, world_size, init_method, device=self.device)
+        try:
+            on_log = (lambda row: write_progress(out, row)) if rank == 0 else None
+            folder = train_drafter(target, load_training_data(data), DrafterTrainConfig(**cfg), out,
+                                   export_dir=export_dir, progress=False, on_log=on_log, world=world)
+        finally:
+            world.close()
+        return str(folder)
 
 
 class Verifier(DeviceWorker):
@@ -154,6 +169,7 @@ class Drafter(DeviceWorker):
     """Holds the drafter (and the frozen target, which FREE's drafter needs and training uses)."""
 
     role = "drafter"
+    drafts = True
 
     def draft(self, model: str, sampler: dict, seeds, ctx, draft_length: int):
         from workers.pipeline import DraftComputer
