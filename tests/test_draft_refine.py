@@ -101,6 +101,7 @@ class Recorder:
     def __init__(self, model):
         self.model, self.calls = model, []
         self.sample_shape, self.num_classes = model.sample_shape, model.num_classes
+        self.dtype = model.dtype  # EpsModel declares the dtype it computes in
 
     def __call__(self, x, t, y=None):
         self.calls.append([(int(t[r]), x[r].clone()) for r in range(x.shape[0])])
