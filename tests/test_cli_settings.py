@@ -135,7 +135,7 @@ def test_every_command_spells_a_shared_setting_the_same_way():
 def test_submit_offers_every_sampler_and_model_option_of_generate():
     cmds = dict(_commands())
     names = lambda c: {p.name for p in cmds[c].params}  # noqa: E731
-    assert names("generate") - names("submit") <= {"progress", "threads"}  # local-only settings
+    assert names("generate") - names("submit") <= {"progress", "threads", "device"}  # local-only: a job's device is its worker's
 
 
 def _normalised(result) -> tuple[int, str]:
