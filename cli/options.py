@@ -125,7 +125,7 @@ def seed_value(value: Any, default: int = 0) -> int:
     if value is None:
         return default
     try:
-        value = float(value) if "." in str(value) or "e" in str(value).lower() else value  # "1.5" as YAML reads it
+        value = float(value) if "." in str(value) else value  # "1.5" as YAML reads it (YAML keeps "1e5" a string)
     except ValueError:
         pass
     return check_seed(value)
