@@ -167,6 +167,7 @@ class RayEngine:
     def _run_speculative(self, work, config, info, seeds, y_all, batches, results, progress):
         import ray
 
+        from specdit.api import draft_plan
         from specdit.schedule import Schedule
 
         schedule = Schedule.create(config.steps, config.eta)
@@ -182,7 +183,7 @@ class RayEngine:
                 x, st = speculative_pipeline(
                     _Remote(drafter, work.model, sampler), _Remote(verifier, work.model, sampler), schedule,
                     seeds[a:b], None if y_all is None else y_all[a:b], info.sample_shape,
-                    draft_length=config.draft_length, verification=config.verify, relax=config.relax,
+                    draft_length=draft_plan(config), verification=config.verify, relax=config.relax,
                     groups=self.groups, overlap=self.overlap, callback=tick, timeline=tl)
             except NonFiniteTargetError as e:  # the row in this batch -> the row in the shard
                 raise NonFiniteTargetError(e.step, e.timestep, a + e.sample) from None
