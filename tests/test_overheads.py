@@ -47,3 +47,18 @@ def test_a_row_does_not_depend_on_its_batch():
     whole = C.sample_residual_coordinate(log_c, d, w)
     alone = torch.cat([C.sample_residual_coordinate(log_c[i:i + 1], d[i:i + 1], w[i:i + 1]) for i in range(200)])
     assert torch.equal(whole, alone)
+
+
+def test_numpy_keyed_noise_is_bit_identical_to_torch():
+    """The CPU fast path of NoiseStreams (numpy integer arithmetic) gives the torch path's bits (a DrawLog
+    forces the torch path)."""
+    from specdit.noise import DrawLog, NoiseStreams, Purpose, sample_seed
+
+    seeds = sample_seed(3, torch.arange(7))
+    fast, slow = NoiseStreams(seeds), NoiseStreams(seeds, log=DrawLog())
+    k = torch.tensor([4, 5, 6, 7, 250, 1, 999])
+    for words in [(Purpose.DRAFT, k, 2), (Purpose.INIT,), (Purpose.STEP, 17), (Purpose.BLOCK, k)]:
+        assert torch.equal(fast.normal(*words, shape=(3, 5)), slow.normal(*words, shape=(3, 5)))
+        assert torch.equal(fast.uniform(*words, n=4), slow.uniform(*words, n=4))
+        assert torch.equal(fast.bits(*words, n=2), slow.bits(*words, n=2))
+    assert not torch.equal(fast.uniform(Purpose.BLOCK, k, n=4), slow.uniform(Purpose.ACCEPT, k, n=4))  # control
