@@ -33,9 +33,26 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table (for the README)."),
     device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
+    mode: str = typer.Option("table", "--mode", help="table: rounds, acceptance, speed-up and KS per variant | "
+                             "latency: batch 1, chains one at a time, paired per seed | throughput: samples/s at "
+                             "--throughput-batch."),
+    repeats: int = typer.Option(8, "--repeats", help="latency: seeds; throughput: repeats (paired, order rotated)."),
+    throughput_batch: int = typer.Option(64, "--throughput-batch", help="Batch of --mode throughput."),
+    precision: Optional[str] = opt.PRECISION,
+    auto: bool = typer.Option(True, "--auto/--no-auto", help="latency/throughput: add the --draft-length auto "
+                              "variant (calibrates first if no calibration is stored)."),
 ) -> None:
-    """Rounds, parallel efficiency, acceptance, wall time relative to ddpm, and distance to ground truth."""
+    """Speed of the samplers side by side on the same seeds (ddpm is the reference; speed-up > 1 is faster).
+
+    --mode table: rounds, parallel efficiency, acceptance, speed-up and the distance to ground truth.
+    --mode latency / throughput: timed, paired, with the cost model's predicted speed-up (see README)."""
     import torch
+
+    if mode in ("latency", "throughput"):
+        return _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats,
+                       throughput_batch, threads, device, seed, auto, json_out, markdown, num_heads, weights)
+    if mode != "table":
+        raise ValueError(f"unknown bench mode {mode!r}; choose table, latency or throughput")
     from rich.console import Console
 
     from cli.render import markup
@@ -73,26 +90,57 @@ def bench(
     console.print(f"[bold]{markup(model)}[/] S={steps} N={num_samples} seed={seed} cfg={cfg} threads={torch.get_num_threads()}")
     curve = batch_cost_curve(guided(m, cfg, channels))
     console.print("target batch cost (relative to batch 1): " + ", ".join(f"b={b}: {c:.2f}x" for b, c in curve.items()))
-    cols = ["variant", "rounds/sample", "parallel eff.", "acceptance", "wall vs ddpm", "KS to truth", "KS p"]
+    cols = ["variant", "rounds/sample", "parallel eff.", "acceptance", "speed-up vs ddpm", "KS to truth", "KS p"]
     table = Table(*cols)
     with one_line_warnings():
         rows = run_bench(m, variants, num_samples, seed, y, batch_size,
                          on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"), model_name=model,
                          device=dev)
     for r in rows:
-        table.add_row(r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.wall_vs_ddpm, ".2f"),
+        table.add_row(r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.speedup_vs_ddpm, ".2f"),
                       _fmt(r.ks, ".4f"), _fmt(r.ks_p, ".3g"))
     console.print(table)
     if markdown:
         print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
         for r in rows:
             print(f"| {r.name} | {_fmt(r.rounds, '.1f')} | {_fmt(r.efficiency)} | {_fmt(r.acceptance)} | "
-                  f"{_fmt(r.wall_vs_ddpm, '.2f')} | {_fmt(r.ks, '.4f')} | {_fmt(r.ks_p, '.3g')} |")
+                  f"{_fmt(r.speedup_vs_ddpm, '.2f')} | {_fmt(r.ks, '.4f')} | {_fmt(r.ks_p, '.3g')} |")
     if json_out is not None:
         from specdit.outputs import strict_json
 
         json_out.write_text(strict_json({"model": model, "steps": steps, "num_samples": num_samples, "seed": seed,
                                          "batch_cost": curve, "rows": [r.as_dict() for r in rows]}, indent=2))
+
+
+def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats, batch, threads,
+            device, seed, auto, json_out, markdown, num_heads, weights) -> None:
+    """--mode latency | throughput: parse, run ``specdit.latency.run_timing_bench``, render."""
+    from rich.console import Console
+
+    from cli.bench_timing import render
+    from cli.render import markup
+    from specdit.api import load_model
+    from specdit.devices import resolve_device
+    from specdit.latency import BenchPlan, run_timing_bench
+
+    if json_out is not None:
+        check_output_file(json_out, "--json file")
+    try:
+        lengths = [int(v) for v in draft_lengths.split(",")]
+    except ValueError:
+        raise ValueError(f"--draft-lengths must be comma-separated integers, got {draft_lengths!r}") from None
+    base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, precision=precision)
+    plan = BenchPlan(model, base, [d for d in drafters.split(",") if d], lengths, mode, repeats, batch, threads,
+                     str(resolve_device(device)), opt.seed_value(seed), auto).check()
+    m = load_model(model, device=plan.device, num_heads=num_heads, weights=weights)
+    console = Console(width=max(Console().width, 140))
+    with one_line_warnings():
+        report = run_timing_bench(plan, base=m, on_note=lambda text: console.print(markup(text)))
+    render(report, console, markdown)
+    if json_out is not None:
+        from specdit.outputs import strict_json
+
+        json_out.write_text(strict_json(report, indent=2))
 
 
 def register(app: typer.Typer) -> None:
