@@ -8,6 +8,7 @@ import typer
 
 from cli import options as opt
 from cli.common import check_output_file, one_line_warnings, user_errors
+from cli.render import plain
 
 
 def _fmt(v, spec=".3f"):
@@ -143,5 +144,45 @@ def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_le
         json_out.write_text(strict_json(report, indent=2))
 
 
+def calibrate(
+    model: str = typer.Option("mnist-dit", "--model", "-m", help=opt.MODEL_HELP),
+    drafter: Optional[str] = opt.DRAFTER,
+    steps: Optional[str] = opt.STEPS,
+    eta: Optional[str] = opt.ETA,
+    verify: Optional[str] = opt.VERIFY,
+    cfg_scale: Optional[str] = opt.CFG_SCALE,
+    cfg_channels: Optional[str] = opt.CFG_CHANNELS,
+    precision: Optional[str] = opt.PRECISION,
+    batch_size: int = typer.Option(1, "--batch-size", help="Chains sampled together (1: latency)."),
+    chains: int = typer.Option(4, "--chains", help="Chains sampled to measure acceptance by timestep."),
+    threads: Optional[int] = opt.THREADS,
+    device: str = typer.Option("cpu", help="The device that will sample: cpu | cuda | cuda:N."),
+) -> None:
+    """Measure acceptance by timestep and the cost model here; store the --draft-length auto schedule.
+
+    The schedule is keyed by model, drafter (its weights' hash), device, steps, eta, cfg, verification,
+    precision and batch size, in $SPECDIT_CACHE/draft-schedules (default ~/.cache/specdit)."""
+    import torch
+
+    from specdit.autodraft import key_file
+    from specdit.calibrate import calibrate as run
+    from specdit.devices import resolve_device
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    config = opt.sampler_config(drafter=drafter, steps=steps, eta=eta, verify=verify, cfg_scale=cfg_scale,
+                                cfg_channels=cfg_channels, precision=precision)
+    if drafter is None and model == "mnist-dit":
+        config = config.updated(drafter="feature")
+    plan = run(model, config, device=str(resolve_device(device)), batch=batch_size, chains=chains)
+    typer.echo(plain(plan.describe()))
+    c = plan.costs
+    typer.echo(f"cost model: c(1) {1e3 * c.call[min(c.call)]:.2f} ms, drafter d {1e3 * c.draft:.2f} ms/step, "
+               f"sampler's own work v {1e3 * c.verify:.2f} ms/round, plain step overhead {1e3 * c.plain:.2f} ms "
+               f"({c.threads} threads)")
+    typer.echo(plain(f"stored {key_file(plan.key)}"))
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench", cls=opt.AliasedCommand)(user_errors(bench))
+    app.command("calibrate", cls=opt.AliasedCommand)(user_errors(calibrate))

@@ -98,10 +98,14 @@ def save_generation(gen: Generation, seeds: torch.Tensor, out: str | Path, *, mo
 
 def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, seed: int, label_policy: str,
                      out: str | Path, *, batch_size: int = 64, device: str = "cpu", threads: int | None = None,
-                     progress=None, num_heads: int | None = None, weights: str | None = None) -> dict:
+                     progress=None, num_heads: int | None = None, weights: str | None = None,
+                     auto_draft: bool = False) -> dict:
     """Load ``model_name`` (``num_heads`` / ``weights``: options of an original DiT checkpoint, see
     ``specdit.api.load_model``), sample ``num_samples`` chains with seeds f(seed, i) and labels from
-    ``label_policy``, and save them to ``out`` (see ``save_generation``). Returns the summary."""
+    ``label_policy``, and save them to ``out`` (see ``save_generation``). Returns the summary.
+    ``auto_draft``: the draft length comes from the stored calibration for this model, drafter, device,
+    steps and batch (``specdit.calibrate.resolve_auto``; calibrated now if none is stored); the summary's
+    ``auto`` line says what it chose, and the config saved carries the schedule."""
     from specdit.api import generate, load_model
     from specdit.labels import labels_for
     from specdit.noise import sample_seed
@@ -115,6 +119,12 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
     if threads is not None:
         torch.set_num_threads(threads)
     model = load_model(model_name, device=device, num_heads=num_heads, weights=weights)
+    note = None
+    if auto_draft:
+        from specdit.calibrate import resolve_auto
+
+        config, plan = resolve_auto(config, model_name, device, min(batch_size, num_samples), base=model)
+        note = plan.describe()
     idx = torch.arange(num_samples)
     seeds = sample_seed(seed, idx)
     labels = labels_for(label_policy, idx, seeds, model.num_classes)
@@ -122,4 +132,5 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
                    model_name=model_name)
     # Decoded batch by batch, with the sampling batches (the job service's workers decode the same way).
     images = model.to_images(gen.samples, batch_size).numpy() if Capabilities.of(model).images else None
-    return save_generation(gen, seeds, out, model_name=model_name, config=config, images=images)
+    summary = save_generation(gen, seeds, out, model_name=model_name, config=config, images=images)
+    return summary | {"auto": note} if note else summary
