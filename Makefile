@@ -15,7 +15,7 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/specdit generate --model $(or $(MODEL),mnist-dit) --sampler speculative --drafter $(or $(DRAFTER),feature) \
-		--verify block --draft-length 8 --cfg-scale 1.5 --steps 250 --num-samples 48 --out outputs/run
+		--verify block --draft-length auto --cfg-scale 1.5 --steps 250 --num-samples 48 --out outputs/run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
