@@ -62,3 +62,21 @@ def test_numpy_keyed_noise_is_bit_identical_to_torch():
         assert torch.equal(fast.uniform(*words, n=4), slow.uniform(*words, n=4))
         assert torch.equal(fast.bits(*words, n=2), slow.bits(*words, n=2))
     assert not torch.equal(fast.uniform(Purpose.BLOCK, k, n=4), slow.uniform(Purpose.ACCEPT, k, n=4))  # control
+
+
+def test_profile_round_command_splits_a_round():
+    """benchmarks/profile_round.py at a tiny size: the parts add up and every target call is counted."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_round.py"
+    spec = importlib.util.spec_from_file_location("profile_round", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main(["--model", "gmm-2d", "--steps", "4", "--cfg-scale", "1", "--drafter", "perturbed:1",
+                     "--draft-length", "2", "--seeds", "1", "--threads", "1"])
+    ddpm, spec_row = rows
+    assert ddpm["target_calls_per_sample"] == 4 and ddpm["drafter_s"] == 0
+    assert spec_row["drafter_s"] > 0 and spec_row["rounds"] >= 2
+    for r in rows:
+        assert abs(r["target_s"] + r["drafter_s"] + r["rest_s"] - r["seconds_per_sample"]) < 1e-9
