@@ -47,18 +47,22 @@ def bench(
 
     --mode table: rounds, parallel efficiency, acceptance, speed-up and the distance to ground truth.
     --mode latency / throughput: timed, paired, with the cost model's predicted speed-up (see README)."""
-    import torch
-
     if mode in ("latency", "throughput"):
         return _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats,
                        throughput_batch, threads, device, seed, auto, json_out, markdown, num_heads, weights)
     if mode != "table":
         raise ValueError(f"unknown bench mode {mode!r}; choose table, latency or throughput")
+    _table(model, steps, num_samples, draft_lengths, drafters, cfg_scale, cfg_channels, precision, num_heads, weights,
+           labels, seed, batch_size, threads, json_out, markdown, device)
+
+
+def _table(model, steps, num_samples, draft_lengths, drafters, cfg_scale, cfg_channels, precision, num_heads, weights,
+           labels, seed, batch_size, threads, json_out, markdown, device) -> None:
+    """--mode table: parse, run ``specdit.bench.run_bench``, render."""
+    import torch
     from rich.console import Console
 
     from cli.render import markup
-    from rich.table import Table
-
     from specdit.api import guided, load_model
     from specdit.bench import batch_cost_curve, default_variants, run_bench
     from specdit.labels import labels_for
@@ -74,7 +78,7 @@ def bench(
         lengths = tuple(int(v) for v in draft_lengths.split(","))
     except ValueError:
         raise ValueError(f"--draft-lengths must be comma-separated integers, got {draft_lengths!r}") from None
-    base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+    base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, precision=precision)
     steps, cfg, channels, seed = base.steps, base.cfg_scale, base.cfg_channels, opt.seed_value(seed)
     from specdit.devices import resolve_device
 
@@ -84,19 +88,31 @@ def bench(
     y = labels_for(labels, idx, sample_seed(seed, idx), m.num_classes)
     if y is not None and labels == "none":
         y = None  # unconditional sampling of a conditional model: compare with the full mixture
-    variants = default_variants(steps, lengths, cfg, tuple(drafters.split(",")), cfg_channels=channels)
+    variants = default_variants(steps, lengths, cfg, tuple(drafters.split(",")), cfg_channels=channels,
+                                precision=base.precision)
     for _, v in variants:
         v.validate()
     console = Console(width=max(Console().width, 120))
     console.print(f"[bold]{markup(model)}[/] S={steps} N={num_samples} seed={seed} cfg={cfg} threads={torch.get_num_threads()}")
     curve = batch_cost_curve(guided(m, cfg, channels))
     console.print("target batch cost (relative to batch 1): " + ", ".join(f"b={b}: {c:.2f}x" for b, c in curve.items()))
-    cols = ["variant", "rounds/sample", "parallel eff.", "acceptance", "speed-up vs ddpm", "KS to truth", "KS p"]
-    table = Table(*cols)
     with one_line_warnings():
         rows = run_bench(m, variants, num_samples, seed, y, batch_size,
                          on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"), model_name=model,
                          device=dev)
+    _render_table(console, rows, markdown)
+    if json_out is not None:
+        from specdit.outputs import strict_json
+
+        json_out.write_text(strict_json({"model": model, "steps": steps, "num_samples": num_samples, "seed": seed,
+                                         "batch_cost": curve, "rows": [r.as_dict() for r in rows]}, indent=2))
+
+
+def _render_table(console, rows, markdown: bool) -> None:
+    from rich.table import Table
+
+    cols = ["variant", "rounds/sample", "parallel eff.", "acceptance", "speed-up vs ddpm", "KS to truth", "KS p"]
+    table = Table(*cols)
     for r in rows:
         table.add_row(r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.speedup_vs_ddpm, ".2f"),
                       _fmt(r.ks, ".4f"), _fmt(r.ks_p, ".3g"))
@@ -106,11 +122,6 @@ def bench(
         for r in rows:
             print(f"| {r.name} | {_fmt(r.rounds, '.1f')} | {_fmt(r.efficiency)} | {_fmt(r.acceptance)} | "
                   f"{_fmt(r.speedup_vs_ddpm, '.2f')} | {_fmt(r.ks, '.4f')} | {_fmt(r.ks_p, '.3g')} |")
-    if json_out is not None:
-        from specdit.outputs import strict_json
-
-        json_out.write_text(strict_json({"model": model, "steps": steps, "num_samples": num_samples, "seed": seed,
-                                         "batch_cost": curve, "rows": [r.as_dict() for r in rows]}, indent=2))
 
 
 def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats, batch, threads,

@@ -40,8 +40,8 @@ class BenchRow:
 
 def default_variants(steps: int, draft_lengths: tuple[int, ...], cfg_scale: float = 1.0,
                      drafters: tuple[str, ...] = ("free", "perturbed:3"),
-                     cfg_channels: int | None = None) -> list[tuple[str, SamplerConfig]]:
-    base = SamplerConfig(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+                     cfg_channels: int | None = None, precision: str = "fp32") -> list[tuple[str, SamplerConfig]]:
+    base = SamplerConfig(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, precision=precision)
     out = [("ddpm", replace(base, sampler="ddpm"))]
     for drafter in drafters:
         for L in draft_lengths:
