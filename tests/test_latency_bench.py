@@ -101,7 +101,7 @@ def test_calibrate_and_sample_with_the_schedule(tmp_path, monkeypatch):
     b = generate("gmm-2d", sched, torch.arange(5), batch_size=2)
     assert torch.equal(a.samples, b.samples)  # batch size never changes a sample
     fixed = generate("gmm-2d", config, torch.arange(5), batch_size=5)
-    assert not torch.equal(a.stats.rounds, fixed.stats.rounds)  # control: the schedule is used
+    assert not torch.equal(a.stats.target_evals, fixed.stats.target_evals)  # control: the schedule is used
 
 
 def replace_schedule(config, schedule):
@@ -126,7 +126,7 @@ def test_bf16_changes_the_networks_only():
     fp32 = generate("mnist-dit", cfg, torch.arange(2), torch.tensor([1, 2]))
     bf16 = generate("mnist-dit", replace_precision(cfg, "bf16"), torch.arange(2), torch.tensor([1, 2]))
     assert torch.isfinite(bf16.samples).all() and not torch.equal(fp32.samples, bf16.samples)
-    assert (fp32.samples - bf16.samples).abs().max() < 0.5  # the same chain, rounded networks
+    assert (fp32.samples - bf16.samples).abs().mean() < 0.1  # the same chain, rounded networks
 
 
 def replace_precision(config, precision):
