@@ -94,7 +94,7 @@ class FeatureDrafter:
         """Per-item timesteps / labels, duplicated for the [cond | uncond] halves under CFG."""
         if self.cfg is None:
             return t, y
-        return self.cfg._pair(t, y)
+        return self.cfg.pair(t, y)
 
     def conditioning(self, t: torch.Tensor, y: torch.Tensor | None) -> tuple:
         """(network modulation, final-layer (shift, scale)) for timesteps t (N,) and labels y (N,) or None,
