@@ -37,6 +37,7 @@ def train_drafter(
 
     from specdit.api import load_model
     from specdit.data import load_training_data
+    from specdit.models.base import require_features
     from specdit.training.drafter import DrafterTrainConfig, train_drafter as run
 
     if out.exists() and not out.is_dir():
@@ -59,9 +60,7 @@ def train_drafter(
         typer.echo(f"drafter written to {rep.export} ({rep.workers} workers, {rep.wall_s:.1f}s, "
                    f"{len(rep.failures)} restarts; log: {out / 'loss_log.csv'})")
         return
-    target = load_model(model)
-    if not hasattr(target, "eps_from_features"):
-        raise ValueError(f"model {model!r} has no top-block features: the feature drafter needs a DiT")
+    target = require_features(load_model(model), model)
     folder = run(target, load_training_data(data), cfg, out, export_dir=export)
     typer.echo(f"drafter written to {folder} (log: {out / 'loss_log.csv'})")
 

@@ -153,12 +153,11 @@ class Aggregator:
 
     def _resolved_reference(self, spec: JobSpec) -> str | None:
         """What ``evaluate.fid_reference`` "auto" stands for (e.g. "data:10000", "ref:mnist"); None when the
-        engine cannot say (no engine, or one without ``resolve_reference``)."""
-        resolve = getattr(self.engine, "resolve_reference", None)
-        if spec.evaluate.fid_reference is None or resolve is None:
+        engine cannot say (no engine, or no automatic reference for the model)."""
+        if spec.evaluate.fid_reference is None or self.engine is None:
             return spec.evaluate.fid_reference if spec.evaluate.fid_reference != "auto" else None
         try:
-            return resolve(resolve_model_path(spec.model), spec.evaluate.fid_reference)
+            return self.engine.resolve_reference(resolve_model_path(spec.model), spec.evaluate.fid_reference)
         except EngineError:
             return None
 

@@ -73,6 +73,10 @@ class Engine(Protocol):
         """FeatureStats arrays of a FID reference: ``source`` is "auto", "data:<n>" (n ground-truth samples
         of an analytic model, labels drawn by the job's policy) or "ref:<name>" (a named data set)."""
 
+    def resolve_reference(self, model: str, source: str) -> str:
+        """What FID reference ``source`` "auto" stands for with ``model`` (e.g. "data:10000", "ref:mnist");
+        any other source unchanged; :class:`EngineError` when there is no automatic reference."""
+
     def close(self) -> None: ...
 
 
@@ -149,7 +153,7 @@ def features_of(extractor_name: str, samples):
 
     ext = get_extractor(extractor_name)
     x = samples if extractor_name == "raw" else to_uint8(samples)
-    return ext(x), getattr(ext, "name", extractor_name)
+    return ext(x), ext.name
 
 
 def stats_arrays(features, extractor_name: str) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from specdit.drafters.base import DraftContext
+from specdit.models.base import require_features
 
 
 @dataclass(frozen=True)
@@ -154,9 +155,7 @@ def load_feature_drafter_net(folder: str | Path) -> FeatureDrafterNet:
 
 
 def load_feature_drafter(target, folder: str | Path) -> FeatureDrafter:
-    base, _ = _halves(target)
-    if not hasattr(base, "eps_from_features"):
-        raise ValueError("the feature drafter needs a DiT target (top-block features)")
+    base, _ = _halves(require_features(target))
     net = load_feature_drafter_net(folder)
     if net.cfg.hidden != base.hidden_size:
         raise ValueError(f"drafter at {folder} was trained for hidden size {net.cfg.hidden}, the model has {base.hidden_size}")

@@ -125,6 +125,7 @@ class Extractor(Protocol):
     name: str
     dim: int
     classifier: str | None
+    default_batch_size: int  # images per forward when the caller gives no batch size
 
     def __call__(self, images, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray: ...
 
@@ -366,6 +367,7 @@ class RawExtractor:
     name = "raw"
     dim = -1  # data dependent
     classifier = None
+    default_batch_size = 256
 
     def __init__(self, device=None, weights_path=None):
         pass

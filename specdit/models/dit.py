@@ -287,11 +287,9 @@ def load_vae(folder: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 def vae_scaling_factor(vae) -> float:
     """The latent scale of a VAE: its ``config.scaling_factor`` (diffusers' ``AutoencoderKL`` field; the latent
-    DiT was trained on ``scaling_factor * vae.encode(x)``), or SD-VAE's 0.18215 when the config has none."""
-    cfg = getattr(vae, "config", None)
-    factor = getattr(cfg, "scaling_factor", None) if cfg is not None else None
-    if factor is None and isinstance(cfg, dict):
-        factor = cfg.get("scaling_factor")
+    DiT was trained on ``scaling_factor * vae.encode(x)``), or SD-VAE's 0.18215 when the config has none (or
+    ``vae`` is None: a pixel model)."""
+    factor = None if vae is None else vae.config.get("scaling_factor")  # diffusers' config is a (frozen) dict
     return SD_VAE_SCALE if factor is None else float(factor)
 
 
@@ -302,7 +300,7 @@ def decode_latents(vae, latents: torch.Tensor, scale: float | None = None,
     on the VAE's device, ``batch_size`` latents at a time. ``scale`` None reads :func:`vae_scaling_factor`;
     ``shift`` is the config's ``shift_factor`` where set (diffusers' convention; None for SD-VAE: 0)."""
     scale = vae_scaling_factor(vae) if scale is None else scale
-    shift = getattr(getattr(vae, "config", None), "shift_factor", None)
+    shift = vae.config.get("shift_factor")
     p = next(vae.parameters())
     z = latents.to(device=p.device, dtype=p.dtype) / scale
     if shift is not None:

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--resume", action="store_true", help="(default behaviour) continue from <out>/checkpoint.pt")
     d.set_defaults(func=_dit)
     a = p.parse_args(argv)
-    if getattr(a, "threads", None) and a.stage == "sample":
+    if a.stage == "sample" and a.threads:
         import torch
 
         torch.set_num_threads(a.threads)

@@ -76,6 +76,9 @@ class DeviceWorker:
     def reference_stats(self, model: str, labels: str, extractor: str, source: str):
         return self.engine.reference_stats(model, labels, extractor, source)
 
+    def resolve_reference(self, model: str, source: str) -> str:
+        return self.engine.resolve_reference(model, source)
+
     def to_images(self, model: str, samples):
         """Decode one batch on this device: uint8 images (B, H, W, C) numpy (``LocalEngine.to_images``)."""
         return self.engine.to_images(model, samples)
@@ -141,7 +144,7 @@ class DeviceWorker:
         from specdit.training.drafter import DrafterTrainConfig, train_drafter
         from workers.ray_pool.progress import write_progress
 
-        target = require_features(self.engine.load(model))
+        target = require_features(self.engine.load(model), model)
         out = Path(out_dir)
         world = TorchWorld.init(rank, world_size, init_method, device=self.device)
         try:

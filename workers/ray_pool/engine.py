@@ -71,30 +71,28 @@ class RayEngine:
 
     # -- protocol ------------------------------------------------------------------------------------
     def model_info(self, model: str, options: dict | None = None) -> ModelInfo:
-        import ray
-
         if options:  # the actors cache models by name; load options are not plumbed through them yet
             raise EngineError(f"the ray engine does not take model load options yet ({', '.join(sorted(options))}); "
                               "use the local engine")
-
         if model not in self._infos:
-            try:
-                self._infos[model] = ray.get(self.pool.verifier.model_info.remote(model))
-            except ray.exceptions.RayTaskError as e:
-                cause = e.as_instanceof_cause()
-                if isinstance(cause, EngineError):
-                    raise EngineError(str(cause).splitlines()[0]) from None
-                raise
+            self._infos[model] = self._ask_verifier("model_info", model)
         return self._infos[model]
 
     def check_sampler(self, sampler: dict) -> None:
         LocalEngine().check_sampler(sampler)  # pure validation, no model
 
     def reference_stats(self, model: str, labels: str, extractor: str, source: str) -> dict[str, np.ndarray]:
+        return self._ask_verifier("reference_stats", model, labels, extractor, source)
+
+    def resolve_reference(self, model: str, source: str) -> str:
+        return self._ask_verifier("resolve_reference", model, source)
+
+    def _ask_verifier(self, method: str, *args):
+        """The verifier actor's ``method(*args)``; an EngineError raised there is raised here (one line)."""
         import ray
 
         try:
-            return ray.get(self.pool.verifier.reference_stats.remote(model, labels, extractor, source))
+            return ray.get(getattr(self.pool.verifier, method).remote(*args))
         except ray.exceptions.RayTaskError as e:
             cause = e.as_instanceof_cause()
             if isinstance(cause, EngineError):
