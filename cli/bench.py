@@ -14,6 +14,30 @@ def _fmt(v, spec=".3f"):
     return "-" if v is None or v != v else format(v, spec)
 
 
+COLUMNS = ["variant", "rounds/sample", "parallel eff.", "acceptance", "wall vs ddpm", "KS to truth", "KS p"]
+
+
+def _cells(r) -> list[str]:
+    return [r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.wall_vs_ddpm, ".2f"),
+            _fmt(r.ks, ".4f"), _fmt(r.ks_p, ".3g")]
+
+
+def _table(rows):
+    from rich.table import Table
+
+    from cli.render import markup
+
+    table = Table(*COLUMNS)
+    for r in rows:
+        table.add_row(*(markup(c) for c in _cells(r)))
+    return table
+
+
+def _markdown(rows) -> str:
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
+    return "\n".join([head, *("| " + " | ".join(_cells(r)) + " |" for r in rows)])
+
+
 def bench(
     model: str = typer.Option("gmm-2d", "--model", "-m", help=opt.MODEL_HELP),
     steps: Optional[str] = opt.STEPS,
@@ -36,9 +60,8 @@ def bench(
 ) -> None:
     """Rounds, parallel efficiency, acceptance, wall time relative to ddpm, and distance to ground truth."""
     from rich.console import Console
-    from rich.table import Table
 
-    from cli.render import markup
+    from cli.render import markup, plain
     from specdit.bench import BenchSettings, bench_model
 
     if json_out is not None:
@@ -63,17 +86,9 @@ def bench(
     with one_line_warnings():
         report = bench_model(settings, on_start=start,
                              on_row=lambda r: console.print(f"  done: {markup(r.name)} ({r.wall:.1f} s)"))
-    cols = ["variant", "rounds/sample", "parallel eff.", "acceptance", "wall vs ddpm", "KS to truth", "KS p"]
-    table = Table(*cols)
-    for r in report.rows:
-        table.add_row(markup(r.name), _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance),
-                      _fmt(r.wall_vs_ddpm, ".2f"), _fmt(r.ks, ".4f"), _fmt(r.ks_p, ".3g"))
-    console.print(table)
+    console.print(_table(report.rows))
     if markdown:
-        print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-        for r in report.rows:
-            print(f"| {r.name} | {_fmt(r.rounds, '.1f')} | {_fmt(r.efficiency)} | {_fmt(r.acceptance)} | "
-                  f"{_fmt(r.wall_vs_ddpm, '.2f')} | {_fmt(r.ks, '.4f')} | {_fmt(r.ks_p, '.3g')} |")
+        print(plain(_markdown(report.rows), one_line=False))
     if json_out is not None:
         from specdit.outputs import strict_json
 
