@@ -94,7 +94,11 @@ def submit(
     }
     spec = spec_from_sources(spec_file, flags, overrides)
     q = _queue(redis_url, prefix)  # reach Redis before the (slower) model check
-    done = submit_job(q, spec, engine_name=engine, check_model=check_model)
+    _show_submitted(q, spec, submit_job(q, spec, engine_name=engine, check_model=check_model), quiet, watch)
+
+
+def _show_submitted(q, spec, done, quiet: bool, watch: bool) -> None:
+    """Print a submission's warnings and outcome (``--quiet``: the job id only); ``--watch``: follow the job."""
     for w in done.warnings:
         typer.echo(plain(f"warning: {w}"), err=True)
     res = done.result
