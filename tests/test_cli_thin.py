@@ -219,3 +219,32 @@ def test_error_wrapper_checker_has_power():
     assert error_handling("try:\n    int(x)\nexcept ValueError:\n    raise ValueError('--n: not a number')\n") == []
     assert error_handling("fail('x', 4)\n") and not error_handling("fail('x', EXIT_NO_JOB)\n")
     assert error_handling("try:\n    f()\nexcept BaseException:\n    bar.hide()\n    raise\n") == []  # clean-up
+
+
+def test_train_drafter_on_a_pool_is_one_call(monkeypatch, tmp_path):
+    """``train-drafter --ray-address``: the command's settings reach ``train_on_cluster`` through
+    ``workers.drafter_training.train_drafter_run`` and its report is printed (the pool itself is faked: the Ray
+    path of the real run is tested in test_ray_pool.py)."""
+    from typer.testing import CliRunner
+
+    import workers.ray_pool.training as training
+    from cli.main import app
+
+    seen = {}
+
+    def fake(address, model, data, cfg, out_dir, *, export_dir, pool, workers, threads, on_progress):
+        seen.update(address=address, model=model, data=data, seed=cfg.seed, steps=cfg.steps, pool=pool,
+                    workers=workers, threads=threads, out=out_dir)
+        for step in (1, 1, 2):  # a repeated progress row prints once
+            on_progress({"step": step, "loss": 0.5})
+        return training.TrainReport(export=str(tmp_path / "d"), wall_s=1.5, workers=workers, failures=[{}])
+
+    monkeypatch.setattr(training, "train_on_cluster", fake)
+    res = CliRunner().invoke(app, ["train-drafter", "--ray-address", "local", "--workers", "3", "--seed", "9",
+                                   "--steps", "7", "--ray-pool", "p", "-o", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert seen == {"address": "local", "model": "mnist-dit", "data": "mnist", "seed": 9, "steps": 7, "pool": "p",
+                    "workers": 3, "threads": 1, "out": tmp_path / "run"}
+    assert res.stderr.count("loss 0.5000") == 2
+    assert f"drafter written to {tmp_path / 'd'} (3 workers, 1.5s, 1 restarts; log: {tmp_path / 'run' / 'loss_log.csv'})" \
+        in res.stdout
