@@ -54,11 +54,12 @@ def fid(
     except (ValueError, OSError) as e:  # SourceError is a ValueError; FileNotFoundError an OSError
         fail(str(e))
     for side, st in (("A", sa), ("B", sb)):
-        if 0 < st.n <= st.dim:  # rank-deficient covariance: the estimate is biased and can go negative
+        if st.n is not None and 0 < st.n <= st.dim:  # moments only (ADM's mu/sigma): no count to check  # rank-deficient covariance: the estimate is biased and can go negative
             typer.secho(f"warning: n_{side}={st.n} samples for {st.dim} feature dimensions: the covariance is singular "
                         "and the FID is biased (it can be negative); use more samples than dimensions",
                         err=True, fg=typer.colors.YELLOW)
-    typer.echo(f"FID[{features.value}] = {value:.6g}  (n_A={sa.n}, n_B={sb.n})")
+    counts = ", ".join(f"n_{side}={'mu/sigma' if st.n is None else st.n}" for side, st in (("A", sa), ("B", sb)))
+    typer.echo(f"FID[{features.value}] = {value:.6g}  ({counts})")
     for line in lines:
         if line:
             typer.echo(line)
