@@ -78,10 +78,10 @@ def bench(
     base = settings.base
     console = Console(width=max(Console().width, 120))
 
-    def start(threads_used: int, curve: dict[int, float]) -> None:
+    def start(threads_used: int, curve) -> None:
         console.print(f"[bold]{markup(model)}[/] S={base.steps} N={num_samples} seed={settings.seed} "
                       f"cfg={base.cfg_scale} threads={threads_used}")
-        console.print("target batch cost (relative to batch 1): " + ", ".join(f"b={b}: {c:.2f}x" for b, c in curve.items()))
+        console.print("target batch cost (relative to batch 1): " + markup(curve.describe()))
 
     with one_line_warnings():
         report = bench_model(settings, on_start=start,

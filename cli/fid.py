@@ -35,11 +35,12 @@ def fid(
     if res.saved is not None:
         typer.echo(plain(f"saved {res.saved}"))
     for side, st in (("A", res.stats_a), ("B", res.stats_b)):
-        if 0 < st.n <= st.dim:  # rank-deficient covariance: the estimate is biased and can go negative
+        if st.n is not None and 0 < st.n <= st.dim:  # rank-deficient covariance (ADM's mu/sigma carry no count)
             typer.secho(f"warning: n_{side}={st.n} samples for {st.dim} feature dimensions: the covariance is singular "
                         "and the FID is biased (it can be negative); use more samples than dimensions",
                         err=True, fg=typer.colors.YELLOW)
-    typer.echo(f"FID[{features.value}] = {res.fid:.6g}  (n_A={res.stats_a.n}, n_B={res.stats_b.n})")
+    counts = ", ".join(f"n_{side}={'mu/sigma' if st.n is None else st.n}" for side, st in (("A", res.stats_a), ("B", res.stats_b)))
+    typer.echo(f"FID[{features.value}] = {res.fid:.6g}  ({counts})")
     for side, (acc, n) in res.accuracy.items():
         typer.echo(f"class accuracy ({side}): {acc:.4f}  (n={n})")
 

@@ -28,7 +28,7 @@ ENGINE_CONSTRUCTION = {
     "ShardWorker", "JobQueue", "Pool", "DeviceWorker",
 }
 SAMPLING_AND_TRAINING = {
-    "generate", "run_sampler", "run_rounds", "run_bench", "batch_cost_curve", "default_variants", "labels_for",
+    "generate", "run_sampler", "run_rounds", "run_bench", "batch_cost", "default_variants", "labels_for",
     "sample_seed", "NoiseStreams", "train_drafter", "train_on_cluster", "train_drafter_on_pool",
     "set_num_threads",
 }

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from specdit.metrics.extractors import to_uint8
-from specdit.metrics.fid import FeatureStats, GaussianStats
+from specdit.metrics.fid import FeatureStats, GaussianStats, stats_from_arrays
 from specdit.metrics.reference import REFERENCE_DATA, compute_stats, reference_stats
 
 __all__ = ["FidComparison", "Source", "SourceError", "compare_sources", "load_source", "source_stats"]
@@ -152,13 +152,12 @@ def _load_npz(path: Path) -> Source:
         raise SourceError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
     with z:
         keys = set(z.files)
-        if {"n", "sum", "sum_outer"} <= keys:
-            return Source(spec=str(path), stats=FeatureStats.from_arrays(z))
-        if {"mu", "sigma"} <= keys:
-            try:
-                return Source(spec=str(path), stats=GaussianStats.from_arrays(z))
-            except ValueError as e:
-                raise SourceError(f"{path}: {e}") from None
+        try:
+            stats = stats_from_arrays(z)  # the one reader of FID statistics (submit --fid-ref uses it too)
+        except ValueError as e:
+            raise SourceError(f"{path}: {e}") from None
+        if stats is not None:
+            return Source(spec=str(path), stats=stats)
         key = next((k for k in _IMAGE_KEYS if k in keys), None)
         if key is None:
             raise SourceError(f"{path}: no image array (looked for {', '.join(_IMAGE_KEYS)}; found {sorted(keys)})")
