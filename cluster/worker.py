@@ -23,21 +23,21 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import redis
+import numpy as np
 
 from cluster.aggregator import Aggregator
 from cluster.client import WORKER_LOCK_PREFIX
-from cluster.errors import ModelUnavailable, ServiceError
+from cluster.connection import is_transient, refusal_code, transient_line
+from cluster.errors import CorruptShard, ModelUnavailable, RedisRefused, RedisUnavailable, ServiceError
 from cluster.limits import check_worker_settings
 from cluster.paths import PathError, resolve_model_path, resolve_sampler_paths
 from cluster.queue import JobQueue, Task
 from cluster.records import JobStatus, RecordError, ShardResult
-from cluster.storage import shard_path, write_shard
+from cluster.storage import checksum, read_shard, shard_path, write_shard
 from workers.engine import Engine, EngineError, ShardWork, check_labels, check_store
 
 log = logging.getLogger("specdit.worker")
 
-_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
 
 
 class ShardAborted(Exception):
@@ -62,11 +62,12 @@ class ShardWorker:
         self.q = queue
         self.engine = engine
         self.opt = options or WorkerOptions()
-        check_worker_settings(poll_interval=self.opt.poll_interval)
+        check_worker_settings(poll_interval=self.opt.poll_interval, redis_retry=self.opt.redis_retry_seconds)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stop = threading.Event()  # shutdown requested
         self._abort: str | None = None  # reason to abort the shard in flight
         self.shards_done = 0
+        self._begun: Task | None = None  # the task whose attempt this worker counted (refunded if Redis fails)
         self.aggregator = Aggregator(queue, engine, owner=f"{WORKER_LOCK_PREFIX}{self.name}")
 
     # --------------------------------------------------------------------------------------------------
@@ -81,65 +82,69 @@ class ShardWorker:
         signal.signal(signal.SIGINT, handler)
 
     def run(self) -> int:
-        """The shard loop; returns the process exit code."""
+        """The shard loop; returns the process exit code. Raises RedisRefused (exit 7) or RedisUnavailable
+        (exit 3) once Redis has refused writes or been unreachable for ``redis_retry_seconds``."""
         log.info("worker %s started (engine %s%s)", self.name, self.engine.name,
                  f", job {self.opt.job_id}" if self.opt.job_id else "")
         idle_since = time.monotonic()
-        down_since: float | None = None
-        backoff = 0.2
         try:
             while not self.stop.is_set():
                 try:
-                    self.register()
-                    if self.opt.job_id is not None:
-                        rec = self.q.get(self.opt.job_id)
-                        if rec.status.terminal:
-                            log.info("job %s is %s; nothing to do", rec.id, rec.status.value)
-                            return 0
-                        task = self.q.next_task(self.name, [self.opt.job_id])
-                    else:
-                        task = self.q.next_task(self.name)
-                    if down_since is not None:
-                        log.info("Redis is reachable again")
-                        down_since, backoff = None, 0.2
-                except _REDIS_ERRORS as e:
-                    down_since = down_since or time.monotonic()
-                    if time.monotonic() - down_since > self.opt.redis_retry_seconds:
-                        raise ServiceError(f"Redis unreachable for {self.opt.redis_retry_seconds:g}s: {e}") from None
-                    log.warning("Redis unreachable (%s); retrying in %.1fs", " ".join(str(e).split()), backoff)
-                    self.stop.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
+                    task = self._retry_redis(self._poll, stop_ok=True)
+                except _JobOver:
+                    return 0
                 if task is None:
                     if self.opt.job_id is not None and self.opt.aggregate:
-                        self._finish_if_complete(self.opt.job_id)
+                        self._retry_redis(lambda: self._finish_if_complete(self.opt.job_id))
                     if self.opt.max_idle is not None and time.monotonic() - idle_since > self.opt.max_idle:
                         log.info("worker %s idle for %.0fs; exiting", self.name, self.opt.max_idle)
                         return 0
                     self.stop.wait(self.opt.poll_interval)
                     continue
-                try:
-                    self.process(task)
-                except _REDIS_ERRORS as e:
-                    # The task stays pending under our name; XAUTOCLAIM hands it out again after the timeout.
-                    log.warning("Redis lost while handling job %s shard %d (%s)", task.job_id, task.shard,
-                                " ".join(str(e).split()))
-                    self.stop.wait(backoff)
-                    continue
+                self._process_or_give_back(task)
                 idle_since = time.monotonic()
                 if self.opt.max_shards is not None and self.shards_done >= self.opt.max_shards:
                     return 0
             return 0
         finally:
-            try:
-                self.q.unregister_worker(self.name)
-            except _REDIS_ERRORS:
-                pass
-            try:
-                self.engine.close()
-            except Exception as e:  # noqa: BLE001 - shutting down anyway
-                log.warning("engine close failed: %s", e)
-            log.info("worker %s stopped after %d shards", self.name, self.shards_done)
+            self._close()
+
+    def _poll(self) -> Task | None:
+        """Register and take the next task (None: nothing to do); raises _JobOver when the bound job ended."""
+        self.register()
+        if self.opt.job_id is None:
+            return self.q.next_task(self.name)
+        rec = self.q.get(self.opt.job_id)
+        if rec.status.terminal:
+            log.info("job %s is %s; nothing to do", rec.id, rec.status.value)
+            raise _JobOver
+        return self.q.next_task(self.name, [self.opt.job_id])
+
+    def _process_or_give_back(self, task: Task) -> None:
+        """``process``; when Redis fails it transiently (lost, or refusing writes), the shard is given back
+        without charging the attempt it started (or left pending under this worker, reclaimed after the
+        heartbeat timeout, if Redis stays down past the retry bound: then the worker exits)."""
+        self._begun = None
+        try:
+            self.process(task)
+        except Exception as e:  # noqa: BLE001 - only transient Redis failures are handled here
+            if not is_transient(e):
+                raise
+            log.warning("Redis %s while handling job %s shard %d; giving the shard back, no attempt charged",
+                        transient_line(e), task.job_id, task.shard)
+            self._retry_redis(lambda: self.q.give_back(task, refund=self._begun is task))
+
+    def _close(self) -> None:
+        try:
+            self.q.unregister_worker(self.name)
+        except Exception as e:  # noqa: BLE001 - stopping anyway; a refusing Redis drops the key by its TTL
+            if not is_transient(e):
+                log.warning("unregistering failed: %s", e)
+        try:
+            self.engine.close()
+        except Exception as e:  # noqa: BLE001 - shutting down anyway
+            log.warning("engine close failed: %s", e)
+        log.info("worker %s stopped after %d shards", self.name, self.shards_done)
 
     def _finish_if_complete(self, job_id: str) -> None:
         """Aggregate a job whose shards are all recorded but that is not finished: the worker that recorded
@@ -171,7 +176,10 @@ class ShardWorker:
         if self.q.is_done(task):
             self.q.ack(task)  # a duplicate delivery of a finished shard
             return
+        if self._adopt(task, spec):  # finished by a worker that could not record it: no new attempt
+            return
         attempt = self.q.begin(task)
+        self._begun = task
         if attempt > self.q.max_attempts:
             self.q.ack(task)
             self.q.fail_job(task.job_id, self.q.failure_message(task, attempt - 1))
@@ -265,9 +273,38 @@ class ShardWorker:
         if done >= spec.num_shards and self.opt.aggregate:
             self._aggregate(task.job_id)
 
+    def _adopt(self, task: Task, spec) -> bool:
+        """Record a shard whose file is already complete (a worker wrote it, then Redis refused or lost the
+        record past its retry bound and it exited): the file is read and verified (checksum, index range)
+        and recorded as it is, charging no attempt. False if there is no such file (the shard is computed)."""
+        start, stop = spec.shard_range(task.shard)
+        try:
+            path = shard_path(spec.job_dir(), start, stop)
+            if not path.is_file():
+                return False
+            arrays = read_shard(path)
+        except (PathError, CorruptShard, OSError):
+            return False
+        if not np.array_equal(arrays.get("indices"), np.arange(start, stop)):
+            return False
+        stamp = path.stat().st_mtime
+        attempt = int(self.q.r.hget(self.q.keys.attempts(task.job_id), str(task.shard)) or 0)
+        result = ShardResult(shard=task.shard, start=start, stop=stop, path=str(path),
+                             checksum=str(checksum(arrays)), worker=self.name, started_at=stamp, finished_at=stamp,
+                             wall_time=float(np.sum(arrays.get("time_per_sample", 0.0))), attempt=attempt)
+        done = self._retry_redis(lambda: self.q.complete(task, result))
+        self.shards_done += 1
+        log.info("job %s shard %d: recorded the shard file a previous worker left (%d/%d shards)", task.job_id,
+                 task.shard, done, spec.num_shards)
+        if done >= spec.num_shards and self.opt.aggregate:
+            self._aggregate(task.job_id)
+        return True
+
     def _aggregate(self, job_id: str) -> None:
         try:
             self._retry_redis(lambda: self.aggregator.finalize(job_id))
+        except (RedisRefused, RedisUnavailable):
+            raise  # Redis, not the job: the next worker aggregates
         except Exception as e:  # noqa: BLE001 - keep serving; the job fails with the reason
             msg = str(e) if isinstance(e, ServiceError) else f"{type(e).__name__}: {' '.join(str(e).split())}"
             log.error("job %s: aggregation failed: %s", job_id, msg)
@@ -282,21 +319,41 @@ class ShardWorker:
             self._retry_redis(lambda: self.q.ack(task))
             log.info("job %s cancelled; dropped shard %d", task.job_id, task.shard)
         else:
-            self._retry_redis(lambda: self.q.release(task, count_attempt=False))
+            self._retry_redis(lambda: self.q.give_back(task))
             log.info("gave back job %s shard %d", task.job_id, task.shard)
 
-    def _retry_redis(self, fn):
-        """Run fn, retrying while Redis is unreachable (results on disk must get recorded)."""
-        t0, backoff = time.monotonic(), 0.2
+    def _retry_redis(self, fn, *, stop_ok: bool = False):
+        """Run fn, retrying with a logged exponential backoff (0.2 s to 5 s) while Redis is unreachable or
+        refuses the command (``cluster.connection.is_transient``): results on disk must get recorded. After
+        ``redis_retry_seconds`` raises RedisRefused (exit 7) or RedisUnavailable (exit 3); real errors
+        (WRONGTYPE, ...) raise at once. ``stop_ok``: give up (None) once a shutdown is requested."""
+        t0, backoff, failures = time.monotonic(), 0.2, 0
         while True:
             try:
-                return fn()
-            except _REDIS_ERRORS as e:
-                if time.monotonic() - t0 > self.opt.redis_retry_seconds:
-                    raise ServiceError(f"Redis unreachable for {self.opt.redis_retry_seconds:g}s: {e}") from None
-                log.warning("Redis unreachable (%s); retrying in %.1fs", " ".join(str(e).split()), backoff)
-                time.sleep(backoff)
+                out = fn()
+            except Exception as e:  # noqa: BLE001 - re-raised unless transient
+                if not is_transient(e):
+                    raise
+                failures += 1
+                waited = time.monotonic() - t0
+                if waited > self.opt.redis_retry_seconds:
+                    cls = RedisRefused if refusal_code(e) else RedisUnavailable
+                    raise cls(f"Redis {transient_line(e)} for {waited:.3g}s (retry bound "
+                              f"{self.opt.redis_retry_seconds:g}s); finished shard files are kept for the next "
+                              "worker") from None
+                if stop_ok and self.stop.is_set():
+                    return None
+                log.warning("Redis %s; retrying in %.1fs", transient_line(e), backoff)
+                (self.stop.wait if stop_ok else time.sleep)(backoff)
                 backoff = min(backoff * 2, 5.0)
+                continue
+            if failures:
+                log.info("Redis accepts commands again (after %d retries)", failures)
+            return out
+
+
+class _JobOver(Exception):
+    """The job a worker is bound to has ended."""
 
 
 class _Heartbeat:
@@ -338,7 +395,8 @@ class _Heartbeat:
                 status = self.w.q.status_of(self.task.job_id)
                 if status in (None, JobStatus.CANCELLED, JobStatus.FAILED):
                     self.w._abort = "cancelled"
-            except _REDIS_ERRORS as e:
-                log.warning("heartbeat failed (%s)", " ".join(str(e).split()))
-            except Exception as e:  # noqa: BLE001
-                log.warning("heartbeat error: %s", e)
+            except Exception as e:  # noqa: BLE001 - the shard goes on; a taken-over entry is seen next beat
+                if is_transient(e):
+                    log.warning("heartbeat: Redis %s", transient_line(e))
+                else:
+                    log.warning("heartbeat error: %s", e)
