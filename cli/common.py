@@ -14,6 +14,7 @@ code  cause
 6     the target model returned NaN or inf (the message names the step and the sample)
 7     Redis refused the command while its data is safe (OOM, READONLY, MISCONF, BUSY, LOADING, MASTERDOWN,
       NOREPLICAS); a worker exits so only after retrying for its bound, leaving finished shard files in place
+8     a worker's engine (its Ray pool) stayed unavailable for many shards in a row (none was charged)
 130   interrupted (Ctrl-C)
 ====  ==========================================================================================
 """

@@ -29,6 +29,13 @@ class RedisRefused(ServiceError):
     exit_code = 7
 
 
+class EngineDown(ServiceError):
+    """A worker's engine (its Ray pool) stayed unavailable for ``engine_retries`` shards in a row; each shard
+    was given back without charging an attempt."""
+
+    exit_code = 8
+
+
 class JobNotFound(ServiceError):
     exit_code = 4
 

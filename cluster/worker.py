@@ -9,8 +9,12 @@ error and the shard queued again; after ``max_attempts`` (of the shard, or model
 the job fails with that error. A worker never dies of a job's fault; one bound to a job (``--job``) whose
 model cannot be loaded exits 5. A worker whose heartbeat finds its shard taken over stops computing it. An
 aggregation error fails the job with its reason. SIGTERM/SIGINT abort the shard in flight at its next
-progress report and give it back without counting an attempt, then exit 0. A lost Redis connection is
-retried with backoff (a finished shard's result is kept and recorded once Redis is back).
+progress report and give it back without counting an attempt, then exit 0. A lost Redis connection, or a
+Redis refusing writes (OOM, READONLY, ...), is retried with backoff for ``redis_retry_seconds`` (a finished
+shard's result is kept and recorded once Redis is back; past the bound the worker exits 7 or 3 and the next
+worker records the shard file). An engine whose pool fails (``EngineUnavailable``: an actor died or is
+restarting) gives the shard back without charging an attempt; ``engine_retries`` such shards in a row end the
+worker (exit 8). A model or drafter that cannot be set up (``JobLoadError``) counts against the whole job.
 """
 from __future__ import annotations
 
@@ -28,13 +32,15 @@ import numpy as np
 from cluster.aggregator import Aggregator
 from cluster.client import WORKER_LOCK_PREFIX
 from cluster.connection import is_transient, refusal_code, transient_line
-from cluster.errors import CorruptShard, ModelUnavailable, RedisRefused, RedisUnavailable, ServiceError
+from cluster.errors import (CorruptShard, EngineDown, ModelUnavailable, RedisRefused, RedisUnavailable,
+                            ServiceError)
 from cluster.limits import check_worker_settings
 from cluster.paths import PathError, resolve_model_path, resolve_sampler_paths
 from cluster.queue import JobQueue, Task
 from cluster.records import JobStatus, RecordError, ShardResult
 from cluster.storage import checksum, read_shard, shard_path, write_shard
-from workers.engine import Engine, EngineError, ShardWork, check_labels, check_store
+from workers.engine import (Engine, EngineError, EngineUnavailable, JobLoadError, ShardWork, check_labels,
+                            check_store)
 
 log = logging.getLogger("specdit.worker")
 
@@ -52,7 +58,8 @@ class WorkerOptions:
     poll_interval: float = 0.5
     max_idle: float | None = None  # exit after this long without work (None: run forever)
     max_shards: int | None = None  # exit after this many shards (tests, batch use)
-    redis_retry_seconds: float = 300.0  # give up after Redis stayed unreachable this long
+    redis_retry_seconds: float = 300.0  # give up after Redis stayed unreachable (or refusing writes) this long
+    engine_retries: int = 10  # give up after this many shards in a row found the engine's pool unavailable
     aggregate: bool = True
 
 
@@ -68,6 +75,7 @@ class ShardWorker:
         self._abort: str | None = None  # reason to abort the shard in flight
         self.shards_done = 0
         self._begun: Task | None = None  # the task whose attempt this worker counted (refunded if Redis fails)
+        self._outages = 0  # shards in a row that found the engine unavailable
         self.aggregator = Aggregator(queue, engine, owner=f"{WORKER_LOCK_PREFIX}{self.name}")
 
     # --------------------------------------------------------------------------------------------------
@@ -206,6 +214,10 @@ class ShardWorker:
             beat.stop()
             self._handle_abort(task, e.reason)
             return
+        except EngineUnavailable as e:
+            beat.stop()
+            self._engine_outage(task, e)
+            return
         except Exception as e:  # noqa: BLE001 - empty/corrupt checkpoints raise anything (EOFError, ...)
             beat.stop()
             msg = str(e) if isinstance(e, (EngineError, ServiceError)) else (
@@ -240,9 +252,13 @@ class ShardWorker:
             beat.stop()
             self._handle_abort(task, e.reason)
             return
-        except EngineError as e:
+        except EngineUnavailable as e:
             beat.stop()
-            failed = self.q.release(task, error=str(e))
+            self._engine_outage(task, e)
+            return
+        except EngineError as e:  # a JobLoadError (model or drafter set-up) is the same for every shard
+            beat.stop()
+            failed = self.q.release(task, error=str(e), job_level=isinstance(e, JobLoadError))
             log.error("job %s shard %d: %s%s", task.job_id, task.shard, e, " (job failed)" if failed else "")
             return
         except Exception as e:  # noqa: BLE001 - a sampler bug must not kill the worker or lose the shard
@@ -252,6 +268,7 @@ class ShardWorker:
             log.exception("job %s shard %d raised%s", task.job_id, task.shard, " (job failed)" if failed else "")
             return
         beat.stop()
+        self._outages = 0
         if self._abort == "lost":  # taken over while the last batch ran: the new owner records it
             self._handle_abort(task, "lost")
             return
@@ -305,11 +322,26 @@ class ShardWorker:
             self._retry_redis(lambda: self.aggregator.finalize(job_id))
         except (RedisRefused, RedisUnavailable):
             raise  # Redis, not the job: the next worker aggregates
+        except EngineUnavailable as e:  # the pool, not the job: a worker bound to it or 'results --recompute'
+            log.warning("job %s: aggregation postponed: %s", job_id, " ".join(str(e).split()))
         except Exception as e:  # noqa: BLE001 - keep serving; the job fails with the reason
             msg = str(e) if isinstance(e, ServiceError) else f"{type(e).__name__}: {' '.join(str(e).split())}"
             log.error("job %s: aggregation failed: %s", job_id, msg)
             self._retry_redis(lambda: self.q.fail_job(job_id, f"aggregation failed: {msg} "
                                                       "('specdit results --recompute' retries)"))
+
+    def _engine_outage(self, task: Task, e: EngineUnavailable) -> None:
+        """The engine's pool failed (an actor died or is restarting): give the shard back without charging
+        an attempt, log one line, back off (0.4 s doubling to 10 s). Raises EngineDown (exit 8) after
+        ``engine_retries`` outages in a row."""
+        self._outages += 1
+        self._retry_redis(lambda: self.q.give_back(task))
+        log.warning("job %s shard %d: %s; shard given back, no attempt charged (outage %d in a row, at most %d)",
+                    task.job_id, task.shard, " ".join(str(e).split()), self._outages, self.opt.engine_retries)
+        if self._outages >= self.opt.engine_retries:
+            raise EngineDown(f"the engine stayed unavailable for {self._outages} shards in a row: "
+                             f"{' '.join(str(e).split())}")
+        self.stop.wait(min(0.2 * 2 ** self._outages, 10.0))
 
     def _handle_abort(self, task: Task, reason: str) -> None:
         if reason == "lost":  # another worker owns the entry now: leave it alone

@@ -24,6 +24,19 @@ from workers.local_engine import LocalEngine
 from workers.protocol import set_threads
 
 NAMESPACE = "specdit"
+MAX_RESTARTS = 5  # restarts of each pool actor by Ray (SPECDIT_RAY_MAX_RESTARTS); then it stays dead
+
+
+def max_restarts() -> int:
+    """How many times Ray restarts a dead pool actor (bounded: ``SPECDIT_RAY_MAX_RESTARTS``, default 5)."""
+    raw = os.environ.get("SPECDIT_RAY_MAX_RESTARTS", str(MAX_RESTARTS))
+    try:
+        n = int(raw)
+    except ValueError:
+        raise PoolError(f"SPECDIT_RAY_MAX_RESTARTS must be a whole number from 0 to 100, got {raw!r}") from None
+    if not 0 <= n <= 100:
+        raise PoolError(f"SPECDIT_RAY_MAX_RESTARTS must be a whole number from 0 to 100, got {raw!r}")
+    return n
 
 
 class PoolError(Exception):
@@ -64,6 +77,15 @@ class DeviceWorker:
                 "pid": os.getpid(), "device": self.device, "device_name": name, "threads": torch.get_num_threads(),
                 "cuda_visible_devices": gpus}
 
+    def die_in(self, method: str) -> None:
+        """Fault hook (tests): the next call of ``method`` (``model_info``, ``setup``, ``sample``, ``draft``,
+        ``verify``) on this actor ends its process as a crash would. Ray restarts the actor without the hook."""
+        self.crash_at = method
+
+    def crash_point(self, method: str) -> None:
+        if getattr(self, "crash_at", None) == method:
+            os._exit(1)
+
     def free_port(self) -> int:
         """A free TCP port on this node (for the torch.distributed rendezvous)."""
         with socket.socket() as s:
@@ -71,6 +93,7 @@ class DeviceWorker:
             return int(s.getsockname()[1])
 
     def model_info(self, model: str):
+        self.crash_point("model_info")
         return self.engine.model_info(model)
 
     def reference_stats(self, model: str, labels: str, extractor: str, source: str):
@@ -86,6 +109,7 @@ class DeviceWorker:
         cached by (model, settings). Returns what the coordinator needs to know."""
         import json
 
+        self.crash_point("setup")
         key = (model, json.dumps(sampler, sort_keys=True))
         if key not in self._setups:
             from specdit.api import SamplerConfig, guided, make_drafter
@@ -121,6 +145,7 @@ class DeviceWorker:
         (samples float32, stats arrays, wall seconds)."""
         import torch
 
+        self.crash_point("sample")
         from specdit.api import run_sampler
         from specdit.noise import NoiseStreams
 
@@ -161,6 +186,7 @@ class Verifier(DeviceWorker):
     def verify(self, model: str, sampler: dict, draft, k, y):
         from workers.pipeline import VerifyComputer
 
+        self.crash_point("verify")
         target, _, schedule, _ = self._get(model, sampler)
         return VerifyComputer(target, schedule, self.device).verify(draft, k, y)
 
@@ -174,6 +200,7 @@ class Drafter(DeviceWorker):
     def draft(self, model: str, sampler: dict, seeds, ctx, draft_length: int):
         from workers.pipeline import DraftComputer
 
+        self.crash_point("draft")
         _, drafter, schedule, _ = self._get(model, sampler)
         return DraftComputer(drafter, schedule, self.device).draft(seeds, ctx, draft_length)
 
@@ -318,7 +345,7 @@ class Pool:
             cls = VerifierDrafter if size == 1 else Verifier if rank % 2 == 0 else Drafter
             role = cls.role
             opts = dict(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-                        max_restarts=-1, max_task_retries=0, num_cpus=bundle.get("CPU", 1),
+                        max_restarts=max_restarts(), max_task_retries=0, num_cpus=bundle.get("CPU", 1),
                         num_gpus=bundle.get("GPU", 0), namespace=NAMESPACE)
             aname = f"{name}-{rank}-{role}" if name else None
             if name:
