@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,13 +239,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     cluster (``num_cpus``) and never attaches to a cluster that happens to run here (``ray.init(address="local")``
     rather than ``ray.init()``, which would). Returns True when this call started Ray here (the caller shuts it
     down)."""
+    address = address or os.environ.get("SPECDIT_RAY_ADDRESS") or None
+    if address and address != "auto" and "://" not in address:
+        _check_reachable(address)  # ray.init would retry an unreachable address for a long time
+    local_mode(address)
     import ray
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("SPECDIT_RAY_ADDRESS") or None
-    if address and address != "auto" and "://" not in address:
-        _check_reachable(address)  # ray.init would retry an unreachable address for a long time
     try:
         if address:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
@@ -257,6 +259,54 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         raise PoolError(f"cannot connect to Ray at {address or 'a new local cluster'}: "
                         f"{' '.join(str(e).split())[:300]}") from None
     return True
+
+
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, every listener on 127.0.0.1
+
+
+def _external_ip() -> str | None:
+    """The address this machine reaches other hosts from (no packet is sent), or None without a route."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only the routing table is consulted
+            ip = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if ip.startswith("127.") else ip
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2.0).close()
+        return True
+    except OSError:
+        return False
+
+
+def local_mode(address: str | None) -> None:
+    """Put this process in Ray's single-machine mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: Ray takes
+    127.0.0.1 as the node address, and its GCS, raylet, object manager, agents and client server listen on
+    127.0.0.1 only) for a private cluster (``address`` None) and for a cluster on 127.0.0.1 that listens there
+    only (started in that mode: its GCS does not answer on this machine's external address). Without it Ray
+    replaces 127.0.0.1 by the external address and never reaches such a cluster. Must run before Ray is
+    imported; raises PoolError if Ray already runs in the other mode."""
+    if os.environ.get(LOCAL_ONLY_ENV) == "0":
+        return
+    if address is None:
+        needed = True
+    else:
+        host, _, port = address.rpartition(":")
+        ext = _external_ip()
+        needed = (host in ("127.0.0.1", "localhost") and port.isdigit() and ext is not None
+                  and not _answers(ext, int(port)))
+    if not needed:
+        return
+    if "ray" in sys.modules:  # Ray read its mode when it was imported
+        if address is None:
+            return  # a private cluster on this machine's address: still reachable
+        raise PoolError(f"the Ray cluster at {address} listens on 127.0.0.1 only: set {LOCAL_ONLY_ENV}=0 for this "
+                        "process as for 'ray start'")
+    os.environ[LOCAL_ONLY_ENV] = "0"
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
