@@ -35,6 +35,7 @@ ClickException = UsageError.__mro__[1]
 EXIT_OK, EXIT_OTHER, EXIT_USAGE, EXIT_REDIS, EXIT_NO_JOB, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 EXIT_NONFINITE = 6  # the target model returned NaN/inf (specdit.samplers.common.NonFiniteTargetError)
 EXIT_REDIS_REFUSED = 7  # Redis refused the command (cluster.connection.REFUSALS; cluster.errors.RedisRefused)
+EXIT_ENGINE_DOWN = 8  # a worker's Ray pool stayed unavailable (cluster.errors.EngineDown)
 
 
 def _error_line(msg: str) -> None:

@@ -264,7 +264,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, every listener on 127.0.0.1
 
 
-def _external_ip() -> str | None:
+def external_ip() -> str | None:
     """The address this machine reaches other hosts from (no packet is sent), or None without a route."""
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -296,7 +296,7 @@ def local_mode(address: str | None) -> None:
         needed = True
     else:
         host, _, port = address.rpartition(":")
-        ext = _external_ip()
+        ext = external_ip()
         needed = (host in ("127.0.0.1", "localhost") and port.isdigit() and ext is not None
                   and not _answers(ext, int(port)))
     if not needed:
