@@ -24,6 +24,16 @@ class EngineError(Exception):
     """An engine cannot do what it was asked (e.g. the model cannot be loaded). One-line message."""
 
 
+class JobLoadError(EngineError):
+    """The job's model or drafter cannot be loaded or set up: the same for every shard of the job, so the
+    shard loop counts it against the job as a whole (``max_attempts`` of them fail the job once)."""
+
+
+class EngineUnavailable(Exception):
+    """The engine's infrastructure failed, not the job: a pool actor died or is restarting, or the pool is
+    gone. The shard loop gives the shard back without charging an attempt. One-line message."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
