@@ -68,6 +68,7 @@ class DeviceWorker:
         self.device, self.threads, self.rank = device, threads, rank
         self.engine = LocalEngine(device=device, threads=threads)  # model cache, model_info, references
         self._setups: dict[tuple[str, str], tuple] = {}
+        self.crash_at: str | None = None  # fault hook (tests): see die_in
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -85,7 +86,7 @@ class DeviceWorker:
         self.crash_at = method
 
     def crash_point(self, method: str) -> None:
-        if getattr(self, "crash_at", None) == method:
+        if self.crash_at == method:
             os._exit(1)
 
     def free_port(self) -> int:
