@@ -24,7 +24,9 @@ HEADROOM_BYTES = 1 << 20  # .npy headers and zip records
 
 class NotExportable(ServiceError):
     """The user asked for something export cannot do (a job without images, a path not ending in .npz): a
-    usage error, which the CLI reports with its usage exit code."""
+    usage error (exit code 2)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)

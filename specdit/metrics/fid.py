@@ -35,7 +35,7 @@ import numpy as np
 from specdit.atomic import atomic_save_npz
 from specdit.metrics.mergeable import Mergeable
 
-__all__ = ["FeatureStats", "GaussianStats", "frechet_distance", "fid_from_stats", "load_stats"]
+__all__ = ["FeatureStats", "GaussianStats", "frechet_distance", "fid_from_stats", "load_stats", "stats_from_arrays"]
 
 _KEYS = ("n", "sum", "sum_outer", "extractor")
 
@@ -262,16 +262,30 @@ class GaussianStats:
         return f"GaussianStats(dim={self.dim}, extractor={self.extractor!r})"
 
 
+def stats_from_arrays(arrays) -> "FeatureStats | GaussianStats | None":
+    """FID statistics from a dict or an open ``np.load`` archive: our sums (``n``, ``sum``, ``sum_outer``) or
+    moments (``mu``, ``sigma``: an ADM reference batch, whose ``arr_0`` images are then not read); None when
+    it holds neither (e.g. an archive of samples). ValueError (one line) on inconsistent moments.
+
+    The one reader of FID statistics: ``specdit fid`` (:mod:`specdit.metrics.sources`), ``submit
+    --fid-ref`` and the aggregator (via :func:`load_stats`) all go through it."""
+    keys = set(arrays.files if hasattr(arrays, "files") else arrays)
+    if {"n", "sum", "sum_outer"} <= keys:
+        return FeatureStats.from_arrays(arrays)
+    if {"mu", "sigma"} <= keys:
+        return GaussianStats.from_arrays(arrays)
+    return None
+
+
 def load_stats(path: str | os.PathLike) -> "FeatureStats | GaussianStats":
-    """FID statistics from an ``.npz``: our sums (``n``, ``sum``, ``sum_outer``) or moments (``mu``, ``sigma``,
-    e.g. an ADM reference batch, whose ``arr_0`` images are then not read). ValueError (one line) otherwise."""
+    """FID statistics from an ``.npz`` (see :func:`stats_from_arrays` for the two layouts); ValueError (one
+    line) for a file holding neither."""
     with np.load(path, allow_pickle=False) as z:
-        keys = set(z.files)
-        if {"n", "sum", "sum_outer"} <= keys:
-            return FeatureStats.from_arrays(z)
-        if {"mu", "sigma"} <= keys:
-            return GaussianStats.from_arrays(z)
-    raise ValueError(f"{path}: not FID statistics (needs n/sum/sum_outer or mu/sigma; found {sorted(keys)})")
+        stats = stats_from_arrays(z)
+        keys = sorted(z.files)
+    if stats is None:
+        raise ValueError(f"{path}: not FID statistics (needs n/sum/sum_outer or mu/sigma; found {keys})")
+    return stats
 
 
 def frechet_distance(stats_a: FeatureStats | GaussianStats, stats_b: FeatureStats | GaussianStats) -> float:

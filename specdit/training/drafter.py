@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from specdit.atomic import atomic_torch_save, atomic_write
 from specdit.drafters.feature import (FeatureDrafterConfig, FeatureDrafterNet, load_feature_drafter_net,
                                      save_feature_drafter)
+from specdit.config import check_seed
 from specdit.noise import mix64_reference
 from specdit.schedule import Schedule
 
@@ -68,6 +69,7 @@ class DrafterTrainConfig:
             raise ValueError("label_drop and ema_decay must lie in [0, 1)")
         if self.sample_steps < 2:
             raise ValueError("sample_steps must be >= 2")
+        check_seed(self.seed)  # the one seed range of every command, [0, 2^63-1]
         return self
 
 

@@ -13,6 +13,7 @@ removes it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -428,11 +429,44 @@ def _find_pg(name: str):
 # ------------------------------------------------------------------------------------------------------
 # Cluster commands (called by ``specdit pool ...``)
 # ------------------------------------------------------------------------------------------------------
+class OnceFilter(logging.Filter):
+    """Lets each distinct message through once per process. Ray's ``ray.actor`` logger warns about a
+    restartable detached actor in a placement group once per actor, i.e. once per pool member; the pool
+    restarts its actors on purpose and removes the group only when it stops them, so once is enough."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+def warn_once(logger_name: str = "ray.actor") -> OnceFilter:
+    """Install (once) a :class:`OnceFilter` on ``logger_name``; returns it."""
+    logger = logging.getLogger(logger_name)
+    found = next((f for f in logger.filters if isinstance(f, OnceFilter)), None)
+    if found is None:
+        found = OnceFilter()
+        logger.addFilter(found)
+    return found
+
+
+def _rows(name: str, pool: "Pool") -> list[dict]:
+    """One row per actor: pool name, actor name, and the actor's own description (role, device, host...)."""
+    return [{"pool": name, "actor": m.name, **info} for m, info in zip(pool.members, pool.describe())]
+
+
 def start_pool(address: str, name: str, size: int, threads: int, device: str) -> list[dict]:
-    """Start a named, detached pool on the cluster at ``address``; returns its actors' descriptions."""
+    """Start a named, detached pool on the cluster at ``address``; returns its rows as :func:`list_pool`'s."""
     check_pool_device(device)
     connect(address)
-    return Pool.create(size, threads=threads, device=device, name=name).describe()
+    warn_once("ray.actor")
+    return _rows(name, Pool.create(size, threads=threads, device=device, name=name))
 
 
 def list_pool(address: str, name: str | None) -> list[dict]:
@@ -443,12 +477,7 @@ def list_pool(address: str, name: str | None) -> list[dict]:
         if name not in names:
             raise PoolError(f"no pool named {name!r} on this Ray cluster")
         names = [name]
-    out = []
-    for pname in names:
-        pool = Pool.attach(pname)
-        for m, info in zip(pool.members, pool.describe()):
-            out.append({"pool": pname, "actor": m.name, **info})
-    return out
+    return [row for pname in names for row in _rows(pname, Pool.attach(pname))]
 
 
 def stop_pool(address: str, name: str) -> int:
