@@ -8,11 +8,43 @@ import typer
 
 from cli import options as opt
 from cli.common import check_output_file, one_line_warnings, user_errors
-from cli.render import plain
 
 
 def _fmt(v, spec=".3f"):
     return "-" if v is None or v != v else format(v, spec)
+
+
+COLUMNS = ["variant", "rounds/sample", "parallel eff.", "acceptance", "speed-up vs ddpm", "KS to truth", "KS p"]
+
+
+def _cells(r) -> list[str]:
+    return [r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.speedup_vs_ddpm, ".2f"),
+            _fmt(r.ks, ".4f"), _fmt(r.ks_p, ".3g")]
+
+
+def _table(rows):
+    from rich.table import Table
+
+    from cli.render import markup
+
+    table = Table(*COLUMNS)
+    for r in rows:
+        table.add_row(*(markup(c) for c in _cells(r)))
+    return table
+
+
+def _markdown(rows) -> str:
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
+    return "\n".join([head, *("| " + " | ".join(_cells(r)) + " |" for r in rows)])
+
+
+MODE = typer.Option("table", "--mode", help="table: rounds, acceptance, speed-up vs ddpm and the KS distance to the "
+                    "truth per variant | latency: batch 1, chains one at a time, paired per seed, with the cost "
+                    "model's predicted speed-up | throughput: samples/s at --throughput-batch, likewise.")
+REPEATS = typer.Option(8, "--repeats", help="latency: seeds; throughput: repeats (paired, order rotated).")
+THROUGHPUT_BATCH = typer.Option(64, "--throughput-batch", help="Batch of --mode throughput.")
+AUTO = typer.Option(True, "--auto/--no-auto", help="latency/throughput: add the --draft-length auto variant "
+                    "(calibrates first if no calibration is stored).")
 
 
 def bench(
@@ -34,99 +66,57 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table (for the README)."),
     device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
-    mode: str = typer.Option("table", "--mode", help="table: rounds, acceptance, speed-up and KS per variant | "
-                             "latency: batch 1, chains one at a time, paired per seed | throughput: samples/s at "
-                             "--throughput-batch."),
-    repeats: int = typer.Option(8, "--repeats", help="latency: seeds; throughput: repeats (paired, order rotated)."),
-    throughput_batch: int = typer.Option(64, "--throughput-batch", help="Batch of --mode throughput."),
+    mode: str = MODE,
+    repeats: int = REPEATS,
+    throughput_batch: int = THROUGHPUT_BATCH,
     precision: Optional[str] = opt.PRECISION,
-    auto: bool = typer.Option(True, "--auto/--no-auto", help="latency/throughput: add the --draft-length auto "
-                              "variant (calibrates first if no calibration is stored)."),
+    auto: bool = AUTO,
 ) -> None:
-    """Speed of the samplers side by side on the same seeds (ddpm is the reference; speed-up > 1 is faster).
-
-    --mode table: rounds, parallel efficiency, acceptance, speed-up and the distance to ground truth.
-    --mode latency / throughput: timed, paired, with the cost model's predicted speed-up (see README)."""
-    if mode in ("latency", "throughput"):
+    """Samplers side by side on the same seeds; ddpm is the reference (speed-up > 1 is faster). See --mode."""
+    if mode != "table":
         return _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats,
                        throughput_batch, threads, device, seed, auto, json_out, markdown, num_heads, weights)
-    if mode != "table":
-        raise ValueError(f"unknown bench mode {mode!r}; choose table, latency or throughput")
-    _table(model, steps, num_samples, draft_lengths, drafters, cfg_scale, cfg_channels, precision, num_heads, weights,
-           labels, seed, batch_size, threads, json_out, markdown, device)
-
-
-def _table(model, steps, num_samples, draft_lengths, drafters, cfg_scale, cfg_channels, precision, num_heads, weights,
-           labels, seed, batch_size, threads, json_out, markdown, device) -> None:
-    """--mode table: parse, run ``specdit.bench.run_bench``, render."""
-    import torch
     from rich.console import Console
 
-    from cli.render import markup
-    from specdit.api import guided, load_model
-    from specdit.bench import batch_cost_curve, default_variants, run_bench
-    from specdit.labels import labels_for
-    from specdit.noise import sample_seed
+    from cli.render import markup, plain
+    from specdit.bench import BenchSettings, bench_model
 
     if json_out is not None:
         check_output_file(json_out, "--json file")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if num_samples < 1:
-        raise ValueError(f"number of samples must be >= 1, got {num_samples}")
     try:
         lengths = tuple(int(v) for v in draft_lengths.split(","))
     except ValueError:
         raise ValueError(f"--draft-lengths must be comma-separated integers, got {draft_lengths!r}") from None
-    base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, precision=precision)
-    steps, cfg, channels, seed = base.steps, base.cfg_scale, base.cfg_channels, opt.seed_value(seed)
-    from specdit.devices import resolve_device
-
-    dev = str(resolve_device(device))
-    m = load_model(model, device=dev, num_heads=num_heads, weights=weights)
-    idx = torch.arange(num_samples)
-    y = labels_for(labels, idx, sample_seed(seed, idx), m.num_classes)
-    if y is not None and labels == "none":
-        y = None  # unconditional sampling of a conditional model: compare with the full mixture
-    variants = default_variants(steps, lengths, cfg, tuple(drafters.split(",")), cfg_channels=channels,
-                                precision=base.precision)
-    for _, v in variants:
-        v.validate()
+    settings = BenchSettings(model=model, base=opt.sampler_config(steps=steps, cfg_scale=cfg_scale,
+                                                                  cfg_channels=cfg_channels, precision=precision),
+                             num_samples=num_samples, draft_lengths=lengths, drafters=tuple(drafters.split(",")),
+                             labels=labels, seed=opt.seed_value(seed), batch_size=batch_size, threads=threads,
+                             device=device, num_heads=num_heads, weights=weights)
+    base = settings.base
     console = Console(width=max(Console().width, 120))
-    console.print(f"[bold]{markup(model)}[/] S={steps} N={num_samples} seed={seed} cfg={cfg} threads={torch.get_num_threads()}")
-    curve = batch_cost_curve(guided(m, cfg, channels))
-    console.print("target batch cost (relative to batch 1): " + ", ".join(f"b={b}: {c:.2f}x" for b, c in curve.items()))
+
+    def start(threads_used: int, curve) -> None:
+        console.print(f"[bold]{markup(model)}[/] S={base.steps} N={num_samples} seed={settings.seed} "
+                      f"cfg={base.cfg_scale} threads={threads_used}")
+        console.print("target batch cost (relative to batch 1): " + markup(curve.describe()))
+
     with one_line_warnings():
-        rows = run_bench(m, variants, num_samples, seed, y, batch_size,
-                         on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"), model_name=model,
-                         device=dev)
-    _render_table(console, rows, markdown)
+        report = bench_model(settings, on_start=start,
+                             on_row=lambda r: console.print(f"  done: {markup(r.name)} ({r.wall:.1f} s)"))
+    console.print(_table(report.rows))
+    if markdown:
+        print(plain(_markdown(report.rows), one_line=False))
     if json_out is not None:
         from specdit.outputs import strict_json
 
-        json_out.write_text(strict_json({"model": model, "steps": steps, "num_samples": num_samples, "seed": seed,
-                                         "batch_cost": curve, "rows": [r.as_dict() for r in rows]}, indent=2))
-
-
-def _render_table(console, rows, markdown: bool) -> None:
-    from rich.table import Table
-
-    cols = ["variant", "rounds/sample", "parallel eff.", "acceptance", "speed-up vs ddpm", "KS to truth", "KS p"]
-    table = Table(*cols)
-    for r in rows:
-        table.add_row(r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.speedup_vs_ddpm, ".2f"),
-                      _fmt(r.ks, ".4f"), _fmt(r.ks_p, ".3g"))
-    console.print(table)
-    if markdown:
-        print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-        for r in rows:
-            print(f"| {r.name} | {_fmt(r.rounds, '.1f')} | {_fmt(r.efficiency)} | {_fmt(r.acceptance)} | "
-                  f"{_fmt(r.speedup_vs_ddpm, '.2f')} | {_fmt(r.ks, '.4f')} | {_fmt(r.ks_p, '.3g')} |")
+        json_out.write_text(strict_json(report.as_dict(), indent=2))
 
 
 def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats, batch, threads,
             device, seed, auto, json_out, markdown, num_heads, weights) -> None:
     """--mode latency | throughput: parse, run ``specdit.latency.run_timing_bench``, render."""
+    if mode not in ("latency", "throughput"):
+        raise ValueError(f"unknown bench mode {mode!r}; choose table, latency or throughput")
     from rich.console import Console
 
     from cli.bench_timing import render
@@ -175,6 +165,7 @@ def calibrate(
     precision and batch size, in $SPECDIT_CACHE/draft-schedules (default ~/.cache/specdit)."""
     import torch
 
+    from cli.render import plain
     from specdit.autodraft import key_file
     from specdit.calibrate import calibrate as run
     from specdit.devices import resolve_device
