@@ -38,6 +38,13 @@ def _markdown(rows) -> str:
     return "\n".join([head, *("| " + " | ".join(_cells(r)) + " |" for r in rows)])
 
 
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--draft-lengths must be comma-separated integers, got {text!r}") from None
+
+
 MODE = typer.Option("table", "--mode", help="table: rounds, acceptance, speed-up vs ddpm and the KS distance to the "
                     "truth per variant | latency: batch 1, chains one at a time, paired per seed, with the cost "
                     "model's predicted speed-up | throughput: samples/s at --throughput-batch, likewise.")
@@ -83,10 +90,7 @@ def bench(
 
     if json_out is not None:
         check_output_file(json_out, "--json file")
-    try:
-        lengths = tuple(int(v) for v in draft_lengths.split(","))
-    except ValueError:
-        raise ValueError(f"--draft-lengths must be comma-separated integers, got {draft_lengths!r}") from None
+    lengths = _lengths(draft_lengths)
     settings = BenchSettings(model=model, base=opt.sampler_config(steps=steps, cfg_scale=cfg_scale,
                                                                   cfg_channels=cfg_channels, precision=precision),
                              num_samples=num_samples, draft_lengths=lengths, drafters=tuple(drafters.split(",")),
@@ -127,10 +131,7 @@ def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_le
 
     if json_out is not None:
         check_output_file(json_out, "--json file")
-    try:
-        lengths = [int(v) for v in draft_lengths.split(",")]
-    except ValueError:
-        raise ValueError(f"--draft-lengths must be comma-separated integers, got {draft_lengths!r}") from None
+    lengths = list(_lengths(draft_lengths))
     base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, precision=precision)
     plan = BenchPlan(model, base, [d for d in drafters.split(",") if d], lengths, mode, repeats, batch, threads,
                      str(resolve_device(device)), opt.seed_value(seed), auto).check()

@@ -103,7 +103,7 @@ def as_draft_schedule(value: Any) -> tuple[int, ...] | None:
     None stays None. SettingError for anything else (the range is checked by ``validate``)."""
     if value is None:
         return None
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+    if not isinstance(value, (list, tuple)):
         raise SettingError("draft_schedule", "draft schedule must be a list of integers (L(k) for k = 1..steps), "
                                              f"got {_shown(value)}")
     return tuple(as_int("draft_schedule", v) for v in value)

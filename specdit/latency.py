@@ -25,9 +25,9 @@ import torch
 from specdit.config import SamplerConfig
 from specdit.costmodel import CostModel, break_even_batch, measure_call_costs
 from specdit.noise import NoiseStreams, sample_seed
+from specdit.stability import MAX_SPREAD, spread
 from specdit.timing import Stopwatch, TimedDrafter, TimedModel
 
-MAX_SPREAD = 0.20
 BOOTSTRAP = 2000
 CURVE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256)
 
@@ -70,14 +70,6 @@ class VariantResult:
 
     def pe(self) -> float:
         return sum(r.steps * r.samples for r in self.runs) / max(1, sum(r.rounds * r.samples for r in self.runs))
-
-
-def spread(values: list[float]) -> float:
-    """(max - min) / median of repeated timings of the same work (0 for fewer than two)."""
-    if len(values) < 2:
-        return 0.0
-    med = statistics.median(values)
-    return (max(values) - min(values)) / med if med > 0 else float("inf")
 
 
 def percentile(values: list[float], q: float) -> float:
