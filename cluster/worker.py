@@ -33,7 +33,7 @@ from cluster.paths import PathError, resolve_model_path, resolve_sampler_paths
 from cluster.queue import JobQueue, Task
 from cluster.records import JobStatus, RecordError, ShardResult
 from cluster.storage import shard_path, write_shard
-from workers.engine import Engine, EngineError, ShardWork, check_labels, check_store
+from workers.engine import Engine, EngineError, ShardWork, check_labels, check_schedule, check_store
 
 log = logging.getLogger("specdit.worker")
 
@@ -194,6 +194,7 @@ class ShardWorker:
             info = self.engine.model_info(model, spec.model_options())
             check_labels(spec.labels, info)
             check_store(spec.output.store, info)
+            check_schedule(spec.schedule, info)
         except ShardAborted as e:
             beat.stop()
             self._handle_abort(task, e.reason)

@@ -22,6 +22,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from specdit.scheduler_config import DIT_SCHEDULE, TrainingSchedule
+
 
 @dataclass
 class ModelOutput:
@@ -94,3 +96,9 @@ def require_features(target: EpsModel) -> HasFeatures:
     if not isinstance(target, HasFeatures):
         raise ValueError("the feature drafter needs a DiT target (top-block features); this model has none")
     return target
+
+
+def training_schedule_of(model: EpsModel) -> TrainingSchedule:
+    """The training schedule a model's output refers to (its ``training_schedule`` attribute: a diffusers
+    pipeline's scheduler config), DiT's for models that declare none (analytic mixtures, drafters)."""
+    return getattr(model, "training_schedule", DIT_SCHEDULE)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from specdit.models.base import ModelOutput
+from specdit.scheduler_config import DIT_SCHEDULE, TrainingSchedule, read_scheduler_config
 
 SD_VAE_SCALE = 0.18215  # Stable Diffusion's VAE; used only for a VAE whose config carries no scaling_factor
 SPECDIT_DIT_JSON = "specdit_dit.json"  # extra settings next to a diffusers config.json
@@ -75,8 +76,10 @@ class DiTDenoiser:
     (:func:`vae_scaling_factor`).
     """
 
-    def __init__(self, transformer, vae=None, *, latent_scale: float | None = None):
+    def __init__(self, transformer, vae=None, *, latent_scale: float | None = None,
+                 training_schedule: TrainingSchedule = DIT_SCHEDULE):
         self.transformer = transformer.eval().requires_grad_(False)
+        self.training_schedule = training_schedule  # what eps means: the pipeline's scheduler config, else DiT's
         cfg = transformer.config
         self.in_channels = int(cfg.in_channels)
         self.out_channels = int(transformer.out_channels)
@@ -214,6 +217,7 @@ class CFGDenoiser:
         self.sample_shape = model.sample_shape
         self.num_classes = model.num_classes
         self.vae = model.vae
+        self.training_schedule = model.training_schedule
 
     @property
     def dtype(self) -> torch.dtype:
@@ -326,20 +330,24 @@ def load_dit_diffusers(folder: str | Path, device: str | torch.device = "cpu", d
                        vae: str | Path | None = None, original_timestep_embedding: bool | None = None) -> DiTDenoiser:
     """A ``DiTTransformer2DModel`` folder (``config.json`` + weights), or a ``DiTPipeline`` folder with
     ``transformer/`` (and ``vae/``, used unless ``vae`` is given). ``original_timestep_embedding``: None reads
-    our ``specdit_dit.json`` if present (default False, i.e. diffusers' behaviour)."""
+    our ``specdit_dit.json`` if present (default False, i.e. diffusers' behaviour). A pipeline's
+    ``scheduler/scheduler_config.json`` sets the model's training schedule
+    (:func:`specdit.scheduler_config.read_scheduler_config`; DiT's without one); an unsupported one raises
+    ``SchedulerConfigError`` (a ValueError, one line naming the field)."""
     from diffusers import DiTTransformer2DModel
 
     root = Path(folder)
     tdir = root / "transformer" if (root / "transformer" / "config.json").is_file() else root
     if not (tdir / "config.json").is_file():
         raise ValueError(f"not a diffusers DiT folder (no config.json): {root}")
+    training_schedule = read_scheduler_config(root)
     transformer = DiTTransformer2DModel.from_pretrained(tdir, torch_dtype=dtype, low_cpu_mem_usage=False)
     if original_timestep_embedding is None:
         extra = tdir / SPECDIT_DIT_JSON
         original_timestep_embedding = bool(extra.is_file() and json.loads(extra.read_text()).get(
             "original_timestep_embedding", False))
     set_original_timestep_embedding(transformer, original_timestep_embedding)
-    return DiTDenoiser(transformer.to(device), _find_vae(root, vae, device))
+    return DiTDenoiser(transformer.to(device), _find_vae(root, vae, device), training_schedule=training_schedule)
 
 
 def save_dit_diffusers(model: DiTDenoiser, folder: str | Path) -> None:
