@@ -195,6 +195,7 @@ def test_job_on_pipeline_scheduler_stores_generate_images(pipelines, redis_env, 
     generate_to_disk(str(pipelines["v"]), SamplerConfig.from_dict(sampler), n, 5, "uniform", out, batch_size=4)
     with np.load(out / "samples.npz") as z:
         assert np.array_equal(images, z["images"])  # bit-identical pixels
+    assert json.loads((out / "stats.json").read_text())["schedule"] == V_ZERO_SNR_RECORD
     # a worker refuses a model whose schedule is not the one the spec records
     stale = spec_from_dict({**data, "base_seed": 6})  # schedule None: DiT's
     q.submit(stale)

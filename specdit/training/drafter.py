@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from specdit.drafters.feature import (FeatureDrafterConfig, FeatureDrafterNet, load_feature_drafter_net,
                                      save_feature_drafter)
+from specdit.models.base import training_schedule_of
 from specdit.noise import mix64_reference
 from specdit.schedule import Schedule
 
@@ -164,7 +165,7 @@ def train_drafter(target, data: tuple[torch.Tensor, torch.Tensor], cfg: DrafterT
     x_all, y_all = data
     if x_all.shape[1:] != tuple(target.sample_shape):
         raise ValueError(f"data shape {tuple(x_all.shape[1:])} does not match the model's {tuple(target.sample_shape)}")
-    schedule = Schedule.create(cfg.sample_steps, cfg.eta)
+    schedule = Schedule.create(cfg.sample_steps, cfg.eta, training=training_schedule_of(target))
     torch.manual_seed(cfg.seed)  # initial weights
     net = FeatureDrafterNet(FeatureDrafterConfig(target.hidden_size, cfg.heads, cfg.mlp_ratio))
     if cfg.init_from is not None:
