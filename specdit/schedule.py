@@ -176,10 +176,9 @@ class Schedule:
         spacing, to compare with its schedulers)."""
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
-        training = training or (DIT_SCHEDULE if train_steps == TRAIN_STEPS else None)
+        training = training or TrainingSchedule(num_train_timesteps=train_steps)  # DiT's betas
         taus_t = torch.tensor(taus, dtype=torch.int64)  # (S,)
-        abar_train = (training_alphas_cumprod(train_steps) if training is None
-                      else alphas_cumprod_of(training))
+        abar_train = alphas_cumprod_of(training)
         abar = torch.cat([torch.ones(1, dtype=torch.float64), abar_train[taus_t]])  # (S+1,)
         timesteps = torch.cat([torch.full((1,), -1, dtype=torch.int64), taus_t])
         beta = torch.zeros_like(abar)
@@ -187,8 +186,8 @@ class Schedule:
         btilde = torch.zeros_like(abar)
         btilde[1:] = beta[1:] * (1.0 - abar[:-1]) / (1.0 - abar[1:])
         sigma = eta * btilde.sqrt()
-        coefs = _kernel_coefficients(abar, sigma, (training or DIT_SCHEDULE).prediction_type)
-        return Schedule(timesteps, abar, sigma, float(eta), training=training or DIT_SCHEDULE, **coefs)
+        coefs = _kernel_coefficients(abar, sigma, training.prediction_type)
+        return Schedule(timesteps, abar, sigma, float(eta), training=training, **coefs)
 
     @property
     def num_steps(self) -> int:
