@@ -131,12 +131,12 @@ class JobSpec(_Strict):
     def _model(cls, v: str) -> str:
         return paths.normalize_model_path(v, "model")
 
-    @field_validator("schedule")
+    @field_validator("schedule", mode="before")
     @classmethod
-    def _schedule(cls, v: dict | None) -> dict | None:
+    def _schedule(cls, v: Any) -> dict | None:
         from specdit.scheduler_config import TrainingSchedule
 
-        return (TrainingSchedule.from_dict(v).to_dict() or None) if v is not None else None
+        return (TrainingSchedule.from_dict(v, where="").to_dict() or None) if v is not None else None
 
     @field_validator("base_seed", mode="before")
     @classmethod

@@ -76,16 +76,17 @@ class TrainingSchedule:
         return out
 
     @staticmethod
-    def from_dict(data: dict[str, Any]) -> "TrainingSchedule":
+    def from_dict(data: dict[str, Any], where: str = "schedule") -> "TrainingSchedule":
         """Inverse of :meth:`to_dict` (missing fields take DiT's values), checked as a scheduler config is.
-        Raises :class:`SchedulerConfigError` (one line)."""
+        Raises :class:`SchedulerConfigError` (one line, starting with ``where``)."""
+        lead = f"{where}: " if where else ""
         if not isinstance(data, dict):
-            raise SchedulerConfigError(f"schedule: expected a mapping, got {type(data).__name__}")
+            raise SchedulerConfigError(f"{lead}expected a mapping, got {type(data).__name__}")
         names = {f.name for f in fields(TrainingSchedule)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise SchedulerConfigError(f"schedule.{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
-        return _checked({**asdict(DIT_SCHEDULE), **data}, "schedule")
+            raise SchedulerConfigError(f"{lead}unknown field {unknown[0]!r} (known: {', '.join(sorted(names))})")
+        return _checked({**asdict(DIT_SCHEDULE), **data}, where)
 
     def describe(self) -> str:
         """One line, e.g. ``linear betas 1e-4..0.02 x1000, epsilon``."""
@@ -138,7 +139,7 @@ def schedule_from_scheduler_config(config: dict[str, Any], where: str = "schedul
 def _checked(v: dict[str, Any], where: str) -> TrainingSchedule:
     """Type and range checks of every field, then the rules across fields; one line naming the field."""
     def bad(key: str, why: str) -> SchedulerConfigError:
-        return SchedulerConfigError(f"{where}: {key} {v[key]!r} {why}")
+        return SchedulerConfigError(f"{where + ': ' if where else ''}{key} {v[key]!r} {why}")
 
     for key in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
         if not isinstance(v[key], bool):
@@ -161,7 +162,8 @@ def _checked(v: dict[str, Any], where: str) -> TrainingSchedule:
         v[key] = float(x)
     v["trained_betas"] = _trained_betas(v, where)
     if v["prediction_type"] == "epsilon" and v["rescale_betas_zero_snr"]:
-        raise SchedulerConfigError(f"{where}: prediction_type 'epsilon' with rescale_betas_zero_snr is not supported "
+        raise SchedulerConfigError(f"{where + ': ' if where else ''}prediction_type 'epsilon' with "
+                                   "rescale_betas_zero_snr is not supported "
                                    "(x0 is undefined at zero terminal SNR: use v_prediction or sample)")
     return TrainingSchedule(**v)
 
@@ -173,7 +175,8 @@ def _trained_betas(v: dict[str, Any], where: str) -> tuple[float, ...] | None:
     ok = isinstance(betas, (list, tuple)) and all(
         isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 < b < 1.0 for b in betas)
     if not ok or len(betas) != v["num_train_timesteps"]:
-        raise SchedulerConfigError(f"{where}: trained_betas must be num_train_timesteps ({v['num_train_timesteps']}) "
+        raise SchedulerConfigError(f"{where + ': ' if where else ''}trained_betas must be num_train_timesteps "
+                                   f"({v['num_train_timesteps']}) "
                                    "numbers in (0, 1)")
     return tuple(float(b) for b in betas)
 

@@ -142,6 +142,25 @@ def test_unsupported_field_is_one_line_exit_2(case, pipelines, tmp_path):
     assert len(errors) == 1 and word in errors[0] and "Traceback" not in res.output, res.stderr
 
 
+def test_spec_schedule_field_is_checked_in_one_line():
+    from cluster.errors import SpecError
+    from cluster.spec import spec_from_dict
+
+    base = {"model": "gmm-2d", "num_samples": 10, "evaluate": {"fid": False}}
+    for bad, word in (({"prediction_type": "flow"}, "prediction_type"), ({"foo": 1}, "'foo'"),
+                      ([1], "mapping"), ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr")):
+        with pytest.raises(SpecError, match=word) as err:
+            spec_from_dict({**base, "schedule": bad})
+        assert str(err.value).startswith("invalid job spec: schedule: ") and "\n" not in str(err.value)
+    assert spec_from_dict({**base, "schedule": {"beta_schedule": "linear"}}).schedule is None  # DiT's = absent
+
+
+def test_transformer_subfolder_takes_the_pipeline_scheduler(pipelines):
+    from specdit.models.registry import load_model
+
+    assert load_model(str(pipelines["v"] / "transformer")).training_schedule.prediction_type == "v_prediction"
+
+
 def test_unreadable_scheduler_config(tmp_path):
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "scheduler" / "scheduler_config.json").write_text("{not json")

@@ -348,7 +348,8 @@ def load_dit_diffusers(folder: str | Path, device: str | torch.device = "cpu", d
     tdir = root / "transformer" if (root / "transformer" / "config.json").is_file() else root
     if not (tdir / "config.json").is_file():
         raise ValueError(f"not a diffusers DiT folder (no config.json): {root}")
-    training_schedule = read_scheduler_config(root)
+    # a pipeline's transformer/ passed on its own still takes the pipeline's scheduler/
+    training_schedule = read_scheduler_config(root.parent if tdir == root and root.name == "transformer" else root)
     extra = json.loads((tdir / SPECDIT_DIT_JSON).read_text()) if (tdir / SPECDIT_DIT_JSON).is_file() else {}
     if extra.get("null_class", True):
         transformer = DiTTransformer2DModel.from_pretrained(tdir, torch_dtype=dtype, low_cpu_mem_usage=False)
