@@ -97,10 +97,10 @@ def check_reference(ref: str | None) -> None:
     if ref is None or ref == "auto" or ref.startswith(("data:", "ref:")):
         return
     from cluster.paths import resolve_model_path
-    from workers.evaluation import load_feature_stats
+    from workers.evaluation import load_reference_stats
 
-    try:
-        load_feature_stats(resolve_model_path(ref, "fid_reference"))
+    try:  # the aggregator's reader: our sums or an ADM reference (mu, sigma), as `specdit fid` reads them
+        load_reference_stats(resolve_model_path(ref, "fid_reference"))
     except Exception as e:  # noqa: BLE001 - any unreadable file is the spec's fault
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise SpecError(f"invalid job spec: fid_reference {ref!r} is not readable FID statistics: {first}") from None
