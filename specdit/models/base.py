@@ -99,7 +99,15 @@ def require_features(target: EpsModel, name: str | None = None) -> HasFeatures:
     return target
 
 
+@runtime_checkable
+class HasTrainingSchedule(Protocol):
+    """A model whose output refers to a declared training schedule (a DiT: a diffusers pipeline's scheduler
+    config, else DiT's); models that declare none are read under DiT's schedule."""
+
+    training_schedule: TrainingSchedule
+
+
 def training_schedule_of(model: EpsModel) -> TrainingSchedule:
-    """The training schedule a model's output refers to (its ``training_schedule`` attribute: a diffusers
-    pipeline's scheduler config), DiT's for models that declare none (analytic mixtures, drafters)."""
-    return getattr(model, "training_schedule", DIT_SCHEDULE)
+    """The training schedule a model's output refers to (:class:`HasTrainingSchedule`), DiT's for models that
+    declare none (analytic mixtures, drafters)."""
+    return model.training_schedule if isinstance(model, HasTrainingSchedule) else DIT_SCHEDULE
