@@ -54,24 +54,24 @@ def network(x: torch.Tensor, t: torch.Tensor, scale: float = 1.0) -> torch.Tenso
     return scale * (torch.tanh(x) * (0.5 + u) + 0.3 * torch.sin(3 * x + u) - 0.1 * x.roll(1, dims=-1))
 
 
-def _diffusers(kind: str, fields: dict):
+def diffusers_scheduler(kind: str, fields: dict):
     from diffusers import DDIMScheduler, DDPMScheduler
 
     cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
     return cls.from_config({"_class_name": cls.__name__, **fields})
 
 
-def _ours(kind: str, fields: dict, taus: list[int], eta: float) -> Schedule:
+def ours_schedule(kind: str, fields: dict, taus: list[int], eta: float) -> Schedule:
     training = schedule_from_scheduler_config({"_class_name": "DDIMScheduler" if kind == "ddim" else "DDPMScheduler",
                                                **fields})
     return Schedule.from_timesteps(taus, eta, training, training.num_train_timesteps)
 
 
-def _taus(kind: str, steps: int) -> list[int]:
+def taus_for(kind: str, steps: int) -> list[int]:
     return list(range(0, 1000, 1000 // steps)) if kind == "ddim" else space_timesteps(1000, steps)
 
 
-def _their_step(sched, kind: str, out, t: int, x, eta: float, noise, seed: int):
+def their_step(sched, kind: str, out, t: int, x, eta: float, noise, seed: int):
     if kind == "ddim":
         return sched.step(out, t, x, eta=eta, use_clipped_model_output=True,
                           variance_noise=noise if eta > 0 else None).prev_sample
@@ -82,9 +82,9 @@ def compare(kind: str, fields: dict, eta: float, steps: int = CHAIN_STEPS, seed:
     """(max relative difference (:func:`relative_diff`) of one step over every step index, that of the whole
     chain's end state, max |x_0| of the chain) between specdit and diffusers for ``kind`` "ddim" / "ddpm"
     (eta 1 only)."""
-    taus = _taus(kind, steps)
-    ours = _ours(kind, fields, taus, eta)
-    sched = _diffusers(kind, fields)
+    taus = taus_for(kind, steps)
+    ours = ours_schedule(kind, fields, taus, eta)
+    sched = diffusers_scheduler(kind, fields)
     if kind == "ddim":
         sched.set_timesteps(steps)
         assert sched.timesteps.tolist() == taus[::-1], (sched.timesteps, taus)
@@ -94,14 +94,14 @@ def compare(kind: str, fields: dict, eta: float, steps: int = CHAIN_STEPS, seed:
     step_diff = 0.0
     for k in range(steps, 0, -1):  # one step at every index, random inputs
         x, out = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
-        step_diff = max(step_diff, _diff_one(ours, sched, kind, x, out, k, taus[k - 1], eta, seed + k))
+        step_diff = max(step_diff, diff_one(ours, sched, kind, x, out, k, taus[k - 1], eta, seed + k))
     x_theirs = torch.randn(SHAPE, generator=g)
     x_ours = x_theirs.double()
     for k in range(steps, 0, -1):
         t = taus[k - 1]
         tt = torch.full((SHAPE[0],), t, dtype=torch.int64)
         noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed + 1000 + k))
-        x_theirs = _their_step(sched, kind, network(x_theirs, tt), t, x_theirs, eta, noise, seed + 1000 + k)
+        x_theirs = their_step(sched, kind, network(x_theirs, tt), t, x_theirs, eta, noise, seed + 1000 + k)
         kk = torch.full((SHAPE[0],), k, dtype=torch.int64)
         mean = ours.step_mean(x_ours, network(x_ours.float(), tt), kk)
         x_ours = mean + ours.sigma[k] * noise.double()
@@ -114,9 +114,9 @@ def relative_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours - theirs.double()).abs().max()) / max(1.0, float(theirs.abs().max()))
 
 
-def _diff_one(ours: Schedule, sched, kind: str, x, out, k: int, t: int, eta: float, seed: int) -> float:
+def diff_one(ours: Schedule, sched, kind: str, x, out, k: int, t: int, eta: float, seed: int) -> float:
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
-    theirs = _their_step(sched, kind, out, t, x, eta, noise, seed)
+    theirs = their_step(sched, kind, out, t, x, eta, noise, seed)
     kk = torch.full((SHAPE[0],), k, dtype=torch.int64)
     mine = ours.step_mean(x, out, kk) + ours.sigma[k] * noise.double()
     return relative_diff(mine, theirs)

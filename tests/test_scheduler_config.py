@@ -38,17 +38,17 @@ def test_oracle_sees_a_wrong_prediction_type():
     """Negative control: v-prediction outputs read as eps (what specdit did before) miss by far more than
     the tolerance, as does clipping dropped from a clipping config."""
     fields = oracle.CONFIGS["linear, v_prediction"]
-    ours = oracle._ours("ddim", {**fields, "prediction_type": "epsilon"}, list(range(0, 1000, 100)), 0.0)
-    sched = oracle._diffusers("ddim", fields)
+    ours = oracle.ours_schedule("ddim", {**fields, "prediction_type": "epsilon"}, list(range(0, 1000, 100)), 0.0)
+    sched = oracle.diffusers_scheduler("ddim", fields)
     sched.set_timesteps(10)
     g = torch.Generator().manual_seed(0)
     x, out = torch.randn(oracle.SHAPE, generator=g), torch.randn(oracle.SHAPE, generator=g)
-    assert oracle._diff_one(ours, sched, "ddim", x, out, 5, 400, 0.0, 1) > 100 * oracle.TOLERANCE
+    assert oracle.diff_one(ours, sched, "ddim", x, out, 5, 400, 0.0, 1) > 100 * oracle.TOLERANCE
     clipped = oracle.CONFIGS["linear, epsilon, clip_sample (class default)"]
-    unclipped = oracle._ours("ddpm", {"clip_sample": False}, list(range(0, 1000, 100)), 1.0)
-    sched = oracle._diffusers("ddpm", clipped)
+    unclipped = oracle.ours_schedule("ddpm", {"clip_sample": False}, list(range(0, 1000, 100)), 1.0)
+    sched = oracle.diffusers_scheduler("ddpm", clipped)
     sched.set_timesteps(timesteps=list(range(900, -1, -100)))
-    assert oracle._diff_one(unclipped, sched, "ddpm", 3 * x, out, 9, 800, 1.0, 1) > 100 * oracle.TOLERANCE
+    assert oracle.diff_one(unclipped, sched, "ddpm", 3 * x, out, 9, 800, 1.0, 1) > 100 * oracle.TOLERANCE
 
 
 def test_dit_pipeline_config_is_dit_schedule_bit_for_bit():
