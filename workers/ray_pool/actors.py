@@ -121,13 +121,15 @@ class DeviceWorker:
             from dataclasses import replace
 
             from specdit.api import SamplerConfig, build_networks
+            from specdit.models.base import training_schedule_of
             from specdit.schedule import Schedule
 
             base = self.engine.load(model)
             config = SamplerConfig.from_dict(sampler)
             plain = config if self.drafts else replace(config, sampler="ddpm")  # no drafter on a verifier
             target, drafter = build_networks(base, plain, self.device, model)
-            self._setups[key] = (target, drafter, Schedule.create(config.steps, config.eta), config)
+            schedule = Schedule.create(config.steps, config.eta, training=training_schedule_of(base))
+            self._setups[key] = (target, drafter, schedule, config)
         target, drafter, _, _ = self._setups[key]
         return {"draft_cost": 0 if drafter is None else drafter.cost, "dtype": str(target.dtype)}
 
