@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from cli import options as opt
-from cli.common import check_output_file, one_line_warnings, user_errors
+from cli.common import check_output_file, one_line_warnings, step_progress, user_errors
 
 
 def _fmt(v, spec=".3f"):
@@ -33,6 +33,7 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table (for the README)."),
     device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
+    progress: bool = opt.PROGRESS,
 ) -> None:
     """Rounds, parallel efficiency, acceptance, wall time relative to ddpm, and distance to ground truth."""
     import torch
@@ -75,10 +76,11 @@ def bench(
     console.print("target batch cost (relative to batch 1): " + markup(curve.describe()))
     cols = ["variant", "rounds/sample", "parallel eff.", "acceptance", "wall vs ddpm", "KS to truth", "KS p"]
     table = Table(*cols)
-    with one_line_warnings():
+    total = len(variants) * num_samples * steps  # chain-steps of every variant: the bar's ETA covers the run
+    with one_line_warnings(), step_progress(total, markup(f"bench on {model}"), progress) as advance:
         rows = run_bench(m, variants, num_samples, seed, y, batch_size,
                          on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"), model_name=model,
-                         device=dev)
+                         device=dev, progress=advance)
     for r in rows:
         table.add_row(r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.wall_vs_ddpm, ".2f"),
                       _fmt(r.ks, ".4f"), _fmt(r.ks_p, ".3g"))
