@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -106,12 +106,6 @@ def batch_cost(model: EpsModel, sizes=(1, 2, 4, 8), repeats: int = 10, label: in
     return BatchCost({b: times[b] / times[sizes[0]] for b in sizes}, spreads)
 
 
-def batch_cost_curve(model: EpsModel, sizes=(1, 2, 4, 8), repeats: int = 10, label: int | None = None) -> dict[int, float]:
-    """Median time of one target call on a batch of b items, relative to b = 1 (no stability check: see
-    :func:`batch_cost`)."""
-    return batch_cost(model, sizes, repeats, label).ratio
-
-
 def run_bench(
     model: EpsModel,
     variants: list[tuple[str, SamplerConfig]],
@@ -143,3 +137,89 @@ def run_bench(
         if on_row is not None:
             on_row(row)
     return rows
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What ``specdit bench`` compares: ``model`` (registered name or checkpoint path; ``num_heads`` /
+    ``weights``: see ``specdit.api.load_model``), the shared settings of every variant in ``base`` (steps,
+    cfg_scale, cfg_channels), the speculative variants (``draft_lengths`` x ``drafters`` x token/block),
+    ``num_samples`` chains per variant on seeds f(``seed``, i), the label policy (``none``: unconditional, so
+    that the KS distance compares with the full distribution), torch CPU ``threads`` (None: torch's choice)
+    and the ``device`` (cpu | cuda | cuda:N) of the model and the chains."""
+
+    model: str = "gmm-2d"
+    base: SamplerConfig = field(default_factory=SamplerConfig)
+    num_samples: int = 2000
+    draft_lengths: tuple[int, ...] = (4, 8)
+    drafters: tuple[str, ...] = ("free", "perturbed:3")
+    labels: str = "none"
+    seed: int = 0
+    batch_size: int = 256
+    threads: int | None = None
+    device: str = "cpu"
+    num_heads: int | None = None
+    weights: str | None = None
+
+    def variants(self) -> list[tuple[str, SamplerConfig]]:
+        """(name, config) of every variant compared, ddpm first (:func:`default_variants`)."""
+        return default_variants(self.base.steps, self.draft_lengths, self.base.cfg_scale, self.drafters,
+                                cfg_channels=self.base.cfg_channels)
+
+    def chain_steps(self) -> int:
+        """Chain-steps of the whole run (variants x samples x steps): the total of ``bench_model``'s progress."""
+        return len(self.variants()) * self.num_samples * self.base.steps
+
+
+@dataclass
+class BenchReport:
+    """One bench run: its settings, the torch threads it ran on, the target's batch-cost curve (batch size ->
+    time relative to batch 1) and one row per variant (the first, ddpm, is the wall-time reference)."""
+
+    settings: BenchSettings
+    threads: int
+    batch_cost: BatchCost
+    rows: list[BenchRow]
+
+    def as_dict(self) -> dict:
+        """The ``bench --json`` document."""
+        s = self.settings
+        return {"model": s.model, "steps": s.base.steps, "num_samples": s.num_samples, "seed": s.seed,
+                "batch_cost": self.batch_cost.as_dict(), "rows": [r.as_dict() for r in self.rows]}
+
+
+def bench_model(settings: BenchSettings, *, on_start: Callable[[int, BatchCost], None] | None = None,
+                on_row: Callable[[BenchRow], None] | None = None,
+                progress: Callable[[int], None] | None = None) -> BenchReport:
+    """``specdit bench`` as one call: load the model, measure its batch-cost curve, run every variant
+    (:func:`default_variants`) on the same seeds (:func:`run_bench`). ``on_start(threads, batch_cost)`` is
+    called once the model is loaded and measured, ``on_row(row)`` after each variant, ``progress(n)`` as n more
+    chain-steps are done (:meth:`BenchSettings.chain_steps` in all). Raises ValueError (one
+    line): a bad setting (``specdit.config.SettingError``), device, label policy or model."""
+    from specdit.api import guided, load_model
+    from specdit.config import check_seed
+    from specdit.devices import resolve_device
+    from specdit.labels import labels_for
+
+    s = settings
+    if s.num_samples < 1:
+        raise ValueError(f"number of samples must be >= 1, got {s.num_samples}")
+    check_seed(s.seed)
+    variants = s.variants()
+    for _, v in variants:
+        v.validate()
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
+    device = str(resolve_device(s.device))
+    model = load_model(s.model, device=device, num_heads=s.num_heads, weights=s.weights)
+    idx = torch.arange(s.num_samples)
+    y = labels_for(s.labels, idx, sample_seed(s.seed, idx), model.num_classes)  # (N,) or None
+    if y is not None and s.labels == "none":
+        y = None  # unconditional sampling of a conditional model: compare with the full mixture
+    curve = batch_cost(guided(model, s.base.cfg_scale, s.base.cfg_channels))  # unstable sizes flagged
+    threads = torch.get_num_threads()
+    if on_start is not None:
+        on_start(threads, curve)
+    rows = run_bench(model, variants, s.num_samples, s.seed, y, s.batch_size, on_row=on_row, model_name=s.model,
+                     device=device, progress=progress)
+    return BenchReport(s, threads, curve, rows)

@@ -100,18 +100,20 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
                      out: str | Path, *, batch_size: int = 64, device: str = "cpu", threads: int | None = None,
                      progress=None, num_heads: int | None = None, weights: str | None = None) -> dict:
     """Load ``model_name`` (``num_heads`` / ``weights``: options of an original DiT checkpoint, see
-    ``specdit.api.load_model``), sample ``num_samples`` chains with seeds f(seed, i) and labels from
+    ``specdit.api.load_model``) on ``device`` (cpu | cuda | cuda:N), sample ``num_samples`` chains with seeds f(seed, i) and labels from
     ``label_policy``, and save them to ``out`` (see ``save_generation``). Returns the summary."""
     from specdit.api import generate, load_model
     from specdit.labels import labels_for
     from specdit.noise import sample_seed
     from specdit.config import check_seed
+    from specdit.devices import resolve_device
 
     if num_samples < 1:
         raise ValueError(f"number of samples must be >= 1, got {num_samples}")
     config.validate()
     check_seed(seed)
     check_output(out)
+    device = str(resolve_device(device))  # "cuda" -> "cuda:0"; ValueError for a device that does not exist
     if threads is not None:
         torch.set_num_threads(threads)
     model = load_model(model_name, device=device, num_heads=num_heads, weights=weights)

@@ -29,11 +29,11 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
 from specdit.atomic import atomic_save_npz
+from specdit.metrics.mergeable import Mergeable
 
 __all__ = ["FeatureStats", "GaussianStats", "frechet_distance", "fid_from_stats", "load_stats", "stats_from_arrays"]
 
@@ -52,13 +52,8 @@ def _as_float64_2d(features) -> np.ndarray:
     return f
 
 
-def save_npz_atomic(path: Path, arrays: dict) -> Path:
-    """Write ``arrays`` to ``path`` (.npz) via a temp file and a rename: safe for concurrent writers."""
-    return atomic_save_npz(path, arrays)
-
-
 @dataclass
-class FeatureStats:
+class FeatureStats(Mergeable):
     """Mergeable first and second moment sums of D-dimensional features (all float64).
 
     ``extractor`` names the feature extractor (e.g. ``"inception-v3-compat:2048"``); statistics from
@@ -130,17 +125,6 @@ class FeatureStats:
             return self
         return NotImplemented
 
-    @classmethod
-    def merge_all(cls, parts: Iterable["FeatureStats"]) -> "FeatureStats":
-        """Merge any number of shard statistics (at least one)."""
-        parts = list(parts)
-        if not parts:
-            raise ValueError("merge_all needs at least one FeatureStats")
-        out = parts[0]
-        for p in parts[1:]:
-            out = out.merge(p)
-        return out
-
     # -- moments --------------------------------------------------------------------------------------
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         """(mu (D,), Sigma (D, D)) with the unbiased (n - 1) covariance, as np.mean / np.cov."""
@@ -191,7 +175,7 @@ class FeatureStats:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(path.suffix + ".npz")
-        return save_npz_atomic(path, self.to_arrays())
+        return atomic_save_npz(path, self.to_arrays())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
@@ -272,7 +256,7 @@ class GaussianStats:
     def save(self, path: str | os.PathLike) -> Path:
         """Write an ADM-style reference ``.npz`` (``mu``, ``sigma``) atomically."""
         path = Path(path)
-        return save_npz_atomic(path, self.to_arrays())
+        return atomic_save_npz(path, self.to_arrays())
 
     def __repr__(self) -> str:
         return f"GaussianStats(dim={self.dim}, extractor={self.extractor!r})"

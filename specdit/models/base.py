@@ -88,9 +88,10 @@ class Capabilities:
                             isinstance(model, HasData), isinstance(model, HasExactMarginals))
 
 
-def require_features(target: EpsModel) -> HasFeatures:
-    """``target`` (or the DiT it wraps) as a :class:`HasFeatures`; ValueError (one line) for a model without
-    top-block features, e.g. an analytic mixture."""
+def require_features(target: EpsModel, name: str | None = None) -> HasFeatures:
+    """``target`` (or the DiT it wraps) as a :class:`HasFeatures`; ValueError (one line, naming the model as
+    ``name`` when given) for a model without top-block features, e.g. an analytic mixture."""
     if not isinstance(target, HasFeatures):
-        raise ValueError("the feature drafter needs a DiT target (top-block features); this model has none")
+        what = "this model" if name is None else f"model {name!r}"
+        raise ValueError(f"the feature drafter needs a DiT target (top-block features); {what} has none")
     return target

@@ -114,7 +114,9 @@ class DiTDenoiser:
         return self
 
     # -- pieces of the forward -------------------------------------------------------------------------
-    def _labels(self, y: torch.Tensor | None, n: int) -> torch.Tensor:
+    def labels(self, y: torch.Tensor | None, n: int) -> torch.Tensor:
+        """(n,) int64 labels on the model's device: ``y`` as given, or the null class for ``y=None``
+        (ValueError for a DiT without one)."""
         if y is None:
             if not self.has_null_class:
                 raise ValueError("this DiT has no null class; pass labels y")
@@ -126,13 +128,13 @@ class DiTDenoiser:
         (in a converted original DiT every block holds the same copy)."""
         t = t.to(self.device)
         emb = self.transformer.transformer_blocks[0].norm1.emb
-        return emb(t, self._labels(y, t.shape[0]), hidden_dtype=self.dtype)  # (N, D)
+        return emb(t, self.labels(y, t.shape[0]), hidden_dtype=self.dtype)  # (N, D)
 
     def features(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """Top-block feature (N, T, D): patch embedding + all transformer blocks (no final layer)."""
         tr = self.transformer
         t = t.to(self.device)
-        y = self._labels(y, x.shape[0])
+        y = self.labels(y, x.shape[0])
         h = tr.pos_embed(x.to(device=self.device, dtype=self.dtype))  # (N, T, D)
         for block in tr.transformer_blocks:
             h = block(h, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
@@ -219,9 +221,10 @@ class CFGDenoiser:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def _pair(self, t: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair(self, t: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps and labels of both halves, each (2N,): ``[t | t]`` and ``[y | null class]``."""
         n = t.shape[0]
-        y = self.model._labels(y, n)
+        y = self.model.labels(y, n)
         null = torch.full_like(y, self.num_classes)
         return torch.cat([t, t]), torch.cat([y, null])  # (2N,), (2N,)
 
@@ -235,14 +238,14 @@ class CFGDenoiser:
 
     def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """Conditioning of both halves, (N, 2, D)."""
-        t2, y2 = self._pair(t, y)
+        t2, y2 = self.pair(t, y)
         c = self.model.embed(t2, y2)  # (2N, D)
         return torch.stack(c.chunk(2), dim=1)
 
     def eps_from_features(self, features: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """Guided eps (N, C, H, W) from features (N, 2, T, D) of both halves."""
         n = features.shape[0]
-        t2, y2 = self._pair(t, y)
+        t2, y2 = self.pair(t, y)
         flat = features.transpose(0, 1).reshape(2 * n, *features.shape[2:])  # (2N, T, D): [cond | uncond]
         e = self.model.eps_from_features(flat, t2, y2)  # (2N, C, H, W)
         return self.combine(e[:n], e[n:])
@@ -250,7 +253,7 @@ class CFGDenoiser:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> ModelOutput:
         n = x.shape[0]
-        t2, y2 = self._pair(t, y)
+        t2, y2 = self.pair(t, y)
         out = self.model(torch.cat([x, x]), t2, y2)  # one batch of 2N
         feats = torch.stack(out.features.chunk(2), dim=1)  # (N, 2, T, D)
         return ModelOutput(eps=self.combine(out.eps[:n], out.eps[n:]), features=feats)
@@ -284,11 +287,9 @@ def load_vae(folder: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 def vae_scaling_factor(vae) -> float:
     """The latent scale of a VAE: its ``config.scaling_factor`` (diffusers' ``AutoencoderKL`` field; the latent
-    DiT was trained on ``scaling_factor * vae.encode(x)``), or SD-VAE's 0.18215 when the config has none."""
-    cfg = getattr(vae, "config", None)
-    factor = getattr(cfg, "scaling_factor", None) if cfg is not None else None
-    if factor is None and isinstance(cfg, dict):
-        factor = cfg.get("scaling_factor")
+    DiT was trained on ``scaling_factor * vae.encode(x)``), or SD-VAE's 0.18215 when the config has none (or
+    ``vae`` is None: a pixel model)."""
+    factor = None if vae is None else vae.config.get("scaling_factor")  # diffusers' config is a (frozen) dict
     return SD_VAE_SCALE if factor is None else float(factor)
 
 
@@ -299,7 +300,7 @@ def decode_latents(vae, latents: torch.Tensor, scale: float | None = None,
     on the VAE's device, ``batch_size`` latents at a time. ``scale`` None reads :func:`vae_scaling_factor`;
     ``shift`` is the config's ``shift_factor`` where set (diffusers' convention; None for SD-VAE: 0)."""
     scale = vae_scaling_factor(vae) if scale is None else scale
-    shift = getattr(getattr(vae, "config", None), "shift_factor", None)
+    shift = vae.config.get("shift_factor")
     p = next(vae.parameters())
     z = latents.to(device=p.device, dtype=p.dtype) / scale
     if shift is not None:
