@@ -236,3 +236,31 @@ def long_functions(modules: dict[str, Module], limit: int = 60) -> dict[str, int
     for mod in modules.values():
         visit(mod.tree, mod.name)
     return out
+
+
+def _names_in(body) -> dict[str, ast.AST]:
+    out = {}
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out[node.name] = node
+        elif isinstance(node, ast.Assign):
+            out.update({t.id: node for t in node.targets if isinstance(t, ast.Name)})
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            out[node.target.id] = node
+    return out
+
+
+def defined_name(modules: dict[str, Module], dotted: str) -> bool:
+    """Whether ``dotted`` (``pkg.module[.Class][.name]``) is a module of ``modules`` or a top-level function,
+    class or constant of one (then a method or class attribute of such a class), read from the AST."""
+    module = _closest_module(dotted, modules)
+    if module is None:
+        return False
+    rest = dotted[len(module) + 1:].split(".") if dotted != module else []
+    body = modules[module].tree.body
+    for part in rest:
+        node = _names_in(body).get(part)
+        if node is None:
+            return False
+        body = node.body if isinstance(node, ast.ClassDef) else []
+    return True

@@ -18,6 +18,9 @@ PROBES_ALLOWED = {
     ("specdit.models.dit", "model"): "an original DiT checkpoint's train.py argparse Namespace: fields vary by version",
     ("specdit.models.dit", "num_classes"): "an original DiT checkpoint's train.py argparse Namespace",
     ("specdit.models.registry", "num_classes"): "an original DiT checkpoint's train.py argparse Namespace",
+    ("specdit.metrics.fid", "files"): "an NpzFile or a plain mapping of arrays (not a model capability)",
+    ("workers.ray_pool.engine", "cause"): "a Ray exception's cause: the attribute differs between Ray versions",
+    ("cluster.connection", "status_code"): "redis-py sets status_code only for the error codes it knows",
     ("workers.ray_pool.training", "cause"): "a Ray exception's cause: the attribute differs between Ray versions",
 }
 
@@ -62,3 +65,20 @@ def test_checkers_find_probes_and_long_functions(tmp_path):
     probes = feature_probes(modules)
     assert [(m, a) for m, _, a in probes] == [("specdit.m", "to_images"), ("specdit.m", "dtype")], probes
     assert long_functions(modules, LIMIT) == {"specdit.m.Engine.run": LIMIT + 1}
+
+
+def test_design_doc_names_only_functions_that_exist():
+    """Every backticked ``package.module.name`` in docs/design.md (the module map and the path of one sample)
+    names a module, or a function, class, method or constant in it."""
+    import re
+
+    from tests.structure import defined_name
+
+    text = (ROOT / "docs" / "design.md").read_text()
+    names = sorted(set(re.findall(r"`((?:specdit|workers|cluster|cli)(?:\.\w+)+)`", text)))
+    assert len(names) > 40, "the path of one sample should name the functions it passes through"
+    modules = load_modules(ROOT)
+    missing = [n for n in names if not defined_name(modules, n)]
+    assert not missing, f"docs/design.md names what does not exist: {missing}"
+    assert not defined_name(modules, "specdit.api.generate_fast")  # negative control
+    assert not defined_name(modules, "cluster.worker.ShardWorker.no_such_method")

@@ -29,11 +29,11 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
 from specdit.atomic import atomic_save_npz
+from specdit.metrics.mergeable import Mergeable
 
 __all__ = ["FeatureStats", "GaussianStats", "frechet_distance", "fid_from_stats", "load_stats", "stats_from_arrays"]
 
@@ -53,7 +53,7 @@ def _as_float64_2d(features) -> np.ndarray:
 
 
 @dataclass
-class FeatureStats:
+class FeatureStats(Mergeable):
     """Mergeable first and second moment sums of D-dimensional features (all float64).
 
     ``extractor`` names the feature extractor (e.g. ``"inception-v3-compat:2048"``); statistics from
@@ -124,17 +124,6 @@ class FeatureStats:
         if isinstance(other, int) and other == 0:
             return self
         return NotImplemented
-
-    @classmethod
-    def merge_all(cls, parts: Iterable["FeatureStats"]) -> "FeatureStats":
-        """Merge any number of shard statistics (at least one)."""
-        parts = list(parts)
-        if not parts:
-            raise ValueError("merge_all needs at least one FeatureStats")
-        out = parts[0]
-        for p in parts[1:]:
-            out = out.merge(p)
-        return out
 
     # -- moments --------------------------------------------------------------------------------------
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:

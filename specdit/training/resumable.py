@@ -8,6 +8,7 @@ generator and RNG states come back with the weights.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -74,3 +75,22 @@ class ResumableRun:
         atomic_torch_save({**state, "gen_state": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
                            "step": torch.tensor(self.step),
                            "wall_s": torch.tensor(self.wall(), dtype=torch.float64)}, self.ckpt_path)
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, out: str, steps: int, batch_size: int, warmup: int,
+                      ckpt_every: int, export_every: int, threads: int = 1, threads_help: str | None = None,
+                      init_help: str = "fresh run: start from this folder's weights") -> None:
+    """The command-line options every resumable trainer takes (``--out`` ... ``--init-from``), with its
+    defaults; the trainer adds its model's own."""
+    p.add_argument("--out", default=out)
+    p.add_argument("--export-dir", default=None, help="export folder (diffusers); default <out>/export")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=threads, help=threads_help)
+    p.add_argument("--ckpt-every", type=int, default=ckpt_every)
+    p.add_argument("--export-every", type=int, default=export_every)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (checkpoint + export) after this long")
+    p.add_argument("--init-from", default=None, help=init_help)
