@@ -40,7 +40,7 @@ from cluster.queue import JobQueue, Task
 from cluster.records import JobStatus, RecordError, ShardResult
 from cluster.storage import checksum, read_shard, shard_path, write_shard
 from workers.engine import (Engine, EngineError, EngineUnavailable, JobLoadError, ShardWork, check_labels,
-                            check_store)
+                            check_schedule, check_store)
 
 log = logging.getLogger("specdit.worker")
 
@@ -239,6 +239,7 @@ class ShardWorker:
             info = self.engine.model_info(model, spec.model_options())
             check_labels(spec.labels, info)
             check_store(spec.output.store, info)
+            check_schedule(spec.schedule, info)
         except ShardAborted as e:
             beat.stop()
             self._handle_abort(task, e.reason)

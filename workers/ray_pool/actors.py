@@ -119,6 +119,7 @@ class DeviceWorker:
         key = (model, json.dumps(sampler, sort_keys=True))
         if key not in self._setups:
             from specdit.api import SamplerConfig, guided, make_drafter
+            from specdit.models.base import training_schedule_of
             from specdit.schedule import Schedule
 
             base = self.engine.load(model)
@@ -127,7 +128,8 @@ class DeviceWorker:
             drafter = None
             if config.sampler == "speculative" and self.drafts:
                 drafter = make_drafter(config.drafter, target, self.device, model)
-            self._setups[key] = (target, drafter, Schedule.create(config.steps, config.eta), config)
+            schedule = Schedule.create(config.steps, config.eta, training=training_schedule_of(target))
+            self._setups[key] = (target, drafter, schedule, config)
         target, drafter, _, _ = self._setups[key]
         return {"draft_cost": 0 if drafter is None else drafter.cost, "dtype": str(target.dtype)}
 

@@ -213,8 +213,9 @@ class RayEngine:
         import ray
 
         from specdit.schedule import Schedule
+        from specdit.scheduler_config import TrainingSchedule
 
-        schedule = Schedule.create(config.steps, config.eta)
+        schedule = Schedule.create(config.steps, config.eta, training=TrainingSchedule.from_dict(info.schedule))
         sampler = config.to_dict()
         done = [0]
 
@@ -245,8 +246,9 @@ class RayEngine:
         from specdit.noise import NoiseStreams
         from specdit.samplers.draft_refine import sample_draft_refine
         from specdit.schedule import Schedule
+        from specdit.scheduler_config import TrainingSchedule
 
-        schedule = Schedule.create(config.steps, config.eta)
+        schedule = Schedule.create(config.steps, config.eta, training=TrainingSchedule.from_dict(info.schedule))
         sampler = config.to_dict()
         self.last_timeline = tl = Timeline(start=time.time())
         model = ShardedModel([_Remote(h, work.model, sampler) for h in self.pool.handles], info.sample_shape,
