@@ -1,7 +1,7 @@
 """Job commands: ``specdit submit | status | results | cancel | jobs | worker``.
 
 Commands parse arguments and call ``cluster``; every failure is one line on stderr and a non-zero exit
-code (2 bad spec, 3 Redis unreachable, 4 no such job, 5 model unavailable, 1 other).
+code (2 bad spec, 3 Redis unreachable, 4 no such job, 5 model unavailable, 7 Redis refusing, 1 other).
 Also runnable on its own (fast start, no other command groups): ``python -m cli.jobs worker``.
 """
 from __future__ import annotations
@@ -347,6 +347,9 @@ def worker(
     max_idle: Optional[float] = typer.Option(None, "--max-idle", help="Exit after this many idle seconds."),
     max_shards: Optional[int] = typer.Option(None, "--max-shards", help="Exit after this many shards."),
     poll_interval: float = typer.Option(0.25, "--poll-interval", help="Seconds between polls when idle."),
+    redis_retry: float = typer.Option(300.0, "--redis-retry", help="Seconds to keep retrying while Redis is "
+                                      "unreachable or refuses writes (OOM, READONLY, ...) before exiting "
+                                      "(exit 3 or 7)."),
     name: Optional[str] = typer.Option(None, help="Worker name (default host-pid-random)."),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG | INFO | WARNING | ERROR."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="SPECDIT_RAY_ADDRESS",
@@ -361,7 +364,7 @@ def worker(
 
 
 def _worker(engine, job, device, threads, heartbeat_timeout, max_attempts, max_idle, max_shards, poll_interval,
-            name, log_level, ray_address, ray_pool, redis_url, prefix):
+            redis_retry, name, log_level, ray_address, ray_pool, redis_url, prefix):
     from cluster.serve import WorkerSettings, serve
 
     level = logging.getLevelName(log_level.upper())
@@ -372,7 +375,7 @@ def _worker(engine, job, device, threads, heartbeat_timeout, max_attempts, max_i
     logging.basicConfig(level=level, handlers=[handler], force=True)
     settings = WorkerSettings(engine=engine, job=job, device=device, threads=threads,
                               heartbeat_timeout=heartbeat_timeout, max_attempts=max_attempts, max_idle=max_idle,
-                              max_shards=max_shards, poll_interval=poll_interval, name=name,
+                              max_shards=max_shards, poll_interval=poll_interval, redis_retry=redis_retry, name=name,
                               ray_address=ray_address, ray_pool=ray_pool, redis_url=redis_url, prefix=prefix)
     raise typer.Exit(serve(settings))
 

@@ -1,7 +1,8 @@
 """``specdit pool start | list | stop``: the verifier/drafter actor pool on an existing Ray cluster.
 
-Start a cluster first (``ray start --head --node-ip-address=127.0.0.1 --port=6380 --num-cpus=2`` locally, or
-the compose services), then ``specdit pool start main --ray-address 127.0.0.1:6380``; workers attach with
+Start a cluster first (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head --node-ip-address=127.0.0.1
+--port=6380 --num-cpus=2`` locally, Ray's single-machine mode with every listener on 127.0.0.1, or the compose
+services), then ``specdit pool start main --ray-address 127.0.0.1:6380``; workers attach with
 ``specdit worker --engine ray --ray-address 127.0.0.1:6380 --ray-pool main``. There is no default address: a
 command never attaches to whatever Ray cluster runs on the machine unless told to (``--ray-address auto``).
 The old spellings ``--address`` and ``pool start -n`` are deprecated aliases.

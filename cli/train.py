@@ -22,7 +22,7 @@ def train_drafter(
     lambda_smooth: float = typer.Option(0.005, help="Weight of L_smooth."),
     ema: float = typer.Option(0.999, help="EMA decay."),
     sample_steps: int = typer.Option(250, help="Sampling steps S the drafter will draft on."),
-    seed: Optional[str] = opt.SEED,
+    seed: Optional[str] = opt.seed_option("training step k draws its random numbers from f(seed, k)"),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Warm start from a trained drafter folder "
                                              "(e.g. the previous drafter of a model that was trained further)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 class WorkerSettings:
     """One worker process: ``engine`` (local | ray | synthetic) with its torch ``device`` (None: the engine's)
     and ``threads``; ``job``: serve only this job and exit when it ends; lease (``heartbeat_timeout`` s,
-    ``max_attempts``) and loop limits (``max_idle`` s, ``max_shards``, ``poll_interval`` s); the Ray cluster and
+    ``max_attempts``) and loop limits (``max_idle`` s, ``max_shards``, ``poll_interval`` s); ``redis_retry``: seconds
+    to keep retrying while Redis refuses writes or is unreachable; the Ray cluster and
     named pool of the ray engine; the Redis URL and key prefix (None: their defaults)."""
 
     engine: str = "local"
@@ -23,6 +24,7 @@ class WorkerSettings:
     max_idle: float | None = None
     max_shards: int | None = None
     poll_interval: float = 0.25
+    redis_retry: float = 300.0
     name: str | None = None
     ray_address: str | None = None
     ray_pool: str | None = None
@@ -45,7 +47,7 @@ def serve(s: WorkerSettings) -> int:
     from cluster.worker import ShardWorker, WorkerOptions
 
     check_worker_settings(heartbeat_timeout=s.heartbeat_timeout, max_attempts=s.max_attempts, threads=s.threads,
-                          poll_interval=s.poll_interval)
+                          poll_interval=s.poll_interval, redis_retry=s.redis_retry)
     if s.device is not None:  # a ray pool's devices live on the cluster: their spelling only is checked here
         from specdit.devices import check_device_name, resolve_device
 
@@ -55,6 +57,7 @@ def serve(s: WorkerSettings) -> int:
     engine = service_engine(s.engine, threads=s.threads, device=s.device, ray_address=s.ray_address,
                             ray_pool=s.ray_pool)
     w = ShardWorker(q, engine, WorkerOptions(job_id=s.job, poll_interval=s.poll_interval, max_idle=s.max_idle,
-                                             max_shards=s.max_shards), name=s.name)
+                                             max_shards=s.max_shards, redis_retry_seconds=s.redis_retry),
+                     name=s.name)
     w.install_signal_handlers()
     return w.run()

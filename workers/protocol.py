@@ -24,6 +24,16 @@ class EngineError(Exception):
     """An engine cannot do what it was asked (e.g. the model cannot be loaded). One-line message."""
 
 
+class JobLoadError(EngineError):
+    """The job's model or drafter cannot be loaded or set up: the same for every shard of the job, so the
+    shard loop counts it against the job as a whole (``max_attempts`` of them fail the job once)."""
+
+
+class EngineUnavailable(Exception):
+    """The engine's infrastructure failed, not the job: a pool actor died or is restarting, or the pool is
+    gone. The shard loop gives the shard back without charging an attempt. One-line message."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -31,6 +41,8 @@ class ModelInfo:
     num_classes: int | None  # None: unconditional
     default_extractor: str  # "raw" for vectors, "mnist"/"inception" for images
     image_shape: tuple[int, ...] | None = None  # (H, W, C) of the decoded uint8 images; None: vectors
+    # The model's training schedule as ``specdit.scheduler_config.TrainingSchedule.to_dict`` (empty: DiT's).
+    schedule: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,14 @@ def check_store(store: str, info: ModelInfo, sample_dtype: str = "float32") -> N
         stored_arrays(store, info.image_shape, f"model {info.name!r}", sample_dtype)
     except StoreError as e:
         raise EngineError(str(e)) from None
+
+
+def check_schedule(recorded: dict | None, info: ModelInfo) -> None:
+    """Raise EngineError unless a job spec's recorded schedule (None: DiT's) is the model's: the spec's id
+    then names the samples (a folder whose scheduler config changed since submission is refused)."""
+    if (recorded or {}) != info.schedule:
+        raise EngineError(f"model {info.name!r} has the training schedule {info.schedule or 'of DiT'} but the "
+                          f"job spec records {recorded or 'that of DiT'} (resubmit the job)")
 
 
 def check_cfg_channels(sampler: dict, info: ModelInfo) -> None:

@@ -36,6 +36,7 @@ from specdit.atomic import atomic_torch_save, atomic_write
 from specdit.drafters.feature import (FeatureDrafterConfig, FeatureDrafterNet, load_feature_drafter_net,
                                      save_feature_drafter)
 from specdit.config import check_seed
+from specdit.models.base import training_schedule_of
 from specdit.noise import mix64_reference
 from specdit.schedule import Schedule
 
@@ -239,7 +240,7 @@ def train_drafter(target, data: tuple[torch.Tensor, torch.Tensor], cfg: DrafterT
     x_all, y_all = data
     if x_all.shape[1:] != tuple(target.sample_shape):
         raise ValueError(f"data shape {tuple(x_all.shape[1:])} does not match the model's {tuple(target.sample_shape)}")
-    schedule = Schedule.create(cfg.sample_steps, cfg.eta)
+    schedule = Schedule.create(cfg.sample_steps, cfg.eta, training=training_schedule_of(target))
     net, ema, opt = _build(target, cfg)
     start = _resume(out / "ckpt.pt", cfg, net, ema, opt)
     if rank == 0:
