@@ -146,14 +146,11 @@ def number_parse_error(e: UsageError) -> str | None:
         return None
     if param is None or kind not in ("float", "int") or not isinstance(raw, str):
         return None
+    from cli.options import as_spec_value
     from specdit.config import SettingError, as_float, as_int  # torch-free
 
     try:
-        value: object = float(raw)  # "1.5" for an integer option: the number, as a spec file gives it
-    except ValueError:
-        value = raw
-    try:
-        (as_float if kind == "float" else as_int)(max(param.opts, key=len), value)
+        (as_float if kind == "float" else as_int)(max(param.opts, key=len), as_spec_value(raw))
     except SettingError as exc:
         return str(exc)
     return None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Optional
 import typer
 
 from cli import options as opt
-from cli.common import EXIT_USAGE, fail, user_errors
+from cli.common import user_errors
 from cli.render import SafeFormatter, markup, plain
 
 # Service log records reach stderr only where a command configures logging (the worker does); the other
@@ -30,14 +29,8 @@ RedisUrl = typer.Option(None, "--redis-url", envvar="SPECDIT_REDIS_URL",
 Prefix = typer.Option(None, "--prefix", envvar="SPECDIT_REDIS_PREFIX", help="Redis key prefix (default specdit:).")
 
 
-def _queue(redis_url, prefix, **kwargs):
-    """The service client (``cluster.client.SpecditRedis``); with worker settings, the worker-side queue."""
-    if kwargs:
-        from cluster.connection import connect
-        from cluster.keys import Keys
-        from cluster.queue import JobQueue
-
-        return JobQueue(connect(redis_url), Keys(prefix), **kwargs)
+def _queue(redis_url, prefix):
+    """The service client (``cluster.client.SpecditRedis``)."""
     from cluster.client import SpecditRedis
 
     return SpecditRedis.connect(redis_url, prefix)
@@ -101,7 +94,11 @@ def submit(
     }
     spec = spec_from_sources(spec_file, flags, overrides)
     q = _queue(redis_url, prefix)  # reach Redis before the (slower) model check
-    done = submit_job(q, spec, engine_name=engine, check_model=check_model)
+    _show_submitted(q, spec, submit_job(q, spec, engine_name=engine, check_model=check_model), quiet, watch)
+
+
+def _show_submitted(q, spec, done, quiet: bool, watch: bool) -> None:
+    """Print a submission's warnings and outcome (``--quiet``: the job id only); ``--watch``: follow the job."""
     for w in done.warnings:
         typer.echo(plain(f"warning: {w}"), err=True)
     res = done.result
@@ -225,12 +222,9 @@ def _results(job_id, as_json, recompute, export, engine, redis_url, prefix):
 
     q = _queue(redis_url, prefix)
     if export is not None:
-        from cluster.export import NotExportable, export_images
+        from cluster.export import export_images
 
-        try:
-            ex = export_images(q, job_id, export)
-        except NotExportable as e:
-            fail(str(e), EXIT_USAGE)
+        ex = export_images(q, job_id, export)  # NotExportable: a usage error (exit 2)
         typer.echo(f"wrote {ex.path}: arr_0 {ex.shape} uint8" + (", arr_1 labels" if ex.labels else ""),
                    err=as_json)
     report = job_report(q, job_id, recompute=recompute, engine_name=engine)
@@ -371,34 +365,19 @@ def worker(
 
 def _worker(engine, job, device, threads, heartbeat_timeout, max_attempts, max_idle, max_shards, poll_interval,
             redis_retry, name, log_level, ray_address, ray_pool, redis_url, prefix):
+    from cluster.serve import WorkerSettings, serve
+
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):
-        fail(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}", EXIT_USAGE)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    os.environ.setdefault("MKL_NUM_THREADS", str(threads))
+        raise ValueError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))  # hostile job text
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    from cluster.engines import service_engine
-    from cluster.limits import check_worker_settings
-    from cluster.worker import ShardWorker, WorkerOptions
-
-    check_worker_settings(heartbeat_timeout=heartbeat_timeout, max_attempts=max_attempts, threads=threads,
-                          poll_interval=poll_interval, redis_retry=redis_retry)
-    if device is not None:  # a ray pool's devices live on the cluster: their spelling only is checked here
-        from specdit.devices import check_device_name, resolve_device
-
-        try:
-            check_device_name(device, allow_auto=True) if engine == "ray" else resolve_device(device)
-        except ValueError as e:
-            fail(str(e))
-    q = _queue(redis_url, prefix, heartbeat_timeout=heartbeat_timeout, max_attempts=max_attempts)
-    eng = service_engine(engine, threads=threads, device=device, ray_address=ray_address, ray_pool=ray_pool)
-    w = ShardWorker(q, eng, WorkerOptions(job_id=job, poll_interval=poll_interval, max_idle=max_idle,
-                                          max_shards=max_shards, redis_retry_seconds=redis_retry), name=name)
-    w.install_signal_handlers()
-    code = w.run()
-    raise typer.Exit(code)
+    settings = WorkerSettings(engine=engine, job=job, device=device, threads=threads,
+                              heartbeat_timeout=heartbeat_timeout, max_attempts=max_attempts, max_idle=max_idle,
+                              max_shards=max_shards, poll_interval=poll_interval, redis_retry=redis_retry, name=name,
+                              ray_address=ray_address, ray_pool=ray_pool, redis_url=redis_url, prefix=prefix)
+    raise typer.Exit(serve(settings))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -26,9 +26,13 @@ Address = typer.Option(..., "--ray-address", envvar="SPECDIT_RAY_ADDRESS", show_
 
 def _table(rows: list[dict]) -> None:
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    t = Table("pool", "actor", "role", "device", "threads", "host", "pid")
+    # The same table after start and for list. Names users copy (pool, actor) stay whole on one line; the
+    # other cells fold, never "…".
+    whole = [Column(h, no_wrap=True, min_width=max(len(str(r.get(h) or "")) for r in rows) if rows else None)
+             for h in ("pool", "actor")]
+    t = Table(*whole, *(Column(h, overflow="fold") for h in ("role", "device", "threads", "host", "pid")))
     for r in rows:
         dev = r["device"] if r["device"] == "cpu" else f"{r['device']} ({r['device_name']}, "\
                                                        f"CUDA_VISIBLE_DEVICES={r['cuda_visible_devices']})"

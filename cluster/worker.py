@@ -40,7 +40,7 @@ from cluster.queue import JobQueue, Task
 from cluster.records import JobStatus, RecordError, ShardResult
 from cluster.storage import checksum, read_shard, shard_path, write_shard
 from workers.engine import (Engine, EngineError, EngineUnavailable, JobLoadError, ShardWork, check_labels,
-                            check_store)
+                            check_schedule, check_store)
 
 log = logging.getLogger("specdit.worker")
 
@@ -170,30 +170,12 @@ class ShardWorker:
 
     # --------------------------------------------------------------------------------------------------
     def process(self, task: Task) -> None:
-        try:
-            rec = self.q.get(task.job_id)
-        except RecordError as e:  # a record this version cannot read: fail that job, keep serving the others
-            self.q.ack(task)
-            self.q.fail_job(task.job_id, str(e))
-            log.error("%s", e)
+        """Run one task: admit it, load the job's model, sample the shard under a heartbeat, write and record
+        it (and aggregate the job after its last shard). Every failure is recorded on the task or the job."""
+        admitted = self._admit(task)
+        if admitted is None:
             return
-        spec = rec.spec
-        if rec.status.terminal:
-            self.q.ack(task)  # cancelled/failed/done: drop the task
-            return
-        if self.q.is_done(task):
-            self.q.ack(task)  # a duplicate delivery of a finished shard
-            return
-        if self._adopt(task, spec):  # finished by a worker that could not record it: no new attempt
-            return
-        attempt = self.q.begin(task)
-        self._begun = task
-        if attempt > self.q.max_attempts:
-            self.q.ack(task)
-            self.q.fail_job(task.job_id, self.q.failure_message(task, attempt - 1))
-            log.error("job %s failed: %s", task.job_id, self.q.get(task.job_id).error)
-            return
-        self.q.mark_running(task.job_id)
+        spec, attempt = admitted
         start, stop = spec.shard_range(task.shard)
         log.info("job %s shard %d [%d, %d) attempt %d%s", task.job_id, task.shard, start, stop, attempt,
                  " (reclaimed)" if task.reclaimed else "")
@@ -202,23 +184,72 @@ class ShardWorker:
         self._abort = "shutdown" if self.stop.is_set() else None
         beat = _Heartbeat(self, task)
         beat.start()
-        # Load the model (cached by the engine). Any exception is the job's fault, not the worker's: it is
-        # recorded as the shard's error and counted against the job (see JobQueue.release).
+        try:
+            prepared = self._prepare(task, spec, start, stop, beat)
+            if prepared is None:
+                return
+            work, job_dir = prepared
+            started = time.time()
+            out = self._sample(task, work, beat)
+        finally:
+            beat.stop()  # (again: stopping is idempotent)
+        if out is None:
+            return
+        self._outages = 0
+        if self._abort == "lost":  # taken over while the last batch ran: the new owner records it
+            self._handle_abort(task, "lost")
+            return
+        self._record(task, spec, job_dir, out, started, attempt)
+
+    def _admit(self, task: Task):
+        """(job spec, attempt number) if the task is to be run; None when it was dropped (unreadable record,
+        job finished or cancelled, duplicate delivery) or failed the job (too many attempts)."""
+        try:
+            rec = self.q.get(task.job_id)
+        except RecordError as e:  # a record this version cannot read: fail that job, keep serving the others
+            self.q.ack(task)
+            self.q.fail_job(task.job_id, str(e))
+            log.error("%s", e)
+            return None
+        if rec.status.terminal:
+            self.q.ack(task)  # cancelled/failed/done: drop the task
+            return None
+        if self.q.is_done(task):
+            self.q.ack(task)  # a duplicate delivery of a finished shard
+            return None
+        if self._adopt(task, rec.spec):  # finished by a worker that could not record it: no new attempt
+            return None
+        attempt = self.q.begin(task)
+        self._begun = task
+        if attempt > self.q.max_attempts:
+            self.q.ack(task)
+            self.q.fail_job(task.job_id, self.q.failure_message(task, attempt - 1))
+            log.error("job %s failed: %s", task.job_id, self.q.get(task.job_id).error)
+            return None
+        self.q.mark_running(task.job_id)
+        return rec.spec, attempt
+
+    def _prepare(self, task: Task, spec, start: int, stop: int, beat: "_Heartbeat"):
+        """(ShardWork, job folder) for the task, the model loaded (cached by the engine) and the job checked
+        against it; None when that failed (recorded against the job) or the shard was aborted. Raises
+        ModelUnavailable for a worker bound to the job (``--job``) whose model cannot be loaded."""
         try:
             # Model and drafter paths resolved against this worker's SPECDIT_MODEL_ROOT (when set) and re-checked.
             model, sampler = resolve_model_path(spec.model), resolve_sampler_paths(spec.sampler.to_dict())
             info = self.engine.model_info(model, spec.model_options())
             check_labels(spec.labels, info)
             check_store(spec.output.store, info)
+            check_schedule(spec.schedule, info)
         except ShardAborted as e:
             beat.stop()
             self._handle_abort(task, e.reason)
-            return
+            return None
         except EngineUnavailable as e:
             beat.stop()
             self._engine_outage(task, e)
-            return
+            return None
         except Exception as e:  # noqa: BLE001 - empty/corrupt checkpoints raise anything (EOFError, ...)
+            # The job's fault, not the worker's: recorded as the shard's error, counted against the job.
             beat.stop()
             msg = str(e) if isinstance(e, (EngineError, ServiceError)) else (
                 f"cannot load model {spec.model!r}: {type(e).__name__}: {' '.join(str(e).split())}".rstrip(": "))
@@ -226,10 +257,7 @@ class ShardWorker:
             log.error("job %s: %s%s", task.job_id, msg, " (job failed)" if failed else "")
             if self.opt.job_id is not None:
                 raise ModelUnavailable(f"worker cannot run job {task.job_id}: {' '.join(msg.split())}") from None
-            return
-        except BaseException:
-            beat.stop()
-            raise
+            return None
         extractor = None
         if spec.evaluate.fid:
             extractor = info.default_extractor if spec.evaluate.extractor == "auto" else spec.evaluate.extractor
@@ -239,39 +267,38 @@ class ShardWorker:
                          save_samples=spec.output.save_samples, store=spec.output.store,
                          model_options=spec.model_options())
         try:  # before sampling: a directory outside this worker's output root, or a file in the way, is refused
-            job_dir = spec.job_dir()
+            return work, spec.job_dir()
         except PathError as e:
             beat.stop()
             failed = self.q.release(task, error=str(e), job_level=True)  # the same for every shard
             log.error("job %s shard %d: %s%s", task.job_id, task.shard, e, " (job failed)" if failed else "")
-            return
-        started = time.time()
+            return None
+
+    def _sample(self, task: Task, work: ShardWork, beat: "_Heartbeat"):
+        """The engine's ShardOutput, or None when the shard was aborted or failed (recorded on the task)."""
         try:
-            out = self.engine.run(work, progress=beat.progress)
+            return self.engine.run(work, progress=beat.progress)
         except ShardAborted as e:
             beat.stop()
             self._handle_abort(task, e.reason)
-            return
         except EngineUnavailable as e:
             beat.stop()
             self._engine_outage(task, e)
-            return
+            return None
         except EngineError as e:  # a JobLoadError (model or drafter set-up) is the same for every shard
             beat.stop()
             failed = self.q.release(task, error=str(e), job_level=isinstance(e, JobLoadError))
             log.error("job %s shard %d: %s%s", task.job_id, task.shard, e, " (job failed)" if failed else "")
-            return
         except Exception as e:  # noqa: BLE001 - a sampler bug must not kill the worker or lose the shard
             beat.stop()
             msg = f"{type(e).__name__}: {' '.join(str(e).split())}"
             failed = self.q.release(task, error=msg)
             log.exception("job %s shard %d raised%s", task.job_id, task.shard, " (job failed)" if failed else "")
-            return
-        beat.stop()
-        self._outages = 0
-        if self._abort == "lost":  # taken over while the last batch ran: the new owner records it
-            self._handle_abort(task, "lost")
-            return
+        return None
+
+    def _record(self, task: Task, spec, job_dir, out, started: float, attempt: int) -> None:
+        """Write the shard file, record the result (retrying while Redis is away), aggregate after the last."""
+        start, stop = spec.shard_range(task.shard)
         path = shard_path(job_dir, start, stop)  # absolute: any process can find it
         try:
             digest = write_shard(path, out.arrays)

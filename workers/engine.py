@@ -12,7 +12,8 @@ from typing import Callable
 from workers.local_engine import LocalEngine
 from workers.protocol import (REFERENCE_SEED, Engine, EngineError, EngineUnavailable, JobLoadError,  # noqa: F401
                               ModelInfo, ShardOutput, ShardWork,
-                              check_cfg_channels, check_labels, check_store, labels_for, seeds_for, set_threads)
+                              check_cfg_channels, check_labels, check_schedule, check_store, labels_for, seeds_for,
+                              set_threads)
 from workers.synthetic_engine import SyntheticEngine
 
 

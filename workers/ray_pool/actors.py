@@ -13,6 +13,7 @@ removes it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -67,6 +68,7 @@ class DeviceWorker:
         self.device, self.threads, self.rank = device, threads, rank
         self.engine = LocalEngine(device=device, threads=threads)  # model cache, model_info, references
         self._setups: dict[tuple[str, str], tuple] = {}
+        self.crash_at: str | None = None  # fault hook (tests): see die_in
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -84,7 +86,7 @@ class DeviceWorker:
         self.crash_at = method
 
     def crash_point(self, method: str) -> None:
-        if getattr(self, "crash_at", None) == method:
+        if self.crash_at == method:
             os._exit(1)
 
     def free_port(self) -> int:
@@ -100,6 +102,9 @@ class DeviceWorker:
     def reference_stats(self, model: str, labels: str, extractor: str, source: str):
         return self.engine.reference_stats(model, labels, extractor, source)
 
+    def resolve_reference(self, model: str, source: str) -> str:
+        return self.engine.resolve_reference(model, source)
+
     def to_images(self, model: str, samples):
         """Decode one batch on this device: uint8 images (B, H, W, C) numpy (``LocalEngine.to_images``)."""
         return self.engine.to_images(model, samples)
@@ -114,6 +119,7 @@ class DeviceWorker:
         key = (model, json.dumps(sampler, sort_keys=True))
         if key not in self._setups:
             from specdit.api import SamplerConfig, guided, make_drafter
+            from specdit.models.base import training_schedule_of
             from specdit.schedule import Schedule
 
             base = self.engine.load(model)
@@ -122,7 +128,8 @@ class DeviceWorker:
             drafter = None
             if config.sampler == "speculative" and self.drafts:
                 drafter = make_drafter(config.drafter, target, self.device, model)
-            self._setups[key] = (target, drafter, Schedule.create(config.steps, config.eta), config)
+            schedule = Schedule.create(config.steps, config.eta, training=training_schedule_of(target))
+            self._setups[key] = (target, drafter, schedule, config)
         target, drafter, _, _ = self._setups[key]
         return {"draft_cost": 0 if drafter is None else drafter.cost, "dtype": str(target.dtype)}
 
@@ -167,7 +174,7 @@ class DeviceWorker:
         from specdit.training.drafter import DrafterTrainConfig, train_drafter
         from workers.ray_pool.progress import write_progress
 
-        target = require_features(self.engine.load(model))
+        target = require_features(self.engine.load(model), model)
         out = Path(out_dir)
         world = TorchWorld.init(rank, world_size, init_method, device=self.device)
         try:
@@ -502,11 +509,44 @@ def _find_pg(name: str):
 # ------------------------------------------------------------------------------------------------------
 # Cluster commands (called by ``specdit pool ...``)
 # ------------------------------------------------------------------------------------------------------
+class OnceFilter(logging.Filter):
+    """Lets each distinct message through once per process. Ray's ``ray.actor`` logger warns about a
+    restartable detached actor in a placement group once per actor, i.e. once per pool member; the pool
+    restarts its actors on purpose and removes the group only when it stops them, so once is enough."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+def warn_once(logger_name: str = "ray.actor") -> OnceFilter:
+    """Install (once) a :class:`OnceFilter` on ``logger_name``; returns it."""
+    logger = logging.getLogger(logger_name)
+    found = next((f for f in logger.filters if isinstance(f, OnceFilter)), None)
+    if found is None:
+        found = OnceFilter()
+        logger.addFilter(found)
+    return found
+
+
+def _rows(name: str, pool: "Pool") -> list[dict]:
+    """One row per actor: pool name, actor name, and the actor's own description (role, device, host...)."""
+    return [{"pool": name, "actor": m.name, **info} for m, info in zip(pool.members, pool.describe())]
+
+
 def start_pool(address: str, name: str, size: int, threads: int, device: str) -> list[dict]:
-    """Start a named, detached pool on the cluster at ``address``; returns its actors' descriptions."""
+    """Start a named, detached pool on the cluster at ``address``; returns its rows as :func:`list_pool`'s."""
     check_pool_device(device)
     connect(address)
-    return Pool.create(size, threads=threads, device=device, name=name).describe()
+    warn_once("ray.actor")
+    return _rows(name, Pool.create(size, threads=threads, device=device, name=name))
 
 
 def list_pool(address: str, name: str | None) -> list[dict]:
@@ -517,12 +557,7 @@ def list_pool(address: str, name: str | None) -> list[dict]:
         if name not in names:
             raise PoolError(f"no pool named {name!r} on this Ray cluster")
         names = [name]
-    out = []
-    for pname in names:
-        pool = Pool.attach(pname)
-        for m, info in zip(pool.members, pool.describe()):
-            out.append({"pool": pname, "actor": m.name, **info})
-    return out
+    return [row for pname in names for row in _rows(pname, Pool.attach(pname))]
 
 
 def stop_pool(address: str, name: str) -> int:

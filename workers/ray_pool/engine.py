@@ -102,35 +102,35 @@ class RayEngine:
 
     # -- protocol ------------------------------------------------------------------------------------
     def model_info(self, model: str, options: dict | None = None) -> ModelInfo:
-        import ray
-
         if options:  # the actors cache models by name; load options are not plumbed through them yet
             raise EngineError(f"the ray engine does not take model load options yet ({', '.join(sorted(options))}); "
                               "use the local engine")
-
         if model not in self._infos:
             with pool_faults(f"loading {model!r}"):
-                try:
-                    self._infos[model] = ray.get(self.pool.verifier.model_info.remote(model))
-                except ray.exceptions.RayTaskError as e:
-                    if isinstance(e.as_instanceof_cause(), EngineError):
-                        raise _task_error(e) from None
-                    raise
+                self._infos[model] = self._ask_verifier("model_info", model)
         return self._infos[model]
 
     def check_sampler(self, sampler: dict) -> None:
         LocalEngine().check_sampler(sampler)  # pure validation, no model
 
     def reference_stats(self, model: str, labels: str, extractor: str, source: str) -> dict[str, np.ndarray]:
+        with pool_faults("a FID reference"):
+            return self._ask_verifier("reference_stats", model, labels, extractor, source)
+
+    def resolve_reference(self, model: str, source: str) -> str:
+        with pool_faults("a FID reference"):
+            return self._ask_verifier("resolve_reference", model, source)
+
+    def _ask_verifier(self, method: str, *args):
+        """The verifier actor's ``method(*args)``; an EngineError raised there is raised here (one line)."""
         import ray
 
-        with pool_faults("a FID reference"):
-            try:
-                return ray.get(self.pool.verifier.reference_stats.remote(model, labels, extractor, source))
-            except ray.exceptions.RayTaskError as e:
-                if isinstance(e.as_instanceof_cause(), EngineError):
-                    raise _task_error(e) from None
-                raise
+        try:
+            return ray.get(getattr(self.pool.verifier, method).remote(*args))
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.as_instanceof_cause(), EngineError):
+                raise _task_error(e) from None
+            raise
 
     def run(self, work: ShardWork, progress: Callable[[int], None] | None = None) -> ShardOutput:
         """Sample a shard on the pool. The pool's failures at any point (model info, set-up, sampling,
@@ -213,8 +213,9 @@ class RayEngine:
         import ray
 
         from specdit.schedule import Schedule
+        from specdit.scheduler_config import TrainingSchedule
 
-        schedule = Schedule.create(config.steps, config.eta)
+        schedule = Schedule.create(config.steps, config.eta, training=TrainingSchedule.from_dict(info.schedule))
         sampler = config.to_dict()
         done = [0]
 
@@ -245,8 +246,9 @@ class RayEngine:
         from specdit.noise import NoiseStreams
         from specdit.samplers.draft_refine import sample_draft_refine
         from specdit.schedule import Schedule
+        from specdit.scheduler_config import TrainingSchedule
 
-        schedule = Schedule.create(config.steps, config.eta)
+        schedule = Schedule.create(config.steps, config.eta, training=TrainingSchedule.from_dict(info.schedule))
         sampler = config.to_dict()
         self.last_timeline = tl = Timeline(start=time.time())
         model = ShardedModel([_Remote(h, work.model, sampler) for h in self.pool.handles], info.sample_shape,
