@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from cli import options as opt
-from cli.common import check_output_file, one_line_warnings, user_errors
+from cli.common import check_output_file, one_line_warnings, step_progress, user_errors
 
 
 def _fmt(v, spec=".3f"):
@@ -78,6 +78,7 @@ def bench(
     throughput_batch: int = THROUGHPUT_BATCH,
     precision: Optional[str] = opt.PRECISION,
     auto: bool = AUTO,
+    progress: bool = opt.PROGRESS,
 ) -> None:
     """Samplers side by side on the same seeds; ddpm is the reference (speed-up > 1 is faster). See --mode."""
     if mode != "table":
@@ -90,22 +91,22 @@ def bench(
 
     if json_out is not None:
         check_output_file(json_out, "--json file")
-    lengths = _lengths(draft_lengths)
     settings = BenchSettings(model=model, base=opt.sampler_config(steps=steps, cfg_scale=cfg_scale,
                                                                   cfg_channels=cfg_channels, precision=precision),
-                             num_samples=num_samples, draft_lengths=lengths, drafters=tuple(drafters.split(",")),
+                             num_samples=num_samples, draft_lengths=_lengths(draft_lengths),
+                             drafters=tuple(drafters.split(",")),
                              labels=labels, seed=opt.seed_value(seed), batch_size=batch_size, threads=threads,
                              device=device, num_heads=num_heads, weights=weights)
-    base = settings.base
     console = Console(width=max(Console().width, 120))
 
     def start(threads_used: int, curve) -> None:
-        console.print(f"[bold]{markup(model)}[/] S={base.steps} N={num_samples} seed={settings.seed} "
-                      f"cfg={base.cfg_scale} threads={threads_used}")
+        console.print(f"[bold]{markup(model)}[/] S={settings.base.steps} N={num_samples} seed={settings.seed} "
+                      f"cfg={settings.base.cfg_scale} threads={threads_used}")
         console.print("target batch cost (relative to batch 1): " + markup(curve.describe()))
 
-    with one_line_warnings():
-        report = bench_model(settings, on_start=start,
+    # One bar with ETA over every variant's chain-steps (a bench runs for minutes at README sizes).
+    with one_line_warnings(), step_progress(settings.chain_steps(), markup(f"bench on {model}"), progress) as step:
+        report = bench_model(settings, on_start=start, progress=step,
                              on_row=lambda r: console.print(f"  done: {markup(r.name)} ({r.wall:.1f} s)"))
     console.print(_table(report.rows))
     if markdown:

@@ -47,8 +47,14 @@ CFG_CHANNELS = _opt("cfg_channels", "all|INT", "Guided channels: all | 3 (3: the
                                                "")
 REFINE_MODE = _opt("refine_mode", "NAME", f"DRiffusion mode: conservative | aggressive")
 PARALLEL = _opt("parallel", "INT", f"DRiffusion parallel evaluations k, 1 <= k < steps")
-SEED = typer.Option(None, "--seed", metavar="INT", show_default="0",
-                    help="Base seed in [0, 2^63-1]; sample i uses seed f(seed, i).")
+
+
+def seed_option(use: str = "sample i uses seed f(seed, i)"):
+    """The ``--seed`` flag (text, read by :func:`seed_value`): one range and default, ``use`` says what it seeds."""
+    return typer.Option(None, "--seed", metavar="INT", show_default="0", help=f"Base seed in [0, 2^63-1]; {use}.")
+
+
+SEED = seed_option()
 
 # Model options (``specdit.api.load_model`` keywords).
 MODEL_HELP = "Registered model name (gmm-2d, gmm-16d, mnist-dit, ...) or checkpoint path."
