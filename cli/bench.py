@@ -38,6 +38,13 @@ def _markdown(rows) -> str:
     return "\n".join([head, *("| " + " | ".join(_cells(r)) + " |" for r in rows)])
 
 
+def _write_json(path: Path | None, doc: dict) -> None:
+    if path is not None:
+        from specdit.outputs import strict_json
+
+        path.write_text(strict_json(doc, indent=2))
+
+
 def _lengths(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(","))
@@ -111,10 +118,7 @@ def bench(
     console.print(_table(report.rows))
     if markdown:
         print(plain(_markdown(report.rows), one_line=False))
-    if json_out is not None:
-        from specdit.outputs import strict_json
-
-        json_out.write_text(strict_json(report.as_dict(), indent=2))
+    _write_json(json_out, report.as_dict())
 
 
 def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats, batch, threads,
@@ -141,10 +145,7 @@ def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_le
     with one_line_warnings():
         report = run_timing_bench(plan, base=m, on_note=lambda text: console.print(markup(text)))
     render(report, console, markdown)
-    if json_out is not None:
-        from specdit.outputs import strict_json
-
-        json_out.write_text(strict_json(report, indent=2))
+    _write_json(json_out, report)
 
 
 def calibrate(
