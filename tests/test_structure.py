@@ -21,8 +21,6 @@ PROBES_ALLOWED = {
     ("workers.ray_pool.engine", "cause"): "a Ray exception's cause: the attribute differs between Ray versions",
     ("cluster.connection", "status_code"): "redis-py sets status_code only for the error codes it knows",
     ("workers.ray_pool.training", "cause"): "a Ray exception's cause: the attribute differs between Ray versions",
-    ("workers.ray_pool.engine", "cause"): "a Ray exception's cause: the attribute differs between Ray versions",
-    ("cluster.connection", "status_code"): "a redis-py error's server code: set only for the codes redis-py knows",
 }
 
 LIMIT = 60  # lines per function (end_lineno - lineno + 1, decorators not counted)
