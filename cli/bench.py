@@ -130,7 +130,6 @@ def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_le
 
     from cli.bench_timing import render
     from cli.render import markup
-    from specdit.api import load_model
     from specdit.devices import resolve_device
     from specdit.latency import BenchPlan, run_timing_bench
 
@@ -139,11 +138,11 @@ def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_le
     lengths = list(_lengths(draft_lengths))
     base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, precision=precision)
     plan = BenchPlan(model, base, [d for d in drafters.split(",") if d], lengths, mode, repeats, batch, threads,
-                     str(resolve_device(device)), opt.seed_value(seed), auto).check()
-    m = load_model(model, device=plan.device, num_heads=num_heads, weights=weights)
+                     str(resolve_device(device)), opt.seed_value(seed), auto,
+                     {k: v for k, v in (("num_heads", num_heads), ("weights", weights)) if v is not None}).check()
     console = Console(width=max(Console().width, 140))
     with one_line_warnings():
-        report = run_timing_bench(plan, base=m, on_note=lambda text: console.print(markup(text)))
+        report = run_timing_bench(plan, on_note=lambda text: console.print(markup(text)))
     render(report, console, markdown)
     _write_json(json_out, report)
 
@@ -166,20 +165,17 @@ def calibrate(
 
     The schedule is keyed by model, drafter (its weights' hash), device, steps, eta, cfg, verification,
     precision and batch size, in $SPECDIT_CACHE/draft-schedules (default ~/.cache/specdit)."""
-    import torch
-
     from cli.render import plain
     from specdit.autodraft import key_file
     from specdit.calibrate import calibrate as run
     from specdit.devices import resolve_device
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     config = opt.sampler_config(drafter=drafter, steps=steps, eta=eta, verify=verify, cfg_scale=cfg_scale,
                                 cfg_channels=cfg_channels, precision=precision)
     if drafter is None and model == "mnist-dit":
         config = config.updated(drafter="feature")
-    plan = run(model, config, device=str(resolve_device(device)), batch=batch_size, chains=chains)
+    plan = run(model, config, device=str(resolve_device(device)), batch=batch_size, chains=chains,
+               threads=threads)
     typer.echo(plain(plan.describe()))
     c = plan.costs
     typer.echo(f"cost model: c(1) {1e3 * c.call[min(c.call)]:.2f} ms, drafter d {1e3 * c.draft:.2f} ms/step, "

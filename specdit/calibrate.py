@@ -75,11 +75,13 @@ def measure(base, config: SamplerConfig, model_name: str, device: str, batch: in
 
 
 def calibrate(model_name: str, config: SamplerConfig, *, device: str = "cpu", batch: int = 1, chains: int = 4,
-              seed: int = 0, base=None, save: bool = True) -> AutoPlan:
+              seed: int = 0, base=None, save: bool = True, threads: int | None = None) -> AutoPlan:
     """Measure on this device, plan the schedule for ``batch`` chains and (``save``) store it in the cache.
-    ``base``: the loaded model (default: load ``model_name``)."""
+    ``base``: the loaded model (default: load ``model_name``); ``threads``: torch threads (default: torch's)."""
     from specdit.api import load_model
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     if batch < 1 or chains < 1:
         raise ValueError(f"batch and chains must be >= 1, got {batch} and {chains}")
     base = base if base is not None else load_model(model_name, device=device)

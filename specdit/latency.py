@@ -289,6 +289,7 @@ class BenchPlan:
     device: str = "cpu"
     seed: int = 0
     auto: bool = True
+    load_options: dict = field(default_factory=dict)  # load_model options (num_heads, weights)
 
     def check(self) -> "BenchPlan":
         if self.mode not in ("latency", "throughput"):
@@ -307,7 +308,7 @@ def run_timing_bench(plan: BenchPlan, base=None, progress=None, on_note=None) ->
     from specdit.calibrate import resolve_auto
 
     plan.check()
-    base = base if base is not None else load_model(plan.model, device=plan.device)
+    base = base if base is not None else load_model(plan.model, device=plan.device, **plan.load_options)
     cores = os.cpu_count() or 1
     threads = plan.threads or cores
     batch = 1 if plan.mode == "latency" else plan.batch
