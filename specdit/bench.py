@@ -1,7 +1,8 @@
 """Side-by-side benchmark of the samplers on the same seeds, in one run (ratios, not absolute times).
 
 For every sampler variant: rounds (sequential target calls) per sample, parallel efficiency
-(steps / rounds), mean acceptance, wall time relative to ``ddpm`` measured in the same run, and the
+(steps / rounds), mean acceptance, speed-up over ``ddpm`` (its wall time / the variant's; higher is faster)
+measured in the same run, and the
 distance to the ground truth where the model has one (the analytic mixture: the largest KS distance
 over fixed 1-D projections, with its Bonferroni p-value). The target's batch-cost curve (time of a
 batch of b items relative to one) is reported too: speculation pays only where it is flat.
@@ -31,7 +32,7 @@ class BenchRow:
     efficiency: float
     acceptance: float
     wall: float  # seconds
-    wall_vs_ddpm: float
+    speedup_vs_ddpm: float  # ddpm's wall time / this variant's (higher is faster)
     ks: float | None  # max KS distance to the ground truth
     ks_p: float | None
 
@@ -41,8 +42,8 @@ class BenchRow:
 
 def default_variants(steps: int, draft_lengths: tuple[int, ...], cfg_scale: float = 1.0,
                      drafters: tuple[str, ...] = ("free", "perturbed:3"),
-                     cfg_channels: int | None = None) -> list[tuple[str, SamplerConfig]]:
-    base = SamplerConfig(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+                     cfg_channels: int | None = None, precision: str = "fp32") -> list[tuple[str, SamplerConfig]]:
+    base = SamplerConfig(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, precision=precision)
     out = [("ddpm", replace(base, sampler="ddpm"))]
     for drafter in drafters:
         for L in draft_lengths:
@@ -132,7 +133,7 @@ def run_bench(
         ks = ks_against_cdf(gen.samples, truth) if truth is not None and labels is None else None
         ref_wall = rows[0].wall if rows else gen.wall_time
         row = BenchRow(name, cfg, s["rounds_per_sample"], s["parallel_efficiency"], s["acceptance"], gen.wall_time,
-                       gen.wall_time / ref_wall, None if ks is None else ks.statistic, None if ks is None else ks.p_value)
+                       ref_wall / gen.wall_time, None if ks is None else ks.statistic, None if ks is None else ks.p_value)
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -164,7 +165,7 @@ class BenchSettings:
     def variants(self) -> list[tuple[str, SamplerConfig]]:
         """(name, config) of every variant compared, ddpm first (:func:`default_variants`)."""
         return default_variants(self.base.steps, self.draft_lengths, self.base.cfg_scale, self.drafters,
-                                cfg_channels=self.base.cfg_channels)
+                                cfg_channels=self.base.cfg_channels, precision=self.base.precision)
 
     def chain_steps(self) -> int:
         """Chain-steps of the whole run (variants x samples x steps): the total of ``bench_model``'s progress."""
