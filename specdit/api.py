@@ -88,7 +88,7 @@ def guided(model: EpsModel, scale: float, channels: int | None = None) -> EpsMod
     channels (None: all). Raises ValueError (one line) for a model that cannot be guided."""
     if scale == 1.0:
         return model
-    from specdit.models.dit import CFGDenoiser, DiTDenoiser
+    from specdit.models.denoisers import CFGDenoiser, DiTDenoiser
 
     if not isinstance(model, DiTDenoiser):
         raise ValueError("classifier-free guidance is implemented for DiT models (use --cfg 1 otherwise)")

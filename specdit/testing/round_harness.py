@@ -59,7 +59,7 @@ def tiny_dit(seed: int = 0):
     D = 4 coordinates: low dimension, for power."""
     from diffusers import DiTTransformer2DModel
 
-    from specdit.models.dit import DiTDenoiser
+    from specdit.models.denoisers import DiTDenoiser
 
     torch.manual_seed(seed)
     tr = DiTTransformer2DModel(num_attention_heads=1, attention_head_dim=16, in_channels=1, out_channels=1,
