@@ -23,6 +23,7 @@ def bench(
                                  "generate --drafter)."),
     cfg_scale: Optional[str] = opt.CFG_SCALE,
     cfg_channels: Optional[str] = opt.CFG_CHANNELS,
+    refine_noise: Optional[str] = opt.REFINE_NOISE,
     num_heads: Optional[int] = opt.NUM_HEADS,
     weights: Optional[str] = opt.WEIGHTS,
     labels: str = typer.Option("none", "--labels", help=opt.LABELS_HELP + " bench's default is none: the KS "
@@ -56,7 +57,7 @@ def bench(
         lengths = tuple(int(v) for v in draft_lengths.split(","))
     except ValueError:
         raise ValueError(f"--draft-lengths must be comma-separated integers, got {draft_lengths!r}") from None
-    base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+    base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, refine_noise=refine_noise)
     steps, cfg, channels, seed = base.steps, base.cfg_scale, base.cfg_channels, opt.seed_value(seed)
     from specdit.devices import resolve_device
 
@@ -66,7 +67,8 @@ def bench(
     y = labels_for(labels, idx, sample_seed(seed, idx), m.num_classes)
     if y is not None and labels == "none":
         y = None  # unconditional sampling of a conditional model: compare with the full mixture
-    variants = default_variants(steps, lengths, cfg, tuple(drafters.split(",")), cfg_channels=channels)
+    variants = default_variants(steps, lengths, cfg, tuple(drafters.split(",")), cfg_channels=channels,
+                                refine_noise=base.refine_noise)
     for _, v in variants:
         v.validate()
     console = Console(width=max(Console().width, 120))

@@ -57,6 +57,7 @@ def submit(
     cfg_scale: Optional[str] = opt.CFG_SCALE,
     cfg_channels: Optional[str] = opt.CFG_CHANNELS,
     refine_mode: Optional[str] = opt.REFINE_MODE,
+    refine_noise: Optional[str] = opt.REFINE_NOISE,
     parallel: Optional[str] = opt.PARALLEL,
     num_heads: Optional[int] = opt.NUM_HEADS,
     weights: Optional[str] = opt.WEIGHTS,
@@ -91,7 +92,7 @@ def submit(
 
     flags = opt.coerce_flags(sampler=sampler, steps=steps, eta=eta, draft_length=draft_length, verify=verify,
                              drafter=drafter, relax=relax, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
-                             refine_mode=refine_mode, parallel=parallel)
+                             refine_mode=refine_mode, refine_noise=refine_noise, parallel=parallel)
     overrides = {
         "model": model, "name": name, "labels": labels, "num_samples": num_samples,
         "base_seed": None if seed is None else opt.seed_value(seed), "num_heads": num_heads, "weights": weights,

@@ -102,7 +102,8 @@ def run_sampler(model: EpsModel, drafter: Drafter | None, config: SamplerConfig,
             verification=config.verify, relax=config.relax, callback=callback,
         )
     return sample_draft_refine(
-        model, schedule, streams, y=y, parallel=config.parallel, mode=config.refine_mode, callback=callback
+        model, schedule, streams, y=y, parallel=config.parallel, mode=config.refine_mode,
+        noise=config.refine_noise, callback=callback
     )
 
 

@@ -39,7 +39,9 @@ class BenchRow:
 
 def default_variants(steps: int, draft_lengths: tuple[int, ...], cfg_scale: float = 1.0,
                      drafters: tuple[str, ...] = ("free", "perturbed:3"),
-                     cfg_channels: int | None = None) -> list[tuple[str, SamplerConfig]]:
+                     cfg_channels: int | None = None,
+                     refine_noise: str = "independent") -> list[tuple[str, SamplerConfig]]:
+    """ddpm, speculative (each drafter x L x verification) and DRiffusion (both modes, ``refine_noise``)."""
     base = SamplerConfig(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
     out = [("ddpm", replace(base, sampler="ddpm"))]
     for drafter in drafters:
@@ -48,7 +50,8 @@ def default_variants(steps: int, draft_lengths: tuple[int, ...], cfg_scale: floa
                 out.append((f"spec {drafter} L={L} {verify}", replace(base, drafter=drafter, draft_length=L, verify=verify)))
     k = min(4, steps - 1)  # DRiffusion needs parallel < steps
     for mode in ("conservative", "aggressive") if k >= 1 else ():
-        out.append((f"driffusion {mode} k={k}", replace(base, sampler="draft_refine", refine_mode=mode, parallel=k)))
+        name = f"driffusion {mode} k={k}" + ("" if refine_noise == "independent" else f" {refine_noise}")
+        out.append((name, replace(base, sampler="draft_refine", refine_mode=mode, parallel=k, refine_noise=refine_noise)))
     return out
 
 

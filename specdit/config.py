@@ -20,6 +20,7 @@ from typing import Any, Literal
 SAMPLERS = ("ddpm", "speculative", "draft_refine")
 VERIFICATIONS = ("token", "block")
 REFINE_MODES = ("conservative", "aggressive")
+REFINE_NOISES = ("independent", "coupled")
 DRAFTER_KINDS = ("free", "feature", "perturbed", "model")
 MAX_STEPS = 1000  # the training diffusion steps T (``specdit.schedule.TRAIN_STEPS``)
 MAX_DRAFT_LENGTH = 1000
@@ -28,7 +29,7 @@ SAMPLER_ARITHMETIC_VERSION = 1
 
 _INTS = ("steps", "draft_length", "parallel")
 _FLOATS = ("eta", "relax", "cfg_scale")
-_CHOICES = {"sampler": SAMPLERS, "verify": VERIFICATIONS, "refine_mode": REFINE_MODES}
+_CHOICES = {"sampler": SAMPLERS, "verify": VERIFICATIONS, "refine_mode": REFINE_MODES, "refine_noise": REFINE_NOISES}
 
 
 class SettingError(ValueError):
@@ -172,6 +173,9 @@ class SamplerConfig:
     cfg_channels: int | None = None  # channels guided (None: all; 3: the original DiT's forward_with_cfg)
     refine_mode: Literal["conservative", "aggressive"] = "conservative"
     parallel: int = 4  # draft-and-refine parallel evaluations k, 1 <= k < steps
+    # DRiffusion's draft noise: "independent" (the paper's Alg. 2) or "coupled" (drafts driven by the
+    # refinement's normals; docs/design.md). A field with a default: specs that omit it keep their job ids.
+    refine_noise: Literal["independent", "coupled"] = "independent"
 
     def validate(self) -> "SamplerConfig":
         """Raise :class:`SettingError` (a ValueError, one line) for an invalid setting; returns self."""

@@ -212,7 +212,7 @@ class RayEngine:
             tick = (lambda _steps: progress(done)) if progress is not None else None
             x, st = sample_draft_refine(model, schedule, NoiseStreams(seeds[a:b]),
                                         y=None if y_all is None else y_all[a:b], parallel=config.parallel,
-                                        mode=config.refine_mode, callback=tick)
+                                        mode=config.refine_mode, noise=config.refine_noise, callback=tick)
             results[i] = (x.float(), st, time.perf_counter() - t0)
             done = b
             tl.end = time.time()
