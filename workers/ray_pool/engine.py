@@ -172,6 +172,15 @@ class RayEngine:
         schedule = Schedule.create(config.steps, config.eta)
         sampler = config.to_dict()
         done = [0]
+        scale = None
+        if config.relax > 0:  # the drafter's stored calibration, else the default scale (specdit.relaxation)
+            import math
+
+            from specdit.api import relax_calibration_for
+            from specdit.relaxation import scale_table
+
+            scale = scale_table(schedule, relax_calibration_for(config.drafter, work.model),
+                                math.prod(info.sample_shape))
 
         def one(pair, i):
             (verifier, drafter), (a, b) = pair, batches[i]
@@ -183,6 +192,7 @@ class RayEngine:
                     _Remote(drafter, work.model, sampler), _Remote(verifier, work.model, sampler), schedule,
                     seeds[a:b], None if y_all is None else y_all[a:b], info.sample_shape,
                     draft_length=config.draft_length, verification=config.verify, relax=config.relax,
+                    relax_scale=scale,
                     groups=self.groups, overlap=self.overlap, callback=tick, timeline=tl)
             except NonFiniteTargetError as e:  # the row in this batch -> the row in the shard
                 raise NonFiniteTargetError(e.step, e.timestep, a + e.sample) from None
