@@ -293,3 +293,53 @@ def test_parallel_must_be_smaller_than_steps(gmm2d):
         sample_draft_refine(gmm2d, s, streams, parallel=0)
     x, _ = sample_draft_refine(gmm2d, s, streams, parallel=9)  # the largest block: all drafts from x_S
     assert torch.isfinite(x).all()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Range (issue 19, item 3): bounded samples or one warning line
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("steps,parallel,mode,noise,warns", [
+    (20, 4, "conservative", "independent", True),  # amplification 10: |x| ~ 100 on mnist-dit
+    (20, 4, "conservative", "coupled", False),
+    (20, 4, "aggressive", "coupled", True),
+    (50, 4, "aggressive", "independent", True),
+    (100, 4, "conservative", "independent", False),
+    (100, 8, "conservative", "independent", True),
+    (250, 4, "aggressive", "independent", False),
+    (250, 8, "aggressive", "independent", True),  # amplification 1.37, but 31 blocks of carried draft eps
+])
+def test_range_warning_names_the_boundary(steps, parallel, mode, noise, warns):
+    from specdit.samplers.draft_refine import range_warning
+
+    msg = range_warning(Schedule.create(steps, 1.0), parallel, mode, noise)
+    assert (msg is not None) == warns
+    if warns:
+        assert "\n" not in msg and f"{steps} steps" in msg and "measured safe up to" in msg
+    # At eta = 0 the variants are one sampler (DDIM): the coupled bound applies to both.
+    eta0 = range_warning(Schedule.create(steps, 0.0), parallel, mode, noise)
+    assert (eta0 is None) == (range_warning(Schedule.create(steps, 0.0), parallel, mode, "coupled") is None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps", [20, 50, 100, 250])
+def test_mnist_dit_samples_are_bounded_or_warned(steps):
+    """mnist-dit (data in [-1, 1]), eta = 1, parallel 4, both modes and noise variants: every run either
+    keeps |x| <= 2 or warns in one line; the paper's variant at 20 steps must warn (it reaches |x| ~ 100)."""
+    import warnings
+
+    from specdit.api import SamplerConfig, generate, load_model
+    from specdit.samplers.draft_refine import DraftRefineRangeWarning
+
+    model = load_model("mnist-dit")
+    seeds = sample_seed(0, torch.arange(2))
+    for mode in ("conservative", "aggressive"):
+        for noise in ("independent", "coupled"):
+            cfg = SamplerConfig(sampler="draft_refine", steps=steps, parallel=4, refine_mode=mode, refine_noise=noise)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                x = generate(model, cfg, seeds, torch.tensor([3, 7])).samples
+            warned = [w for w in caught if issubclass(w.category, DraftRefineRangeWarning)]
+            assert len(warned) <= 1
+            assert warned or float(x.abs().max()) <= 2.0, (mode, noise, float(x.abs().max()))
+            if steps == 20 and noise == "independent":
+                assert warned

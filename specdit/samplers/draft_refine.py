@@ -48,6 +48,7 @@ eta = 1 each draft keeps eq. 14's law, at eta = 0 both variants are the same sam
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Literal
 
 import torch
@@ -60,6 +61,17 @@ from specdit.stats import SampleStats
 
 RefineMode = Literal["conservative", "aggressive"]
 RefineNoise = Literal["independent", "coupled"]
+
+# The largest amplification (``amplification``) at which draft-and-refine keeps mnist-dit's samples bounded
+# and classifiable at eta = 1, by (mode, noise); measured by benchmarks/driffusion_range.py (docs/design.md,
+# "DRiffusion's range"): above it the samples leave the data range (|x| up to ~100) or lose their class.
+# At eta = 0 both noise variants are one sampler: the coupled bounds apply.
+SAFE_AMPLIFICATION = {("conservative", "independent"): 2.0, ("aggressive", "independent"): 1.35,
+                      ("conservative", "coupled"): 12.0, ("aggressive", "coupled"): 3.0}
+
+
+class DraftRefineRangeWarning(RuntimeWarning):
+    """Draft-and-refine runs outside the range where it was measured to work (``range_warning``)."""
 
 
 def check_parallel(parallel: int, steps: int) -> None:
@@ -90,6 +102,20 @@ def amplification(schedule: Schedule, parallel: int, mode: RefineMode) -> float:
     a = schedule.abar
     return max((float((a[k - n] / a[k]).sqrt()) for k, n in block_starts(schedule.num_steps, parallel, mode)),
                default=1.0)
+
+
+def range_warning(schedule: Schedule, parallel: int, mode: RefineMode, noise: RefineNoise) -> str | None:
+    """One line when the block's amplification exceeds SAFE_AMPLIFICATION for (mode, noise) (the coupled
+    bound at eta = 0), naming what to change; None inside the measured range."""
+    key = (mode, "coupled" if schedule.eta == 0 else noise)
+    amp, bound = amplification(schedule, parallel, mode), SAFE_AMPLIFICATION[key]
+    if amp <= bound:
+        return None
+    hint = "use --refine-noise coupled, more --steps or a smaller --parallel" if key[1] == "independent" else \
+        "use more --steps or a smaller --parallel"
+    return (f"draft_refine ({mode}, {noise} noise) at {schedule.num_steps} steps with parallel {parallel} "
+            f"amplifies refinement errors {amp:.1f}x (measured safe up to {bound:g}x): expect samples far outside "
+            f"the data range; {hint}")
 
 
 def skip_drafts(
@@ -179,6 +205,32 @@ def refine(
     return x
 
 
+def _advance(model: EpsModel, schedule: Schedule, streams: NoiseStreams, x: torch.Tensor, eps: torch.Tensor, k: int,
+             y: torch.Tensor | None, parallel: int, mode: RefineMode, noise: RefineNoise
+             ) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
+    """One iteration from anchor x_k (B, *shape) with its eps: steps 2-3 of the module docstring, or the
+    final plain step at k = 1. Returns (x_{k-n}, the next anchor's eps or None, n, parallel model
+    evaluations made)."""
+    B, shape = x.shape[0], tuple(x.shape[1:])
+    if k == 1:  # the last step: a plain kernel step (sigma_1 = 0)
+        kk = torch.full((B,), k, dtype=torch.int64, device=x.device)
+        x = schedule.step_mean(x, eps, kk)
+        if schedule.sigma[k] > 0:
+            x = x + schedule.sigma[k] * streams.normal(Purpose.STEP, k, shape=shape)
+        return x, None, 1, 0
+    K = min(parallel, k - 1)
+    n = K + 1 if mode == "conservative" else K
+    if noise == "coupled":
+        z = coupled_noise(streams, k, n, shape)
+        drafts, eps_d = coupled_drafts(model, schedule, x, eps, k, K, y, z)  # 2. one batched call
+    else:
+        z = None
+        drafts, eps_d = skip_drafts(model, schedule, streams, x, eps, k, K, y)  # 2. one batched call
+    x = refine(schedule, streams, drafts, eps_d, k, n, z)  # 3. x_{k-n}
+    # Aggressive: the next anchor x_{k-K} takes the eps of its draft x'_{k-K} (same index k - K).
+    return x, (eps_d[:, K - 1] if mode == "aggressive" else None), n, K
+
+
 def sample_draft_refine(
     model: EpsModel,
     schedule: Schedule,
@@ -203,6 +255,8 @@ def sample_draft_refine(
         raise ValueError(f"refine noise must be 'independent' or 'coupled', got {noise!r}")
     B, S = len(streams), schedule.num_steps
     check_parallel(parallel, S)
+    if (msg := range_warning(schedule, parallel, mode, noise)) is not None:
+        warnings.warn(msg, DraftRefineRangeWarning, stacklevel=2)
     shape = tuple(model.sample_shape)
     schedule = schedule.to(streams.device)  # the streams fix the device (see specdit.samplers.speculative)
     y = None if y is None else y.to(streams.device)
@@ -216,25 +270,10 @@ def sample_draft_refine(
             eps = call_model(model, x, schedule.timesteps[kk], y, steps=kk).eps  # 1. sequential call at (x_k, tau_k)
             stats.rounds += 1
             stats.target_evals += 1
-        if k == 1:  # the last step: a plain kernel step (sigma_1 = 0)
-            x = schedule.step_mean(x, eps, kk)
-            if schedule.sigma[k] > 0:
-                x = x + schedule.sigma[k] * streams.normal(Purpose.STEP, k, shape=shape)
-            n = 1
-        else:
-            K = min(parallel, k - 1)
-            n = K + 1 if mode == "conservative" else K
-            if noise == "coupled":
-                z = coupled_noise(streams, k, n, shape)
-                drafts, eps_d = coupled_drafts(model, schedule, x, eps, k, K, y, z)  # 2. one batched call
-            else:
-                z = None
-                drafts, eps_d = skip_drafts(model, schedule, streams, x, eps, k, K, y)  # 2. one batched call
+        x, eps, n, evals = _advance(model, schedule, streams, x, eps, k, y, parallel, mode, noise)
+        if evals:
             stats.rounds += 1
-            stats.target_evals += K
-            x = refine(schedule, streams, drafts, eps_d, k, n, z)  # 3. x_{k-n}
-            # Aggressive: the next anchor x_{k-K} takes the eps of its draft x'_{k-K} (same index k - K).
-            eps = eps_d[:, K - 1] if mode == "aggressive" else None
+            stats.target_evals += evals
         k -= n
         if callback is not None:
             callback(B * n)
