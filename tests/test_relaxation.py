@@ -85,3 +85,20 @@ def test_calibration_round_trips_and_interpolates(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="cannot read relaxation calibration"):
         load_calibration(tmp_path)
+
+
+def test_feature_drafter_warns_far_from_its_trained_steps():
+    """The shipped mnist-dit drafter records train.sample_steps = 250: 20 steps (12.5x away) warns in one
+    line, 100 (2.5x) does not; drafters that record nothing never warn."""
+    from types import SimpleNamespace
+
+    from specdit.api import drafter_steps_warning
+    from specdit.drafters.feature import trained_sample_steps
+    from specdit.models.registry import builtin_drafter_folder
+
+    assert trained_sample_steps(builtin_drafter_folder("mnist-dit")) == 250
+    drafter = SimpleNamespace(trained_sample_steps=250)
+    msg = drafter_steps_warning(drafter, 20)
+    assert msg is not None and "\n" not in msg and "250 sampling steps" in msg and "at 20" in msg
+    assert drafter_steps_warning(drafter, 100) is None and drafter_steps_warning(drafter, 1000) is None
+    assert drafter_steps_warning(SimpleNamespace(), 20) is None and drafter_steps_warning(None, 20) is None
