@@ -67,7 +67,7 @@ def calibrate_relax(
     steps: Optional[str] = opt.STEPS,
     draft_length: Optional[str] = opt.DRAFT_LENGTH,
     cfg_scale: Optional[str] = opt.CFG_SCALE,
-    num_samples: int = typer.Option(32, "--num-samples", "-n", min=1, help="Exact chains measured."),
+    num_samples: int = typer.Option(64, "--num-samples", "-n", min=1, help="Exact chains measured."),
     seed: Optional[str] = opt.SEED,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for relax_scale.json (default: the "
                                        "feature drafter's folder, where it is loaded from)."),

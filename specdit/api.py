@@ -213,7 +213,7 @@ def warn_draft_fallbacks(stats: SampleStats) -> None:
                       "drops)", DraftFallbackWarning, stacklevel=2)
 
 
-def calibrate_relax(model_name: str, config: SamplerConfig, num_samples: int = 32, seed: int = 0,
+def calibrate_relax(model_name: str, config: SamplerConfig, num_samples: int = 64, seed: int = 0,
                     out: str | None = None, labels: str = "uniform", device: str = "cpu"):
     """Calibrate the relaxation scale of ``config.drafter`` on ``model_name`` (``specdit.relaxation``) from
     ``num_samples`` exact chains with ``config``'s steps, draft length, eta and guidance, and store it as
