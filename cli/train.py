@@ -76,15 +76,12 @@ def calibrate_relax(
     """Measure a drafter's relaxation scale (mean uncertainty per timestep) and store it beside the drafter.
 
     Rerun it after retraining a drafter. Exit code 2 for an invalid setting."""
-    import torch
-
     from specdit.api import calibrate_relax as run
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     base = opt.sampler_config(sampler="speculative", drafter=drafter or "feature", steps=steps,
                               draft_length=draft_length, cfg_scale=cfg_scale)
-    cal, path = run(model, base, num_samples, opt.seed_value(seed), None if out is None else str(out))
+    cal, path = run(model, base, num_samples, opt.seed_value(seed), None if out is None else str(out),
+                    threads=threads)
     typer.echo(f"relaxation scale of {cal.drafter} on {cal.model} ({cal.samples} chains, {cal.steps} steps, "
                f"L={cal.draft_length}): {min(cal.scale):.3g} .. {max(cal.scale):.3g}; written to {path}")
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from specdit.drafters.base import Drafter, ModelDrafter
+from specdit.drafters.base import Calibrated, Drafter, ModelDrafter
 from specdit.drafters.free import FreeDrafter
 from specdit.models.base import EpsModel, training_schedule_of
 from specdit.models.perturbed import PerturbedModel
@@ -46,7 +46,7 @@ STEPS_RATIO_WARN = 4.0  # warn when steps / trained steps lies outside [1/4, 4] 
 def drafter_steps_warning(drafter, steps: int) -> str | None:
     """One line when ``drafter`` records the sampling steps it was trained on (``trained_sample_steps``) and
     ``steps`` is more than STEPS_RATIO_WARN times away from it; None otherwise."""
-    trained = getattr(drafter, "trained_sample_steps", None)
+    trained = drafter.trained_sample_steps if isinstance(drafter, Calibrated) else None
     if not trained or 1 / STEPS_RATIO_WARN <= steps / trained <= STEPS_RATIO_WARN:
         return None
     return (f"the feature drafter was trained for {trained} sampling steps and drafts poorly at {steps} "
@@ -214,11 +214,13 @@ def warn_draft_fallbacks(stats: SampleStats) -> None:
 
 
 def calibrate_relax(model_name: str, config: SamplerConfig, num_samples: int = 64, seed: int = 0,
-                    out: str | None = None, labels: str = "uniform", device: str = "cpu"):
+                    out: str | None = None, labels: str = "uniform", device: str = "cpu",
+                    threads: int | None = None):
     """Calibrate the relaxation scale of ``config.drafter`` on ``model_name`` (``specdit.relaxation``) from
     ``num_samples`` exact chains with ``config``'s steps, draft length, eta and guidance, and store it as
     ``relax_scale.json`` in ``out`` (default: the feature drafter's own folder). Returns (calibration, path).
-    Raises ValueError (one line) when there is no folder to store it in."""
+    ``threads``: torch CPU threads (None: torch's choice). Raises ValueError (one line) when there is no
+    folder to store it in."""
     from specdit.labels import labels_for
     from specdit.relaxation import save_calibration
     from specdit.samplers.relax_calibration import calibrate
@@ -227,6 +229,8 @@ def calibrate_relax(model_name: str, config: SamplerConfig, num_samples: int = 6
     if folder is None:
         raise ValueError(f"drafter {config.drafter!r} has no folder to store a calibration in: pass an output "
                          "folder (only feature drafters load theirs automatically; others use the default scale)")
+    if threads is not None:
+        torch.set_num_threads(threads)
     base = load_model(model_name, device=device)
     target = guided(base, config.cfg_scale, config.cfg_channels)
     drafter = make_drafter(config.drafter, target, device, model_name)

@@ -34,7 +34,7 @@ def test_relax_zero_is_bit_identical_to_the_exact_sampler(gmm2d, verification):
     streams = NoiseStreams(sample_seed(4, torch.arange(64)))
     drafter = ModelDrafter(PerturbedModel(gmm2d, 1.0))
     exact, st = sample_speculative(gmm2d, drafter, s, streams, draft_length=4, verification=verification)
-    drafter.relax_calibration = _cal()  # a calibration is carried but never used at relax = 0
+    drafter.relax_calibration, drafter.trained_sample_steps = _cal(), 30  # carried (Calibrated), unused at 0
     zero, st0 = sample_speculative(gmm2d, drafter, s, streams, draft_length=4, verification=verification, relax=0.0)
     assert torch.equal(exact, zero) and torch.equal(st.rounds, st0.rounds)
     # Negative control: relax = 1 changes decisions (more drafts kept) and samples.
@@ -97,7 +97,7 @@ def test_feature_drafter_warns_far_from_its_trained_steps():
     from specdit.models.registry import builtin_drafter_folder
 
     assert trained_sample_steps(builtin_drafter_folder("mnist-dit")) == 250
-    drafter = SimpleNamespace(trained_sample_steps=250)
+    drafter = SimpleNamespace(trained_sample_steps=250, relax_calibration=None)  # a Calibrated drafter
     msg = drafter_steps_warning(drafter, 20)
     assert msg is not None and "\n" not in msg and "250 sampling steps" in msg and "at 20" in msg
     assert drafter_steps_warning(drafter, 100) is None and drafter_steps_warning(drafter, 1000) is None

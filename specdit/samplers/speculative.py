@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from specdit.drafters.base import Drafter
+from specdit.drafters.base import Calibrated, Drafter
 from specdit.models.base import EpsModel
 from specdit.noise import NoiseStreams
 from specdit.samplers.chains import Chains
@@ -53,7 +53,9 @@ def sample_speculative(
     rounds = LocalRounds(model, drafter, schedule, streams, draft_length)
     scale = None
     if relax > 0:  # relax = 0: the exact path, no scale computed
-        cal = relax_calibration if relax_calibration is not None else getattr(drafter, "relax_calibration", None)
+        cal = relax_calibration
+        if cal is None and isinstance(drafter, Calibrated):
+            cal = drafter.relax_calibration
         scale = scale_table(schedule, cal, math.prod(model.sample_shape)).to(chains.device)
     run_rounds(chains, rounds, streams, y, RoundRule(schedule, verification, relax, scale), callback=callback)
     return chains.x, chains.stats.to("cpu")
