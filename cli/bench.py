@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from cli import options as opt
-from cli.common import check_output_file, one_line_warnings, user_errors
+from cli.common import check_output_file, one_line_warnings, step_progress, user_errors
 
 
 def _fmt(v, spec=".3f"):
@@ -58,6 +58,7 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table (for the README)."),
     device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
+    progress: bool = opt.PROGRESS,
 ) -> None:
     """Rounds, parallel efficiency, acceptance, wall time relative to ddpm, and distance to ground truth."""
     from rich.console import Console
@@ -84,8 +85,9 @@ def bench(
                       f"cfg={base.cfg_scale} threads={threads_used}")
         console.print("target batch cost (relative to batch 1): " + markup(curve.describe()))
 
-    with one_line_warnings():
-        report = bench_model(settings, on_start=start,
+    # One bar with ETA over every variant's chain-steps (a bench runs for minutes at README sizes).
+    with one_line_warnings(), step_progress(settings.chain_steps(), markup(f"bench on {model}"), progress) as step:
+        report = bench_model(settings, on_start=start, progress=step,
                              on_row=lambda r: console.print(f"  done: {markup(r.name)} ({r.wall:.1f} s)"))
     console.print(_table(report.rows))
     if markdown:

@@ -46,8 +46,14 @@ REFINE_MODE = _opt("refine_mode", "NAME", f"DRiffusion mode: conservative | aggr
 REFINE_NOISE = _opt("refine_noise", "NAME", "DRiffusion draft noise: independent (the paper's) | coupled "
                                            "(drafts share the refinement's noise; see docs/design.md)")
 PARALLEL = _opt("parallel", "INT", f"DRiffusion parallel evaluations k, 1 <= k < steps")
-SEED = typer.Option(None, "--seed", metavar="INT", show_default="0",
-                    help="Base seed in [0, 2^63-1]; sample i uses seed f(seed, i).")
+
+
+def seed_option(use: str = "sample i uses seed f(seed, i)"):
+    """The ``--seed`` flag (text, read by :func:`seed_value`): one range and default, ``use`` says what it seeds."""
+    return typer.Option(None, "--seed", metavar="INT", show_default="0", help=f"Base seed in [0, 2^63-1]; {use}.")
+
+
+SEED = seed_option()
 
 # Model options (``specdit.api.load_model`` keywords).
 MODEL_HELP = "Registered model name (gmm-2d, gmm-16d, mnist-dit, ...) or checkpoint path."

@@ -164,6 +164,15 @@ class BenchSettings:
     num_heads: int | None = None
     weights: str | None = None
 
+    def variants(self) -> list[tuple[str, SamplerConfig]]:
+        """(name, config) of every variant compared, ddpm first (:func:`default_variants`)."""
+        return default_variants(self.base.steps, self.draft_lengths, self.base.cfg_scale, self.drafters,
+                                cfg_channels=self.base.cfg_channels, refine_noise=self.base.refine_noise)
+
+    def chain_steps(self) -> int:
+        """Chain-steps of the whole run (variants x samples x steps): the total of ``bench_model``'s progress."""
+        return len(self.variants()) * self.num_samples * self.base.steps
+
 
 @dataclass
 class BenchReport:
@@ -183,10 +192,12 @@ class BenchReport:
 
 
 def bench_model(settings: BenchSettings, *, on_start: Callable[[int, BatchCost], None] | None = None,
-                on_row: Callable[[BenchRow], None] | None = None) -> BenchReport:
+                on_row: Callable[[BenchRow], None] | None = None,
+                progress: Callable[[int], None] | None = None) -> BenchReport:
     """``specdit bench`` as one call: load the model, measure its batch-cost curve, run every variant
     (:func:`default_variants`) on the same seeds (:func:`run_bench`). ``on_start(threads, batch_cost)`` is
-    called once the model is loaded and measured, ``on_row(row)`` after each variant. Raises ValueError (one
+    called once the model is loaded and measured, ``on_row(row)`` after each variant, ``progress(n)`` as n more
+    chain-steps are done (:meth:`BenchSettings.chain_steps` in all). Raises ValueError (one
     line): a bad setting (``specdit.config.SettingError``), device, label policy or model."""
     from specdit.api import guided, load_model
     from specdit.config import check_seed
@@ -197,8 +208,7 @@ def bench_model(settings: BenchSettings, *, on_start: Callable[[int, BatchCost],
     if s.num_samples < 1:
         raise ValueError(f"number of samples must be >= 1, got {s.num_samples}")
     check_seed(s.seed)
-    variants = default_variants(s.base.steps, s.draft_lengths, s.base.cfg_scale, s.drafters,
-                                cfg_channels=s.base.cfg_channels, refine_noise=s.base.refine_noise)
+    variants = s.variants()
     for _, v in variants:
         v.validate()
     if s.threads is not None:
@@ -214,5 +224,5 @@ def bench_model(settings: BenchSettings, *, on_start: Callable[[int, BatchCost],
     if on_start is not None:
         on_start(threads, curve)
     rows = run_bench(model, variants, s.num_samples, s.seed, y, s.batch_size, on_row=on_row, model_name=s.model,
-                     device=device)
+                     device=device, progress=progress)
     return BenchReport(s, threads, curve, rows)

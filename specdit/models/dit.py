@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from specdit.images import images_to_uint8
 from specdit.models.base import ModelOutput
 from specdit.scheduler_config import DIT_SCHEDULE, TrainingSchedule, read_scheduler_config
 
@@ -61,13 +62,6 @@ def set_original_timestep_embedding(transformer, enabled: bool = True) -> None:
 
 def uses_original_timestep_embedding(transformer) -> bool:
     return transformer.transformer_blocks[0].norm1.emb.time_proj.downscale_freq_shift == 0
-
-
-def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, rounding as torchvision's ``save_image`` (DiT's
-    ``sample.py``): ``floor(255 (x + 1) / 2 + 0.5)`` after clamping."""
-    x = (images.float().clamp(-1, 1) + 1) / 2
-    return (x * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
 
 
 class DiTDenoiser:
