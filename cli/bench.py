@@ -70,6 +70,7 @@ def bench(
                                  "generate --drafter)."),
     cfg_scale: Optional[str] = opt.CFG_SCALE,
     cfg_channels: Optional[str] = opt.CFG_CHANNELS,
+    refine_noise: Optional[str] = opt.REFINE_NOISE,
     num_heads: Optional[int] = opt.NUM_HEADS,
     weights: Optional[str] = opt.WEIGHTS,
     labels: str = typer.Option("none", "--labels", help=opt.LABELS_HELP + " bench's default is none: the KS "
@@ -99,7 +100,8 @@ def bench(
     if json_out is not None:
         check_output_file(json_out, "--json file")
     settings = BenchSettings(model=model, base=opt.sampler_config(steps=steps, cfg_scale=cfg_scale,
-                                                                  cfg_channels=cfg_channels, precision=precision),
+                                                                  cfg_channels=cfg_channels, precision=precision,
+                                                                  refine_noise=refine_noise),
                              num_samples=num_samples, draft_lengths=_lengths(draft_lengths),
                              drafters=tuple(drafters.split(",")),
                              labels=labels, seed=opt.seed_value(seed), batch_size=batch_size, threads=threads,

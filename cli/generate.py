@@ -29,6 +29,7 @@ def generate(
     weights: Optional[str] = opt.WEIGHTS,
     relax: Optional[str] = opt.RELAX,
     refine_mode: Optional[str] = opt.REFINE_MODE,
+    refine_noise: Optional[str] = opt.REFINE_NOISE,
     parallel: Optional[str] = opt.PARALLEL,
     num_samples: int = typer.Option(64, "--num-samples", "-n", help="Number of samples N."),
     seed: Optional[str] = opt.SEED,
@@ -49,7 +50,8 @@ def generate(
     draft_length, auto = opt.split_auto(draft_length)
     config = opt.sampler_config(sampler=sampler, steps=steps, eta=eta, draft_length=draft_length, verify=verify,
                                 drafter=drafter, relax=relax, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
-                                refine_mode=refine_mode, parallel=parallel, precision=precision)
+                                refine_mode=refine_mode, parallel=parallel, precision=precision,
+                                refine_noise=refine_noise)
     base_seed = opt.seed_value(seed)
     with one_line_warnings(), step_progress(num_samples * config.steps, markup(f"{config.sampler} on {model}"),
                                             progress) as advance:

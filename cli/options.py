@@ -46,6 +46,8 @@ CFG_SCALE = _opt("cfg_scale", "FLOAT", f"Classifier-free guidance scale w >= 0 (
 CFG_CHANNELS = _opt("cfg_channels", "all|INT", "Guided channels: all | 3 (3: the original DiT's forward_with_cfg) "
                                                "")
 REFINE_MODE = _opt("refine_mode", "NAME", f"DRiffusion mode: conservative | aggressive")
+REFINE_NOISE = _opt("refine_noise", "NAME", "DRiffusion draft noise: independent (the paper's) | coupled "
+                                           "(drafts share the refinement's noise; see docs/design.md)")
 PARALLEL = _opt("parallel", "INT", f"DRiffusion parallel evaluations k, 1 <= k < steps")
 
 

@@ -26,7 +26,8 @@ from specdit.config import MAX_SEED, SAMPLER_ARITHMETIC_VERSION, SamplerConfig, 
 
 _DRAFTER_PATH = re.compile(r"^[\w.\-/]+$")
 _LABELS = re.compile(r"^(none|uniform|random|fixed:\d+)$")
-SPEC_VERSION = 2  # 1: ids hashed the full spec with its defaults; 2: without defaults, version in the hash
+SPEC_VERSION = 3  # 1: ids hashed the full spec with its defaults; 2: without defaults, version in the hash;
+# 3: sampler.relax divides log q/p by 1 + relax u / c(t), c the drafter's relaxation scale (specdit.relaxation)
 MAX_NAME_LENGTH = 100
 
 

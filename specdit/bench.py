@@ -42,7 +42,9 @@ class BenchRow:
 
 def default_variants(steps: int, draft_lengths: tuple[int, ...], cfg_scale: float = 1.0,
                      drafters: tuple[str, ...] = ("free", "perturbed:3"),
-                     cfg_channels: int | None = None, precision: str = "fp32") -> list[tuple[str, SamplerConfig]]:
+                     cfg_channels: int | None = None, precision: str = "fp32",
+                     refine_noise: str = "independent") -> list[tuple[str, SamplerConfig]]:
+    """ddpm, speculative (each drafter x L x verification) and DRiffusion (both modes, ``refine_noise``)."""
     base = SamplerConfig(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, precision=precision)
     out = [("ddpm", replace(base, sampler="ddpm"))]
     for drafter in drafters:
@@ -51,7 +53,8 @@ def default_variants(steps: int, draft_lengths: tuple[int, ...], cfg_scale: floa
                 out.append((f"spec {drafter} L={L} {verify}", replace(base, drafter=drafter, draft_length=L, verify=verify)))
     k = min(4, steps - 1)  # DRiffusion needs parallel < steps
     for mode in ("conservative", "aggressive") if k >= 1 else ():
-        out.append((f"driffusion {mode} k={k}", replace(base, sampler="draft_refine", refine_mode=mode, parallel=k)))
+        name = f"driffusion {mode} k={k}" + ("" if refine_noise == "independent" else f" {refine_noise}")
+        out.append((name, replace(base, sampler="draft_refine", refine_mode=mode, parallel=k, refine_noise=refine_noise)))
     return out
 
 
@@ -144,7 +147,7 @@ def run_bench(
 class BenchSettings:
     """What ``specdit bench`` compares: ``model`` (registered name or checkpoint path; ``num_heads`` /
     ``weights``: see ``specdit.api.load_model``), the shared settings of every variant in ``base`` (steps,
-    cfg_scale, cfg_channels), the speculative variants (``draft_lengths`` x ``drafters`` x token/block),
+    cfg_scale, cfg_channels; refine_noise for the DRiffusion rows), the speculative variants (``draft_lengths`` x ``drafters`` x token/block),
     ``num_samples`` chains per variant on seeds f(``seed``, i), the label policy (``none``: unconditional, so
     that the KS distance compares with the full distribution), torch CPU ``threads`` (None: torch's choice)
     and the ``device`` (cpu | cuda | cuda:N) of the model and the chains."""
@@ -165,7 +168,8 @@ class BenchSettings:
     def variants(self) -> list[tuple[str, SamplerConfig]]:
         """(name, config) of every variant compared, ddpm first (:func:`default_variants`)."""
         return default_variants(self.base.steps, self.draft_lengths, self.base.cfg_scale, self.drafters,
-                                cfg_channels=self.base.cfg_channels, precision=self.base.precision)
+                                cfg_channels=self.base.cfg_channels, precision=self.base.precision,
+                                refine_noise=self.base.refine_noise)
 
     def chain_steps(self) -> int:
         """Chain-steps of the whole run (variants x samples x steps): the total of ``bench_model``'s progress."""

@@ -25,6 +25,7 @@ SAMPLERS = ("ddpm", "speculative", "draft_refine")
 VERIFICATIONS = ("token", "block")
 REFINE_MODES = ("conservative", "aggressive")
 PRECISIONS = ("fp32", "bf16")
+REFINE_NOISES = ("independent", "coupled")
 DRAFTER_KINDS = ("free", "feature", "perturbed", "model")
 MAX_STEPS = 1000  # the training diffusion steps T (``specdit.schedule.TRAIN_STEPS``)
 MAX_DRAFT_LENGTH = 1000
@@ -33,7 +34,8 @@ SAMPLER_ARITHMETIC_VERSION = 2
 
 _INTS = ("steps", "draft_length", "parallel")
 _FLOATS = ("eta", "relax", "cfg_scale")
-_CHOICES = {"sampler": SAMPLERS, "verify": VERIFICATIONS, "refine_mode": REFINE_MODES, "precision": PRECISIONS}
+_CHOICES = {"sampler": SAMPLERS, "verify": VERIFICATIONS, "refine_mode": REFINE_MODES, "precision": PRECISIONS,
+            "refine_noise": REFINE_NOISES}
 
 
 class SettingError(ValueError):
@@ -198,6 +200,9 @@ class SamplerConfig:
     # schedule keeps sampling exact; ``--draft-length auto`` fills it from a calibration (specdit.autodraft).
     draft_schedule: tuple[int, ...] | None = None
     precision: Literal["fp32", "bf16"] = "fp32"  # the networks' compute precision (sampler maths unchanged)
+    # DRiffusion's draft noise: "independent" (the paper's Alg. 2) or "coupled" (drafts driven by the
+    # refinement's normals; docs/design.md). A field with a default: specs that omit it keep their job ids.
+    refine_noise: Literal["independent", "coupled"] = "independent"
 
     def validate(self) -> "SamplerConfig":
         """Raise :class:`SettingError` (a ValueError, one line) for an invalid setting; returns self."""

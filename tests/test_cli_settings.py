@@ -34,11 +34,13 @@ INVALID = {
     "verify": ["magic"],
     "drafter": ["magic", "perturbed:nan", "perturbed:inf", "perturbed:-1", "model:"],
     "refine_mode": ["magic"],
+    "refine_noise": ["magic", "shared"],
 }
 YAML = {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}  # the YAML spelling of a float value
 
 # Which commands take which setting (every command that takes a sampler setting).
-TAKES = {"generate": set(INVALID), "submit": set(INVALID), "bench": {"steps", "cfg_scale", "cfg_channels", "seed"}}
+TAKES = {"generate": set(INVALID), "submit": set(INVALID), "bench": {"steps", "cfg_scale", "cfg_channels", "seed",
+                                                                          "refine_noise"}}
 LINE = re.compile(r"^error: invalid (?:setting (--[\w-]+)|job spec: (sampler\.\w+|base_seed)): (.*)$")
 
 
@@ -65,7 +67,7 @@ def _error(result) -> tuple[str, str]:
 
 
 def _spec_file_error(tmp_path, setting: str, text: str) -> tuple[str, str]:
-    text_setting = setting in ("sampler", "verify", "drafter", "refine_mode")
+    text_setting = setting in ("sampler", "verify", "drafter", "refine_mode", "refine_noise")
     value = f"'{text}'" if text_setting or text == "abc" else YAML.get(text, text)
     body = (f"base_seed: {value}\n" if setting == "seed" else f"sampler:\n  {setting}: {value}\n")
     if setting == "parallel":  # draft_refine uses it
@@ -125,7 +127,7 @@ def test_every_command_spells_a_shared_setting_the_same_way():
     drift = {name: forms for name, forms in spellings.items() if len(forms) > 1}
     assert drift == {}, drift
     shared = {"sampler", "steps", "eta", "draft_length", "verify", "drafter", "relax", "cfg_scale", "cfg_channels",
-              "refine_mode", "parallel", "seed", "num_heads", "weights", "labels", "num_samples", "model", "out",
+              "refine_mode", "refine_noise", "parallel", "seed", "num_heads", "weights", "labels", "num_samples", "model", "out",
               "features", "ray_address", "ray_pool", "threads", "batch_size"}
     assert shared <= set(spellings)
     for name in ("ray_address", "ray_pool", "out", "features", "cfg_scale"):

@@ -81,6 +81,7 @@ class RoundRule:
     schedule: Schedule
     verification: Verification
     relax: float = 0.0
+    relax_scale: torch.Tensor | None = None  # (S + 1,) by state index, on the chains' device (relax > 0)
 
 
 @dataclass
@@ -144,6 +145,6 @@ def _finish(chains: Chains, streams: NoiseStreams, rule: RoundRule, r: _Round, f
     except NonFiniteTargetError as e:  # name the chain by its row in the batch
         raise NonFiniteTargetError(e.step, e.timestep, int(r.rows[e.sample])) from None
     verdict = verify(rule.schedule, streams.subset(r.rows), r.ctx.k, r.draft, scores,
-                     verification=rule.verification, relax=rule.relax)
+                     verification=rule.verification, relax=rule.relax, relax_scale=rule.relax_scale)
     chains.advance(r.rows, r.ctx.k, verdict, scores, r.draft)
     return int(verdict.steps.sum())
