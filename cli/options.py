@@ -105,6 +105,7 @@ class AliasedCommand(TyperCommand):
 
 
 def _coerce(setting: str, value: Any) -> Any:
+    value = as_spec_value(value)  # "5.0" is 5 as in a spec file's YAML (and as --seed reads it)
     if setting in ("steps", "draft_length", "parallel"):
         return as_int(setting, value)
     if setting in ("eta", "relax", "cfg_scale"):

@@ -111,3 +111,22 @@ def test_number_options_read_text_as_the_seed_does(value, tmp_path):
     assert n.exit_code == seed.exit_code == EXIT_USAGE, (n.output, seed.output)
     assert _error_line(n).replace("--num-samples", "<n>") == _error_line(seed).replace(
         "invalid setting --seed: seed", "<n>"), (n.stderr, seed.stderr)
+
+
+@pytest.mark.parametrize("flag,text,value", [("--steps", "4.0", 4), ("--draft-length", "2.0", 2)])
+def test_integral_float_text_reads_as_in_a_spec_file(flag, text, value, tmp_path):
+    """A spec file's ``steps: 4.0`` is 4 (YAML gives a float, the integer rule takes integral floats), and
+    ``--seed 4.0`` is 4: a sampler flag given the same text takes it too (it was refused as 'got 4.0')."""
+    from cluster.spec import spec_from_dict
+
+    setting = flag.removeprefix("--").replace("-", "_")
+    assert getattr(spec_from_dict({"model": "gmm-2d", "num_samples": 8, "sampler": {setting: float(value)}})
+                   .sampler, setting) == value
+    base = ["generate", "-m", "gmm-2d", "-n", "2", "--steps", "4", "--no-progress"]
+    runner = CliRunner()
+    a = runner.invoke(app, [*base, "-o", str(tmp_path / "a.npz"), f"{flag}={text}"])
+    b = runner.invoke(app, [*base, "-o", str(tmp_path / "b.npz"), f"{flag}={value}"])
+    assert a.exit_code == b.exit_code == 0, (a.output, a.stderr)
+    import numpy as np
+
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npz")["samples"], np.load(tmp_path / "b.npz")["samples"])
