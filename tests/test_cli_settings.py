@@ -210,3 +210,21 @@ def test_an_option_value_that_looks_like_an_old_spelling_is_left_alone(tmp_path)
 
     assert rewrite_deprecated("generate", ["--name", "x", "--", "--cfg"]) == ["--name", "x", "--", "--cfg"]
     assert rewrite_deprecated("generate", ["--cfg=2"]) == ["--cfg-scale=2"]
+
+
+def test_submit_refuses_an_unknown_feature_extractor(tmp_path):
+    """``--features`` is checked at submission as ``specdit fid --features`` checks it (a bogus name was
+    queued and sampled, failing only at aggregation); the spec's list is the extractors' registry."""
+    from cluster.spec import EXTRACTORS
+    from specdit.metrics.extractors import extractor_names
+
+    assert sorted(EXTRACTORS) == sorted(["auto", *extractor_names()])
+    res = runner.invoke(app, ["submit", "--model", "gmm-2d", "-n", "10000", "--no-check-model", "--features",
+                              "bogus", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip().splitlines() == [
+        "error: invalid job spec: evaluate.extractor: unknown feature extractor 'bogus'; "
+        "choose from auto, inception, mnist, raw"], res.stderr
+    ok = runner.invoke(app, ["submit", "--model", "gmm-2d", "-n", "10000", "--no-check-model", "--features", "raw",
+                             "--redis-url", "redis://127.0.0.1:1/0"])
+    assert ok.exit_code == 3, ok.output  # negative control: a known name gets as far as Redis
