@@ -91,7 +91,7 @@ def guided(model: EpsModel, scale: float, channels: int | None = None) -> EpsMod
     from specdit.models.dit import CFGDenoiser, DiTDenoiser
 
     if not isinstance(model, DiTDenoiser):
-        raise ValueError("classifier-free guidance is implemented for DiT models (use --cfg 1 otherwise)")
+        raise ValueError("classifier-free guidance is implemented for DiT models (use --cfg-scale 1 otherwise)")
     return CFGDenoiser(model, scale, channels)
 
 

@@ -228,3 +228,31 @@ def test_submit_refuses_an_unknown_feature_extractor(tmp_path):
     ok = runner.invoke(app, ["submit", "--model", "gmm-2d", "-n", "10000", "--no-check-model", "--features", "raw",
                              "--redis-url", "redis://127.0.0.1:1/0"])
     assert ok.exit_code == 3, ok.output  # negative control: a known name gets as far as Redis
+
+
+def _specdit_command_lines(text: str):
+    """Each ``specdit <command> ...`` line of a Markdown text, backslash continuations joined."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    for line in joined.splitlines():
+        m = re.search(r"(?:^|[`$]\s*)specdit ((?:pool )?[a-z-]+)\b(.*)", line.strip())
+        if m:
+            yield m.group(1).split()[-1], m.group(2)
+
+
+def test_docs_use_the_current_spellings():
+    """README, docs and model cards show each command with its current flags (a deprecated one prints a
+    warning on every copy-paste); an error message names the current flag too."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for md in [root / "README.md", *root.glob("docs/*.md"), *root.glob("specdit/assets/*/README.md")]:
+        for command, rest in _specdit_command_lines(md.read_text()):
+            tokens = {t.partition("=")[0] for t in rest.split()}
+            found += [(md.name, command, old) for old in DEPRECATED.get(command, {}) if old in tokens]
+    assert found == []
+    [(command, rest)] = _specdit_command_lines("x\nspecdit bench --steps 2 \\\n  --cfg 1.5\n")  # the scan sees
+    assert (command, rest.split()) == ("bench", ["--steps", "2", "--cfg", "1.5"])  # a continued line whole
+    res = runner.invoke(app, ["generate", "--model", "gmm-2d", "-n", "2", "--steps", "4", "--no-progress",
+                              "--cfg-scale", "2", "-o", "unused.npz"])  # refused before any file is written
+    assert res.exit_code == 2 and "use --cfg-scale 1" in res.stderr, res.stderr
