@@ -130,3 +130,21 @@ def test_integral_float_text_reads_as_in_a_spec_file(flag, text, value, tmp_path
     import numpy as np
 
     np.testing.assert_array_equal(np.load(tmp_path / "a.npz")["samples"], np.load(tmp_path / "b.npz")["samples"])
+
+
+@pytest.mark.parametrize("value", [str(2**80), "100000001", "0"])
+def test_sample_count_out_of_range_is_one_line_exit_2(value, tmp_path):
+    """-n past the bound (it was an internal error, exit 1: OverflowError in torch.arange) or below 1: the
+    same one line through generate and bench, the bound of a job's num_samples."""
+    from cluster.limits import MAX_SAMPLES_PER_JOB
+    from specdit.config import MAX_SAMPLES
+
+    assert MAX_SAMPLES_PER_JOB == MAX_SAMPLES
+    runner = CliRunner()
+    runs = [runner.invoke(app, ["generate", "-m", "gmm-2d", "--steps", "4", "--no-progress", "-n", value,
+                                "-o", str(tmp_path / "g.npz")]),
+            runner.invoke(app, ["bench", "-m", "gmm-2d", "--steps", "4", "-n", value])]
+    assert [r.exit_code for r in runs] == [EXIT_USAGE, EXIT_USAGE], [r.output for r in runs]
+    lines = {_error_line(r) for r in runs}
+    assert lines == {f"error: invalid setting --num-samples: number of samples must lie in [1, {MAX_SAMPLES}], "
+                     f"got {value}"}, lines
