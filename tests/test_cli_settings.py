@@ -256,3 +256,15 @@ def test_docs_use_the_current_spellings():
     res = runner.invoke(app, ["generate", "--model", "gmm-2d", "-n", "2", "--steps", "4", "--no-progress",
                               "--cfg-scale", "2", "-o", "unused.npz"])  # refused before any file is written
     assert res.exit_code == 2 and "use --cfg-scale 1" in res.stderr, res.stderr
+
+
+def test_an_option_value_spelled_like_an_old_flag_is_kept(tmp_path):
+    """``submit --name --output``: '--output' is the job's name, not the deprecated flag (it became '--out',
+    with a deprecation warning, and the job was named '--out')."""
+    from cli.options import rewrite_deprecated
+
+    assert rewrite_deprecated("submit", ["--name", "--output", "--output", "x"], frozenset({"--name", "--out"})) == [
+        "--name", "--output", "--out", "x"]
+    res = runner.invoke(app, ["submit", "--model", "gmm-2d", "-n", "8", "--no-check-model", "--name", "--output",
+                              "--redis-url", "redis://127.0.0.1:1/0"])
+    assert res.exit_code == 3 and "deprecated" not in res.stderr, res.stderr  # reached Redis, no rewrite
