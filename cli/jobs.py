@@ -51,6 +51,7 @@ def submit(
     cfg_channels: Optional[str] = opt.CFG_CHANNELS,
     refine_mode: Optional[str] = opt.REFINE_MODE,
     parallel: Optional[str] = opt.PARALLEL,
+    precision: Optional[str] = opt.PRECISION,
     num_heads: Optional[int] = opt.NUM_HEADS,
     weights: Optional[str] = opt.WEIGHTS,
     labels: Optional[str] = typer.Option(None, "--labels", help=opt.LABELS_HELP + " [default: uniform]"),
@@ -80,11 +81,12 @@ def submit(
     prefix: Optional[str] = Prefix,
 ):
     """Submit a generation / FID-evaluation job (idempotent: the same spec is the same job)."""
-    from cluster.submission import spec_from_sources, submit_job
+    from cluster.submission import submit_job
 
+    draft_length, auto = opt.split_auto(draft_length)
     flags = opt.coerce_flags(sampler=sampler, steps=steps, eta=eta, draft_length=draft_length, verify=verify,
                              drafter=drafter, relax=relax, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
-                             refine_mode=refine_mode, parallel=parallel)
+                             refine_mode=refine_mode, parallel=parallel, precision=precision)
     overrides = {
         "model": model, "name": name, "labels": labels, "num_samples": num_samples,
         "base_seed": None if seed is None else opt.seed_value(seed), "num_heads": num_heads, "weights": weights,
@@ -92,9 +94,22 @@ def submit(
         "evaluate.fid_reference": fid_reference, "evaluate.extractor": features, "evaluate.baseline": baseline,
         "evaluate.fid": False if no_fid else None,
     }
-    spec = spec_from_sources(spec_file, flags, overrides)
+    spec = _spec(spec_file, flags, overrides, auto, quiet)
     q = _queue(redis_url, prefix)  # reach Redis before the (slower) model check
     _show_submitted(q, spec, submit_job(q, spec, engine_name=engine, check_model=check_model), quiet, watch)
+
+
+def _spec(spec_file, flags: dict, overrides: dict, auto: bool, quiet: bool):
+    """The validated job spec; ``auto``: with the stored ``--draft-length auto`` schedule in it (one line says
+    what it chose)."""
+    from cluster.submission import spec_from_sources, with_auto_schedule
+
+    spec = spec_from_sources(spec_file, flags, overrides)
+    if auto:
+        spec, note = with_auto_schedule(spec)
+        if not quiet:
+            typer.echo(plain(note))
+    return spec
 
 
 def _show_submitted(q, spec, done, quiet: bool, watch: bool) -> None:

@@ -34,7 +34,10 @@ def _opt(setting: str, metavar: str, help: str, *short: str):
 SAMPLER = _opt("sampler", "NAME", f"ddpm | speculative | draft_refine")
 STEPS = _opt("steps", "INT", f"Sampling steps S in [2, {MAX_STEPS}]")
 ETA = _opt("eta", "FLOAT", f"Stochasticity in [0, 1] (1: DDPM posterior variance, 0: DDIM)")
-DRAFT_LENGTH = _opt("draft_length", "INT", f"Speculation length L", "-L")
+DRAFT_LENGTH = _opt("draft_length", "INT|auto", "Speculation length L, or auto: a per-timestep schedule L(k) from "
+                    "the calibration stored for this model, drafter, device and steps (specdit calibrate)", "-L")
+PRECISION = _opt("precision", "NAME", "Networks' precision: fp32 | bf16 (bf16 under autocast; sampler maths "
+                                      "stays float64)")
 VERIFY = _opt("verify", "NAME", f"Verification: token | block")
 DRAFTER = _opt("drafter", "SPEC", "free | feature | feature:<folder> | perturbed:<error> | model:<name> "
                                   "")
@@ -62,7 +65,8 @@ WEIGHTS = typer.Option(None, "--weights", help="ema | model: weights of a DiT tr
 # Other shared settings.
 LABELS_HELP = "Label policy: none | uniform (i mod C) | random | fixed:<class>."
 LABELS = typer.Option("uniform", "--labels", help=LABELS_HELP)
-THREADS = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice).")
+THREADS = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice, one per core; "
+                       "several processes on one machine should split the cores between them).")
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with ETA.")
 RAY_ADDRESS_HELP = "Ray cluster address: host:port | ray://host:port | auto (any cluster running here)."
 
@@ -127,6 +131,13 @@ def coerce_flags(**flags: Any) -> dict[str, Any]:
     """The sampler-setting flags that were given (not None), as typed values. Raises SettingError (a wrong
     type, NaN, inf): the error wrapper names the flag."""
     return {k: _coerce(k, v) for k, v in flags.items() if v is not None}
+
+
+def split_auto(draft_length: str | None) -> tuple[str | None, bool]:
+    """(the draft-length flag without ``auto``, whether ``auto`` was asked for)."""
+    if isinstance(draft_length, str) and draft_length.strip().lower() == "auto":
+        return None, True
+    return draft_length, False
 
 
 def sampler_config(base: SamplerConfig | None = None, **flags: Any) -> SamplerConfig:

@@ -41,13 +41,27 @@ def train_drafter(
                              seed=opt.seed_value(seed), init_from=str(init_from) if init_from else None)
     run = DrafterRun(model=model, data=data, out=out, config=cfg, export=export, threads=threads,
                      ray_address=ray_address, pool=pool, workers=workers)
-    show = lambda p: typer.echo(f"step {p['step']}: loss {p['loss']:.4f}", err=True)  # noqa: E731
-    done = train_drafter_run(run, on_progress=_every_new_step(show))
+    done = train_drafter_run(run, on_progress=_every_new_step(_progress_line(steps)))
     if ray_address is None:
         typer.echo(f"drafter written to {done.export} (log: {done.log})")
     else:
         typer.echo(f"drafter written to {done.export} ({done.workers} workers, {done.wall_s:.1f}s, "
                    f"{done.restarts} restarts; log: {done.log})")
+
+
+def _progress_line(total: int):
+    """'step 40/200: loss 0.1234 (ETA 1m20s)' on stderr per new step; the ETA extrapolates the mean step time."""
+    import time
+
+    start = time.monotonic()
+
+    def show(p: dict) -> None:
+        step = int(p["step"])
+        left = (time.monotonic() - start) / max(step, 1) * max(total - step, 0)  # seconds
+        eta = f"{int(left) // 60}m{int(left) % 60:02d}s" if left >= 60 else f"{int(left)}s"
+        typer.echo(f"step {step}/{total}: loss {p['loss']:.4f} (ETA {eta})", err=True)
+
+    return show
 
 
 def _every_new_step(fn):

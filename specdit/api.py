@@ -88,11 +88,31 @@ def guided(model: EpsModel, scale: float, channels: int | None = None) -> EpsMod
     channels (None: all). Raises ValueError (one line) for a model that cannot be guided."""
     if scale == 1.0:
         return model
-    from specdit.models.dit import CFGDenoiser, DiTDenoiser
+    from specdit.models.denoisers import CFGDenoiser, DiTDenoiser
 
     if not isinstance(model, DiTDenoiser):
         raise ValueError("classifier-free guidance is implemented for DiT models (use --cfg-scale 1 otherwise)")
     return CFGDenoiser(model, scale, channels)
+
+
+def build_networks(base: EpsModel, config: SamplerConfig, device: str = "cpu",
+                   model_name: str | None = None) -> tuple[EpsModel, Drafter | None]:
+    """The (guided) target and, for the speculative sampler, the drafter of ``config``, both computing at
+    ``config.precision`` (``specdit.precision``). The one place every surface (generate, bench, workers)
+    builds its networks."""
+    from specdit.precision import at_precision
+
+    target = guided(base, config.cfg_scale, config.cfg_channels)
+    drafter = make_drafter(config.drafter, target, device, model_name) if config.sampler == "speculative" else None
+    return at_precision(target, drafter, config.precision)
+
+
+def draft_plan(config: SamplerConfig) -> int | torch.Tensor:
+    """What the round loop takes as the draft length: L, or the (S+1,) int64 table of ``draft_schedule``
+    (entry k is L(k); entry 0 unused)."""
+    if config.draft_schedule is None:
+        return config.draft_length
+    return torch.tensor([0, *config.draft_schedule], dtype=torch.int64)
 
 
 def run_sampler(model: EpsModel, drafter: Drafter | None, config: SamplerConfig, streams: NoiseStreams,
@@ -103,7 +123,7 @@ def run_sampler(model: EpsModel, drafter: Drafter | None, config: SamplerConfig,
         return sample_ddpm(model, schedule, streams, y=y, callback=callback)
     if config.sampler == "speculative":
         return sample_speculative(
-            model, drafter, schedule, streams, y=y, draft_length=config.draft_length,
+            model, drafter, schedule, streams, y=y, draft_length=draft_plan(config),
             verification=config.verify, relax=config.relax, callback=callback,
         )
     return sample_draft_refine(
@@ -145,9 +165,7 @@ def generate(
             raise ValueError(f"class labels must lie in [0, {base.num_classes}] ({base.num_classes} = no class)")
     elif base.num_classes is not None:
         labels = torch.full_like(seeds, base.num_classes)
-    target = guided(base, config.cfg_scale, config.cfg_channels)
-    name = model if isinstance(model, str) else model_name
-    drafter = make_drafter(config.drafter, target, device, name) if config.sampler == "speculative" else None
+    target, drafter = build_networks(base, config, device, model if isinstance(model, str) else model_name)
     start = time.perf_counter()
     outs, stats = [], []
     for lo in range(0, seeds.numel(), batch_size):

@@ -1,7 +1,8 @@
 """Side-by-side benchmark of the samplers on the same seeds, in one run (ratios, not absolute times).
 
 For every sampler variant: rounds (sequential target calls) per sample, parallel efficiency
-(steps / rounds), mean acceptance, wall time relative to ``ddpm`` measured in the same run, and the
+(steps / rounds), mean acceptance, speed-up over ``ddpm`` (its wall time / the variant's; higher is faster)
+measured in the same run, and the
 distance to the ground truth where the model has one (the analytic mixture: the largest KS distance
 over fixed 1-D projections, with its Bonferroni p-value). The target's batch-cost curve (time of a
 batch of b items relative to one) is reported too: speculation pays only where it is flat.
@@ -31,7 +32,7 @@ class BenchRow:
     efficiency: float
     acceptance: float
     wall: float  # seconds
-    wall_vs_ddpm: float
+    speedup_vs_ddpm: float  # ddpm's wall time / this variant's (higher is faster)
     ks: float | None  # max KS distance to the ground truth
     ks_p: float | None
 
@@ -41,8 +42,8 @@ class BenchRow:
 
 def default_variants(steps: int, draft_lengths: tuple[int, ...], cfg_scale: float = 1.0,
                      drafters: tuple[str, ...] = ("free", "perturbed:3"),
-                     cfg_channels: int | None = None) -> list[tuple[str, SamplerConfig]]:
-    base = SamplerConfig(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+                     cfg_channels: int | None = None, precision: str = "fp32") -> list[tuple[str, SamplerConfig]]:
+    base = SamplerConfig(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, precision=precision)
     out = [("ddpm", replace(base, sampler="ddpm"))]
     for drafter in drafters:
         for L in draft_lengths:
@@ -132,7 +133,7 @@ def run_bench(
         ks = ks_against_cdf(gen.samples, truth) if truth is not None and labels is None else None
         ref_wall = rows[0].wall if rows else gen.wall_time
         row = BenchRow(name, cfg, s["rounds_per_sample"], s["parallel_efficiency"], s["acceptance"], gen.wall_time,
-                       gen.wall_time / ref_wall, None if ks is None else ks.statistic, None if ks is None else ks.p_value)
+                       ref_wall / gen.wall_time, None if ks is None else ks.statistic, None if ks is None else ks.p_value)
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -161,6 +162,15 @@ class BenchSettings:
     num_heads: int | None = None
     weights: str | None = None
 
+    def variants(self) -> list[tuple[str, SamplerConfig]]:
+        """(name, config) of every variant compared, ddpm first (:func:`default_variants`)."""
+        return default_variants(self.base.steps, self.draft_lengths, self.base.cfg_scale, self.drafters,
+                                cfg_channels=self.base.cfg_channels, precision=self.base.precision)
+
+    def chain_steps(self) -> int:
+        """Chain-steps of the whole run (variants x samples x steps): the total of ``bench_model``'s progress."""
+        return len(self.variants()) * self.num_samples * self.base.steps
+
 
 @dataclass
 class BenchReport:
@@ -180,10 +190,12 @@ class BenchReport:
 
 
 def bench_model(settings: BenchSettings, *, on_start: Callable[[int, BatchCost], None] | None = None,
-                on_row: Callable[[BenchRow], None] | None = None) -> BenchReport:
+                on_row: Callable[[BenchRow], None] | None = None,
+                progress: Callable[[int], None] | None = None) -> BenchReport:
     """``specdit bench`` as one call: load the model, measure its batch-cost curve, run every variant
     (:func:`default_variants`) on the same seeds (:func:`run_bench`). ``on_start(threads, batch_cost)`` is
-    called once the model is loaded and measured, ``on_row(row)`` after each variant. Raises ValueError (one
+    called once the model is loaded and measured, ``on_row(row)`` after each variant, ``progress(n)`` as n more
+    chain-steps are done (:meth:`BenchSettings.chain_steps` in all). Raises ValueError (one
     line): a bad setting (``specdit.config.SettingError``), device, label policy or model."""
     from specdit.api import guided, load_model
     from specdit.config import check_num_samples, check_seed
@@ -193,8 +205,7 @@ def bench_model(settings: BenchSettings, *, on_start: Callable[[int, BatchCost],
     s = settings
     check_num_samples(s.num_samples)
     check_seed(s.seed)
-    variants = default_variants(s.base.steps, s.draft_lengths, s.base.cfg_scale, s.drafters,
-                                cfg_channels=s.base.cfg_channels)
+    variants = s.variants()
     for _, v in variants:
         v.validate()
     if s.threads is not None:
@@ -210,5 +221,5 @@ def bench_model(settings: BenchSettings, *, on_start: Callable[[int, BatchCost],
     if on_start is not None:
         on_start(threads, curve)
     rows = run_bench(model, variants, s.num_samples, s.seed, y, s.batch_size, on_row=on_row, model_name=s.model,
-                     device=device)
+                     device=device, progress=progress)
     return BenchReport(s, threads, curve, rows)

@@ -137,6 +137,7 @@ OWN_DEFAULTS = {
     ("model", "bench"): "gmm-2d: the analytic mixture, whose exact marginals the KS column needs",
     ("num_samples", "bench"): "2000 chains per variant: enough for the KS distance to mean something",
     ("batch_size", "bench"): "256: a variant's chains in few batches",
+    ("batch_size", "calibrate"): "1: the schedule for latency (one chain at a time); a job calibrates at its batch",
     ("labels", "bench"): "none: the KS distance compares with the full (unconditional) distribution",
     ("device", "pool start"): "auto: the pool's actors take GPUs where the cluster has enough",
 }

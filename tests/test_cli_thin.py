@@ -246,5 +246,6 @@ def test_train_drafter_on_a_pool_is_one_call(monkeypatch, tmp_path):
     assert seen == {"address": "local", "model": "mnist-dit", "data": "mnist", "seed": 9, "steps": 7, "pool": "p",
                     "workers": 3, "threads": 1, "out": tmp_path / "run"}
     assert res.stderr.count("loss 0.5000") == 2
+    assert "step 2/7: loss 0.5000 (ETA " in res.stderr, res.stderr  # progress with an ETA (issue 22)
     assert f"drafter written to {tmp_path / 'd'} (3 workers, 1.5s, 1 restarts; log: {tmp_path / 'run' / 'loss_log.csv'})" \
         in res.stdout

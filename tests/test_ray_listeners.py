@@ -148,6 +148,7 @@ def redis_url(tmp_path):
 def test_the_readme_cluster_pool_and_worker_listen_on_127_0_0_1_only(tmp_path, redis_url):
     pytest.importorskip("ray")
     found = _cluster_with_a_worker(tmp_path, redis_url, local_only=True)
+    print("\n".join(f"{name:24} pid {pid:<7} {addr}:{port}" for name, pid, addr, port in found))
     names = {name for name, *_ in found}
     assert {"gcs_server", "raylet"} <= names, found  # the listing sees the cluster's servers
     assert sum(name == "raylet" for name, *_ in found) >= 2, found  # node manager and object manager
@@ -162,5 +163,6 @@ def test_without_single_machine_mode_the_gcs_listens_on_every_interface(tmp_path
     if external_ip() is None:
         pytest.skip("no external address on this machine")
     found = _cluster_with_a_worker(tmp_path, redis_url, local_only=False)
+    print("\n".join(f"{name:24} pid {pid:<7} {addr}:{port}" for name, pid, addr, port in found))
     gcs = [row for row in found if row[0] == "gcs_server"]
     assert gcs and all(ipaddress.ip_address(a).is_unspecified for _, _, a, _ in gcs), found

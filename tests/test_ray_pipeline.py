@@ -97,7 +97,7 @@ def test_feature_drafter_pipeline_matches_sampler(tmp_path):
 # Data-parallel training with a thread "world" (the Ray pool runs the same code with gloo)
 # ------------------------------------------------------------------------------------------------------
 def _tiny_dit():
-    from specdit.models.dit import DiTDenoiser
+    from specdit.models.denoisers import DiTDenoiser
     from tests.conftest import tiny_dit_transformer
 
     return DiTDenoiser(tiny_dit_transformer())

@@ -70,7 +70,7 @@ class FeatureDrafterNet(nn.Module):
 
 def _halves(target):
     """(base DiT, guided wrapper or None)."""
-    from specdit.models.dit import CFGDenoiser
+    from specdit.models.denoisers import CFGDenoiser
 
     return (target.model, target) if isinstance(target, CFGDenoiser) else (target, None)
 

@@ -15,7 +15,7 @@
 * ``"raw"``: flattened samples, for the analytic Gaussian-mixture model whose samples are vectors.
 
 Image inputs are uint8 in [0, 255], (N, H, W, C), (N, C, H, W) or (N, H, W), numpy or torch. Float model
-outputs in [-1, 1] convert with :func:`to_uint8` (DiT's ``clamp(127.5 x + 128, 0, 255)``).
+outputs in [-1, 1] convert with :func:`to_uint8` (``specdit.images``: 127.5 (x + 1) rounded half up, clamped).
 
 ``features_and_logits(images)`` returns the FID features and, from the same network pass, the classifier
 logits (N, C) that the Inception Score needs (``specdit.metrics.inception_score``), or None where the network
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from specdit.atomic import atomic_write
+from specdit.images import to_uint8
 
 __all__ = [
     "Extractor",
@@ -70,14 +71,6 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("SPECDIT_CACHE") or Path.home() / ".cache" / "specdit")
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def to_uint8(x) -> torch.Tensor:
-    """Model output in [-1, 1] (any shape, float) -> uint8, DiT's ``clamp(127.5 x + 128, 0, 255)``."""
-    x = torch.as_tensor(x)
-    if x.dtype == torch.uint8:
-        return x
-    return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)
 
 
 def as_uint8_nchw(images) -> torch.Tensor:

@@ -269,7 +269,7 @@ def stats_from_arrays(arrays) -> "FeatureStats | GaussianStats | None":
 
     The one reader of FID statistics: ``specdit fid`` (:mod:`specdit.metrics.sources`), ``submit
     --fid-ref`` and the aggregator (via :func:`load_stats`) all go through it."""
-    keys = set(arrays.files if hasattr(arrays, "files") else arrays)
+    keys = set(arrays)  # a dict's keys, an NpzFile's member names
     if {"n", "sum", "sum_outer"} <= keys:
         return FeatureStats.from_arrays(arrays)
     if {"mu", "sigma"} <= keys:

@@ -9,8 +9,8 @@ ADM-style reference batch, whose moments are used (as ADM's evaluator does) and 
 Pixel ranges (for the image extractors; the ``raw`` extractor uses the arrays as they are), never guessed
 silently:
 
-- float arrays with negative values are model outputs in [-1, 1], mapped as DiT's ``sample.py`` does
-  (``clamp(127.5 x + 128, 0, 255)``: overshoot of a sampler's last step is clamped); values beyond
+- float arrays with negative values are model outputs in [-1, 1], mapped by ``specdit.images.to_uint8``
+  (``clamp(floor(127.5 x + 128), 0, 255)``: overshoot of a sampler's last step is clamped); values beyond
   [-2, 2] are refused;
 - float arrays in [0, 1] are scaled by 255, float arrays in [0, 255] (maximum above 1) are rounded;
 - integer arrays in [0, 255] are taken as they are, ``uint16`` arrays as 16-bit images (``round(v * 255 /

@@ -27,7 +27,7 @@ from specdit.noise import NoiseStreams
 from specdit.samplers.chains import Chains
 from specdit.samplers.common import NonFiniteTargetError
 from specdit.samplers.proposals import DraftBatch, TargetScores
-from specdit.samplers.round_steps import Verification, propose, score, verify
+from specdit.samplers.round_steps import DraftLength, Verification, propose, score, verify
 from specdit.schedule import Schedule
 
 
@@ -43,7 +43,7 @@ class LocalRounds:
     """A :class:`RoundExecutor` running the drafter and the target in this process (values, no futures)."""
 
     def __init__(self, model: EpsModel, drafter: Drafter, schedule: Schedule, streams: NoiseStreams,
-                 draft_length: int):
+                 draft_length: DraftLength):
         self.model, self.drafter, self.schedule, self.streams = model, drafter, schedule, streams
         self.draft_length = draft_length
 
@@ -93,10 +93,12 @@ class _Round:
     draft: DraftBatch | None = None
 
 
-def check_round_settings(draft_length: int, relax: float, eta: float) -> None:
-    """Raise ValueError (one line) for settings no speculative round accepts."""
-    if draft_length < 1:
-        raise ValueError(f"draft length must be >= 1, got {draft_length}")
+def check_round_settings(draft_length: DraftLength, relax: float, eta: float) -> None:
+    """Raise ValueError (one line) for settings no speculative round accepts (``draft_length``: an int or a
+    (S+1,) table L(k), see ``round_steps.draft_lengths``)."""
+    lowest = int(draft_length[1:].min()) if isinstance(draft_length, torch.Tensor) else draft_length
+    if lowest < 1:
+        raise ValueError(f"draft length must be >= 1, got {lowest}")
     if relax < 0:
         raise ValueError(f"relaxation must be >= 0, got {relax}")
     if eta <= 0:

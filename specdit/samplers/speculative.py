@@ -19,7 +19,7 @@ from specdit.drafters.base import Drafter
 from specdit.models.base import EpsModel
 from specdit.noise import NoiseStreams
 from specdit.samplers.chains import Chains
-from specdit.samplers.round_steps import Verification
+from specdit.samplers.round_steps import DraftLength, Verification
 from specdit.samplers.rounds import LocalRounds, RoundRule, check_round_settings, run_rounds
 from specdit.schedule import Schedule
 from specdit.stats import SampleStats
@@ -32,13 +32,14 @@ def sample_speculative(
     streams: NoiseStreams,
     *,
     y: torch.Tensor | None = None,
-    draft_length: int = 8,
+    draft_length: DraftLength = 8,
     verification: Verification = "block",
     relax: float = 0.0,
     callback: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Exact speculative sampling (for relax = 0). Returns (samples (B, *shape) float64 on the streams'
-    device, stats on the CPU). ``y``: (B,) int64 labels or None. ``callback(n)`` reports n more chain-steps
+    device, stats on the CPU). ``y``: (B,) int64 labels or None. ``draft_length``: L, or a (S+1,) int64
+    table L(k) of a per-timestep schedule (``round_steps.draft_lengths``). ``callback(n)`` reports n more chain-steps
     done (the steps all chains advanced in a round). Raises ValueError for invalid settings and
     ``NonFiniteTargetError`` naming the sample's row if the target returns NaN/inf."""
     check_round_settings(draft_length, relax, schedule.eta)

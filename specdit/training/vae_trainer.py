@@ -230,7 +230,7 @@ def reconstruction_metrics(vae, images: torch.Tensor, labels: torch.Tensor) -> d
     pixel values after uint8 quantisation, mean over images), mean L1 on [-1, 1], and the shipped MNIST
     classifier's accuracy on the reconstructions and on the originals."""
     from specdit.metrics.mnist_classifier import class_accuracy
-    from specdit.models.dit import images_to_uint8
+    from specdit.images import images_to_uint8
 
     vae.eval()
     rec = decode(vae, encode_mean(vae, images))

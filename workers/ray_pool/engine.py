@@ -212,6 +212,7 @@ class RayEngine:
     def _run_speculative(self, work, config, info, seeds, y_all, batches, results, progress):
         import ray
 
+        from specdit.api import draft_plan
         from specdit.schedule import Schedule
         from specdit.scheduler_config import TrainingSchedule
 
@@ -228,7 +229,7 @@ class RayEngine:
                 x, st = speculative_pipeline(
                     _Remote(drafter, work.model, sampler), _Remote(verifier, work.model, sampler), schedule,
                     seeds[a:b], None if y_all is None else y_all[a:b], info.sample_shape,
-                    draft_length=config.draft_length, verification=config.verify, relax=config.relax,
+                    draft_length=draft_plan(config), verification=config.verify, relax=config.relax,
                     groups=self.groups, overlap=self.overlap, callback=tick, timeline=tl)
             except NonFiniteTargetError as e:  # the row in this batch -> the row in the shard
                 raise NonFiniteTargetError(e.step, e.timestep, a + e.sample) from None
