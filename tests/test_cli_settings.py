@@ -34,11 +34,12 @@ INVALID = {
     "verify": ["magic"],
     "drafter": ["magic", "perturbed:nan", "perturbed:inf", "perturbed:-1", "model:"],
     "refine_mode": ["magic"],
+    "precision": ["magic", "nan", "fp16"],
 }
 YAML = {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}  # the YAML spelling of a float value
 
 # Which commands take which setting (every command that takes a sampler setting).
-TAKES = {"generate": set(INVALID), "submit": set(INVALID), "bench": {"steps", "cfg_scale", "cfg_channels", "seed"}}
+TAKES = {"generate": set(INVALID), "submit": set(INVALID), "bench": {"steps", "cfg_scale", "cfg_channels", "seed", "precision"}}
 LINE = re.compile(r"^error: invalid (?:setting (--[\w-]+)|job spec: (sampler\.\w+|base_seed)): (.*)$")
 
 
@@ -65,7 +66,7 @@ def _error(result) -> tuple[str, str]:
 
 
 def _spec_file_error(tmp_path, setting: str, text: str) -> tuple[str, str]:
-    text_setting = setting in ("sampler", "verify", "drafter", "refine_mode")
+    text_setting = setting in ("sampler", "verify", "drafter", "refine_mode", "precision")
     value = f"'{text}'" if text_setting or text == "abc" else YAML.get(text, text)
     body = (f"base_seed: {value}\n" if setting == "seed" else f"sampler:\n  {setting}: {value}\n")
     if setting == "parallel":  # draft_refine uses it
@@ -89,6 +90,14 @@ def test_every_surface_refuses_a_setting_with_the_same_reason(setting, tmp_path)
         assert where == ("base_seed" if setting == "seed" else f"sampler.{setting}"), where
         assert len(set(reasons.values())) == 1, (setting, text, reasons)
         assert not list(tmp_path.glob("*.npz"))  # refused before any work
+
+
+def test_every_sampler_setting_is_tried():
+    """The refusal test above covers every field of the one settings type (a new setting joins it)."""
+    from specdit.config import SamplerConfig
+
+    spec_only = {"draft_schedule"}  # a per-step list: job spec files and library callers only, no flag
+    assert set(SamplerConfig.__dataclass_fields__) - spec_only <= set(INVALID)
 
 
 def test_no_second_settings_definition():
