@@ -85,20 +85,26 @@ DEPRECATED: dict[str, dict[str, str]] = {
 }
 
 
-def rewrite_deprecated(command: str, args: list[str]) -> list[str]:
-    """``args`` with the deprecated spellings of ``command`` replaced (``--old=v`` too; nothing after ``--``);
-    prints ``warning: <old> is deprecated; use <new>`` once per spelling used."""
-    table, out, warned = DEPRECATED.get(command, {}), [], set()
+def rewrite_deprecated(command: str, args: list[str], takes_value: frozenset[str] = frozenset()) -> list[str]:
+    """``args`` with the deprecated spellings of ``command`` replaced (``--old=v`` too; nothing after ``--``,
+    nor the value of an option in ``takes_value``: ``--name --output`` keeps its name); prints
+    ``warning: <old> is deprecated; use <new>`` once per spelling used."""
+    table, out, warned, is_value = DEPRECATED.get(command, {}), [], set(), False
     for i, arg in enumerate(args):
         if arg == "--":
             out.extend(args[i:])
             break
         name, eq, value = arg.partition("=")
+        if is_value:  # the value of the option before: left as typed
+            out.append(arg)
+            is_value = False
+            continue
         if name in table:
             if name not in warned:
                 typer.secho(f"warning: {name} is deprecated; use {table[name]}", err=True, fg=typer.colors.YELLOW)
                 warned.add(name)
             arg = table[name] + eq + value
+        is_value = not eq and table.get(name, name) in takes_value
         out.append(arg)
     return out
 
@@ -107,10 +113,13 @@ class AliasedCommand(TyperCommand):
     """A command that accepts its deprecated spellings (:data:`DEPRECATED`) with a one-line note."""
 
     def parse_args(self, ctx, args):
-        return super().parse_args(ctx, rewrite_deprecated(self.name or "", list(args)))
+        takes_value = frozenset(o for p in self.params if p.param_type_name == "option"
+                                and not p.is_flag and not p.count for o in p.opts)
+        return super().parse_args(ctx, rewrite_deprecated(self.name or "", list(args), takes_value))
 
 
 def _coerce(setting: str, value: Any) -> Any:
+    value = as_spec_value(value)  # "5.0" is 5 as in a spec file's YAML (and as --seed reads it)
     if setting in ("steps", "draft_length", "parallel"):
         return as_int(setting, value)
     if setting in ("eta", "relax", "cfg_scale"):

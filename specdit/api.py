@@ -126,7 +126,7 @@ def guided(model: EpsModel, scale: float, channels: int | None = None) -> EpsMod
     from specdit.models.denoisers import CFGDenoiser, DiTDenoiser
 
     if not isinstance(model, DiTDenoiser):
-        raise ValueError("classifier-free guidance is implemented for DiT models (use --cfg 1 otherwise)")
+        raise ValueError("classifier-free guidance is implemented for DiT models (use --cfg-scale 1 otherwise)")
     return CFGDenoiser(model, scale, channels)
 
 

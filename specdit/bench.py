@@ -202,13 +202,12 @@ def bench_model(settings: BenchSettings, *, on_start: Callable[[int, BatchCost],
     chain-steps are done (:meth:`BenchSettings.chain_steps` in all). Raises ValueError (one
     line): a bad setting (``specdit.config.SettingError``), device, label policy or model."""
     from specdit.api import guided, load_model
-    from specdit.config import check_seed
+    from specdit.config import check_num_samples, check_seed
     from specdit.devices import resolve_device
     from specdit.labels import labels_for
 
     s = settings
-    if s.num_samples < 1:
-        raise ValueError(f"number of samples must be >= 1, got {s.num_samples}")
+    check_num_samples(s.num_samples)
     check_seed(s.seed)
     variants = s.variants()
     for _, v in variants:

@@ -30,6 +30,7 @@ DRAFTER_KINDS = ("free", "feature", "perturbed", "model")
 MAX_STEPS = 1000  # the training diffusion steps T (``specdit.schedule.TRAIN_STEPS``)
 MAX_DRAFT_LENGTH = 1000
 MAX_SEED = 2**63 - 1  # seeds are int64 (``specdit.noise``): one range for every command and spec
+MAX_SAMPLES = 100_000_000  # samples of one run: generate, bench, a job (``cluster.limits.MAX_SAMPLES_PER_JOB``)
 SAMPLER_ARITHMETIC_VERSION = 2
 
 _INTS = ("steps", "draft_length", "parallel")
@@ -117,6 +118,14 @@ def check_seed(value: Any, name: str = "seed") -> int:
     if not 0 <= seed <= MAX_SEED:
         raise SettingError(name, f"{_label(name)} must lie in [0, 2^63-1], got {seed}")
     return seed
+
+
+def check_num_samples(value: Any) -> int:
+    """A sample count as an int in [1, MAX_SAMPLES] (SettingError ``num_samples`` otherwise)."""
+    n = as_int("num_samples", value)
+    if not 1 <= n <= MAX_SAMPLES:
+        raise SettingError("num_samples", f"number of samples must lie in [1, {MAX_SAMPLES}], got {n}")
+    return n
 
 
 def check_drafter(value: Any) -> str:

@@ -120,11 +120,10 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
     from specdit.api import generate, load_model
     from specdit.labels import labels_for
     from specdit.noise import sample_seed
-    from specdit.config import check_seed
+    from specdit.config import check_num_samples, check_seed
     from specdit.devices import resolve_device
 
-    if num_samples < 1:
-        raise ValueError(f"number of samples must be >= 1, got {num_samples}")
+    check_num_samples(num_samples)
     config.validate()
     check_seed(seed)
     check_output(out)
