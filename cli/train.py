@@ -87,7 +87,7 @@ def calibrate_relax(
                                        "feature drafter's folder, where it is loaded from)."),
     threads: Optional[int] = opt.THREADS,
 ) -> None:
-    """Measure a drafter's relaxation scale (mean uncertainty per timestep) and store it beside the drafter.
+    """Measure a drafter's relaxation scale (median uncertainty per timestep) and store it beside the drafter.
 
     Rerun it after retraining a drafter. Exit code 2 for an invalid setting."""
     from specdit.api import calibrate_relax as run

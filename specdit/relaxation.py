@@ -9,9 +9,10 @@ verification divides its log q/p by
 
 where c(t) is the drafter's *relaxation scale*:
 
-- **calibrated** (``specdit calibrate-relax``): the mean of u over exact speculative chains of that drafter,
-  at each timestep, stored beside the drafter as ``relax_scale.json`` and interpolated linearly in t for other
-  step counts. u / c is then about 1 for a typical draft, so lambda = 1 roughly halves log q/p;
+- **calibrated** (``specdit calibrate-relax``): the median of u over exact speculative chains of that
+  drafter, at each timestep, stored beside the drafter as ``relax_scale.json`` and interpolated linearly in t
+  for other step counts. u / c is then 1 for the median draft, so lambda = 1 halves its log q/p (u is
+  heavy-tailed: its mean, the rule before, sat well above the typical draft and relaxed it little);
 - **default** (drafters without a calibration: free, perturbed, model, an uncalibrated feature drafter):
   the u at which the drafted step's mean lies one kernel standard deviation from the target's,
   c_k = sigma_k^2 / (g_k^2 D) with g_k the eps coefficient of the kernel mean and D the sample size, so
@@ -32,13 +33,16 @@ from specdit.schedule import Schedule
 
 CALIBRATION_FILE = "relax_scale.json"
 CALIBRATION_VERSION = 1
+DEFAULT_QUANTILE = 0.5  # the calibrated scale is this quantile of u per timestep (the median)
 
 
 @dataclass(frozen=True)
 class RelaxCalibration:
     """A drafter's relaxation scale: ``scale[i]`` (> 0) is the mean uncertainty u at original timestep
     ``timesteps[i]`` (increasing ints in [0, 999]), measured on ``samples`` exact chains of ``steps`` steps,
-    draft length ``draft_length``, guidance ``cfg_scale``, by drafter ``drafter`` on ``model``."""
+    draft length ``draft_length``, guidance ``cfg_scale``, by drafter ``drafter`` on ``model``; ``statistic``
+    names the statistic of u per timestep ("quantile 0.5": the median; "mean" in files written before it
+    was recorded)."""
 
     timesteps: tuple[int, ...]
     scale: tuple[float, ...]
@@ -49,6 +53,7 @@ class RelaxCalibration:
     drafter: str
     model: str
     version: int = CALIBRATION_VERSION
+    statistic: str = "mean"
 
     def __post_init__(self):
         if len(self.timesteps) != len(self.scale) or not self.timesteps:

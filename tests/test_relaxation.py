@@ -3,8 +3,9 @@
 - relax = 0 is the exact sampler bit for bit, whatever calibration the drafter carries;
 - the default scale makes u / c the squared gap d^2 between drafted and target kernel means in kernel
   standard deviations (checked against the kernel means themselves);
-- calibration measures the mean uncertainty per timestep: with a drafter whose eps error is a fixed vector
-  of RMS e it is e^2 at every timestep (a drafter twice as wrong gives 4 e^2: the negative control);
+- calibration measures the median uncertainty per timestep: with a drafter whose eps error is a fixed vector
+  of RMS e it is e^2 at every timestep (a drafter twice as wrong gives 4 e^2: the negative control), and a
+  few outlying drafts do not move it (the mean they would move is not what is stored);
 - a stored calibration round-trips, interpolates in t, and a damaged one is one line.
 """
 import json
@@ -67,6 +68,20 @@ def test_calibration_measures_the_drafters_uncertainty(gmm2d, error):
     torch.testing.assert_close(torch.tensor(cal.scale, dtype=torch.float64), torch.full((20,), error**2, dtype=torch.float64),
                                rtol=1e-9, atol=0)
     assert cal.scale != pytest.approx([(2 * error) ** 2] * 20)  # a drafter twice as wrong measures 4 e^2
+
+
+def test_calibration_is_the_median_not_the_mean(gmm2d, monkeypatch):
+    import specdit.samplers.relax_calibration as rc
+
+    s = Schedule.create(4, 1.0)
+    u = {1: [1.0, 1.0, 2.0, 100.0, 1.5], 2: [0.5, 0.5, 0.5, 50.0, 0.5], 3: [0.0, 0.0, 0.0]}  # k 3: zero, left out
+    monkeypatch.setattr(rc, "measure_uncertainty", lambda *a, **k: u)
+    cal = rc.calibrate(gmm2d, None, s, NoiseStreams(sample_seed(0, torch.arange(5))), None, draft_length=2, cfg_scale=1.0, drafter_name="x", model_name="gmm-2d")
+    assert cal.timesteps == (int(s.timesteps[1]), int(s.timesteps[2])) and cal.statistic == "quantile 0.5"
+    assert cal.scale == (1.5, 0.5)  # medians; the means (21.1, 10.4) would relax typical drafts 14-20x less
+    q = rc.calibrate(gmm2d, None, s, NoiseStreams(sample_seed(0, torch.arange(5))), None, draft_length=2, cfg_scale=1.0, drafter_name="x",
+                     model_name="gmm-2d", quantile=0.25)
+    assert q.scale == (1.0, 0.5)
 
 
 def test_calibration_round_trips_and_interpolates(tmp_path):
