@@ -63,7 +63,7 @@ def test_calibration_measures_the_drafters_uncertainty(gmm2d, error):
     s = Schedule.create(20, 1.0)
     streams = NoiseStreams(sample_seed(7, torch.arange(16)))
     cal = calibrate(gmm2d, ModelDrafter(PerturbedModel(gmm2d, error)), s, streams, None, draft_length=3,
-                    cfg_scale=1.0, drafter_name=f"perturbed:{error}", model_name="gmm-2d")
+                    cfg_scale=1.0, drafter_name=f"perturbed:{error}", model_name="gmm-2d", divisor=1.0)
     assert cal.timesteps == tuple(int(t) for t in s.timesteps[1:])  # every timestep was drafted
     torch.testing.assert_close(torch.tensor(cal.scale, dtype=torch.float64), torch.full((20,), error**2, dtype=torch.float64),
                                rtol=1e-9, atol=0)
@@ -76,11 +76,15 @@ def test_calibration_is_the_median_not_the_mean(gmm2d, monkeypatch):
     s = Schedule.create(4, 1.0)
     u = {1: [1.0, 1.0, 2.0, 100.0, 1.5], 2: [0.5, 0.5, 0.5, 50.0, 0.5], 3: [0.0, 0.0, 0.0]}  # k 3: zero, left out
     monkeypatch.setattr(rc, "measure_uncertainty", lambda *a, **k: u)
-    cal = rc.calibrate(gmm2d, None, s, NoiseStreams(sample_seed(0, torch.arange(5))), None, draft_length=2, cfg_scale=1.0, drafter_name="x", model_name="gmm-2d")
-    assert cal.timesteps == (int(s.timesteps[1]), int(s.timesteps[2])) and cal.statistic == "quantile 0.5"
+    cal = rc.calibrate(gmm2d, None, s, NoiseStreams(sample_seed(0, torch.arange(5))), None, draft_length=2,
+                       cfg_scale=1.0, drafter_name="x", model_name="gmm-2d", divisor=1.0)
+    assert cal.timesteps == (int(s.timesteps[1]), int(s.timesteps[2])) and cal.statistic == "quantile 0.5 / 1"
     assert cal.scale == (1.5, 0.5)  # medians; the means (21.1, 10.4) would relax typical drafts 14-20x less
-    q = rc.calibrate(gmm2d, None, s, NoiseStreams(sample_seed(0, torch.arange(5))), None, draft_length=2, cfg_scale=1.0, drafter_name="x",
-                     model_name="gmm-2d", quantile=0.25)
+    four = rc.calibrate(gmm2d, None, s, NoiseStreams(sample_seed(0, torch.arange(5))), None, draft_length=2,
+                        cfg_scale=1.0, drafter_name="x", model_name="gmm-2d")
+    assert four.scale == (1.5 / 4, 0.5 / 4) and four.statistic == "quantile 0.5 / 4"  # the default divisor
+    q = rc.calibrate(gmm2d, None, s, NoiseStreams(sample_seed(0, torch.arange(5))), None, draft_length=2,
+                     cfg_scale=1.0, drafter_name="x", model_name="gmm-2d", quantile=0.25, divisor=1.0)
     assert q.scale == (1.0, 0.5)
 
 

@@ -2,8 +2,8 @@
 
 Runs exact speculative chains (relax = 0, block verification) with the drafter and records, for every draft
 that the target scores, its uncertainty u = mean((eps_hat - eps)^2) at the draft's timestep; the scale at
-timestep t is the median of u over every draft at t (a quantile: the mean is set by a few large outliers and
-left typical drafts barely relaxed). Chains follow the target's law whatever the drafter, so the scale
+timestep t is the median of u over every draft at t divided by 4 (``specdit.relaxation.DEFAULT_DIVISOR``), so
+that lambda = 1 divides the median draft's log q/p by 5. Chains follow the target's law whatever the drafter, so the scale
 describes the states the sampler meets.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from specdit.drafters.base import DraftContext, Drafter
 from specdit.models.base import EpsModel
 from specdit.noise import NoiseStreams
-from specdit.relaxation import DEFAULT_QUANTILE, RelaxCalibration
+from specdit.relaxation import DEFAULT_DIVISOR, DEFAULT_QUANTILE, RelaxCalibration
 from specdit.samplers.chains import Chains
 from specdit.samplers.proposals import DraftBatch, TargetScores
 from specdit.samplers.rounds import LocalRounds, RoundRule, run_rounds
@@ -62,26 +62,27 @@ def measure_uncertainty(model: EpsModel, drafter: Drafter, schedule: Schedule, s
 
 def calibrate(model: EpsModel, drafter: Drafter, schedule: Schedule, streams: NoiseStreams, y: torch.Tensor | None,
               *, draft_length: int, cfg_scale: float, drafter_name: str, model_name: str,
-              quantile: float = DEFAULT_QUANTILE) -> RelaxCalibration:
+              quantile: float = DEFAULT_QUANTILE, divisor: float = DEFAULT_DIVISOR) -> RelaxCalibration:
     """The drafter's :class:`RelaxCalibration` from ``len(streams)`` exact chains: at each timestep, the
     ``quantile`` (in (0, 1); 0.5: the median) of u over the drafts scored there. Timesteps no draft reached
     (e.g. the last, deterministic step) or with a zero quantile are left out; raises ValueError if none is
     left."""
     values = measure_uncertainty(model, drafter, schedule, streams, y, draft_length)
-    return calibration_from_values(values, schedule, quantile=quantile, steps=schedule.num_steps,
+    return calibration_from_values(values, schedule, quantile=quantile, divisor=divisor, steps=schedule.num_steps,
                                    draft_length=draft_length, cfg_scale=cfg_scale, samples=len(streams),
                                    drafter=drafter_name, model=model_name)
 
 
 def calibration_from_values(values: dict[int, list[float]], schedule: Schedule, *, quantile: float = DEFAULT_QUANTILE,
-                            **meta) -> RelaxCalibration:
+                            divisor: float = DEFAULT_DIVISOR, **meta) -> RelaxCalibration:
     """:class:`RelaxCalibration` from the uncertainties ``values`` by state index k (as
-    :func:`measure_uncertainty` returns them): the ``quantile`` of u at each timestep; ``meta``: the
+    :func:`measure_uncertainty` returns them): the ``quantile`` of u at each timestep over ``divisor``; ``meta``: the
     remaining fields (steps, draft_length, cfg_scale, samples, drafter, model)."""
     t = schedule.timesteps.cpu()
-    q = {k: float(torch.quantile(torch.tensor(v, dtype=torch.float64), quantile)) for k, v in values.items() if v}
+    q = {k: float(torch.quantile(torch.tensor(v, dtype=torch.float64), quantile)) / divisor
+         for k, v in values.items() if v}
     pairs = sorted((int(t[k]), c) for k, c in q.items() if 1 <= k <= schedule.num_steps and c > 0)
     if not pairs:
         raise ValueError("no draft was scored: nothing to calibrate")
     return RelaxCalibration(timesteps=tuple(p[0] for p in pairs), scale=tuple(p[1] for p in pairs),
-                            statistic=f"quantile {quantile:g}", **meta)
+                            statistic=f"quantile {quantile:g} / {divisor:g}", **meta)
