@@ -13,7 +13,7 @@ where c(t) is the drafter's *relaxation scale*:
   scored in exact speculative chains of that drafter, stored beside the drafter as ``relax_scale.json``
   and interpolated linearly in t for other step counts. The median draft then has u / c = 4, so lambda = 1
   divides its log q/p by 5 and lambda in [0, 1] spans exact to a clearly visible quality loss on the
-  built-in models (the mean of u, the rule before, gave lambda = 1 only +12% parallel efficiency);
+  built-in models (the mean of u, or its median, gave lambda = 1 only +10-12% parallel efficiency);
 - **default** (drafters without a calibration: free, perturbed, model, an uncalibrated feature drafter):
   the u at which the drafted step's mean lies one kernel standard deviation from the target's,
   c_k = sigma_k^2 / (g_k^2 D) with g_k the eps coefficient of the kernel mean and D the sample size, so
@@ -40,7 +40,7 @@ DEFAULT_DIVISOR = 4.0  # ... divided by this: lambda = 1 divides the median draf
 
 @dataclass(frozen=True)
 class RelaxCalibration:
-    """A drafter's relaxation scale: ``scale[i]`` (> 0) is the mean uncertainty u at original timestep
+    """A drafter's relaxation scale: ``scale[i]`` (> 0) is the scale c of the uncertainty u at original timestep
     ``timesteps[i]`` (increasing ints in [0, 999]), measured on ``samples`` exact chains of ``steps`` steps,
     draft length ``draft_length``, guidance ``cfg_scale``, by drafter ``drafter`` on ``model``; ``statistic``
     names the statistic of u per timestep ("quantile 0.5 / 4": the median over 4; "mean" in files written
