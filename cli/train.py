@@ -37,6 +37,8 @@ def train_drafter(
                                        "before the trained one (L - 1 for rounds of L drafts)."),
     onpolicy_cfg: float = typer.Option(1.5, "--onpolicy-cfg", help="Guidance scale of the roll-outs (the "
                                        "sampler's --cfg)."),
+    ckpt_every: int = typer.Option(250, "--ckpt-every", min=1, help="Checkpoint (and export the EMA drafter) "
+                                   "every this many steps."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Train data-parallel on a Ray actor "
                                               "pool: a cluster address (host:port | auto) or 'local' (a private "
@@ -59,7 +61,7 @@ def train_drafter(
                              lambda_smooth=lambda_smooth, ema_decay=ema, sample_steps=sample_steps, seed=seed,
                              init_from=str(init_from) if init_from else None, accept_weight=accept_weight,
                              accept_clip=accept_clip, onpolicy=onpolicy, onpolicy_depth=onpolicy_depth,
-                             onpolicy_cfg=onpolicy_cfg)
+                             onpolicy_cfg=onpolicy_cfg, ckpt_every=ckpt_every)
     if ray_address is not None:
         from workers.ray_pool.actors import PoolError
         from workers.ray_pool.training import train_on_cluster

@@ -145,21 +145,22 @@ def onpolicy_inputs(net: FeatureDrafterNet, target, schedule: Schedule, x_k, k, 
     null = torch.full_like(y, target.num_classes)
     y2, ts = torch.cat([y, null]), schedule.timesteps
 
-    def guided(e):  # (2N, ...) [cond | uncond] -> (N, ...)
-        return e[n:] + cfg_scale * (e[:n] - e[n:])
-
     out = target(torch.cat([x_k, x_k]).to(dt), ts[k].repeat(2), y2)
-    x = schedule.step_mean(x_k, guided(out.eps), k) + schedule.sigma[k].view(bshape) * z  # round start
-    f, kk = out.features, k - 1  # (2N, T, D) carry: the target's features one state back
+    eps = out.eps[n:] + cfg_scale * (out.eps[:n] - out.eps[n:])  # guided (N, C, H, W)
+    x = schedule.step_mean(x_k, eps, k) + schedule.sigma[k].view(bshape) * z  # round start, float64
+    f, kk = out.features.clone(), k - 1  # (2N, T, D) carry: the target's features one state back
+    f = f.view(2, n, *f.shape[1:])  # (2, N, T, D) [cond, uncond]
     for j in range(int(depth.max())):
-        act = depth > j  # (N,) rows still drafting
-        t2 = ts[kk].repeat(2)
-        f_new = net(f, target.transformer.pos_embed(torch.cat([x, x]).to(dt)), target.embed(t2, y2))
-        x_new = schedule.step_mean(x, guided(target.eps_from_features(f_new, t2, y2)), kk)
-        x_new = x_new + schedule.sigma[kk].view(bshape) * zr[j]
-        f = torch.where(act.repeat(2).view(-1, 1, 1), f_new, f)
-        x = torch.where(act.view(bshape), x_new, x)
-        kk = kk - act.long()
+        a = (depth > j).nonzero().squeeze(1)  # (A,) rows still drafting: only these are computed
+        m, t2, ya = a.numel(), ts[kk[a]].repeat(2), torch.cat([y[a], null[a]])
+        f_new = net(f[:, a].reshape(2 * m, *f.shape[2:]), target.transformer.pos_embed(x[a].repeat(2, 1, 1, 1).to(dt)),
+                    target.embed(t2, ya))  # (2A, T, D)
+        e = target.eps_from_features(f_new, t2, ya)  # (2A, C, H, W)
+        eps = e[m:] + cfg_scale * (e[:m] - e[m:])
+        x[a] = schedule.step_mean(x[a], eps, kk[a]) + schedule.sigma[kk[a]].view(bshape) * zr[j, a]
+        f[:, a] = f_new.view(2, m, *f.shape[2:])
+        kk[a] -= 1
+    f = f.reshape(2 * n, *f.shape[2:])
     carry = torch.where(half.view(-1, 1, 1), f[n:], f[:n])  # (N, T, D)
     lab = torch.where(half, null, y)
     return carry, x, kk, lab, target(x.to(dt), ts[kk], lab)
