@@ -139,3 +139,29 @@ def test_onpolicy_batch_shapes_and_rollout(tiny_dit, tiny_data):
         assert set(terms) == {"noise", "feat", "smooth", "noise_w"}
         assert all(v.dim() == 0 and torch.isfinite(v) for v in terms.values())
         assert terms["noise_w"].item() == pytest.approx(terms["noise"].item(), rel=1e-5)  # unit weights
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
+def test_folded_step_equals_the_reference_composition(tiny_dit, cfg_scale):
+    """Patch embedding folded into the fusion, CFG combined before the final projection: the same eps and
+    carry as patch embedding -> network -> frozen final layer -> combine, up to float32 rounding."""
+    from specdit.drafters.feature import FeatureDrafterConfig, FeatureDrafterNet
+
+    torch.manual_seed(0)
+    net = FeatureDrafterNet(FeatureDrafterConfig(tiny_dit.hidden_size))
+    torch.nn.init.normal_(net.ada.weight, std=0.1)  # adaLN-Zero starts at zero: make the block act
+    target = guided(tiny_dit, cfg_scale)
+    drafter = FeatureDrafter(net, target)
+    assert drafter._fused is not None
+    n, T, D = 3, tiny_dit.num_tokens, tiny_dit.hidden_size
+    x = torch.randn(n, *tiny_dit.sample_shape, dtype=torch.float64)
+    t, y = torch.tensor([10, 500, 990]), torch.tensor([0, 1, tiny_dit.num_classes])
+    carry = torch.randn((n, T, D) if cfg_scale == 1.0 else (n, 2, T, D))
+    eps, f = drafter.step(x, t, y, carry)
+    eps_ref, f_ref = drafter._step_unfused(x, t, y, carry)
+    assert eps.dtype == torch.float64 and eps.shape == x.shape and f.shape == carry.shape
+    assert torch.allclose(eps, eps_ref, atol=1e-5) and torch.allclose(f, f_ref, atol=1e-5)
+    other, _ = drafter._step_unfused(x, t, y, carry + 0.1)  # negative control: the check can fail
+    assert not torch.allclose(eps, other, atol=1e-5)
+    again, _ = drafter.step(x, t, y, carry)  # second call: conditioning from the cache
+    assert torch.equal(again, eps)
