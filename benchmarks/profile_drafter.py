@@ -70,7 +70,7 @@ def pieces(drafter, x, t, y, carry) -> dict:
     are not part of d once the cache is warm; "conditioning (cache hit)" is the per-step lookup."""
     base, cfg, k = drafter.base, drafter.cfg, drafter._fused
     n = x.shape[0]
-    t2, y2 = cfg._pair(t, y)
+    t2, y2 = cfg.pair(t, y)
     D = carry.shape[2:]
     mod, (shift, scale) = drafter.conditioning(t, y)
     patches = drafter._patches(x)

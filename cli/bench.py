@@ -7,11 +7,35 @@ from typing import Optional
 import typer
 
 from cli import options as opt
-from cli.common import check_output_file, one_line_warnings, user_errors
+from cli.common import check_output_file, one_line_warnings, step_progress, user_errors
 
 
 def _fmt(v, spec=".3f"):
     return "-" if v is None or v != v else format(v, spec)
+
+
+COLUMNS = ["variant", "rounds/sample", "parallel eff.", "acceptance", "wall vs ddpm", "KS to truth", "KS p"]
+
+
+def _cells(r) -> list[str]:
+    return [r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.wall_vs_ddpm, ".2f"),
+            _fmt(r.ks, ".4f"), _fmt(r.ks_p, ".3g")]
+
+
+def _table(rows):
+    from rich.table import Table
+
+    from cli.render import markup
+
+    table = Table(*COLUMNS)
+    for r in rows:
+        table.add_row(*(markup(c) for c in _cells(r)))
+    return table
+
+
+def _markdown(rows) -> str:
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
+    return "\n".join([head, *("| " + " | ".join(_cells(r)) + " |" for r in rows)])
 
 
 def bench(
@@ -33,66 +57,44 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table (for the README)."),
     device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
+    progress: bool = opt.PROGRESS,
 ) -> None:
     """Rounds, parallel efficiency, acceptance, wall time relative to ddpm, and distance to ground truth."""
-    import torch
     from rich.console import Console
 
-    from cli.render import markup
-    from rich.table import Table
-
-    from specdit.api import guided, load_model
-    from specdit.bench import batch_cost_curve, default_variants, run_bench
-    from specdit.labels import labels_for
-    from specdit.noise import sample_seed
+    from cli.render import markup, plain
+    from specdit.bench import BenchSettings, bench_model
 
     if json_out is not None:
         check_output_file(json_out, "--json file")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if num_samples < 1:
-        raise ValueError(f"number of samples must be >= 1, got {num_samples}")
     try:
         lengths = tuple(int(v) for v in draft_lengths.split(","))
     except ValueError:
         raise ValueError(f"--draft-lengths must be comma-separated integers, got {draft_lengths!r}") from None
-    base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
-    steps, cfg, channels, seed = base.steps, base.cfg_scale, base.cfg_channels, opt.seed_value(seed)
-    from specdit.devices import resolve_device
-
-    dev = str(resolve_device(device))
-    m = load_model(model, device=dev, num_heads=num_heads, weights=weights)
-    idx = torch.arange(num_samples)
-    y = labels_for(labels, idx, sample_seed(seed, idx), m.num_classes)
-    if y is not None and labels == "none":
-        y = None  # unconditional sampling of a conditional model: compare with the full mixture
-    variants = default_variants(steps, lengths, cfg, tuple(drafters.split(",")), cfg_channels=channels)
-    for _, v in variants:
-        v.validate()
+    settings = BenchSettings(model=model, base=opt.sampler_config(steps=steps, cfg_scale=cfg_scale,
+                                                                  cfg_channels=cfg_channels),
+                             num_samples=num_samples, draft_lengths=lengths, drafters=tuple(drafters.split(",")),
+                             labels=labels, seed=opt.seed_value(seed), batch_size=batch_size, threads=threads,
+                             device=device, num_heads=num_heads, weights=weights)
+    base = settings.base
     console = Console(width=max(Console().width, 120))
-    console.print(f"[bold]{markup(model)}[/] S={steps} N={num_samples} seed={seed} cfg={cfg} threads={torch.get_num_threads()}")
-    curve = batch_cost_curve(guided(m, cfg, channels))
-    console.print("target batch cost (relative to batch 1): " + ", ".join(f"b={b}: {c:.2f}x" for b, c in curve.items()))
-    cols = ["variant", "rounds/sample", "parallel eff.", "acceptance", "wall vs ddpm", "KS to truth", "KS p"]
-    table = Table(*cols)
-    with one_line_warnings():
-        rows = run_bench(m, variants, num_samples, seed, y, batch_size,
-                         on_row=lambda r: console.print(f"  done: {r.name} ({r.wall:.1f} s)"), model_name=model,
-                         device=dev)
-    for r in rows:
-        table.add_row(r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.wall_vs_ddpm, ".2f"),
-                      _fmt(r.ks, ".4f"), _fmt(r.ks_p, ".3g"))
-    console.print(table)
+
+    def start(threads_used: int, curve) -> None:
+        console.print(f"[bold]{markup(model)}[/] S={base.steps} N={num_samples} seed={settings.seed} "
+                      f"cfg={base.cfg_scale} threads={threads_used}")
+        console.print("target batch cost (relative to batch 1): " + markup(curve.describe()))
+
+    # One bar with ETA over every variant's chain-steps (a bench runs for minutes at README sizes).
+    with one_line_warnings(), step_progress(settings.chain_steps(), markup(f"bench on {model}"), progress) as step:
+        report = bench_model(settings, on_start=start, progress=step,
+                             on_row=lambda r: console.print(f"  done: {markup(r.name)} ({r.wall:.1f} s)"))
+    console.print(_table(report.rows))
     if markdown:
-        print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-        for r in rows:
-            print(f"| {r.name} | {_fmt(r.rounds, '.1f')} | {_fmt(r.efficiency)} | {_fmt(r.acceptance)} | "
-                  f"{_fmt(r.wall_vs_ddpm, '.2f')} | {_fmt(r.ks, '.4f')} | {_fmt(r.ks_p, '.3g')} |")
+        print(plain(_markdown(report.rows), one_line=False))
     if json_out is not None:
         from specdit.outputs import strict_json
 
-        json_out.write_text(strict_json({"model": model, "steps": steps, "num_samples": num_samples, "seed": seed,
-                                         "batch_cost": curve, "rows": [r.as_dict() for r in rows]}, indent=2))
+        json_out.write_text(strict_json(report.as_dict(), indent=2))
 
 
 def register(app: typer.Typer) -> None:

@@ -8,10 +8,13 @@ code  cause
 0     success
 1     anything else: a failed or cancelled job, an internal error (``SPECDIT_DEBUG=1`` shows the traceback)
 2     invalid input: a bad option or value, an invalid job spec, an unusable file or path
-3     Redis unreachable or authentication failed
+3     Redis unreachable or authentication failed (a worker: unreachable for longer than its retry bound)
 4     no such job
 5     a worker bound to a job (``--job``) cannot load that job's model
 6     the target model returned NaN or inf (the message names the step and the sample)
+7     Redis refused the command while its data is safe (OOM, READONLY, MISCONF, BUSY, LOADING, MASTERDOWN,
+      NOREPLICAS); a worker exits so only after retrying for its bound, leaving finished shard files in place
+8     a worker's engine (its Ray pool) stayed unavailable for many shards in a row (none was charged)
 130   interrupted (Ctrl-C)
 ====  ==========================================================================================
 """
@@ -31,6 +34,8 @@ ClickException = UsageError.__mro__[1]
 
 EXIT_OK, EXIT_OTHER, EXIT_USAGE, EXIT_REDIS, EXIT_NO_JOB, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 EXIT_NONFINITE = 6  # the target model returned NaN/inf (specdit.samplers.common.NonFiniteTargetError)
+EXIT_REDIS_REFUSED = 7  # Redis refused the command (cluster.connection.REFUSALS; cluster.errors.RedisRefused)
+EXIT_ENGINE_DOWN = 8  # a worker's Ray pool stayed unavailable (cluster.errors.EngineDown)
 
 
 def _error_line(msg: str) -> None:
@@ -52,13 +57,18 @@ def _first_line(e: BaseException) -> str:
 
 def _service_error_line(e: BaseException, redis_url: str | None) -> tuple[str, int] | None:
     """(message, exit code) of a job-service failure (``cluster.errors.ServiceError``: its own code; a lost
-    Redis connection: EXIT_REDIS; a Ray pool error: EXIT_USAGE or EXIT_OTHER), or None. Looks only at modules already loaded: no import cost here."""
+    Redis connection: EXIT_REDIS; a refusal (OOM, READONLY, ...): EXIT_REDIS_REFUSED; a Ray pool error: EXIT_USAGE or EXIT_OTHER), or None. Looks only at modules already loaded: no import cost here."""
     errors, redis = sys.modules.get("cluster.errors"), sys.modules.get("redis")
     if errors is not None and isinstance(e, errors.ServiceError):
         return str(e), e.exit_code
     actors = sys.modules.get("workers.ray_pool.actors")
     if actors is not None and isinstance(e, actors.PoolError):  # Ray pool: a bad address is the user's
         return _first_line(e), EXIT_USAGE if isinstance(e, ValueError) else EXIT_OTHER
+    if redis is not None and isinstance(e, redis.RedisError):
+        from cluster.connection import redact, refusal_code, refusal_line, resolve_url
+
+        if refusal_code(e):  # the server answered, refusing for now: retry later
+            return f"Redis at {redact(resolve_url(redis_url))} {refusal_line(e)}", EXIT_REDIS_REFUSED
     if redis is not None and isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
         from cluster.connection import redact, resolve_url
 
@@ -136,14 +146,11 @@ def number_parse_error(e: UsageError) -> str | None:
         return None
     if param is None or kind not in ("float", "int") or not isinstance(raw, str):
         return None
+    from cli.options import as_spec_value
     from specdit.config import SettingError, as_float, as_int  # torch-free
 
     try:
-        value: object = float(raw)  # "1.5" for an integer option: the number, as a spec file gives it
-    except ValueError:
-        value = raw
-    try:
-        (as_float if kind == "float" else as_int)(max(param.opts, key=len), value)
+        (as_float if kind == "float" else as_int)(max(param.opts, key=len), as_spec_value(raw))
     except SettingError as exc:
         return str(exc)
     return None

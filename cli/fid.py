@@ -7,26 +7,14 @@ from typing import Optional
 
 import typer
 
-from cli.common import check_output_file, fail, user_errors
+from cli.common import check_output_file, user_errors
+from cli.render import plain
 
 
 class Features(str, Enum):
     inception = "inception"
     mnist = "mnist"
     raw = "raw"
-
-
-def _accuracy_line(src, name: str) -> Optional[str]:
-    """Class accuracy of a labelled MNIST-sized image source, else None."""
-    if src.labels is None or src.data is None:
-        return None
-    from specdit.metrics.mnist_classifier import class_accuracy
-
-    try:
-        acc = class_accuracy(src.images_uint8(), src.labels)
-    except ValueError:
-        return None  # not MNIST-shaped images
-    return f"class accuracy ({name}): {acc:.4f}  (n={src.labels.shape[0]})"
 
 
 def fid(
@@ -38,30 +26,23 @@ def fid(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Compute the FID between two sources (plus class accuracy when an .npz carries labels)."""
-    from specdit.metrics.fid import frechet_distance
-    from specdit.metrics.sources import load_source, source_stats
+    from specdit.metrics.sources import compare_sources
 
     if save_stats is not None:
         check_output_file(save_stats, "--save-stats file")
-    try:
-        a, b = load_source(source_a), load_source(source_b)
-        sa = source_stats(a, features.value, batch_size=batch_size, progress=progress)
-        sb = source_stats(b, features.value, batch_size=batch_size, progress=progress)
-        if save_stats is not None:
-            typer.echo(f"saved {sa.save(save_stats)}")
-        value = frechet_distance(sa, sb)
-        lines = [_accuracy_line(a, "A"), _accuracy_line(b, "B")] if features != Features.raw else []
-    except (ValueError, OSError) as e:  # SourceError is a ValueError; FileNotFoundError an OSError
-        fail(str(e))
-    for side, st in (("A", sa), ("B", sb)):
-        if 0 < st.n <= st.dim:  # rank-deficient covariance: the estimate is biased and can go negative
+    res = compare_sources(source_a, source_b, features.value, batch_size=batch_size, progress=progress,
+                          save_stats=save_stats)
+    if res.saved is not None:
+        typer.echo(plain(f"saved {res.saved}"))
+    for side, st in (("A", res.stats_a), ("B", res.stats_b)):
+        if st.n is not None and 0 < st.n <= st.dim:  # rank-deficient covariance (ADM's mu/sigma carry no count)
             typer.secho(f"warning: n_{side}={st.n} samples for {st.dim} feature dimensions: the covariance is singular "
                         "and the FID is biased (it can be negative); use more samples than dimensions",
                         err=True, fg=typer.colors.YELLOW)
-    typer.echo(f"FID[{features.value}] = {value:.6g}  (n_A={sa.n}, n_B={sb.n})")
-    for line in lines:
-        if line:
-            typer.echo(line)
+    counts = ", ".join(f"n_{side}={'mu/sigma' if st.n is None else st.n}" for side, st in (("A", res.stats_a), ("B", res.stats_b)))
+    typer.echo(f"FID[{features.value}] = {res.fid:.6g}  ({counts})")
+    for side, (acc, n) in res.accuracy.items():
+        typer.echo(f"class accuracy ({side}): {acc:.4f}  (n={n})")
 
 
 def fid_ref(
@@ -76,12 +57,9 @@ def fid_ref(
 
     if out is not None:
         check_output_file(out, "--out file")
-    try:
-        stats = reference_stats(name, features.value, recompute=recompute, out=out, batch_size=batch_size)
-    except (ValueError, OSError) as e:
-        fail(str(e))
+    stats = reference_stats(name, features.value, recompute=recompute, out=out, batch_size=batch_size)
     where = out or reference_stats_path(name, features.value)
-    typer.echo(f"{name}/{features.value}: n={stats.n} dim={stats.dim} checksum={stats.checksum} -> {where}")
+    typer.echo(plain(f"{name}/{features.value}: n={stats.n} dim={stats.dim} checksum={stats.checksum} -> {where}"))
 
 
 def register(app: typer.Typer) -> None:

@@ -43,7 +43,6 @@ def generate(
 
     Exit codes: 2 for an invalid setting, 6 if the target model returns NaN/inf (one line naming the
     step and the sample)."""
-    from specdit.devices import resolve_device
     from specdit.outputs import generate_to_disk
 
     config = opt.sampler_config(sampler=sampler, steps=steps, eta=eta, draft_length=draft_length, verify=verify,
@@ -53,7 +52,7 @@ def generate(
     with one_line_warnings(), step_progress(num_samples * config.steps, markup(f"{config.sampler} on {model}"),
                                             progress) as advance:
         summary = generate_to_disk(model, config, num_samples, base_seed, labels, out, batch_size=batch_size,
-                                   device=str(resolve_device(device)),
+                                   device=device,
                                    threads=threads, progress=advance, num_heads=num_heads, weights=weights)
     s = summary["stats"]
     typer.echo(plain(f"wrote {out}"))

@@ -1,14 +1,13 @@
 """Job commands: ``specdit submit | status | results | cancel | jobs | worker``.
 
 Commands parse arguments and call ``cluster``; every failure is one line on stderr and a non-zero exit
-code (2 bad spec, 3 Redis unreachable, 4 no such job, 5 model unavailable, 1 other).
+code (2 bad spec, 3 Redis unreachable, 4 no such job, 5 model unavailable, 7 Redis refusing, 1 other).
 Also runnable on its own (fast start, no other command groups): ``python -m cli.jobs worker``.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Optional
 import typer
 
 from cli import options as opt
-from cli.common import EXIT_USAGE, fail, user_errors
+from cli.common import user_errors
 from cli.render import SafeFormatter, markup, plain
 
 # Service log records reach stderr only where a command configures logging (the worker does); the other
@@ -30,14 +29,8 @@ RedisUrl = typer.Option(None, "--redis-url", envvar="SPECDIT_REDIS_URL",
 Prefix = typer.Option(None, "--prefix", envvar="SPECDIT_REDIS_PREFIX", help="Redis key prefix (default specdit:).")
 
 
-def _queue(redis_url, prefix, **kwargs):
-    """The service client (``cluster.client.SpecditRedis``); with worker settings, the worker-side queue."""
-    if kwargs:
-        from cluster.connection import connect
-        from cluster.keys import Keys
-        from cluster.queue import JobQueue
-
-        return JobQueue(connect(redis_url), Keys(prefix), **kwargs)
+def _queue(redis_url, prefix):
+    """The service client (``cluster.client.SpecditRedis``)."""
     from cluster.client import SpecditRedis
 
     return SpecditRedis.connect(redis_url, prefix)
@@ -101,7 +94,11 @@ def submit(
     }
     spec = spec_from_sources(spec_file, flags, overrides)
     q = _queue(redis_url, prefix)  # reach Redis before the (slower) model check
-    done = submit_job(q, spec, engine_name=engine, check_model=check_model)
+    _show_submitted(q, spec, submit_job(q, spec, engine_name=engine, check_model=check_model), quiet, watch)
+
+
+def _show_submitted(q, spec, done, quiet: bool, watch: bool) -> None:
+    """Print a submission's warnings and outcome (``--quiet``: the job id only); ``--watch``: follow the job."""
     for w in done.warnings:
         typer.echo(plain(f"warning: {w}"), err=True)
     res = done.result
@@ -225,12 +222,9 @@ def _results(job_id, as_json, recompute, export, engine, redis_url, prefix):
 
     q = _queue(redis_url, prefix)
     if export is not None:
-        from cluster.export import NotExportable, export_images
+        from cluster.export import export_images
 
-        try:
-            ex = export_images(q, job_id, export)
-        except NotExportable as e:
-            fail(str(e), EXIT_USAGE)
+        ex = export_images(q, job_id, export)  # NotExportable: a usage error (exit 2)
         typer.echo(f"wrote {ex.path}: arr_0 {ex.shape} uint8" + (", arr_1 labels" if ex.labels else ""),
                    err=as_json)
     report = job_report(q, job_id, recompute=recompute, engine_name=engine)
@@ -353,6 +347,9 @@ def worker(
     max_idle: Optional[float] = typer.Option(None, "--max-idle", help="Exit after this many idle seconds."),
     max_shards: Optional[int] = typer.Option(None, "--max-shards", help="Exit after this many shards."),
     poll_interval: float = typer.Option(0.25, "--poll-interval", help="Seconds between polls when idle."),
+    redis_retry: float = typer.Option(300.0, "--redis-retry", help="Seconds to keep retrying while Redis is "
+                                      "unreachable or refuses writes (OOM, READONLY, ...) before exiting "
+                                      "(exit 3 or 7)."),
     name: Optional[str] = typer.Option(None, help="Worker name (default host-pid-random)."),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG | INFO | WARNING | ERROR."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="SPECDIT_RAY_ADDRESS",
@@ -367,35 +364,20 @@ def worker(
 
 
 def _worker(engine, job, device, threads, heartbeat_timeout, max_attempts, max_idle, max_shards, poll_interval,
-            name, log_level, ray_address, ray_pool, redis_url, prefix):
+            redis_retry, name, log_level, ray_address, ray_pool, redis_url, prefix):
+    from cluster.serve import WorkerSettings, serve
+
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):
-        fail(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}", EXIT_USAGE)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    os.environ.setdefault("MKL_NUM_THREADS", str(threads))
+        raise ValueError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))  # hostile job text
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    from cluster.engines import service_engine
-    from cluster.limits import check_worker_settings
-    from cluster.worker import ShardWorker, WorkerOptions
-
-    check_worker_settings(heartbeat_timeout=heartbeat_timeout, max_attempts=max_attempts, threads=threads,
-                          poll_interval=poll_interval)
-    if device is not None:  # a ray pool's devices live on the cluster: their spelling only is checked here
-        from specdit.devices import check_device_name, resolve_device
-
-        try:
-            check_device_name(device, allow_auto=True) if engine == "ray" else resolve_device(device)
-        except ValueError as e:
-            fail(str(e))
-    q = _queue(redis_url, prefix, heartbeat_timeout=heartbeat_timeout, max_attempts=max_attempts)
-    eng = service_engine(engine, threads=threads, device=device, ray_address=ray_address, ray_pool=ray_pool)
-    w = ShardWorker(q, eng, WorkerOptions(job_id=job, poll_interval=poll_interval, max_idle=max_idle,
-                                          max_shards=max_shards), name=name)
-    w.install_signal_handlers()
-    code = w.run()
-    raise typer.Exit(code)
+    settings = WorkerSettings(engine=engine, job=job, device=device, threads=threads,
+                              heartbeat_timeout=heartbeat_timeout, max_attempts=max_attempts, max_idle=max_idle,
+                              max_shards=max_shards, poll_interval=poll_interval, redis_retry=redis_retry, name=name,
+                              ray_address=ray_address, ray_pool=ray_pool, redis_url=redis_url, prefix=prefix)
+    raise typer.Exit(serve(settings))
 
 
 # ------------------------------------------------------------------------------------------------------

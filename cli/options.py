@@ -44,8 +44,14 @@ CFG_CHANNELS = _opt("cfg_channels", "all|INT", "Guided channels: all | 3 (3: the
                                                "")
 REFINE_MODE = _opt("refine_mode", "NAME", f"DRiffusion mode: conservative | aggressive")
 PARALLEL = _opt("parallel", "INT", f"DRiffusion parallel evaluations k, 1 <= k < steps")
-SEED = typer.Option(None, "--seed", metavar="INT", show_default="0",
-                    help="Base seed in [0, 2^63-1]; sample i uses seed f(seed, i).")
+
+
+def seed_option(use: str = "sample i uses seed f(seed, i)"):
+    """The ``--seed`` flag (text, read by :func:`seed_value`): one range and default, ``use`` says what it seeds."""
+    return typer.Option(None, "--seed", metavar="INT", show_default="0", help=f"Base seed in [0, 2^63-1]; {use}.")
+
+
+SEED = seed_option()
 
 # Model options (``specdit.api.load_model`` keywords).
 MODEL_HELP = "Registered model name (gmm-2d, gmm-16d, mnist-dit, ...) or checkpoint path."
@@ -120,15 +126,22 @@ def sampler_config(base: SamplerConfig | None = None, **flags: Any) -> SamplerCo
     return (base or SamplerConfig()).updated(**coerce_flags(**flags))
 
 
+def as_spec_value(text: Any) -> Any:
+    """Flag text read as a job spec file's YAML reads the same scalar, so that a refused value is worded the
+    same on both surfaces: text with a dot that parses as a number is that float (``"1.5"`` -> 1.5); any other
+    text stays text (YAML 1.1 keeps ``"1e5"`` a string), for the setting's rule to coerce or refuse."""
+    if isinstance(text, str) and "." in text:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    return text
+
+
 def seed_value(value: Any, default: int = 0) -> int:
-    """A ``--seed`` flag (text) as an int in [0, 2^63-1] (SettingError otherwise)."""
-    if value is None:
-        return default
-    try:
-        value = float(value) if "." in str(value) else value  # "1.5" as YAML reads it (YAML keeps "1e5" a string)
-    except ValueError:
-        pass
-    return check_seed(value)
+    """A ``--seed`` flag (text) as an int in [0, 2^63-1] (SettingError otherwise): the one seed rule of every
+    command (``specdit.config.check_seed``)."""
+    return default if value is None else check_seed(as_spec_value(value))
 
 
 def setting_error_line(e: SettingError) -> str:

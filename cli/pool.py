@@ -1,7 +1,8 @@
 """``specdit pool start | list | stop``: the verifier/drafter actor pool on an existing Ray cluster.
 
-Start a cluster first (``ray start --head --node-ip-address=127.0.0.1 --port=6380 --num-cpus=2`` locally, or
-the compose services), then ``specdit pool start main --ray-address 127.0.0.1:6380``; workers attach with
+Start a cluster first (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head --node-ip-address=127.0.0.1
+--port=6380 --num-cpus=2`` locally, Ray's single-machine mode with every listener on 127.0.0.1, or the compose
+services), then ``specdit pool start main --ray-address 127.0.0.1:6380``; workers attach with
 ``specdit worker --engine ray --ray-address 127.0.0.1:6380 --ray-pool main``. There is no default address: a
 command never attaches to whatever Ray cluster runs on the machine unless told to (``--ray-address auto``).
 The old spellings ``--address`` and ``pool start -n`` are deprecated aliases.
@@ -25,9 +26,13 @@ Address = typer.Option(..., "--ray-address", envvar="SPECDIT_RAY_ADDRESS", show_
 
 def _table(rows: list[dict]) -> None:
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    t = Table("pool", "actor", "role", "device", "threads", "host", "pid")
+    # The same table after start and for list. Names users copy (pool, actor) stay whole on one line; the
+    # other cells fold, never "…".
+    whole = [Column(h, no_wrap=True, min_width=max(len(str(r.get(h) or "")) for r in rows) if rows else None)
+             for h in ("pool", "actor")]
+    t = Table(*whole, *(Column(h, overflow="fold") for h in ("role", "device", "threads", "host", "pid")))
     for r in rows:
         dev = r["device"] if r["device"] == "cpu" else f"{r['device']} ({r['device_name']}, "\
                                                        f"CUDA_VISIBLE_DEVICES={r['cuda_visible_devices']})"

@@ -22,7 +22,7 @@ def train_drafter(
     lambda_smooth: float = typer.Option(0.005, help="Weight of L_smooth."),
     ema: float = typer.Option(0.999, help="EMA decay."),
     sample_steps: int = typer.Option(250, help="Sampling steps S the drafter will draft on."),
-    seed: int = typer.Option(0, help="Random seed."),
+    seed: Optional[str] = opt.seed_option("training step k draws its random numbers from f(seed, k)"),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Warm start from a trained drafter folder "
                                              "(e.g. the previous drafter of a model that was trained further)."),
     accept_weight: float = typer.Option(0.0, "--accept-weight", min=0.0, max=1.0, help="Weight L_noise per "
@@ -47,39 +47,37 @@ def train_drafter(
     pool: Optional[str] = typer.Option(None, "--ray-pool", envvar="SPECDIT_RAY_POOL", help="Use this named pool ('specdit pool start')."),
 ) -> None:
     """Train the drafter against the frozen DiT with on-the-fly supervision; prints the final losses."""
-    import torch
+    from specdit.training.drafter import DrafterTrainConfig
+    from workers.drafter_training import DrafterRun, train_drafter_run
 
-    from specdit.api import load_model
-    from specdit.data import load_training_data
-    from specdit.training.drafter import DrafterTrainConfig, train_drafter as run
-
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"run folder {out} exists and is not a directory")
-    if threads is not None:
-        torch.set_num_threads(threads)
     cfg = DrafterTrainConfig(steps=steps, batch_size=batch_size, lr=lr, lambda_feat=lambda_feat,
-                             lambda_smooth=lambda_smooth, ema_decay=ema, sample_steps=sample_steps, seed=seed,
-                             init_from=str(init_from) if init_from else None, accept_weight=accept_weight,
-                             accept_clip=accept_clip, onpolicy=onpolicy, onpolicy_depth=onpolicy_depth,
-                             onpolicy_cfg=onpolicy_cfg, ckpt_every=ckpt_every)
-    if ray_address is not None:
-        from workers.ray_pool.actors import PoolError
-        from workers.ray_pool.training import train_on_cluster
+                             lambda_smooth=lambda_smooth, ema_decay=ema, sample_steps=sample_steps,
+                             seed=opt.seed_value(seed), init_from=str(init_from) if init_from else None,
+                             accept_weight=accept_weight, accept_clip=accept_clip, onpolicy=onpolicy,
+                             onpolicy_depth=onpolicy_depth, onpolicy_cfg=onpolicy_cfg, ckpt_every=ckpt_every)
+    run = DrafterRun(model=model, data=data, out=out, config=cfg, export=export, threads=threads,
+                     ray_address=ray_address, pool=pool, workers=workers)
+    done = train_drafter_run(run, on_progress=_every_new_step(_progress_line(steps)))
+    if ray_address is None:
+        typer.echo(f"drafter written to {done.export} (log: {done.log})")
+    else:
+        typer.echo(f"drafter written to {done.export} ({done.workers} workers, {done.wall_s:.1f}s, "
+                   f"{done.restarts} restarts; log: {done.log})")
 
-        show = lambda p: typer.echo(f"step {p['step']}: loss {p['loss']:.4f}", err=True)  # noqa: E731
-        try:
-            rep = train_on_cluster(ray_address, model, data, cfg, out, export_dir=export, pool=pool,
-                                   workers=workers, threads=threads or 1, on_progress=_every_new_step(show))
-        except PoolError as e:
-            raise ValueError(str(e)) from None
-        typer.echo(f"drafter written to {rep.export} ({rep.workers} workers, {rep.wall_s:.1f}s, "
-                   f"{len(rep.failures)} restarts; log: {out / 'loss_log.csv'})")
-        return
-    target = load_model(model)
-    if not hasattr(target, "eps_from_features"):
-        raise ValueError(f"model {model!r} has no top-block features: the feature drafter needs a DiT")
-    folder = run(target, load_training_data(data), cfg, out, export_dir=export)
-    typer.echo(f"drafter written to {folder} (log: {out / 'loss_log.csv'})")
+
+def _progress_line(total: int):
+    """'step 40/200: loss 0.1234 (ETA 1m20s)' on stderr per new step; the ETA extrapolates the mean step time."""
+    import time
+
+    start = time.monotonic()
+
+    def show(p: dict) -> None:
+        step = int(p["step"])
+        left = (time.monotonic() - start) / max(step, 1) * max(total - step, 0)  # seconds
+        eta = f"{int(left) // 60}m{int(left) % 60:02d}s" if left >= 60 else f"{int(left)}s"
+        typer.echo(f"step {step}/{total}: loss {p['loss']:.4f} (ETA {eta})", err=True)
+
+    return show
 
 
 def _every_new_step(fn):

@@ -30,17 +30,12 @@ from cluster.paths import resolve_model_path
 from cluster.records import JobRecord, JobStatus
 from cluster.spec import SPEC_VERSION, JobSpec, shard_versions
 from cluster.storage import read_shard
+from specdit.atomic import atomic_write, atomic_write_text
 from specdit.config import SAMPLER_ARITHMETIC_VERSION
 from workers import evaluation
 from workers.engine import Engine, EngineError
 
 log = logging.getLogger("specdit.aggregator")
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class Aggregator:
@@ -143,7 +138,7 @@ class Aggregator:
                 log.warning("job %s: no plot (%s)", job_id, e)
         report.finished_at = time.time()
         out = report.to_dict()
-        _atomic_write_text(job_dir / "report.json", json.dumps(out, indent=2))
+        atomic_write_text(job_dir / "report.json", json.dumps(out, indent=2))
         self.q.save_report(job_id, out)
         if spec.sampler.sampler == "ddpm":
             self.q.add_baseline(spec.baseline_fingerprint(), job_id)
@@ -153,12 +148,11 @@ class Aggregator:
 
     def _resolved_reference(self, spec: JobSpec) -> str | None:
         """What ``evaluate.fid_reference`` "auto" stands for (e.g. "data:10000", "ref:mnist"); None when the
-        engine cannot say (no engine, or one without ``resolve_reference``)."""
-        resolve = getattr(self.engine, "resolve_reference", None)
-        if spec.evaluate.fid_reference is None or resolve is None:
+        engine cannot say (no engine, or no automatic reference for the model)."""
+        if spec.evaluate.fid_reference is None or self.engine is None:
             return spec.evaluate.fid_reference if spec.evaluate.fid_reference != "auto" else None
         try:
-            return resolve(resolve_model_path(spec.model), spec.evaluate.fid_reference)
+            return self.engine.resolve_reference(resolve_model_path(spec.model), spec.evaluate.fid_reference)
         except EngineError:
             return None
 
@@ -220,7 +214,7 @@ class Aggregator:
         try:
             path = rec.spec.job_dir() / "report.json"  # this process's root, confined (not a path from Redis)
             if path.is_file():
-                _atomic_write_text(path, json.dumps(report, indent=2))
+                atomic_write_text(path, json.dumps(report, indent=2))
         except (OSError, ServiceError) as e:
             log.warning("job %s: report.json not updated with the baseline (%s)", rec.id, e)
         self.q.save_report(rec.id, report)
@@ -303,8 +297,7 @@ def plot_acceptance(report: dict, path: Path) -> None:
                  f"({report['num_samples']} samples)", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100), suffix=".png")
+    finally:
+        plt.close(fig)

@@ -21,6 +21,21 @@ class RedisUnavailable(ServiceError):
     exit_code = 3
 
 
+class RedisRefused(ServiceError):
+    """Redis kept refusing writes (OOM, READONLY, MISCONF, BUSY, LOADING, MASTERDOWN, NOREPLICAS: see
+    ``cluster.connection.REFUSALS``) for longer than the retry bound; nothing was lost (a finished shard's
+    file stays in place and the next worker records it)."""
+
+    exit_code = 7
+
+
+class EngineDown(ServiceError):
+    """A worker's engine (its Ray pool) stayed unavailable for ``engine_retries`` shards in a row; each shard
+    was given back without charging an attempt."""
+
+    exit_code = 8
+
+
 class JobNotFound(ServiceError):
     exit_code = 4
 

@@ -24,7 +24,9 @@ HEADROOM_BYTES = 1 << 20  # .npy headers and zip records
 
 class NotExportable(ServiceError):
     """The user asked for something export cannot do (a job without images, a path not ending in .npz): a
-    usage error, which the CLI reports with its usage exit code."""
+    usage error (exit code 2)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,23 @@ def _rgb(images: np.ndarray) -> np.ndarray:
     return np.repeat(images, 3, axis=3) if images.shape[3] == 1 else images
 
 
+def _shard_images(job_id: str, spec, k: int, res) -> dict[str, np.ndarray]:
+    """The verified arrays of shard ``k`` (recorded as ``res``); ServiceError / NotExportable (one line) when
+    the file is corrupt, holds no images or the wrong indices."""
+    start, stop = spec.shard_range(k)
+    try:
+        arrays = read_shard(res.path, res.checksum)
+    except CorruptShard as e:
+        raise ServiceError(f"{e}; run 'specdit results {job_id} --recompute' to queue it again") from None
+    if "images" not in arrays:
+        what = "vectors" if arrays.get("samples") is not None and arrays["samples"].ndim == 2 else "no images"
+        raise NotExportable(f"job {job_id} stored {what} (output.store={spec.output.store!r}, "
+                            f"save_samples={spec.output.save_samples}): nothing to export as images")
+    if not np.array_equal(arrays["indices"], np.arange(start, stop)):
+        raise ServiceError(f"shard file {res.path} holds the wrong sample indices")
+    return arrays
+
+
 def export_images(q: JobQueue, job_id: str, path: str | Path) -> Export:
     """Write job ``job_id``'s images to ``path`` (see module doc). ServiceError (one line) when a shard is
     missing or corrupt, the job stored no images, or the disk lacks room."""
@@ -62,19 +81,7 @@ def export_images(q: JobQueue, job_id: str, path: str | Path) -> Export:
         raise NotExportable(f"export path {path} must end in .npz")
 
     def shard(k: int) -> dict[str, np.ndarray]:
-        res = done[k]
-        start, stop = spec.shard_range(k)
-        try:
-            arrays = read_shard(res.path, res.checksum)
-        except CorruptShard as e:
-            raise ServiceError(f"{e}; run 'specdit results {job_id} --recompute' to queue it again") from None
-        if "images" not in arrays:
-            what = "vectors" if arrays.get("samples") is not None and arrays["samples"].ndim == 2 else "no images"
-            raise NotExportable(f"job {job_id} stored {what} (output.store={spec.output.store!r}, "
-                               f"save_samples={spec.output.save_samples}): nothing to export as images")
-        if not np.array_equal(arrays["indices"], np.arange(start, stop)):
-            raise ServiceError(f"shard file {res.path} holds the wrong sample indices")
-        return arrays
+        return _shard_images(job_id, spec, k, done[k])
 
     first = shard(0)
     h, w, c = first["images"].shape[1:]

@@ -39,6 +39,7 @@ HEARTBEAT_TIMEOUT_RANGE = (1.0, 86_400.0)  # seconds; below 1 s a busy worker's 
 MAX_ATTEMPTS_RANGE = (1, 100)
 THREADS_RANGE = (1, 1024)
 POLL_INTERVAL_RANGE = (0.001, 60.0)  # seconds
+REDIS_RETRY_RANGE = (0.0, 86400.0)  # seconds a worker retries a lost or refusing Redis
 
 # Feature dimension of the FID extractors ("raw" uses the sample's own size).
 FEATURE_DIMS = {"inception": 2048, "mnist": 128}
@@ -61,7 +62,8 @@ def _check(name: str, value, lo, hi, unit: str = "") -> None:
 
 
 def check_worker_settings(*, heartbeat_timeout: float | None = None, max_attempts: int | None = None,
-                          threads: int | None = None, poll_interval: float | None = None) -> None:
+                          threads: int | None = None, poll_interval: float | None = None,
+                          redis_retry: float | None = None) -> None:
     """Raise :class:`SettingError` (one line) for a setting out of range; ``None`` skips a setting."""
     if heartbeat_timeout is not None:
         _check("--heartbeat-timeout", heartbeat_timeout, *HEARTBEAT_TIMEOUT_RANGE, " seconds")
@@ -71,6 +73,8 @@ def check_worker_settings(*, heartbeat_timeout: float | None = None, max_attempt
         _check("--threads", threads, *THREADS_RANGE)
     if poll_interval is not None:
         _check("--poll-interval", poll_interval, *POLL_INTERVAL_RANGE, " seconds")
+    if redis_retry is not None:
+        _check("--redis-retry", redis_retry, *REDIS_RETRY_RANGE, " seconds")
 
 
 def feature_dim(extractor: str, sample_shape: tuple[int, ...]) -> int | None:

@@ -277,6 +277,18 @@ class JobQueue(SpecditRedis):
         pipe.execute()
         return False
 
+    def give_back(self, task: Task, *, refund: bool = True) -> None:
+        """Queue a task again (acked, re-added at the end of the stream) in one transaction, refunding the
+        attempt it started (``refund``): a shutdown, a lost Redis or a pool outage is not the job's fault."""
+        k = self.keys
+        pipe = self.r.pipeline(transaction=True)
+        if refund:
+            pipe.hincrby(k.attempts(task.job_id), str(task.shard), -1)
+        pipe.hdel(k.progress(task.job_id), str(task.shard))
+        pipe.xack(k.stream(task.job_id), k.group, task.msg_id)
+        pipe.xadd(k.stream(task.job_id), {"shard": str(task.shard)})
+        pipe.execute()
+
     def failure_message(self, task: Task, attempts: int, what: str | None = None) -> str:
         err = self.r.hget(self.keys.errors(task.job_id), str(task.shard))
         spec = self.get(task.job_id).spec

@@ -105,6 +105,10 @@ class JobSpec(_Strict):
     num_heads: int | None = Field(None, ge=1, le=4096)  # original DiT .pt only (default: DiT's table)
     weights: Literal["ema", "model"] | None = None  # a DiT train.py checkpoint's weights (default: ema)
     sampler: SamplerField = SamplerConfig()
+    # The model's training schedule (``specdit.scheduler_config.TrainingSchedule.to_dict``: the fields of a
+    # pipeline's scheduler config that differ from DiT's); None: DiT's, so every earlier spec keeps its id.
+    # Filled in at submission from the model; a worker refuses a model whose schedule differs.
+    schedule: dict | None = None
     labels: str = "uniform"  # "none" | "uniform" (i % C) | "random" (from the seed) | "fixed:<c>"
     num_samples: int = Field(gt=0, le=limits.MAX_SAMPLES_PER_JOB)
     base_seed: int = 0  # in [0, MAX_SEED] (specdit.config.check_seed, the range of every command)
@@ -126,6 +130,13 @@ class JobSpec(_Strict):
     @classmethod
     def _model(cls, v: str) -> str:
         return paths.normalize_model_path(v, "model")
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule(cls, v: Any) -> dict | None:
+        from specdit.scheduler_config import TrainingSchedule
+
+        return (TrainingSchedule.from_dict(v, where="").to_dict() or None) if v is not None else None
 
     @field_validator("base_seed", mode="before")
     @classmethod
@@ -195,6 +206,8 @@ class JobSpec(_Strict):
                    steps=s.steps, eta=s.eta, cfg=s.cfg_scale)
         if s.cfg_channels is not None:  # only when set, so that earlier jobs keep their fingerprints
             key["cfg_channels"] = s.cfg_channels
+        if self.schedule is not None:  # likewise: only a non-default training schedule
+            key["schedule"] = self.schedule
         key.update(self.model_options())
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 

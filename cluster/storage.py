@@ -1,18 +1,18 @@
-"""Shard files: one ``.npz`` per index range, written atomically (temp file + fsync + ``os.replace``) with a
-SHA-256 checksum over every array's name, dtype, shape and bytes. Read back with ``allow_pickle=False`` and the
-checksum verified, so a truncated or corrupted file is detected (and the shard recomputed) instead of counted.
+"""Shard files: one ``.npz`` per index range, written atomically (``specdit.atomic``: temp file + fsync +
+``os.replace``) with a SHA-256 checksum over every array's name, dtype, shape and bytes. Read back with
+``allow_pickle=False`` and the checksum verified, so a truncated or corrupted file is detected (and the shard
+recomputed) instead of counted.
 """
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from cluster.errors import CorruptShard
+from specdit.atomic import atomic_save_npz
 
 CHECKSUM_KEY = "checksum"
 
@@ -46,24 +46,10 @@ def write_shard(path: Path | str, arrays: dict[str, np.ndarray]) -> str:
     from cluster.spec import version_arrays
 
     arrays = {**version_arrays(), **arrays}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     digest = checksum(arrays)
     payload = {k: _contiguous(v) for k, v in arrays.items()}
     payload[CHECKSUM_KEY] = np.array(digest)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_save_npz(path, payload, fsync=True)
     return digest
 
 

@@ -50,15 +50,19 @@ def spec_from_sources(spec_file: Path | None, sampler_flags: dict[str, Any], ove
     return spec
 
 
-def check_with_model(spec: JobSpec, engine_name: str) -> list[str]:
+def check_with_model(spec: JobSpec, engine_name: str) -> tuple[JobSpec, list[str]]:
     """Load the spec's model once on engine ``engine_name`` and check labels, store, sampler settings, guided
-    channels, a drafter model and the FID reference. Raises SpecError; returns warnings (one line each)."""
+    channels, a drafter model and the FID reference; record the model's training schedule in the spec
+    (``JobSpec.schedule``). Raises SpecError; returns (the spec, warnings (one line each))."""
     from cluster.paths import resolve_model_path, resolve_sampler_paths
-    from workers.engine import EngineError, check_cfg_channels, check_labels, check_store, make_engine
+    from workers.engine import EngineError, check_cfg_channels, check_labels, check_schedule, check_store, make_engine
 
     try:
         eng = make_engine(engine_name)
         info = eng.model_info(resolve_model_path(spec.model), spec.model_options())
+        if spec.schedule is None and info.schedule:
+            spec = spec.model_copy(update={"schedule": dict(info.schedule)})
+        check_schedule(spec.schedule, info)
         check_labels(spec.labels, info)
         check_store(spec.output.store, info, spec.output.sample_dtype)
         sampler = resolve_sampler_paths(spec.sampler.to_dict())
@@ -70,7 +74,7 @@ def check_with_model(spec: JobSpec, engine_name: str) -> list[str]:
         raise SpecError(f"invalid job spec: {e}") from None
     check_reference(spec.evaluate.fid_reference if spec.evaluate.fid else None)
     warning = fid_dimension_warning(spec, info)
-    return [warning] if warning else []
+    return spec, [warning] if warning else []
 
 
 def fid_dimension_warning(spec: JobSpec, info) -> str | None:
@@ -93,10 +97,10 @@ def check_reference(ref: str | None) -> None:
     if ref is None or ref == "auto" or ref.startswith(("data:", "ref:")):
         return
     from cluster.paths import resolve_model_path
-    from workers.evaluation import load_feature_stats
+    from workers.evaluation import load_reference_stats
 
-    try:
-        load_feature_stats(resolve_model_path(ref, "fid_reference"))
+    try:  # the aggregator's reader: our sums or an ADM reference (mu, sigma), as `specdit fid` reads them
+        load_reference_stats(resolve_model_path(ref, "fid_reference"))
     except Exception as e:  # noqa: BLE001 - any unreadable file is the spec's fault
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise SpecError(f"invalid job spec: fid_reference {ref!r} is not readable FID statistics: {first}") from None
@@ -113,7 +117,7 @@ class Submitted:
 def submit_job(q, spec: JobSpec, *, engine_name: str = "local", check_model: bool = True) -> Submitted:
     """Check ``spec`` (optionally against its model) and queue it on client ``q``. A resubmitted job whose
     every shard is already done is aggregated now (only its report was missing)."""
-    warnings = check_with_model(spec, engine_name) if check_model else []
+    spec, warnings = check_with_model(spec, engine_name) if check_model else (spec, [])
     res = q.submit(spec)
     if res.resumed and not res.queued_shards:
         from cluster.aggregator import Aggregator

@@ -15,7 +15,7 @@ import torch
 
 from specdit.drafters.base import Drafter, ModelDrafter
 from specdit.drafters.free import FreeDrafter
-from specdit.models.base import EpsModel
+from specdit.models.base import EpsModel, training_schedule_of
 from specdit.models.perturbed import PerturbedModel
 from specdit.noise import NoiseStreams
 from specdit.samplers.common import NonFiniteTargetError
@@ -62,7 +62,12 @@ def make_drafter(spec: str, target: EpsModel, device: str = "cpu", model_name: s
     if kind == "perturbed":
         return ModelDrafter(PerturbedModel(target, float(arg)))
     if kind == "model":
-        return ModelDrafter(load_model(arg, device=device))
+        draft = load_model(arg, device=device)
+        if training_schedule_of(draft) != training_schedule_of(target):
+            raise ValueError(f"drafter model {arg!r} was trained with another schedule "
+                             f"({training_schedule_of(draft).describe()}) than the target "
+                             f"({training_schedule_of(target).describe()})")
+        return ModelDrafter(draft)
     if kind == "feature":
         from specdit.drafters.feature import load_feature_drafter
         from specdit.models.registry import builtin_drafter_folder
@@ -93,7 +98,7 @@ def guided(model: EpsModel, scale: float, channels: int | None = None) -> EpsMod
 def run_sampler(model: EpsModel, drafter: Drafter | None, config: SamplerConfig, streams: NoiseStreams,
                 y: torch.Tensor | None, callback: Callable[[int], None] | None = None):
     """Dispatch one batch to the configured sampler; returns (samples float64, stats)."""
-    schedule = Schedule.create(config.steps, config.eta)
+    schedule = Schedule.create(config.steps, config.eta, training=training_schedule_of(model))
     if config.sampler == "ddpm":
         return sample_ddpm(model, schedule, streams, y=y, callback=callback)
     if config.sampler == "speculative":

@@ -13,7 +13,7 @@ import torch
 
 from specdit.api import Generation, SamplerConfig
 from specdit.atomic import atomic_save_npz, atomic_write, atomic_write_text
-from specdit.models.base import Capabilities
+from specdit.models.base import Capabilities, training_schedule_of
 
 
 def strict_json(obj, **kw) -> str:
@@ -68,13 +68,16 @@ def check_output(out: str | Path) -> Path:
 
 
 def save_generation(gen: Generation, seeds: torch.Tensor, out: str | Path, *, model_name: str,
-                    config: SamplerConfig, images: np.ndarray | None = None) -> dict:
+                    config: SamplerConfig, images: np.ndarray | None = None, schedule: dict | None = None) -> dict:
     """Save to ``out`` (a ``.npz`` file, or a directory for image models); returns the JSON summary.
     ``images``: decoded uint8 images (N, H, W, C) of an image model, stored as ``images`` (read first by
-    ``specdit fid``) and, for a directory, as PNGs."""
+    ``specdit fid``) and, for a directory, as PNGs. ``schedule``: the model's training schedule when it is
+    not DiT's (``TrainingSchedule.to_dict``, as a job spec records it)."""
     out = Path(out)
     summary = {"model": model_name, "config": config.to_dict(), "wall_time_s": gen.wall_time,
                "stats": gen.stats.summary()}
+    if schedule:
+        summary["schedule"] = schedule
     arrays = {"samples": gen.samples.numpy(), "seeds": seeds.numpy(),
               **{f"stats_{k}": v for k, v in gen.stats.to_arrays().items()}}
     if images is not None:
@@ -100,18 +103,20 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
                      out: str | Path, *, batch_size: int = 64, device: str = "cpu", threads: int | None = None,
                      progress=None, num_heads: int | None = None, weights: str | None = None) -> dict:
     """Load ``model_name`` (``num_heads`` / ``weights``: options of an original DiT checkpoint, see
-    ``specdit.api.load_model``), sample ``num_samples`` chains with seeds f(seed, i) and labels from
+    ``specdit.api.load_model``) on ``device`` (cpu | cuda | cuda:N), sample ``num_samples`` chains with seeds f(seed, i) and labels from
     ``label_policy``, and save them to ``out`` (see ``save_generation``). Returns the summary."""
     from specdit.api import generate, load_model
     from specdit.labels import labels_for
     from specdit.noise import sample_seed
     from specdit.config import check_seed
+    from specdit.devices import resolve_device
 
     if num_samples < 1:
         raise ValueError(f"number of samples must be >= 1, got {num_samples}")
     config.validate()
     check_seed(seed)
     check_output(out)
+    device = str(resolve_device(device))  # "cuda" -> "cuda:0"; ValueError for a device that does not exist
     if threads is not None:
         torch.set_num_threads(threads)
     model = load_model(model_name, device=device, num_heads=num_heads, weights=weights)
@@ -122,4 +127,5 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
                    model_name=model_name)
     # Decoded batch by batch, with the sampling batches (the job service's workers decode the same way).
     images = model.to_images(gen.samples, batch_size).numpy() if Capabilities.of(model).images else None
-    return save_generation(gen, seeds, out, model_name=model_name, config=config, images=images)
+    return save_generation(gen, seeds, out, model_name=model_name, config=config, images=images,
+                           schedule=training_schedule_of(model).to_dict())

@@ -55,9 +55,10 @@ def seeded_tensor(name: str, shape: tuple[int, ...], seed: int = 0) -> torch.Ten
 
 
 def dit_key_shapes(hidden: int, depth: int, patch: int, in_channels: int, input_size: int, num_classes: int,
-                   learn_sigma: bool = True, null_class: bool = True) -> dict[str, tuple[int, ...]]:
+                   learn_sigma: bool = True, null_class: bool = True,
+                   mlp_ratio: float = 4.0) -> dict[str, tuple[int, ...]]:
     """DiT's state-dict keys and shapes (``DiT(...).state_dict()``), written from the layout of ``models.py``."""
-    d, out = hidden, (2 if learn_sigma else 1) * in_channels
+    d, out, m = hidden, (2 if learn_sigma else 1) * in_channels, int(hidden * mlp_ratio)
     tokens = (input_size // patch) ** 2
     shapes = {
         "pos_embed": (1, tokens, d),
@@ -71,8 +72,8 @@ def dit_key_shapes(hidden: int, depth: int, patch: int, in_channels: int, input_
         shapes.update({
             f"{b}.attn.qkv.weight": (3 * d, d), f"{b}.attn.qkv.bias": (3 * d,),
             f"{b}.attn.proj.weight": (d, d), f"{b}.attn.proj.bias": (d,),
-            f"{b}.mlp.fc1.weight": (4 * d, d), f"{b}.mlp.fc1.bias": (4 * d,),
-            f"{b}.mlp.fc2.weight": (d, 4 * d), f"{b}.mlp.fc2.bias": (d,),
+            f"{b}.mlp.fc1.weight": (m, d), f"{b}.mlp.fc1.bias": (m,),
+            f"{b}.mlp.fc2.weight": (d, m), f"{b}.mlp.fc2.bias": (d,),
             f"{b}.adaLN_modulation.1.weight": (6 * d, d), f"{b}.adaLN_modulation.1.bias": (6 * d,),
         })
     shapes.update({
@@ -85,3 +86,44 @@ def dit_key_shapes(hidden: int, depth: int, patch: int, in_channels: int, input_
 def dit_state_dict(seed: int = 0, **arch) -> dict[str, torch.Tensor]:
     """Seeded weights for every key of :func:`dit_key_shapes` (``arch`` are its arguments)."""
     return {name: seeded_tensor(name, shape, seed) for name, shape in dit_key_shapes(**arch).items()}
+
+
+# The loader sweep (issue 20, tests/test_dit_loader_sweep.py; reference outputs from DiT's own code by
+# scripts/dit_loader_sweep.py into tests/data/dit_loader_sweep.safetensors): DiT's constructor arguments,
+# varied one at a time from SWEEP_BASE over the values users train with. Every argument of DiT.__init__
+# changes a tensor shape except class_dropout_prob, which decides whether the class table has a null row.
+SWEEP_BASE = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, mlp_ratio=4.0,
+                  class_dropout_prob=0.1, num_classes=10, learn_sigma=True)
+SWEEP_VALUES: dict[str, tuple] = {
+    "input_size": (4, 16, 32),
+    "patch_size": (1, 4, 8),
+    "in_channels": (1, 3),
+    "hidden_size": (96, 384, 768),  # 384 / 768: DiT-S / DiT-B widths, heads 6 / 12 from DiT's table
+    "depth": (1, 3),
+    "num_heads": (1, 2, 8, 16),
+    "mlp_ratio": (2.0, 6.0),  # refused: diffusers' DiTTransformer2DModel has mlp_ratio 4 only
+    "class_dropout_prob": (0.0,),  # no null-class row: needs train.py args (num_classes) to load
+    "num_classes": (1, 1000),
+    "learn_sigma": (False,),
+}
+TABLE_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT's DiT_models widths -> heads
+
+
+def sweep_configs() -> list[dict]:
+    """Every DiT constructor-argument set of the sweep, SWEEP_BASE first; the heads of a table width follow
+    DiT's table (DiT-S has 6 heads)."""
+    out = [dict(SWEEP_BASE)]
+    for name, values in SWEEP_VALUES.items():
+        for v in values:
+            kw = {**SWEEP_BASE, name: v}
+            if name == "hidden_size":
+                kw["num_heads"] = TABLE_HEADS.get(v, 3)
+            out.append(kw)
+    return out
+
+
+def sweep_arch(kw: dict) -> dict:
+    """:func:`dit_key_shapes` arguments of a DiT constructor-argument set."""
+    return dict(hidden=kw["hidden_size"], depth=kw["depth"], patch=kw["patch_size"], in_channels=kw["in_channels"],
+                input_size=kw["input_size"], num_classes=kw["num_classes"], learn_sigma=kw["learn_sigma"],
+                null_class=kw["class_dropout_prob"] > 0, mlp_ratio=kw["mlp_ratio"])

@@ -91,3 +91,20 @@ def test_results_export_of_a_vector_job_is_a_usage_error(done_jobs, tmp_path):
     res = _cli(prefix, "results", specs[1].job_id, "--export", str(tmp_path / "s.npz"))
     assert res.exit_code == EXIT_USAGE == 2, (res.exit_code, res.output)
     assert "nothing to export as images" in res.output and not (tmp_path / "s.npz").exists()
+
+
+def test_pool_table_at_80_columns_keeps_names_whole(capsys, monkeypatch):
+    """``pool start`` and ``pool list`` print one table (cli/pool.py ``_table``): pool and actor names whole."""
+    from cli import pool
+
+    monkeypatch.setenv("COLUMNS", "80")
+    rows = [{"pool": "main", "actor": f"main-{r}-{role}", "role": role, "device": "cuda", "device_name":
+             "NVIDIA H100 80GB HBM3", "cuda_visible_devices": "0,1,2,3,4,5,6,7", "threads": 1,
+             "host": "worker-node-0123456789.cluster.internal", "pid": 123456} for r, role in ((0, "verifier"),
+                                                                                            (1, "drafter"))]
+    pool._table(rows)
+    out = capsys.readouterr().out
+    assert max(len(ln) for ln in out.splitlines()) <= 80, out
+    for r in rows:
+        assert f"│ {r['pool']} " in out and f" {r['actor']} " in out, out  # whole, on one line
+    assert "…" not in out

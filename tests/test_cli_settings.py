@@ -132,6 +132,32 @@ def test_every_command_spells_a_shared_setting_the_same_way():
         assert list(spellings[name]) == [(_flag(name),)], spellings[name]
 
 
+# (setting, command) -> why its default differs from the other commands'; anything else must agree.
+OWN_DEFAULTS = {
+    ("model", "bench"): "gmm-2d: the analytic mixture, whose exact marginals the KS column needs",
+    ("num_samples", "bench"): "2000 chains per variant: enough for the KS distance to mean something",
+    ("batch_size", "bench"): "256: a variant's chains in few batches",
+    ("labels", "bench"): "none: the KS distance compares with the full (unconditional) distribution",
+    ("device", "pool start"): "auto: the pool's actors take GPUs where the cluster has enough",
+}
+
+
+def test_a_shared_setting_has_one_default():
+    """Where commands share a setting they share its default, apart from the listed ones, each with its reason;
+    bench's --labels (none, where generate has uniform) says why in its help."""
+    defaults: dict[str, dict[str, list[str]]] = {}
+    for where, cmd in _commands():
+        for p in cmd.params:
+            if p.param_type_name == "option" and p.default is not None and (p.name, where) not in OWN_DEFAULTS:
+                defaults.setdefault(p.name, {}).setdefault(repr(p.default), []).append(where)
+    assert {name: d for name, d in defaults.items() if len(d) > 1} == {}
+    cmds = dict(_commands())
+    for name, where in OWN_DEFAULTS:
+        assert name in defaults and any(p.name == name for p in cmds[where].params), (name, where)  # not stale
+    labels = next(p for p in cmds["bench"].params if p.name == "labels")
+    assert labels.default == "none" and "default is none" in labels.help and "unconditional" in labels.help
+
+
 def test_submit_offers_every_sampler_and_model_option_of_generate():
     cmds = dict(_commands())
     names = lambda c: {p.name for p in cmds[c].params}  # noqa: E731

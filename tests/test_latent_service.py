@@ -176,7 +176,8 @@ def test_job_stores_generate_images_and_merged_fid_equals_direct_fid(job, genera
           f"rel diff {abs(report['fid'] - direct) / direct:.2e}")
 
     # Negative control: the same latents decoded with SD-VAE's hard-coded scale give another FID.
-    from specdit.models.dit import SD_VAE_SCALE, decode_latents, images_to_uint8
+    from specdit.images import images_to_uint8
+    from specdit.models.dit import SD_VAE_SCALE, decode_latents
     from specdit.models.registry import load_model
 
     vae = load_model(str(spec.model)).vae

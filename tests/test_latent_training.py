@@ -220,7 +220,7 @@ def test_product_decoding_is_the_evaluated_decoding():
     want = decode_with_vae_scale(model.vae, z)
     assert torch.equal(model.to_images(z), want)
     # negative control: SD-VAE's 0.18215 in place of this VAE's factor decodes other images
-    from specdit.models.dit import images_to_uint8
+    from specdit.images import images_to_uint8
 
     with torch.no_grad():
         wrong = images_to_uint8(model.vae.decode(z / 0.18215).sample)

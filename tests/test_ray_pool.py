@@ -236,9 +236,12 @@ def test_pool_cli_and_a_worker_process_on_a_named_pool(engine, tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["pool", "start", "ptest", "--ray-address", address, "--actors", "2", "--device", "cpu"])
     assert res.exit_code == 0, res.output
+    started = res.output
     res = runner.invoke(app, ["pool", "list", "--ray-address", address, "--json"])
     rows = json.loads(res.output)
     assert [(r["pool"], r["role"]) for r in rows] == [("ptest", "verifier"), ("ptest", "drafter")]
+    for r in rows:  # start's table has the pool and actor columns that list fills (they were empty)
+        assert r["actor"] and r["actor"] in started and r["pool"] in started, started
     res = runner.invoke(app, ["pool", "start", "ptest", "--ray-address", address])
     assert res.exit_code == 1 and "already running" in res.output
     try:
@@ -269,6 +272,40 @@ def test_pool_cli_and_a_worker_process_on_a_named_pool(engine, tmp_path):
     res = runner.invoke(app, ["pool", "list", "--ray-address", address])
     assert "no specdit pools" in res.output
     assert runner.invoke(app, ["pool", "stop", "nope", "--ray-address", address]).exit_code == 1
+
+
+def test_ray_placement_group_warning_prints_once():
+    """Ray's ``ray.actor`` logger warns once per detached restartable actor in a placement group (twice for
+    ``pool start --actors 2``); :func:`warn_once` lets one through. Negative control: without it, twice."""
+    import logging
+
+    from workers.ray_pool.actors import OnceFilter, warn_once
+
+    logger = logging.getLogger("ray.actor")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    h = Keep()
+    logger.addHandler(h)
+    old = list(logger.filters)
+    try:
+        for f in [f for f in logger.filters if isinstance(f, OnceFilter)]:
+            logger.removeFilter(f)
+        logger.warning("Scheduling a restartable detached actor with a placement group is not recommended")
+        logger.warning("Scheduling a restartable detached actor with a placement group is not recommended")
+        assert len(seen) == 2
+        seen.clear()
+        assert warn_once() is warn_once()  # installed once
+        for _ in range(2):
+            logger.warning("Scheduling a restartable detached actor with a placement group is not recommended")
+        logger.warning("another message")
+        assert len(seen) == 2 and seen[1] == "another message", seen
+    finally:
+        logger.removeHandler(h)
+        logger.filters[:] = old
 
 
 def test_shutdown_leaves_no_processes(cluster):

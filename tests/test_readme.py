@@ -160,4 +160,7 @@ def test_ray_walkthrough_runs_as_written(env, tmp_path):
     ray_log = (tmp_path / "ray.log").read_text()[-2000:] if (tmp_path / "ray.log").exists() else ""
     assert res.returncode == 0, res.stdout[-5000:] + "\n--- ray.log\n" + ray_log
     assert "verifier" in res.stdout and "drafter written to" in res.stdout and "stopped pool 'main'" in res.stdout
+    # pool start: the table of pool list (pool and actor filled) and Ray's placement-group warning at most once
+    assert "main-0-verifier" in res.stdout and "main-1-drafter" in res.stdout, res.stdout[-3000:]
+    assert res.stdout.count("with a placement group is not recommended") <= 1, res.stdout[-3000:]
     assert (tmp_path / "runs" / "ray-drafter").is_dir()

@@ -1,6 +1,7 @@
 """One rule set for sampler settings and seeds (issue 17): every invalid value of relax, cfg, eta and seed gives
 the same exit code and the same one-line message, apart from the setting's spelling, through ``generate``,
-``bench``, ``submit`` flags and a ``submit`` spec file. In process (typer's CliRunner)."""
+``bench``, ``submit`` flags and a ``submit`` spec file (a seed through ``train-drafter`` too). In process
+(typer's CliRunner)."""
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ SPELLINGS = {"relax": ("--relax", "relax"), "cfg": ("--cfg-scale", "--cfg", "cfg
              "eta": ("--eta", "eta"), "seed": ("--seed", "seed")}
 FLOAT_BAD = ["nan", "inf", "-inf", "-1", "-0.5", "abc", "1e999"]
 INVALID = {"relax": FLOAT_BAD, "cfg": FLOAT_BAD, "eta": FLOAT_BAD + ["1.5", "2"],
-           "seed": ["-1", str(MAX_SEED + 1), str(2**64), "1.5", "abc"]}
+           "seed": ["-1", str(MAX_SEED + 1), str(2**64), "1.5", "1e5", "abc"]}
 CASES = [(s, v) for s, values in INVALID.items() for v in values]
 
 
@@ -52,6 +53,9 @@ def _runs(setting: str, value: str, tmp_path) -> dict[str, object]:
                                            "-o", str(tmp_path / "g.npz"), "--no-progress", f"{gen}={value}"])
     if bench is not None:
         runs["bench"] = runner.invoke(app, ["bench", "-m", "gmm-2d", "--steps", "10", "-n", "2", f"{bench}={value}"])
+    if setting == "seed":  # train-drafter takes the same --seed (before: any int, 2^64 included)
+        runs["train-drafter"] = runner.invoke(app, ["train-drafter", "-m", "gmm-2d", "--steps", "1",
+                                                    "-o", str(tmp_path / "run"), f"--seed={value}"])
     runs["submit flags"] = runner.invoke(app, ["submit", "--model", "gmm-2d", "-n", "1000", f"{sub}={value}",
                                                *common_submit])
     section, _, key = loc.rpartition(".")  # the value as YAML text: YAML reads nan/inf/abc as strings
@@ -94,3 +98,16 @@ def test_valid_edge_values_accepted(tmp_path):
     res = CliRunner().invoke(app, ["generate", "-m", "gmm-2d", "--steps", "4", "-n", "2", "--no-progress",
                                    "-o", str(tmp_path / "ok.npz"), f"--seed={MAX_SEED}", "--eta=1", "--relax=0.5"])
     assert res.exit_code == 0, res.output + res.stderr
+
+
+@pytest.mark.parametrize("value", ["1.5", "1e5", "abc"])
+def test_number_options_read_text_as_the_seed_does(value, tmp_path):
+    """One reading of flag text (``cli.options.as_spec_value``): an integer option (``-n``) given text is refused
+    with the reason ``--seed`` gives the same text, apart from the option's name."""
+    runner = CliRunner()
+    gen = ["generate", "-m", "gmm-2d", "--steps", "4", "--no-progress", "-o", str(tmp_path / "g.npz")]
+    n = runner.invoke(app, [*gen, "-n", value])
+    seed = runner.invoke(app, [*gen, "-n", "2", "--seed", value])
+    assert n.exit_code == seed.exit_code == EXIT_USAGE, (n.output, seed.output)
+    assert _error_line(n).replace("--num-samples", "<n>") == _error_line(seed).replace(
+        "invalid setting --seed: seed", "<n>"), (n.stderr, seed.stderr)

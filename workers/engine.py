@@ -10,8 +10,10 @@ from __future__ import annotations
 from typing import Callable
 
 from workers.local_engine import LocalEngine
-from workers.protocol import (REFERENCE_SEED, Engine, EngineError, ModelInfo, ShardOutput, ShardWork,  # noqa: F401
-                              check_cfg_channels, check_labels, check_store, labels_for, seeds_for, set_threads)
+from workers.protocol import (REFERENCE_SEED, Engine, EngineError, EngineUnavailable, JobLoadError,  # noqa: F401
+                              ModelInfo, ShardOutput, ShardWork,
+                              check_cfg_channels, check_labels, check_schedule, check_store, labels_for, seeds_for,
+                              set_threads)
 from workers.synthetic_engine import SyntheticEngine
 
 

@@ -71,7 +71,9 @@ class LocalEngine:
         default = "raw" if len(shape) == 1 else ("mnist" if "mnist" in model else "inception")
         images = self.capabilities(model, options).images
         image_shape = tuple(int(s) for s in m.image_shape) if images else None
-        return ModelInfo(model, shape, m.num_classes, default, image_shape)
+        from specdit.models.base import training_schedule_of
+
+        return ModelInfo(model, shape, m.num_classes, default, image_shape, training_schedule_of(m).to_dict())
 
     def to_images(self, model: str, samples, options: dict | None = None):
         """One batch of samples (B, *shape) -> uint8 images (B, H, W, C) numpy: the model's VAE decode (on

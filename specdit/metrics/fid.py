@@ -29,13 +29,13 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
 from specdit.atomic import atomic_save_npz
+from specdit.metrics.mergeable import Mergeable
 
-__all__ = ["FeatureStats", "GaussianStats", "frechet_distance", "fid_from_stats", "load_stats"]
+__all__ = ["FeatureStats", "GaussianStats", "frechet_distance", "fid_from_stats", "load_stats", "stats_from_arrays"]
 
 _KEYS = ("n", "sum", "sum_outer", "extractor")
 
@@ -52,13 +52,8 @@ def _as_float64_2d(features) -> np.ndarray:
     return f
 
 
-def save_npz_atomic(path: Path, arrays: dict) -> Path:
-    """Write ``arrays`` to ``path`` (.npz) via a temp file and a rename: safe for concurrent writers."""
-    return atomic_save_npz(path, arrays)
-
-
 @dataclass
-class FeatureStats:
+class FeatureStats(Mergeable):
     """Mergeable first and second moment sums of D-dimensional features (all float64).
 
     ``extractor`` names the feature extractor (e.g. ``"inception-v3-compat:2048"``); statistics from
@@ -130,17 +125,6 @@ class FeatureStats:
             return self
         return NotImplemented
 
-    @classmethod
-    def merge_all(cls, parts: Iterable["FeatureStats"]) -> "FeatureStats":
-        """Merge any number of shard statistics (at least one)."""
-        parts = list(parts)
-        if not parts:
-            raise ValueError("merge_all needs at least one FeatureStats")
-        out = parts[0]
-        for p in parts[1:]:
-            out = out.merge(p)
-        return out
-
     # -- moments --------------------------------------------------------------------------------------
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         """(mu (D,), Sigma (D, D)) with the unbiased (n - 1) covariance, as np.mean / np.cov."""
@@ -191,7 +175,7 @@ class FeatureStats:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(path.suffix + ".npz")
-        return save_npz_atomic(path, self.to_arrays())
+        return atomic_save_npz(path, self.to_arrays())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
@@ -272,22 +256,36 @@ class GaussianStats:
     def save(self, path: str | os.PathLike) -> Path:
         """Write an ADM-style reference ``.npz`` (``mu``, ``sigma``) atomically."""
         path = Path(path)
-        return save_npz_atomic(path, self.to_arrays())
+        return atomic_save_npz(path, self.to_arrays())
 
     def __repr__(self) -> str:
         return f"GaussianStats(dim={self.dim}, extractor={self.extractor!r})"
 
 
+def stats_from_arrays(arrays) -> "FeatureStats | GaussianStats | None":
+    """FID statistics from a dict or an open ``np.load`` archive: our sums (``n``, ``sum``, ``sum_outer``) or
+    moments (``mu``, ``sigma``: an ADM reference batch, whose ``arr_0`` images are then not read); None when
+    it holds neither (e.g. an archive of samples). ValueError (one line) on inconsistent moments.
+
+    The one reader of FID statistics: ``specdit fid`` (:mod:`specdit.metrics.sources`), ``submit
+    --fid-ref`` and the aggregator (via :func:`load_stats`) all go through it."""
+    keys = set(arrays)  # a dict's keys, an NpzFile's member names
+    if {"n", "sum", "sum_outer"} <= keys:
+        return FeatureStats.from_arrays(arrays)
+    if {"mu", "sigma"} <= keys:
+        return GaussianStats.from_arrays(arrays)
+    return None
+
+
 def load_stats(path: str | os.PathLike) -> "FeatureStats | GaussianStats":
-    """FID statistics from an ``.npz``: our sums (``n``, ``sum``, ``sum_outer``) or moments (``mu``, ``sigma``,
-    e.g. an ADM reference batch, whose ``arr_0`` images are then not read). ValueError (one line) otherwise."""
+    """FID statistics from an ``.npz`` (see :func:`stats_from_arrays` for the two layouts); ValueError (one
+    line) for a file holding neither."""
     with np.load(path, allow_pickle=False) as z:
-        keys = set(z.files)
-        if {"n", "sum", "sum_outer"} <= keys:
-            return FeatureStats.from_arrays(z)
-        if {"mu", "sigma"} <= keys:
-            return GaussianStats.from_arrays(z)
-    raise ValueError(f"{path}: not FID statistics (needs n/sum/sum_outer or mu/sigma; found {sorted(keys)})")
+        stats = stats_from_arrays(z)
+        keys = sorted(z.files)
+    if stats is None:
+        raise ValueError(f"{path}: not FID statistics (needs n/sum/sum_outer or mu/sigma; found {keys})")
+    return stats
 
 
 def frechet_distance(stats_a: FeatureStats | GaussianStats, stats_b: FeatureStats | GaussianStats) -> float:

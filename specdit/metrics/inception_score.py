@@ -25,9 +25,10 @@ logits. Statistics from different classifiers refuse to merge.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
+
+from specdit.metrics.mergeable import Mergeable
 
 __all__ = ["ClassProbStats", "class_probabilities"]
 
@@ -47,7 +48,7 @@ def class_probabilities(logits) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass
-class ClassProbStats:
+class ClassProbStats(Mergeable):
     """Mergeable sums for the Inception Score (see module doc). ``classifier`` names the network."""
 
     num_classes: int
@@ -86,16 +87,6 @@ class ClassProbStats:
             raise ValueError(f"cannot merge class statistics of {self.classifier!r} and {other.classifier!r}")
         return ClassProbStats(self.num_classes, self.n + other.n, self.sum_p + other.sum_p,
                               self.sum_plogp + other.sum_plogp, self.classifier or other.classifier)
-
-    @classmethod
-    def merge_all(cls, parts: Iterable["ClassProbStats"]) -> "ClassProbStats":
-        parts = list(parts)
-        if not parts:
-            raise ValueError("merge_all needs at least one ClassProbStats")
-        out = parts[0]
-        for p in parts[1:]:
-            out = out.merge(p)
-        return out
 
     def inception_score(self) -> float:
         """``exp( sum_plogp / n - sum_y pbar_y log pbar_y )`` with ``pbar = sum_p / n`` (one split)."""

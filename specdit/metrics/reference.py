@@ -40,7 +40,7 @@ def compute_stats(images, features: str = "inception", *, batch_size: int | None
     """Stream ``images`` through the named extractor into a FeatureStats (features are not kept)."""
     ex = get_extractor(features, device=device)
     n = len(images)
-    chunk = max(1, batch_size or getattr(ex, "default_batch_size", 256)) * 8
+    chunk = max(1, batch_size or ex.default_batch_size) * 8
     stats = None
     bar = None
     if progress:

@@ -9,8 +9,8 @@ ADM-style reference batch, whose moments are used (as ADM's evaluator does) and 
 Pixel ranges (for the image extractors; the ``raw`` extractor uses the arrays as they are), never guessed
 silently:
 
-- float arrays with negative values are model outputs in [-1, 1], mapped as DiT's ``sample.py`` does
-  (``clamp(127.5 x + 128, 0, 255)``: overshoot of a sampler's last step is clamped); values beyond
+- float arrays with negative values are model outputs in [-1, 1], mapped by ``specdit.images.to_uint8``
+  (``clamp(floor(127.5 x + 128), 0, 255)``: overshoot of a sampler's last step is clamped); values beyond
   [-2, 2] are refused;
 - float arrays in [0, 1] are scaled by 255, float arrays in [0, 255] (maximum above 1) are rounded;
 - integer arrays in [0, 255] are taken as they are, ``uint16`` arrays as 16-bit images (``round(v * 255 /
@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from specdit.metrics.extractors import to_uint8
-from specdit.metrics.fid import FeatureStats, GaussianStats
+from specdit.metrics.fid import FeatureStats, GaussianStats, stats_from_arrays
 from specdit.metrics.reference import REFERENCE_DATA, compute_stats, reference_stats
 
-__all__ = ["Source", "SourceError", "load_source", "source_stats"]
+__all__ = ["FidComparison", "Source", "SourceError", "compare_sources", "load_source", "source_stats"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 GENERATED_EXTRAS = ("grid.png",)  # written by `specdit generate` beside the per-sample PNGs
@@ -152,13 +152,12 @@ def _load_npz(path: Path) -> Source:
         raise SourceError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
     with z:
         keys = set(z.files)
-        if {"n", "sum", "sum_outer"} <= keys:
-            return Source(spec=str(path), stats=FeatureStats.from_arrays(z))
-        if {"mu", "sigma"} <= keys:
-            try:
-                return Source(spec=str(path), stats=GaussianStats.from_arrays(z))
-            except ValueError as e:
-                raise SourceError(f"{path}: {e}") from None
+        try:
+            stats = stats_from_arrays(z)  # the one reader of FID statistics (submit --fid-ref uses it too)
+        except ValueError as e:
+            raise SourceError(f"{path}: {e}") from None
+        if stats is not None:
+            return Source(spec=str(path), stats=stats)
         key = next((k for k in _IMAGE_KEYS if k in keys), None)
         if key is None:
             raise SourceError(f"{path}: no image array (looked for {', '.join(_IMAGE_KEYS)}; found {sorted(keys)})")
@@ -195,3 +194,45 @@ def source_stats(src: Source, features: str, *, batch_size: int | None = None,
         return reference_stats(src.reference, features, progress=progress, batch_size=batch_size)
     data = src.data if features == "raw" else src.images_uint8()
     return compute_stats(data, features, batch_size=batch_size, progress=progress)
+
+
+@dataclass(frozen=True)
+class FidComparison:
+    """``specdit fid``'s result: the FID between two sources under ``features``, each side's statistics
+    (``n`` samples, ``dim`` features), the class accuracy (accuracy, n) of each labelled MNIST-sized image
+    source (``{"A": (0.98, 300)}``; none for the ``raw`` extractor) and where A's statistics were saved."""
+
+    features: str
+    fid: float
+    stats_a: FeatureStats | GaussianStats
+    stats_b: FeatureStats | GaussianStats
+    accuracy: dict[str, tuple[float, int]]
+    saved: Path | None = None
+
+
+def _class_accuracy(src: Source) -> tuple[float, int] | None:
+    """(accuracy, n) of the MNIST classifier on a labelled MNIST-sized image source, else None."""
+    if src.labels is None or src.data is None:
+        return None
+    from specdit.metrics.mnist_classifier import class_accuracy
+
+    try:
+        return class_accuracy(src.images_uint8(), src.labels), int(src.labels.shape[0])
+    except ValueError:
+        return None  # not MNIST-shaped images
+
+
+def compare_sources(spec_a: str, spec_b: str, features: str, *, batch_size: int | None = None,
+                    progress: bool = False, save_stats: str | Path | None = None) -> FidComparison:
+    """FID between two sources (:func:`load_source` specs) under the named extractor; ``save_stats``: also
+    save A's FeatureStats there. Raises SourceError / ValueError / OSError (one line) for an unusable source."""
+    from specdit.metrics.fid import frechet_distance
+
+    a, b = load_source(spec_a), load_source(spec_b)
+    sa = source_stats(a, features, batch_size=batch_size, progress=progress)
+    sb = source_stats(b, features, batch_size=batch_size, progress=progress)
+    saved = None if save_stats is None else Path(sa.save(save_stats))
+    value = frechet_distance(sa, sb)
+    accuracy = {} if features == "raw" else {k: acc for k, acc in (("A", _class_accuracy(a)),
+                                                                   ("B", _class_accuracy(b))) if acc is not None}
+    return FidComparison(features, value, sa, sb, accuracy, saved)

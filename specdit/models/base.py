@@ -22,6 +22,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from specdit.scheduler_config import DIT_SCHEDULE, TrainingSchedule
+
 
 @dataclass
 class ModelOutput:
@@ -88,9 +90,24 @@ class Capabilities:
                             isinstance(model, HasData), isinstance(model, HasExactMarginals))
 
 
-def require_features(target: EpsModel) -> HasFeatures:
-    """``target`` (or the DiT it wraps) as a :class:`HasFeatures`; ValueError (one line) for a model without
-    top-block features, e.g. an analytic mixture."""
+def require_features(target: EpsModel, name: str | None = None) -> HasFeatures:
+    """``target`` (or the DiT it wraps) as a :class:`HasFeatures`; ValueError (one line, naming the model as
+    ``name`` when given) for a model without top-block features, e.g. an analytic mixture."""
     if not isinstance(target, HasFeatures):
-        raise ValueError("the feature drafter needs a DiT target (top-block features); this model has none")
+        what = "this model" if name is None else f"model {name!r}"
+        raise ValueError(f"the feature drafter needs a DiT target (top-block features); {what} has none")
     return target
+
+
+@runtime_checkable
+class HasTrainingSchedule(Protocol):
+    """A model whose output refers to a declared training schedule (a DiT: a diffusers pipeline's scheduler
+    config, else DiT's); models that declare none are read under DiT's schedule."""
+
+    training_schedule: TrainingSchedule
+
+
+def training_schedule_of(model: EpsModel) -> TrainingSchedule:
+    """The training schedule a model's output refers to (:class:`HasTrainingSchedule`), DiT's for models that
+    declare none (analytic mixtures, drafters)."""
+    return model.training_schedule if isinstance(model, HasTrainingSchedule) else DIT_SCHEDULE

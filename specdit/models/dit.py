@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from specdit.images import images_to_uint8
 from specdit.models.base import ModelOutput
+from specdit.scheduler_config import DIT_SCHEDULE, TrainingSchedule, read_scheduler_config
 
 SD_VAE_SCALE = 0.18215  # Stable Diffusion's VAE; used only for a VAE whose config carries no scaling_factor
 SPECDIT_DIT_JSON = "specdit_dit.json"  # extra settings next to a diffusers config.json
@@ -44,6 +46,14 @@ SAFETENSORS_FORMAT = "specdit-dit-v1"
 # --------------------------------------------------------------------------------------------------------
 
 
+def fit_class_table(transformer, rows: int) -> None:
+    """Give every block a class table of ``rows`` rows: ``num_classes`` for a DiT trained without class
+    dropout (no null-class row; diffusers' ``LabelEmbedding`` always adds one), else left as built."""
+    if rows == int(transformer.config.num_embeds_ada_norm):
+        for block in transformer.transformer_blocks:
+            block.norm1.emb.class_embedder.embedding_table = torch.nn.Embedding(rows, transformer.inner_dim)
+
+
 def set_original_timestep_embedding(transformer, enabled: bool = True) -> None:
     """Use the original DiT timestep frequencies ``exp(-ln(1e4) i / half)`` in every block (see module doc)."""
     for block in transformer.transformer_blocks:
@@ -52,13 +62,6 @@ def set_original_timestep_embedding(transformer, enabled: bool = True) -> None:
 
 def uses_original_timestep_embedding(transformer) -> bool:
     return transformer.transformer_blocks[0].norm1.emb.time_proj.downscale_freq_shift == 0
-
-
-def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, rounding as torchvision's ``save_image`` (DiT's
-    ``sample.py``): ``floor(255 (x + 1) / 2 + 0.5)`` after clamping."""
-    x = (images.float().clamp(-1, 1) + 1) / 2
-    return (x * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
 
 
 class DiTDenoiser:
@@ -75,8 +78,10 @@ class DiTDenoiser:
     (:func:`vae_scaling_factor`).
     """
 
-    def __init__(self, transformer, vae=None, *, latent_scale: float | None = None):
+    def __init__(self, transformer, vae=None, *, latent_scale: float | None = None,
+                 training_schedule: TrainingSchedule = DIT_SCHEDULE):
         self.transformer = transformer.eval().requires_grad_(False)
+        self.training_schedule = training_schedule  # what eps means: the pipeline's scheduler config, else DiT's
         cfg = transformer.config
         self.in_channels = int(cfg.in_channels)
         self.out_channels = int(transformer.out_channels)
@@ -114,7 +119,9 @@ class DiTDenoiser:
         return self
 
     # -- pieces of the forward -------------------------------------------------------------------------
-    def _labels(self, y: torch.Tensor | None, n: int) -> torch.Tensor:
+    def labels(self, y: torch.Tensor | None, n: int) -> torch.Tensor:
+        """(n,) int64 labels on the model's device: ``y`` as given, or the null class for ``y=None``
+        (ValueError for a DiT without one)."""
         if y is None:
             if not self.has_null_class:
                 raise ValueError("this DiT has no null class; pass labels y")
@@ -126,13 +133,13 @@ class DiTDenoiser:
         (in a converted original DiT every block holds the same copy)."""
         t = t.to(self.device)
         emb = self.transformer.transformer_blocks[0].norm1.emb
-        return emb(t, self._labels(y, t.shape[0]), hidden_dtype=self.dtype)  # (N, D)
+        return emb(t, self.labels(y, t.shape[0]), hidden_dtype=self.dtype)  # (N, D)
 
     def features(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """Top-block feature (N, T, D): patch embedding + all transformer blocks (no final layer)."""
         tr = self.transformer
         t = t.to(self.device)
-        y = self._labels(y, x.shape[0])
+        y = self.labels(y, x.shape[0])
         h = tr.pos_embed(x.to(device=self.device, dtype=self.dtype))  # (N, T, D)
         for block in tr.transformer_blocks:
             h = block(h, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
@@ -214,14 +221,16 @@ class CFGDenoiser:
         self.sample_shape = model.sample_shape
         self.num_classes = model.num_classes
         self.vae = model.vae
+        self.training_schedule = model.training_schedule
 
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def _pair(self, t: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair(self, t: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps and labels of both halves, each (2N,): ``[t | t]`` and ``[y | null class]``."""
         n = t.shape[0]
-        y = self.model._labels(y, n)
+        y = self.model.labels(y, n)
         null = torch.full_like(y, self.num_classes)
         return torch.cat([t, t]), torch.cat([y, null])  # (2N,), (2N,)
 
@@ -235,14 +244,14 @@ class CFGDenoiser:
 
     def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """Conditioning of both halves, (N, 2, D)."""
-        t2, y2 = self._pair(t, y)
+        t2, y2 = self.pair(t, y)
         c = self.model.embed(t2, y2)  # (2N, D)
         return torch.stack(c.chunk(2), dim=1)
 
     def eps_from_features(self, features: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """Guided eps (N, C, H, W) from features (N, 2, T, D) of both halves."""
         n = features.shape[0]
-        t2, y2 = self._pair(t, y)
+        t2, y2 = self.pair(t, y)
         flat = features.transpose(0, 1).reshape(2 * n, *features.shape[2:])  # (2N, T, D): [cond | uncond]
         e = self.model.eps_from_features(flat, t2, y2)  # (2N, C, H, W)
         return self.combine(e[:n], e[n:])
@@ -250,7 +259,7 @@ class CFGDenoiser:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> ModelOutput:
         n = x.shape[0]
-        t2, y2 = self._pair(t, y)
+        t2, y2 = self.pair(t, y)
         out = self.model(torch.cat([x, x]), t2, y2)  # one batch of 2N
         feats = torch.stack(out.features.chunk(2), dim=1)  # (N, 2, T, D)
         return ModelOutput(eps=self.combine(out.eps[:n], out.eps[n:]), features=feats)
@@ -284,11 +293,9 @@ def load_vae(folder: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 def vae_scaling_factor(vae) -> float:
     """The latent scale of a VAE: its ``config.scaling_factor`` (diffusers' ``AutoencoderKL`` field; the latent
-    DiT was trained on ``scaling_factor * vae.encode(x)``), or SD-VAE's 0.18215 when the config has none."""
-    cfg = getattr(vae, "config", None)
-    factor = getattr(cfg, "scaling_factor", None) if cfg is not None else None
-    if factor is None and isinstance(cfg, dict):
-        factor = cfg.get("scaling_factor")
+    DiT was trained on ``scaling_factor * vae.encode(x)``), or SD-VAE's 0.18215 when the config has none (or
+    ``vae`` is None: a pixel model)."""
+    factor = None if vae is None else vae.config.get("scaling_factor")  # diffusers' config is a (frozen) dict
     return SD_VAE_SCALE if factor is None else float(factor)
 
 
@@ -299,7 +306,7 @@ def decode_latents(vae, latents: torch.Tensor, scale: float | None = None,
     on the VAE's device, ``batch_size`` latents at a time. ``scale`` None reads :func:`vae_scaling_factor`;
     ``shift`` is the config's ``shift_factor`` where set (diffusers' convention; None for SD-VAE: 0)."""
     scale = vae_scaling_factor(vae) if scale is None else scale
-    shift = getattr(getattr(vae, "config", None), "shift_factor", None)
+    shift = vae.config.get("shift_factor")
     p = next(vae.parameters())
     z = latents.to(device=p.device, dtype=p.dtype) / scale
     if shift is not None:
@@ -326,28 +333,44 @@ def load_dit_diffusers(folder: str | Path, device: str | torch.device = "cpu", d
                        vae: str | Path | None = None, original_timestep_embedding: bool | None = None) -> DiTDenoiser:
     """A ``DiTTransformer2DModel`` folder (``config.json`` + weights), or a ``DiTPipeline`` folder with
     ``transformer/`` (and ``vae/``, used unless ``vae`` is given). ``original_timestep_embedding``: None reads
-    our ``specdit_dit.json`` if present (default False, i.e. diffusers' behaviour)."""
+    our ``specdit_dit.json`` if present (default False, i.e. diffusers' behaviour). A pipeline's
+    ``scheduler/scheduler_config.json`` sets the model's training schedule
+    (:func:`specdit.scheduler_config.read_scheduler_config`; DiT's without one); an unsupported one raises
+    ``SchedulerConfigError`` (a ValueError, one line naming the field)."""
     from diffusers import DiTTransformer2DModel
 
     root = Path(folder)
     tdir = root / "transformer" if (root / "transformer" / "config.json").is_file() else root
     if not (tdir / "config.json").is_file():
         raise ValueError(f"not a diffusers DiT folder (no config.json): {root}")
-    transformer = DiTTransformer2DModel.from_pretrained(tdir, torch_dtype=dtype, low_cpu_mem_usage=False)
+    # a pipeline's transformer/ passed on its own still takes the pipeline's scheduler/
+    training_schedule = read_scheduler_config(root.parent if tdir == root and root.name == "transformer" else root)
+    extra = json.loads((tdir / SPECDIT_DIT_JSON).read_text()) if (tdir / SPECDIT_DIT_JSON).is_file() else {}
+    if extra.get("null_class", True):
+        transformer = DiTTransformer2DModel.from_pretrained(tdir, torch_dtype=dtype, low_cpu_mem_usage=False)
+    else:  # saved by specdit from a DiT trained without class dropout: diffusers would add a null-class row
+        from safetensors.torch import load_file
+
+        transformer = DiTTransformer2DModel.from_config(DiTTransformer2DModel.load_config(tdir))
+        fit_class_table(transformer, int(transformer.config.num_embeds_ada_norm))
+        transformer.load_state_dict(load_file(str(tdir / "diffusion_pytorch_model.safetensors")), strict=True)
+        if dtype is not None:
+            transformer.to(dtype)
     if original_timestep_embedding is None:
-        extra = tdir / SPECDIT_DIT_JSON
-        original_timestep_embedding = bool(extra.is_file() and json.loads(extra.read_text()).get(
-            "original_timestep_embedding", False))
+        original_timestep_embedding = bool(extra.get("original_timestep_embedding", False))
     set_original_timestep_embedding(transformer, original_timestep_embedding)
-    return DiTDenoiser(transformer.to(device), _find_vae(root, vae, device))
+    return DiTDenoiser(transformer.to(device), _find_vae(root, vae, device), training_schedule=training_schedule)
 
 
 def save_dit_diffusers(model: DiTDenoiser, folder: str | Path) -> None:
-    """``save_pretrained`` (safetensors) plus ``specdit_dit.json`` recording the timestep-embedding flag."""
+    """``save_pretrained`` (safetensors) plus ``specdit_dit.json`` recording the timestep-embedding flag and
+    whether the class table has a null-class row (diffusers' config cannot say: its table always has one).
+    Like every diffusers folder it keeps no positional table: diffusers rebuilds DiT's sin-cos one."""
     folder = Path(folder)
     model.transformer.save_pretrained(folder, safe_serialization=True)
     (folder / SPECDIT_DIT_JSON).write_text(json.dumps(
-        {"original_timestep_embedding": model.original_timestep_embedding}, indent=2) + "\n")
+        {"original_timestep_embedding": model.original_timestep_embedding, "null_class": model.has_null_class},
+        indent=2) + "\n")
 
 
 def save_dit_safetensors(model: DiTDenoiser, path: str | Path) -> None:
@@ -379,6 +402,7 @@ def load_dit_safetensors(path: str | Path, device: str | torch.device = "cpu", d
         raise ValueError(f"{path} is not a specdit DiT safetensors file (metadata format={meta.get('format')!r})")
     state = load_file(str(path))
     transformer = DiTTransformer2DModel.from_config(json.loads(meta["config"]))
+    fit_class_table(transformer, state["transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"].shape[0])
     pos = state.pop("pos_embed.pos_embed")
     transformer.load_state_dict(state, strict=True)
     transformer.pos_embed.pos_embed = pos  # the non-persistent buffer, exactly as saved
@@ -491,6 +515,10 @@ def original_dit_config(sd: dict, num_heads: int | None = None, args=None) -> di
     side = math.isqrt(tokens)
     if side * side != tokens:
         raise ValueError(f"pos_embed has {tokens} tokens, not a square grid")
+    mlp = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * hidden
+    if mlp != 4 * hidden:
+        raise ValueError(f"an original DiT with mlp_ratio {mlp / hidden:g} (blocks.0.mlp.fc1 has {mlp} rows for "
+                         f"hidden size {hidden}) is not supported: diffusers' DiTTransformer2DModel has mlp_ratio 4")
     out_ch = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
     rows = sd["y_embedder.embedding_table.weight"].shape[0]
     num_classes = getattr(args, "num_classes", None)
@@ -580,10 +608,7 @@ def load_dit_original(pt_path: str | Path, device: str | torch.device = "cpu", d
         raise ValueError(f"{path} does not look like an original DiT checkpoint (missing {missing})")
     config = original_dit_config(sd, num_heads, args)
     transformer = DiTTransformer2DModel.from_config(config)
-    rows = sd["y_embedder.embedding_table.weight"].shape[0]
-    if rows == config["num_embeds_ada_norm"]:  # trained without class dropout: no null-class row
-        for block in transformer.transformer_blocks:
-            block.norm1.emb.class_embedder.embedding_table = torch.nn.Embedding(rows, transformer.inner_dim)
+    fit_class_table(transformer, sd["y_embedder.embedding_table.weight"].shape[0])
     try:
         transformer.load_state_dict(convert_original_dit(sd, config["num_layers"]), strict=True)
     except (KeyError, RuntimeError) as e:

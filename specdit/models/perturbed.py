@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from specdit.models.base import EpsModel, ModelOutput
+from specdit.models.base import EpsModel, ModelOutput, training_schedule_of
 
 
 class PerturbedModel:
@@ -24,6 +24,7 @@ class PerturbedModel:
         b = torch.randn(math.prod(self.sample_shape), generator=g, dtype=torch.float64)
         self.bias = (b / b.pow(2).mean().sqrt()).view(self.sample_shape)  # (*shape), unit RMS
         self.dtype = model.dtype
+        self.training_schedule = training_schedule_of(model)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> ModelOutput:
         out = self.model(x, t, y)

@@ -306,11 +306,21 @@ def run_round(case: RoundCase, *, seeds: torch.Tensor | None = None) -> RoundPat
     D = math.prod(shape)
     path = torch.zeros(B, H + 1, D, dtype=torch.float64)
     path[:, 0] = x_k.reshape(1, D)
-    ar = torch.arange(B)
     for j in range(1, H + 1):
         from_draft = j <= kept
         path[:, j] = torch.where(from_draft[:, None], draft.states[:, min(j, L)].flatten(1), path[:, j])
-    path[ar, steps] = chains.x.reshape(B, D)
+    path[torch.arange(B), steps] = chains.x.reshape(B, D)
+    innov, gaps = _finish_paths(model, schedule, case, path, draft, steps, y)
+    judged = torch.minimum(kept + 1, torch.full_like(kept, L)).sum()
+    return RoundPaths(innov, gaps, kept, steps, L, c_below_1, bool(torch.isfinite(path).all()),
+                      float(kept.sum() / judged), draft.fallbacks)
+
+
+def _finish_paths(model, schedule: Schedule, case: RoundCase, path: torch.Tensor, draft, steps: torch.Tensor, y):
+    """Fill ``path`` (B, H + 1, D) past each chain's ``steps`` with fresh target steps (their own generator,
+    seeded ``case.base_seed + 1``); returns the innovations z_i and gap directions e_i, each (B, H, D)."""
+    B, H, D = path.shape[0], path.shape[1] - 1, path.shape[2]
+    k0, L, shape = case.setup.start, case.draft_length, tuple(model.sample_shape)
     g = torch.Generator().manual_seed(case.base_seed + 1)
     innov = torch.empty(B, H, D, dtype=torch.float64)
     gaps = torch.zeros(B, H, D, dtype=torch.float64)
@@ -330,9 +340,7 @@ def run_round(case: RoundCase, *, seeds: torch.Tensor | None = None) -> RoundPat
             nrm = diff.norm(dim=1, keepdim=True)
             ok = (~fresh) & (nrm[:, 0] > 0) & torch.isfinite(nrm[:, 0])
             gaps[:, i - 1] = torch.where(ok[:, None], diff / torch.where(ok[:, None], nrm, 1.0), gaps[:, i - 1])
-    judged = torch.minimum(kept + 1, torch.full_like(kept, L)).sum()
-    return RoundPaths(innov, gaps, kept, steps, L, c_below_1, bool(torch.isfinite(path).all()),
-                      float(kept.sum() / judged), draft.fallbacks)
+    return innov, gaps
 
 
 def _residual_c_below_1(schedule, k, draft, eps_t, kept) -> int:

@@ -21,10 +21,8 @@ Checkpoints hold tensors only (model, EMA, optimizer, step, RNG states) and load
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from specdit.schedule import training_alphas_cumprod
+from specdit.training.resumable import ResumableRun, warmup_cosine_lr
 
 NUM_CLASSES = 10
 
@@ -121,10 +120,7 @@ def disable_internal_label_dropout(model) -> None:
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup, then cosine decay from ``lr`` to ``min_lr_frac * lr`` at ``cfg.steps``."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
 
 
 def ddpm_loss(model, x0: torch.Tensor, y: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1mab: torch.Tensor,
@@ -151,12 +147,6 @@ def ddpm_loss(model, x0: torch.Tensor, y: torch.Tensor, sqrt_ab: torch.Tensor, s
 def ema_update(ema, model, decay: float) -> None:
     for pe, pm in zip(ema.parameters(), model.parameters()):
         pe.lerp_(pm, 1.0 - decay)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def export_ema(ema, export_dir: Path, meta: dict) -> None:
@@ -201,125 +191,131 @@ class _ThreadTuner:
         torch.set_num_threads(2 if others < 0.5 else 1)
 
 
-def train(cfg: TrainConfig, bench_steps: int = 0) -> dict:
-    """Run (or resume) training. With ``bench_steps > 0`` only time that many steps and return steps/s."""
+def _load_data(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training images (N, C, H, W) and labels (N,) int64: the MNIST subset or ``cfg.data``'s .npz."""
+    if cfg.data == "mnist":
+        return load_mnist_tensor()
+    from specdit.data import load_training_data
+
+    return load_training_data(cfg.data)
+
+
+def _build(cfg: TrainConfig):
+    """(model in train mode with our label dropout, its EMA copy, AdamW) for ``cfg.model``."""
     import copy
 
-    from tqdm import tqdm
-
-    torch.set_num_threads(cfg.threads or 1)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    export_dir = Path(cfg.export_dir) if cfg.export_dir else out / "export"
-
-    if cfg.data == "mnist":
-        images, labels = load_mnist_tensor()
-    else:
-        from specdit.data import load_training_data
-
-        images, labels = load_training_data(cfg.data)
     model = cfg.model.build()
     disable_internal_label_dropout(model)
     model.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    return model, ema, opt
 
+
+def train_step(model, ema, opt, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, step: int,
+               cfg: TrainConfig, sqrt_ab: torch.Tensor, sqrt_1mab: torch.Tensor) -> tuple[float, float]:
+    """One optimiser step at ``step`` (0-based) on a batch drawn with ``gen`` from ``images`` (N, C, H, W) and
+    ``labels`` (N,), labels dropped to the null class with probability ``cfg.class_dropout``; updates the EMA.
+    Returns (loss, learning rate)."""
+    idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
+    x0, y = images[idx], labels[idx].clone()
+    drop = torch.rand(cfg.batch_size, generator=gen) < cfg.class_dropout
+    y[drop] = NUM_CLASSES  # null class
+    lr = lr_at(step, cfg)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss = ddpm_loss(model, x0, y, sqrt_ab, sqrt_1mab, gen, cfg.snr_gamma)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    taken = step + 1  # steps taken, this one included
+    ema_update(ema, model, min(cfg.ema_decay, (1 + taken) / (10 + taken)))
+    return float(loss.detach()), lr
+
+
+def train(cfg: TrainConfig, bench_steps: int = 0) -> dict:
+    """Run (or resume) training. With ``bench_steps > 0`` only time that many steps and return steps/s."""
+    from tqdm import tqdm
+
+    torch.set_num_threads(cfg.threads or 1)
+    torch.manual_seed(cfg.seed)
+    export_dir = Path(cfg.export_dir) if cfg.export_dir else Path(cfg.out) / "export"
+    images, labels = _load_data(cfg)
+    model, ema, opt = _build(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
     abar = training_alphas_cumprod().float()
     sqrt_ab, sqrt_1mab = abar.sqrt(), (1 - abar).sqrt()  # (1000,)
-
-    ckpt_path = out / "checkpoint.pt"
-    step, wall_before = 0, 0.0
-    if ckpt_path.exists() and not bench_steps:
-        ck = torch.load(ckpt_path, weights_only=True)
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["gen_state"])
-        torch.set_rng_state(ck["torch_rng"])
-        step = int(ck["step"])
-        wall_before = float(ck["wall_s"])
-        print(f"resumed from {ckpt_path} at step {step}", flush=True)
-    elif cfg.init_from and not bench_steps:
+    n_params = sum(p.numel() for p in model.parameters())
+    run = ResumableRun(cfg.out, {"model": model, "ema": ema, "opt": opt}, gen,
+                       {**asdict(cfg), "n_params": n_params}, "step,loss,lr,wall_s", resume=not bench_steps)
+    if not run.resumed and cfg.init_from and not bench_steps:
         init_weights(model, ema, cfg.init_from)
         print(f"initialised model and EMA from {cfg.init_from}", flush=True)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    (out / "config.json").write_text(json.dumps({**asdict(cfg), "n_params": n_params}, indent=2))
-    log_path = out / "loss_log.csv"
-    if not log_path.exists():
-        log_path.write_text("step,loss,lr,wall_s\n")
+    def export(loss_ema: float) -> None:
+        export_ema(ema, export_dir, {"step": run.step, "loss_ema": loss_ema, "wall_s": run.wall(),
+                                     "n_params": n_params, "ema_decay": cfg.ema_decay, "config": asdict(cfg)})
 
-    def save_ckpt() -> None:
-        _atomic_torch_save(
-            {
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "opt": opt.state_dict(),
-                "gen_state": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "step": torch.tensor(step),
-                "wall_s": torch.tensor(wall_before + time.time() - t0, dtype=torch.float64),
-            },
-            ckpt_path,
-        )
-
-    def do_export(loss_ema: float) -> None:
-        meta = {"step": step, "loss_ema": loss_ema, "wall_s": wall_before + time.time() - t0,
-                "n_params": n_params, "ema_decay": cfg.ema_decay, "config": asdict(cfg)}
-        export_ema(ema, export_dir, meta)
-
-    total = bench_steps or cfg.steps
-    t0 = time.time()
-    loss_ema, acc, acc_n = None, 0.0, 0
+    loss_ema, acc, acc_n, done = None, 0.0, 0, 0
     tuner = _ThreadTuner(cfg.adapt_every) if cfg.threads == 0 else None
-    bar = tqdm(total=total, initial=0 if bench_steps else step, dynamic_ncols=True, mininterval=5.0)
+    bar = tqdm(total=bench_steps or cfg.steps, initial=0 if bench_steps else run.step, dynamic_ncols=True,
+               mininterval=5.0)
     stop_reason = "done"
-    while (step < cfg.steps) if not bench_steps else (bar.n < bench_steps):
-        if cfg.max_minutes is not None and (time.time() - t0) > cfg.max_minutes * 60:
+    while (run.step < cfg.steps) if not bench_steps else (done < bench_steps):
+        if run.out_of_time(cfg.max_minutes):
             stop_reason = "time limit"
             break
-        idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
-        x0, y = images[idx], labels[idx].clone()
-        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.class_dropout
-        y[drop] = NUM_CLASSES  # null class
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss = ddpm_loss(model, x0, y, sqrt_ab, sqrt_1mab, gen, cfg.snr_gamma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
-        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        lv = float(loss.detach())
+        lv, lr = train_step(model, ema, opt, images, labels, gen, run.step, cfg, sqrt_ab, sqrt_1mab)
+        run.step, done = run.step + 1, done + 1
         loss_ema = lv if loss_ema is None else 0.98 * loss_ema + 0.02 * lv
         acc, acc_n = acc + lv, acc_n + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{lr:.2e}", thr=torch.get_num_threads(), refresh=False)
         if tuner is not None:
-            tuner.tick(step)
+            tuner.tick(run.step)
         if bench_steps:
             continue
-        if step % cfg.log_every == 0:
-            with open(log_path, "a") as f:
-                f.write(f"{step},{acc / acc_n:.6f},{lr:.6e},{wall_before + time.time() - t0:.1f}\n")
+        if run.step % cfg.log_every == 0:
+            run.log(f"{run.step},{acc / acc_n:.6f},{lr:.6e},{run.wall():.1f}")
             acc, acc_n = 0.0, 0
-        if step % cfg.ckpt_every == 0:
-            save_ckpt()
-        if step % cfg.export_every == 0:
-            do_export(loss_ema)
+        if run.step % cfg.ckpt_every == 0:
+            run.save()
+        if run.step % cfg.export_every == 0:
+            export(loss_ema)
     bar.close()
-    elapsed = time.time() - t0
     if bench_steps:
-        return {"steps_per_s": bar.n / elapsed, "n_params": n_params, "loss": loss_ema}
-    save_ckpt()
-    do_export(loss_ema if loss_ema is not None else float("nan"))
-    return {"step": step, "loss_ema": loss_ema, "wall_s": wall_before + elapsed, "stop": stop_reason,
+        return {"steps_per_s": done / run.wall(), "n_params": n_params, "loss": loss_ema}
+    run.save()
+    export(loss_ema if loss_ema is not None else float("nan"))
+    return {"step": run.step, "loss_ema": loss_ema, "wall_s": run.wall(), "stop": stop_reason,
             "n_params": n_params, "export_dir": str(export_dir)}
+
+
+def _card_loss_rows(out: Path, state: dict) -> list[str]:
+    """Markdown table rows (step, loss, wall minutes) of the loss log at round steps, up to the exported step."""
+    rows = [line.split(",") for line in (out / "loss_log.csv").read_text().splitlines()[1:] if line]
+    log = {int(r[0]): (float(r[1]), float(r[3])) for r in rows}
+    marks = [s for s in (50, 100, 250, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000) if s in log]
+    log = {k: v for k, v in log.items() if k <= state["step"]}  # describe the exported weights only
+    marks = [s for s in marks if s in log]
+    if log and max(log) not in marks:
+        marks.append(max(log))
+    return [f"| {s} | {log[s][0]:.4f} | {log[s][1] / 60:.1f} |" for s in marks]
+
+
+def _card_command(cfg: TrainConfig, run_cfg: dict, export_dir: Path) -> str:
+    """The command line that reproduces the run recorded in ``run_cfg`` (its config.json)."""
+    m = run_cfg["model"]
+    return (
+        f"python -m specdit.training.train_mnist_dit --out {cfg.out} --export-dir {export_dir} "
+        f"--steps {run_cfg['steps']} --lr {run_cfg['lr']:g} --warmup {run_cfg['warmup']} --seed {run_cfg['seed']} "
+        f"--hidden {m['hidden']} --depth {m['depth']} --heads {m['heads']} "
+        f"--threads {run_cfg['threads']} --ckpt-every {run_cfg['ckpt_every']} --export-every {run_cfg['export_every']}"
+        + (f" --max-minutes {run_cfg['max_minutes']:g}" if run_cfg.get("max_minutes") else "")
+        + (f" --snr-gamma {run_cfg['snr_gamma']:g}" if run_cfg.get("snr_gamma") else "")
+        + (f" --init-from {run_cfg['init_from']}" if run_cfg.get("init_from") else ""))
 
 
 def write_model_card(cfg: TrainConfig, command: str | None = None) -> str:
@@ -329,24 +325,10 @@ def write_model_card(cfg: TrainConfig, command: str | None = None) -> str:
     export_dir = Path(cfg.export_dir) if cfg.export_dir else out / "export"
     state = json.loads((export_dir / "training_state.json").read_text())
     run_cfg = json.loads((out / "config.json").read_text())
-    rows = [line.split(",") for line in (out / "loss_log.csv").read_text().splitlines()[1:] if line]
-    log = {int(r[0]): (float(r[1]), float(r[3])) for r in rows}
-    marks = [s for s in (50, 100, 250, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000) if s in log]
-    log = {k: v for k, v in log.items() if k <= state["step"]}  # describe the exported weights only
-    marks = [s for s in marks if s in log]
-    if log and max(log) not in marks:
-        marks.append(max(log))
     m = run_cfg["model"]
     weights = export_dir / "diffusion_pytorch_model.safetensors"
     size_mb = weights.stat().st_size / 2**20 if weights.exists() else float("nan")
-    command = command or (
-        f"python -m specdit.training.train_mnist_dit --out {cfg.out} --export-dir {export_dir} "
-        f"--steps {run_cfg['steps']} --lr {run_cfg['lr']:g} --warmup {run_cfg['warmup']} --seed {run_cfg['seed']} "
-        f"--hidden {m['hidden']} --depth {m['depth']} --heads {m['heads']} "
-        f"--threads {run_cfg['threads']} --ckpt-every {run_cfg['ckpt_every']} --export-every {run_cfg['export_every']}"
-        + (f" --max-minutes {run_cfg['max_minutes']:g}" if run_cfg.get("max_minutes") else "")
-        + (f" --snr-gamma {run_cfg['snr_gamma']:g}" if run_cfg.get("snr_gamma") else "")
-        + (f" --init-from {run_cfg['init_from']}" if run_cfg.get("init_from") else ""))
+    command = command or _card_command(cfg, run_cfg, export_dir)
     lines = [
         "# mnist-dit: a tiny class-conditional pixel-space DiT on MNIST",
         "",
@@ -364,6 +346,27 @@ def write_model_card(cfg: TrainConfig, command: str | None = None) -> str:
         "- predicts eps only (`out_channels=1`, no learned variance); 10 classes + null (CFG-capable)",
         "- diffusers' own timestep embedding (`downscale_freq_shift=1`), i.e. not the original-DiT flag",
         "",
+        *_card_training(run_cfg, state, out),
+        "## Reproduce",
+        "```",
+        command,
+        "```",
+        f"Resumes from `<out>/checkpoint.pt`; EMA exports every {run_cfg['export_every']} steps land in the export",
+        "folder. Training stops after `--max-minutes` (per invocation) with its latest export in place, so a",
+        "re-run with the same flags continues where it stopped. Thread adaptation and a shared machine make the run not bit-reproducible",
+        "across machines (reduction order); data order and noise come from a seeded generator.",
+        "",
+        "Sample grid (ancestral DDPM, 100 respaced steps): `python scripts/mnist_dit_samples.py --model mnist-dit`.",
+        "",
+    ]
+    card = export_dir / "README.md"
+    card.write_text("\n".join(lines))
+    return str(card)
+
+
+def _card_training(run_cfg: dict, state: dict, out: Path) -> list[str]:
+    """The model card's "Training" section and loss table (lines, ending with a blank one)."""
+    return [
         "## Training",
         "- DDPM eps loss, t ~ U{0..999}, DiT linear betas 1e-4..0.02 (1000 steps)"
         + (f", Min-SNR-{run_cfg['snr_gamma']:g} weighting" if run_cfg.get("snr_gamma") else ""),
@@ -383,20 +386,6 @@ def write_model_card(cfg: TrainConfig, command: str | None = None) -> str:
         "",
         "| step | loss | wall min |",
         "|---:|---:|---:|",
-        *[f"| {s} | {log[s][0]:.4f} | {log[s][1] / 60:.1f} |" for s in marks],
-        "",
-        "## Reproduce",
-        "```",
-        command,
-        "```",
-        f"Resumes from `<out>/checkpoint.pt`; EMA exports every {run_cfg['export_every']} steps land in the export",
-        "folder. Training stops after `--max-minutes` (per invocation) with its latest export in place, so a",
-        "re-run with the same flags continues where it stopped. Thread adaptation and a shared machine make the run not bit-reproducible",
-        "across machines (reduction order); data order and noise come from a seeded generator.",
-        "",
-        "Sample grid (ancestral DDPM, 100 respaced steps): `python scripts/mnist_dit_samples.py --model mnist-dit`.",
+        *_card_loss_rows(out, state),
         "",
     ]
-    card = export_dir / "README.md"
-    card.write_text("\n".join(lines))
-    return str(card)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -47,8 +46,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from specdit.atomic import atomic_torch_save, atomic_write
 from specdit.drafters.feature import (FeatureDrafterConfig, FeatureDrafterNet, load_feature_drafter_net,
                                      save_feature_drafter)
+from specdit.config import check_seed
+from specdit.models.base import training_schedule_of
 from specdit.noise import mix64_reference
 from specdit.schedule import Schedule
 
@@ -93,6 +95,7 @@ class DrafterTrainConfig:
             raise ValueError("accept_clip must be > 0")
         if self.onpolicy > 0 and not 1 <= self.onpolicy_depth <= self.sample_steps - 2:
             raise ValueError(f"onpolicy_depth must lie in [1, {self.sample_steps - 2}]")
+        check_seed(self.seed)  # the one seed range of every command, [0, 2^63-1]
         return self
 
 
@@ -230,17 +233,18 @@ def _recipe(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("steps", "ckpt_every", "log_every")}
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _read_log(path: Path, upto: int) -> list[dict]:
     if not path.is_file():
         return []
     with path.open() as f:
         return [r for r in csv.DictReader(f) if int(r["step"]) <= upto]
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, LOG_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def _all_reduce_grads(world, net: torch.nn.Module) -> None:
@@ -252,6 +256,81 @@ def _all_reduce_grads(world, net: torch.nn.Module) -> None:
     for p in params:
         p.grad = flat[at:at + p.numel()].view_as(p).clone()
         at += p.numel()
+
+
+def _build(target, cfg: DrafterTrainConfig):
+    """(network seeded by ``cfg.seed`` or warm-started from ``cfg.init_from``, its EMA copy, AdamW)."""
+    torch.manual_seed(cfg.seed)  # initial weights
+    net = FeatureDrafterNet(FeatureDrafterConfig(target.hidden_size, cfg.heads, cfg.mlp_ratio))
+    if cfg.init_from is not None:
+        warm = load_feature_drafter_net(cfg.init_from)
+        if warm.cfg != net.cfg:
+            raise ValueError(f"--init-from {cfg.init_from}: drafter {warm.cfg} differs from {net.cfg}")
+        net.load_state_dict(warm.state_dict())
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return net, ema, opt
+
+
+def _resume(ckpt_path: Path, cfg: DrafterTrainConfig, net, ema, opt) -> int:
+    """Load ``ckpt_path`` into the network, EMA and optimiser if it exists; the step it ends at (0: fresh).
+    ValueError when it was written with another recipe (see :func:`_recipe`)."""
+    if not ckpt_path.is_file():
+        return 0
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if _recipe(ck["config"]) != _recipe(asdict(cfg)):
+        raise ValueError(f"{ckpt_path} was written with a different training config; use a new output folder")
+    net.load_state_dict(ck["net"])
+    ema.load_state_dict(ck["ema"])
+    opt.load_state_dict(ck["opt"])
+    return int(ck["step"])
+
+
+def _optimise(net, ema, opt, terms: dict[str, torch.Tensor], cfg: DrafterTrainConfig, step: int, world,
+              share: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Back-propagate the weighted loss of ``terms``, clip, step and update the EMA. Data parallel (``world``):
+    gradients and the logged losses are summed over the ranks, each weighted by its ``share`` of the batch.
+    Returns the (global) loss and terms to log."""
+    loss = terms["noise_w"] + cfg.lambda_feat * terms["feat"] + cfg.lambda_smooth * terms["smooth"]
+    opt.zero_grad(set_to_none=True)
+    if world is None:
+        loss.backward()
+    else:
+        # Data parallel: sum of share-weighted local means = the mean over the whole batch.
+        (loss * share).backward()
+        _all_reduce_grads(world, net)
+        logged = world.all_reduce_sum(torch.stack([loss.detach(), *(v.detach() for v in terms.values())]) * share)
+        loss, terms = logged[0], dict(zip(terms, logged[1:]))
+    torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+    opt.step()
+    decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), net.parameters()):
+            pe.lerp_(p, 1 - decay)
+    return loss, terms
+
+
+def _rows_of_rank(batch_size: int, world) -> tuple[slice | None, float]:
+    """(rows of every batch this rank computes, their share of the batch); (None, 1.0) without a world."""
+    if world is None:
+        return None, 1.0
+    rank, size = world.rank, world.size
+    if batch_size < size:
+        raise ValueError(f"batch size {batch_size} is smaller than the number of data-parallel ranks {size}")
+    part = slice(rank * batch_size // size, (rank + 1) * batch_size // size)
+    return part, (part.stop - part.start) / batch_size
+
+
+def _checkpoint(out: Path, export: Path, parts: tuple, cfg: DrafterTrainConfig, step: int, rows: list[dict]) -> None:
+    """Write ``out/ckpt.pt`` (network, EMA, optimiser, step, config), the loss log and the EMA export, each
+    atomically (rank 0 only)."""
+    net, ema, opt = parts
+    atomic_torch_save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                       "step": step, "config": asdict(cfg)}, out / "ckpt.pt")
+    atomic_write(out / "loss_log.csv", lambda tmp: _write_log(tmp, rows))
+    params = sum(p.numel() for p in net.parameters())
+    save_feature_drafter(ema, export, {"train": asdict(cfg), "trained_steps": step, "parameters": params,
+                                       "final_loss": rows[-1] if rows else None})
 
 
 def train_drafter(target, data: tuple[torch.Tensor, torch.Tensor], cfg: DrafterTrainConfig, out_dir: str | Path, *,
@@ -268,38 +347,18 @@ def train_drafter(target, data: tuple[torch.Tensor, torch.Tensor], cfg: DrafterT
     across ranks (weighted by each rank's share), so every rank takes the single-process step; only rank 0
     writes checkpoints, logs and the export. Every rank must see the same ``out_dir``."""
     cfg.validate()
-    rank, size = (0, 1) if world is None else (world.rank, world.size)
-    if cfg.batch_size < size:
-        raise ValueError(f"batch size {cfg.batch_size} is smaller than the number of data-parallel ranks {size}")
-    part = None if world is None else slice(rank * cfg.batch_size // size, (rank + 1) * cfg.batch_size // size)
-    share = 1.0 if part is None else (part.stop - part.start) / cfg.batch_size
+    rank = 0 if world is None else world.rank
+    part, share = _rows_of_rank(cfg.batch_size, world)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     export = Path(export_dir) if export_dir is not None else out / "drafter"
     x_all, y_all = data
     if x_all.shape[1:] != tuple(target.sample_shape):
         raise ValueError(f"data shape {tuple(x_all.shape[1:])} does not match the model's {tuple(target.sample_shape)}")
-    schedule = Schedule.create(cfg.sample_steps, cfg.eta)
+    schedule = Schedule.create(cfg.sample_steps, cfg.eta, training=training_schedule_of(target))
     weights = acceptance_weights(schedule, cfg.accept_clip) if cfg.accept_weight > 0 else None
-    torch.manual_seed(cfg.seed)  # initial weights
-    net = FeatureDrafterNet(FeatureDrafterConfig(target.hidden_size, cfg.heads, cfg.mlp_ratio))
-    if cfg.init_from is not None:
-        warm = load_feature_drafter_net(cfg.init_from)
-        if warm.cfg != net.cfg:
-            raise ValueError(f"--init-from {cfg.init_from}: drafter {warm.cfg} differs from {net.cfg}")
-        net.load_state_dict(warm.state_dict())
-    ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = 0
-    ckpt_path = out / "ckpt.pt"
-    if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if _recipe(ck["config"]) != _recipe(asdict(cfg)):
-            raise ValueError(f"{ckpt_path} was written with a different training config; use a new output folder")
-        net.load_state_dict(ck["net"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        start = int(ck["step"])
+    net, ema, opt = _build(target, cfg)
+    start = _resume(out / "ckpt.pt", cfg, net, ema, opt)
     if rank == 0:
         (out / "config.json").write_text(json.dumps({"train": asdict(cfg), "drafter": asdict(net.cfg)}, indent=2))
     rows = _read_log(out / "loss_log.csv", start)
@@ -311,19 +370,6 @@ def train_drafter(target, data: tuple[torch.Tensor, torch.Tensor], cfg: DrafterT
 
         bar = tqdm(total=cfg.steps, initial=start, desc=f"drafter ({params / 1e3:.0f}k params)")
 
-    def checkpoint(step: int) -> None:
-        if rank != 0:
-            return
-        _atomic_torch_save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                            "step": step, "config": asdict(cfg)}, ckpt_path)
-        with (out / "loss_log.csv.tmp").open("w", newline="") as f:
-            w = csv.DictWriter(f, LOG_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(out / "loss_log.csv.tmp", out / "loss_log.csv")
-        save_feature_drafter(ema, export, {"train": asdict(cfg), "trained_steps": step, "parameters": params,
-                                           "final_loss": rows[-1] if rows else None})
-
     net.train()
     for step in range(start, end):
         g = step_generator(cfg.seed, step)
@@ -331,22 +377,7 @@ def train_drafter(target, data: tuple[torch.Tensor, torch.Tensor], cfg: DrafterT
         terms = drafter_losses(net, target, x_all[idx], y_all[idx], schedule, g, cfg.label_drop, part,
                                weights=weights, accept_weight=cfg.accept_weight, onpolicy=cfg.onpolicy,
                                onpolicy_depth=cfg.onpolicy_depth, onpolicy_cfg=cfg.onpolicy_cfg)
-        loss = terms["noise_w"] + cfg.lambda_feat * terms["feat"] + cfg.lambda_smooth * terms["smooth"]
-        opt.zero_grad(set_to_none=True)
-        if world is None:
-            loss.backward()
-        else:
-            # Data parallel: sum of share-weighted local means = the mean over the whole batch.
-            (loss * share).backward()
-            _all_reduce_grads(world, net)
-            logged = world.all_reduce_sum(torch.stack([loss.detach(), *(v.detach() for v in terms.values())]) * share)
-            loss, terms = logged[0], dict(zip(terms, logged[1:]))
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - decay)
+        loss, terms = _optimise(net, ema, opt, terms, cfg, step, world, share)
         if (step + 1) % cfg.log_every == 0 or step + 1 == end:
             row = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
             rows.append(row)
@@ -354,8 +385,8 @@ def train_drafter(target, data: tuple[torch.Tensor, torch.Tensor], cfg: DrafterT
                 on_log(row)
             if bar is not None:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", noise=f"{row['noise']:.4f}")
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end:
-            checkpoint(step + 1)
+        if ((step + 1) % cfg.ckpt_every == 0 or step + 1 == end) and rank == 0:
+            _checkpoint(out, export, (net, ema, opt), cfg, step + 1, rows)
         if bar is not None:
             bar.update(1)
     if bar is not None:

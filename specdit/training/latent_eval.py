@@ -13,8 +13,8 @@ import torch
 @torch.no_grad()
 def decode_with_vae_scale(vae, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Scaled latents (N, 4, h, w) -> uint8 images (N, H, W, C): ``vae.decode(z / config.scaling_factor)``
-    quantised as ``specdit.models.dit.images_to_uint8``."""
-    from specdit.models.dit import images_to_uint8
+    quantised as ``specdit.images.images_to_uint8``."""
+    from specdit.images import images_to_uint8
 
     scale = float(vae.config.scaling_factor)
     z = latents.float() / scale

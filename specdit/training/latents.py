@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from specdit.atomic import atomic_save_npz
+
 
 @torch.no_grad()
 def write_latents(vae_folder: str | Path, out: str | Path, batch_size: int = 500) -> dict:
@@ -32,9 +34,6 @@ def write_latents(vae_folder: str | Path, out: str | Path, batch_size: int = 500
     z = torch.cat(means) * scale  # (N, 4, h, w)
     post_std = float(torch.cat(stds).mean()) * scale
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, latents=z.numpy().astype(np.float32), labels=labels.numpy())
-    tmp.replace(out)
+    atomic_save_npz(out, {"latents": z.numpy().astype(np.float32), "labels": labels.numpy()})
     return {"out": str(out), "shape": list(z.shape), "scaling_factor": scale, "latent_std": float(z.std()),
             "latent_mean": float(z.mean()), "posterior_std_scaled": post_std}

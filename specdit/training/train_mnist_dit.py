@@ -9,27 +9,19 @@ import argparse
 import json
 
 from specdit.training.dit_trainer import MnistDiTConfig, TrainConfig, train, write_model_card
+from specdit.training.resumable import add_run_arguments
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="runs/mnist-dit")
-    p.add_argument("--export-dir", default=None, help="EMA export folder (diffusers); default <out>/export")
-    p.add_argument("--steps", type=int, default=10_000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200)
+    add_run_arguments(p, out="runs/mnist-dit", steps=10_000, batch_size=128, warmup=200, ckpt_every=1000,
+                      export_every=1000, threads=0, threads_help="0: adaptive 1-or-2 threads (shared machine)",
+                      init_help="fresh run: start model and EMA from this diffusers folder's weights")
     p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="0: adaptive 1-or-2 threads (shared machine)")
     p.add_argument("--hidden", type=int, default=96)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ckpt-every", type=int, default=1000)
-    p.add_argument("--export-every", type=int, default=1000)
-    p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (e.g. 5)")
-    p.add_argument("--init-from", default=None, help="fresh run: start from this diffusers folder's weights")
     p.add_argument("--bench", type=int, default=0)
     p.add_argument("--card", action="store_true", help="only (re)write the export's README.md model card")
     a = p.parse_args(argv)

@@ -66,25 +66,17 @@ def _dit(a) -> None:
     print(json.dumps(train(cfg)), flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
+    from specdit.training.resumable import add_run_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="stage", required=True)
     v = sub.add_parser("vae", help="train the AutoencoderKL")
-    v.add_argument("--out", default="runs/mnist-vae")
-    v.add_argument("--export-dir", default=None)
-    v.add_argument("--steps", type=int, default=2500)
-    v.add_argument("--batch-size", type=int, default=64)
-    v.add_argument("--lr", type=float, default=1e-3)
-    v.add_argument("--warmup", type=int, default=100)
+    add_run_arguments(v, out="runs/mnist-vae", steps=2500, batch_size=64, warmup=100, ckpt_every=250,
+                      export_every=500, init_help="fresh run: start from this VAE folder's weights")
     v.add_argument("--kl-weight", type=float, default=1e-3)
     v.add_argument("--l2-weight", type=float, default=1.0)
     v.add_argument("--channels", type=int, nargs="+", default=[16, 32, 32])
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--threads", type=int, default=1)
-    v.add_argument("--ckpt-every", type=int, default=250)
-    v.add_argument("--export-every", type=int, default=500)
-    v.add_argument("--max-minutes", type=float, default=None)
-    v.add_argument("--init-from", default=None, help="fresh run: start from this VAE folder's weights")
     v.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (latents stay fixed)")
     v.add_argument("--resume", action="store_true", help="(default behaviour) continue from <out>/checkpoint.pt")
     v.set_defaults(func=_vae)
@@ -106,28 +98,22 @@ def main(argv: list[str] | None = None) -> None:
     s.set_defaults(func=_sample)
     d = sub.add_parser("dit", help="train the latent DiT on a latents .npz")
     d.add_argument("--data", required=True, help=".npz from the latents stage")
-    d.add_argument("--out", default="runs/mnist-latent-dit")
-    d.add_argument("--export-dir", default=None)
-    d.add_argument("--steps", type=int, default=8000)
-    d.add_argument("--batch-size", type=int, default=64)
-    d.add_argument("--lr", type=float, default=1e-3)
-    d.add_argument("--warmup", type=int, default=200)
+    add_run_arguments(d, out="runs/mnist-latent-dit", steps=8000, batch_size=64, warmup=200, ckpt_every=250,
+                      export_every=500, init_help="fresh run: start model and EMA from this transformer folder")
     d.add_argument("--ema-decay", type=float, default=0.999)
     d.add_argument("--hidden", type=int, default=96)
     d.add_argument("--depth", type=int, default=6)
     d.add_argument("--heads", type=int, default=4)
     d.add_argument("--patch-size", type=int, default=2)
     d.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR-gamma weighting; 0: uniform")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--threads", type=int, default=1)
-    d.add_argument("--ckpt-every", type=int, default=250)
-    d.add_argument("--export-every", type=int, default=500)
-    d.add_argument("--max-minutes", type=float, default=None)
-    d.add_argument("--init-from", default=None, help="fresh run: start model and EMA from this transformer folder")
     d.add_argument("--resume", action="store_true", help="(default behaviour) continue from <out>/checkpoint.pt")
     d.set_defaults(func=_dit)
-    a = p.parse_args(argv)
-    if getattr(a, "threads", None) and a.stage == "sample":
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    if a.stage == "sample" and a.threads:
         import torch
 
         torch.set_num_threads(a.threads)

@@ -23,10 +23,6 @@ exactly (same thread count). Exports are diffusers folders (safetensors).
 """
 from __future__ import annotations
 
-import json
-import math
-import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +30,7 @@ import numpy as np
 import torch
 
 from specdit.training.dit_trainer import export_ema
+from specdit.training.resumable import ResumableRun, warmup_cosine_lr
 
 
 @dataclass
@@ -95,10 +92,7 @@ class VAETrainConfig:
 
 def lr_at(step: int, cfg: VAETrainConfig) -> float:
     """Linear warmup, then cosine decay from ``lr`` to ``min_lr_frac * lr`` at ``cfg.steps``."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
 
 
 def vae_loss(vae, x: torch.Tensor, gen: torch.Generator, kl_weight: float, l2_weight: float
@@ -135,12 +129,6 @@ def latent_scaling_factor(latents: torch.Tensor) -> float:
     return float(1.0 / latents.double().std())
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def export_vae(vae, images: torch.Tensor, export_dir: str | Path, meta: dict) -> float:
     """Write ``vae`` as a diffusers folder (safetensors) with ``config.scaling_factor`` = 1/std of the posterior
     means of ``images``; replaces ``export_dir`` via a sibling temp folder. Returns the scaling factor."""
@@ -157,18 +145,8 @@ def export_vae(vae, images: torch.Tensor, export_dir: str | Path, meta: dict) ->
     return scale
 
 
-def train_vae(cfg: VAETrainConfig, images: torch.Tensor | None = None) -> dict:
-    """Run (or resume from ``<out>/checkpoint.pt``) VAE training on ``images`` (N, C, H, W) in [-1, 1]
-    (default: the MNIST subset, ``specdit.data.mnist32_tensor``). Returns a summary dict."""
-    if images is None:
-        from specdit.data import mnist32_tensor
-
-        images = mnist32_tensor()[0]
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    export_dir = Path(cfg.export_dir) if cfg.export_dir else out / "export"
+def _build(cfg: VAETrainConfig):
+    """The VAE (warm-started from ``cfg.init_from``, encoder frozen with ``cfg.freeze_encoder``) and its AdamW."""
     vae = cfg.model.build().train()
     if cfg.init_from:
         from safetensors.torch import load_file
@@ -178,70 +156,71 @@ def train_vae(cfg: VAETrainConfig, images: torch.Tensor | None = None) -> dict:
         for module in (vae.encoder, vae.quant_conv):
             if module is not None:
                 module.requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999),
+                            weight_decay=cfg.weight_decay)
+    return vae, opt
+
+
+def train_step(vae, opt, images: torch.Tensor, gen: torch.Generator, step: int, cfg: VAETrainConfig
+               ) -> tuple[list[float], float]:
+    """One optimiser step at ``step`` (0-based) on a batch of ``images`` (N, C, H, W) drawn with ``gen``.
+    Returns ([loss, l1, l2, kl], learning rate)."""
+    idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
+    lr = lr_at(step, cfg)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss, parts = vae_loss(vae, images[idx], gen, cfg.kl_weight, cfg.l2_weight)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+    opt.step()
+    return [float(loss.detach()), parts["l1"], parts["l2"], parts["kl"]], lr
+
+
+def train_vae(cfg: VAETrainConfig, images: torch.Tensor | None = None) -> dict:
+    """Run (or resume from ``<out>/checkpoint.pt``) VAE training on ``images`` (N, C, H, W) in [-1, 1]
+    (default: the MNIST subset, ``specdit.data.mnist32_tensor``). Returns a summary dict."""
+    if images is None:
+        from specdit.data import mnist32_tensor
+
+        images = mnist32_tensor()[0]
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    export_dir = Path(cfg.export_dir) if cfg.export_dir else Path(cfg.out) / "export"
+    vae, opt = _build(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    ckpt_path = out / "checkpoint.pt"
-    step, wall_before = 0, 0.0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=True)
-        vae.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["gen_state"])
-        torch.set_rng_state(ck["torch_rng"])
-        step, wall_before = int(ck["step"]), float(ck["wall_s"])
-        print(f"resumed from {ckpt_path} at step {step}", flush=True)
     n_params = sum(p.numel() for p in vae.parameters())
-    (out / "config.json").write_text(json.dumps({**asdict(cfg), "n_params": n_params}, indent=2))
-    log_path = out / "loss_log.csv"
-    if not log_path.exists():
-        log_path.write_text("step,loss,l1,l2,kl,lr,wall_s\n")
-    t0 = time.time()
+    run = ResumableRun(cfg.out, {"model": vae, "opt": opt}, gen, {**asdict(cfg), "n_params": n_params},
+                       "step,loss,l1,l2,kl,lr,wall_s")
 
-    def wall() -> float:
-        return wall_before + time.time() - t0
-
-    def save_ckpt() -> None:
-        _atomic_torch_save({"model": vae.state_dict(), "opt": opt.state_dict(), "gen_state": gen.get_state(),
-                            "torch_rng": torch.get_rng_state(), "step": torch.tensor(step),
-                            "wall_s": torch.tensor(wall(), dtype=torch.float64)}, ckpt_path)
-
-    def do_export() -> float:
-        return export_vae(vae, images, export_dir, {"step": step, "wall_s": wall(), "n_params": n_params,
+    def export() -> float:
+        return export_vae(vae, images, export_dir, {"step": run.step, "wall_s": run.wall(), "n_params": n_params,
                                                     "config": asdict(cfg)})
 
     acc = np.zeros(4)
     acc_n, stop = 0, "done"
-    while step < cfg.steps:
-        if cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60:
+    while run.step < cfg.steps:
+        if run.out_of_time(cfg.max_minutes):
             stop = "time limit"
             break
-        idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss, parts = vae_loss(vae, images[idx], gen, cfg.kl_weight, cfg.l2_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
-        acc += [float(loss.detach()), parts["l1"], parts["l2"], parts["kl"]]
+        losses, lr = train_step(vae, opt, images, gen, run.step, cfg)
+        run.step += 1
+        acc += losses
         acc_n += 1
-        if step % cfg.log_every == 0:
+        if run.step % cfg.log_every == 0:
             m = acc / acc_n
-            with open(log_path, "a") as f:
-                f.write(f"{step},{m[0]:.5f},{m[1]:.4f},{m[2]:.4f},{m[3]:.2f},{lr:.3e},{wall():.1f}\n")
-            print(f"step {step} loss {m[0]:.3f} l1 {m[1]:.2f} l2 {m[2]:.2f} kl {m[3]:.1f} lr {lr:.2e} "
-                  f"{wall() / 60:.1f} min", flush=True)
+            run.log(f"{run.step},{m[0]:.5f},{m[1]:.4f},{m[2]:.4f},{m[3]:.2f},{lr:.3e},{run.wall():.1f}")
+            print(f"step {run.step} loss {m[0]:.3f} l1 {m[1]:.2f} l2 {m[2]:.2f} kl {m[3]:.1f} lr {lr:.2e} "
+                  f"{run.wall() / 60:.1f} min", flush=True)
             acc[:], acc_n = 0.0, 0
-        if step % cfg.ckpt_every == 0:
-            save_ckpt()
-        if step % cfg.export_every == 0:
-            do_export()
-    save_ckpt()
-    scale = do_export()
-    return {"step": step, "wall_s": wall(), "stop": stop, "n_params": n_params, "scaling_factor": scale,
+        if run.step % cfg.ckpt_every == 0:
+            run.save()
+        if run.step % cfg.export_every == 0:
+            export()
+    run.save()
+    scale = export()
+    return {"step": run.step, "wall_s": run.wall(), "stop": stop, "n_params": n_params, "scaling_factor": scale,
             "export_dir": str(export_dir)}
 
 
@@ -251,7 +230,7 @@ def reconstruction_metrics(vae, images: torch.Tensor, labels: torch.Tensor) -> d
     pixel values after uint8 quantisation, mean over images), mean L1 on [-1, 1], and the shipped MNIST
     classifier's accuracy on the reconstructions and on the originals."""
     from specdit.metrics.mnist_classifier import class_accuracy
-    from specdit.models.dit import images_to_uint8
+    from specdit.images import images_to_uint8
 
     vae.eval()
     rec = decode(vae, encode_mean(vae, images))

@@ -13,8 +13,10 @@ removes it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,19 @@ from workers.local_engine import LocalEngine
 from workers.protocol import set_threads
 
 NAMESPACE = "specdit"
+MAX_RESTARTS = 5  # restarts of each pool actor by Ray (SPECDIT_RAY_MAX_RESTARTS); then it stays dead
+
+
+def max_restarts() -> int:
+    """How many times Ray restarts a dead pool actor (bounded: ``SPECDIT_RAY_MAX_RESTARTS``, default 5)."""
+    raw = os.environ.get("SPECDIT_RAY_MAX_RESTARTS", str(MAX_RESTARTS))
+    try:
+        n = int(raw)
+    except ValueError:
+        raise PoolError(f"SPECDIT_RAY_MAX_RESTARTS must be a whole number from 0 to 100, got {raw!r}") from None
+    if not 0 <= n <= 100:
+        raise PoolError(f"SPECDIT_RAY_MAX_RESTARTS must be a whole number from 0 to 100, got {raw!r}")
+    return n
 
 
 class PoolError(Exception):
@@ -53,6 +68,7 @@ class DeviceWorker:
         self.device, self.threads, self.rank = device, threads, rank
         self.engine = LocalEngine(device=device, threads=threads)  # model cache, model_info, references
         self._setups: dict[tuple[str, str], tuple] = {}
+        self.crash_at: str | None = None  # fault hook (tests): see die_in
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -64,6 +80,15 @@ class DeviceWorker:
                 "pid": os.getpid(), "device": self.device, "device_name": name, "threads": torch.get_num_threads(),
                 "cuda_visible_devices": gpus}
 
+    def die_in(self, method: str) -> None:
+        """Fault hook (tests): the next call of ``method`` (``model_info``, ``setup``, ``sample``, ``draft``,
+        ``verify``) on this actor ends its process as a crash would. Ray restarts the actor without the hook."""
+        self.crash_at = method
+
+    def crash_point(self, method: str) -> None:
+        if self.crash_at == method:
+            os._exit(1)
+
     def free_port(self) -> int:
         """A free TCP port on this node (for the torch.distributed rendezvous)."""
         with socket.socket() as s:
@@ -71,10 +96,14 @@ class DeviceWorker:
             return int(s.getsockname()[1])
 
     def model_info(self, model: str):
+        self.crash_point("model_info")
         return self.engine.model_info(model)
 
     def reference_stats(self, model: str, labels: str, extractor: str, source: str):
         return self.engine.reference_stats(model, labels, extractor, source)
+
+    def resolve_reference(self, model: str, source: str) -> str:
+        return self.engine.resolve_reference(model, source)
 
     def to_images(self, model: str, samples):
         """Decode one batch on this device: uint8 images (B, H, W, C) numpy (``LocalEngine.to_images``)."""
@@ -86,9 +115,11 @@ class DeviceWorker:
         cached by (model, settings). Returns what the coordinator needs to know."""
         import json
 
+        self.crash_point("setup")
         key = (model, json.dumps(sampler, sort_keys=True))
         if key not in self._setups:
             from specdit.api import SamplerConfig, guided, make_drafter
+            from specdit.models.base import training_schedule_of
             from specdit.schedule import Schedule
 
             base = self.engine.load(model)
@@ -97,7 +128,8 @@ class DeviceWorker:
             drafter = None
             if config.sampler == "speculative" and self.drafts:
                 drafter = make_drafter(config.drafter, target, self.device, model)
-            self._setups[key] = (target, drafter, Schedule.create(config.steps, config.eta), config)
+            schedule = Schedule.create(config.steps, config.eta, training=training_schedule_of(target))
+            self._setups[key] = (target, drafter, schedule, config)
         target, drafter, _, _ = self._setups[key]
         return {"draft_cost": 0 if drafter is None else drafter.cost, "dtype": str(target.dtype)}
 
@@ -121,6 +153,7 @@ class DeviceWorker:
         (samples float32, stats arrays, wall seconds)."""
         import torch
 
+        self.crash_point("sample")
         from specdit.api import run_sampler
         from specdit.noise import NoiseStreams
 
@@ -141,7 +174,7 @@ class DeviceWorker:
         from specdit.training.drafter import DrafterTrainConfig, train_drafter
         from workers.ray_pool.progress import write_progress
 
-        target = require_features(self.engine.load(model))
+        target = require_features(self.engine.load(model), model)
         out = Path(out_dir)
         world = TorchWorld.init(rank, world_size, init_method, device=self.device)
         try:
@@ -161,6 +194,7 @@ class Verifier(DeviceWorker):
     def verify(self, model: str, sampler: dict, draft, k, y):
         from workers.pipeline import VerifyComputer
 
+        self.crash_point("verify")
         target, _, schedule, _ = self._get(model, sampler)
         return VerifyComputer(target, schedule, self.device).verify(draft, k, y)
 
@@ -174,6 +208,7 @@ class Drafter(DeviceWorker):
     def draft(self, model: str, sampler: dict, seeds, ctx, draft_length: int):
         from workers.pipeline import DraftComputer
 
+        self.crash_point("draft")
         _, drafter, schedule, _ = self._get(model, sampler)
         return DraftComputer(drafter, schedule, self.device).draft(seeds, ctx, draft_length)
 
@@ -211,13 +246,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     cluster (``num_cpus``) and never attaches to a cluster that happens to run here (``ray.init(address="local")``
     rather than ``ray.init()``, which would). Returns True when this call started Ray here (the caller shuts it
     down)."""
+    address = address or os.environ.get("SPECDIT_RAY_ADDRESS") or None
+    if address and address != "auto" and "://" not in address:
+        _check_reachable(address)  # ray.init would retry an unreachable address for a long time
+    local_mode(address)
     import ray
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("SPECDIT_RAY_ADDRESS") or None
-    if address and address != "auto" and "://" not in address:
-        _check_reachable(address)  # ray.init would retry an unreachable address for a long time
     try:
         if address:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
@@ -230,6 +266,54 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         raise PoolError(f"cannot connect to Ray at {address or 'a new local cluster'}: "
                         f"{' '.join(str(e).split())[:300]}") from None
     return True
+
+
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, every listener on 127.0.0.1
+
+
+def external_ip() -> str | None:
+    """The address this machine reaches other hosts from (no packet is sent), or None without a route."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only the routing table is consulted
+            ip = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if ip.startswith("127.") else ip
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2.0).close()
+        return True
+    except OSError:
+        return False
+
+
+def local_mode(address: str | None) -> None:
+    """Put this process in Ray's single-machine mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: Ray takes
+    127.0.0.1 as the node address, and its GCS, raylet, object manager, agents and client server listen on
+    127.0.0.1 only) for a private cluster (``address`` None) and for a cluster on 127.0.0.1 that listens there
+    only (started in that mode: its GCS does not answer on this machine's external address). Without it Ray
+    replaces 127.0.0.1 by the external address and never reaches such a cluster. Must run before Ray is
+    imported; raises PoolError if Ray already runs in the other mode."""
+    if os.environ.get(LOCAL_ONLY_ENV) == "0":
+        return
+    if address is None:
+        needed = True
+    else:
+        host, _, port = address.rpartition(":")
+        ext = external_ip()
+        needed = (host in ("127.0.0.1", "localhost") and port.isdigit() and ext is not None
+                  and not _answers(ext, int(port)))
+    if not needed:
+        return
+    if "ray" in sys.modules:  # Ray read its mode when it was imported
+        if address is None:
+            return  # a private cluster on this machine's address: still reachable
+        raise PoolError(f"the Ray cluster at {address} listens on 127.0.0.1 only: set {LOCAL_ONLY_ENV}=0 for this "
+                        "process as for 'ray start'")
+    os.environ[LOCAL_ONLY_ENV] = "0"
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -318,7 +402,7 @@ class Pool:
             cls = VerifierDrafter if size == 1 else Verifier if rank % 2 == 0 else Drafter
             role = cls.role
             opts = dict(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-                        max_restarts=-1, max_task_retries=0, num_cpus=bundle.get("CPU", 1),
+                        max_restarts=max_restarts(), max_task_retries=0, num_cpus=bundle.get("CPU", 1),
                         num_gpus=bundle.get("GPU", 0), namespace=NAMESPACE)
             aname = f"{name}-{rank}-{role}" if name else None
             if name:
@@ -425,11 +509,44 @@ def _find_pg(name: str):
 # ------------------------------------------------------------------------------------------------------
 # Cluster commands (called by ``specdit pool ...``)
 # ------------------------------------------------------------------------------------------------------
+class OnceFilter(logging.Filter):
+    """Lets each distinct message through once per process. Ray's ``ray.actor`` logger warns about a
+    restartable detached actor in a placement group once per actor, i.e. once per pool member; the pool
+    restarts its actors on purpose and removes the group only when it stops them, so once is enough."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+def warn_once(logger_name: str = "ray.actor") -> OnceFilter:
+    """Install (once) a :class:`OnceFilter` on ``logger_name``; returns it."""
+    logger = logging.getLogger(logger_name)
+    found = next((f for f in logger.filters if isinstance(f, OnceFilter)), None)
+    if found is None:
+        found = OnceFilter()
+        logger.addFilter(found)
+    return found
+
+
+def _rows(name: str, pool: "Pool") -> list[dict]:
+    """One row per actor: pool name, actor name, and the actor's own description (role, device, host...)."""
+    return [{"pool": name, "actor": m.name, **info} for m, info in zip(pool.members, pool.describe())]
+
+
 def start_pool(address: str, name: str, size: int, threads: int, device: str) -> list[dict]:
-    """Start a named, detached pool on the cluster at ``address``; returns its actors' descriptions."""
+    """Start a named, detached pool on the cluster at ``address``; returns its rows as :func:`list_pool`'s."""
     check_pool_device(device)
     connect(address)
-    return Pool.create(size, threads=threads, device=device, name=name).describe()
+    warn_once("ray.actor")
+    return _rows(name, Pool.create(size, threads=threads, device=device, name=name))
 
 
 def list_pool(address: str, name: str | None) -> list[dict]:
@@ -440,12 +557,7 @@ def list_pool(address: str, name: str | None) -> list[dict]:
         if name not in names:
             raise PoolError(f"no pool named {name!r} on this Ray cluster")
         names = [name]
-    out = []
-    for pname in names:
-        pool = Pool.attach(pname)
-        for m, info in zip(pool.members, pool.describe()):
-            out.append({"pool": pname, "actor": m.name, **info})
-    return out
+    return [row for pname in names for row in _rows(pname, Pool.attach(pname))]
 
 
 def stop_pool(address: str, name: str) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -27,8 +28,8 @@ import numpy as np
 from specdit.samplers.common import NonFiniteTargetError
 from workers.local_engine import LocalEngine
 from workers.pipeline import ShardedModel, Timeline, speculative_pipeline
-from workers.protocol import (EngineError, ModelInfo, ShardOutput, ShardWork, labels_for, seeds_for, shard_arrays,
-                              shard_arrays_for)
+from workers.protocol import (EngineError, EngineUnavailable, JobLoadError, ModelInfo, ShardOutput, ShardWork,
+                              labels_for, seeds_for, shard_arrays, shard_arrays_for)
 from workers.ray_pool.actors import Pool, PoolError, connect
 
 
@@ -46,6 +47,36 @@ class _Remote:
 
     def evaluate(self, x, t, y):
         return self.h.evaluate.remote(self.model, self.sampler, x, t, y).future()
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    return " ".join(str(e).split())[:limit] or type(e).__name__
+
+
+@contextmanager
+def pool_faults(what: str):
+    """Turn the pool's infrastructure failures inside the block (an actor died or is restarting, its node or
+    worker process died, its placement group is gone, the pool cannot be found) into one-line
+    :class:`EngineUnavailable` errors, which charge the job nothing."""
+    import ray
+
+    lost = (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError,
+            ray.exceptions.LocalRayletDiedError, ray.exceptions.ActorPlacementGroupRemoved,
+            ray.exceptions.OwnerDiedError, ray.exceptions.ActorUnschedulableError, PoolError)
+    try:
+        yield
+    except lost as e:
+        raise EngineUnavailable(f"Ray pool unavailable during {what} ({type(e).__name__}): {_one_line(e)}") from None
+
+
+def _task_error(e, what: str = "", cls=EngineError) -> Exception:
+    """The one-line ``cls`` error of a failed actor call ``e`` (a RayTaskError), prefixed by ``what``."""
+    cause = getattr(e, "cause", None) or e.as_instanceof_cause()
+    if isinstance(cause, EngineError):
+        text = str(cause).splitlines()[0] if str(cause).strip() else type(cause).__name__
+    else:
+        text = f"{type(cause).__name__}: {_one_line(cause, 300)}"
+    return cls(f"{what}: {text}" if what else text)
 
 
 class RayEngine:
@@ -71,37 +102,54 @@ class RayEngine:
 
     # -- protocol ------------------------------------------------------------------------------------
     def model_info(self, model: str, options: dict | None = None) -> ModelInfo:
-        import ray
-
         if options:  # the actors cache models by name; load options are not plumbed through them yet
             raise EngineError(f"the ray engine does not take model load options yet ({', '.join(sorted(options))}); "
                               "use the local engine")
-
         if model not in self._infos:
-            try:
-                self._infos[model] = ray.get(self.pool.verifier.model_info.remote(model))
-            except ray.exceptions.RayTaskError as e:
-                cause = e.as_instanceof_cause()
-                if isinstance(cause, EngineError):
-                    raise EngineError(str(cause).splitlines()[0]) from None
-                raise
+            with pool_faults(f"loading {model!r}"):
+                self._infos[model] = self._ask_verifier("model_info", model)
         return self._infos[model]
 
     def check_sampler(self, sampler: dict) -> None:
         LocalEngine().check_sampler(sampler)  # pure validation, no model
 
     def reference_stats(self, model: str, labels: str, extractor: str, source: str) -> dict[str, np.ndarray]:
+        with pool_faults("a FID reference"):
+            return self._ask_verifier("reference_stats", model, labels, extractor, source)
+
+    def resolve_reference(self, model: str, source: str) -> str:
+        with pool_faults("a FID reference"):
+            return self._ask_verifier("resolve_reference", model, source)
+
+    def _ask_verifier(self, method: str, *args):
+        """The verifier actor's ``method(*args)``; an EngineError raised there is raised here (one line)."""
         import ray
 
         try:
-            return ray.get(self.pool.verifier.reference_stats.remote(model, labels, extractor, source))
+            return ray.get(getattr(self.pool.verifier, method).remote(*args))
         except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause()
-            if isinstance(cause, EngineError):
-                raise EngineError(str(cause).splitlines()[0]) from None
+            if isinstance(e.as_instanceof_cause(), EngineError):
+                raise _task_error(e) from None
             raise
 
     def run(self, work: ShardWork, progress: Callable[[int], None] | None = None) -> ShardOutput:
+        """Sample a shard on the pool. The pool's failures at any point (model info, set-up, sampling,
+        decoding) are :class:`EngineUnavailable`; a model or drafter that cannot be set up is
+        :class:`JobLoadError` (the job's fault, the same for every shard)."""
+        with pool_faults("a shard"):
+            return self._run(work, progress)
+
+    def setup(self, model: str, config) -> None:
+        """Load the model, the guided target and the drafter on every actor (cached there)."""
+        import ray
+
+        try:
+            ray.get([h.setup.remote(model, config.to_dict()) for h in self.pool.handles])
+        except ray.exceptions.RayTaskError as e:
+            raise _task_error(e, f"cannot set up {model!r} (drafter {config.drafter!r}) on the pool",
+                              JobLoadError) from None
+
+    def _run(self, work: ShardWork, progress: Callable[[int], None] | None) -> ShardOutput:
         import ray
         import torch
 
@@ -109,7 +157,7 @@ class RayEngine:
 
         info = self.model_info(work.model, work.model_options)
         config = SamplerConfig(**work.sampler).validate()
-        ray.get([h.setup.remote(work.model, config.to_dict()) for h in self.pool.handles])
+        self.setup(work.model, config)
         seeds = seeds_for(work.base_seed, work.start, work.stop)  # (n,)
         indices = torch.arange(work.start, work.stop, dtype=torch.int64)
         labels = labels_for(work.labels, indices, seeds, info.num_classes)
@@ -130,9 +178,8 @@ class RayEngine:
 
     def _sample(self, work, config, info, seeds, y_all, batches, progress) -> dict[int, tuple]:
         """Every batch with the configured sampler: batch i -> (samples float32, stats, wall seconds).
-        A dead actor or a non-finite target is an EngineError (one line, the sample named by its job index)."""
-        import ray
-
+        A non-finite target is an EngineError (one line, the sample named by its job index); a dead actor
+        raises through to ``run`` (EngineUnavailable)."""
         results: dict[int, tuple] = {}
         try:
             if config.sampler == "speculative":
@@ -141,8 +188,6 @@ class RayEngine:
                 self._run_draft_refine(work, config, info, seeds, y_all, batches, results, progress)
             else:
                 self._run_whole_batches(work, config.to_dict(), seeds, y_all, batches, results, progress)
-        except ray.exceptions.RayActorError as e:
-            raise EngineError(f"a pool actor died: {' '.join(str(e).split())[:200]}") from None
         except NonFiniteTargetError as e:  # one line, naming the sample by its index in the job
             raise EngineError(str(NonFiniteTargetError(e.step, e.timestep, work.start + e.sample))) from None
         return results
@@ -168,8 +213,9 @@ class RayEngine:
         import ray
 
         from specdit.schedule import Schedule
+        from specdit.scheduler_config import TrainingSchedule
 
-        schedule = Schedule.create(config.steps, config.eta)
+        schedule = Schedule.create(config.steps, config.eta, training=TrainingSchedule.from_dict(info.schedule))
         sampler = config.to_dict()
         done = [0]
 
@@ -200,8 +246,9 @@ class RayEngine:
         from specdit.noise import NoiseStreams
         from specdit.samplers.draft_refine import sample_draft_refine
         from specdit.schedule import Schedule
+        from specdit.scheduler_config import TrainingSchedule
 
-        schedule = Schedule.create(config.steps, config.eta)
+        schedule = Schedule.create(config.steps, config.eta, training=TrainingSchedule.from_dict(info.schedule))
         sampler = config.to_dict()
         self.last_timeline = tl = Timeline(start=time.time())
         model = ShardedModel([_Remote(h, work.model, sampler) for h in self.pool.handles], info.sample_shape,
