@@ -72,7 +72,7 @@ def plot(record: dict, path: Path, bins: int = 25) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--drafter", action="append", required=True, help="NAME=FOLDER of a trained feature drafter")
+    p.add_argument("--drafter", action="append", default=[], help="NAME=FOLDER of a trained feature drafter")
     p.add_argument("--L", type=lambda s: [int(v) for v in s.split(",")], default=[2, 4, 6, 8])
     p.add_argument("-n", type=int, default=32, help="chains (one batch)")
     p.add_argument("--steps", type=int, default=250)
@@ -82,7 +82,14 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="outputs/drafter_acceptance.json")
     p.add_argument("--plot", default=None, help="PNG of acceptance by timestep")
+    p.add_argument("--plot-from", nargs="+", default=None, help="only plot: merge these JSON records into --plot")
     args = p.parse_args(argv)
+    if args.plot_from:
+        merged = {"drafters": {}}
+        for path in args.plot_from:
+            merged["drafters"].update(json.loads(Path(path).read_text())["drafters"])
+        plot(merged, Path(args.plot))
+        return merged
     torch.set_num_threads(args.threads)
     model = load_model("mnist-dit")
     record = {"steps": args.steps, "cfg": args.cfg, "verify": args.verify, "n": args.n, "seed": args.seed,
@@ -94,10 +101,10 @@ def main(argv=None) -> dict:
             runs.append(evaluate(model, folder, L, args))
             print(f"{name} L={L}: PE {runs[-1]['parallel_efficiency']:.3f}, acceptance "
                   f"{runs[-1]['acceptance']:.3f} ({runs[-1]['wall_s']:.0f} s)", flush=True)
-        record["drafters"][name] = {"folder": folder, "runs": runs, "acceptance_by_k": by_timestep(runs)}
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record))
+            record["drafters"][name] = {"folder": folder, "runs": runs, "acceptance_by_k": by_timestep(runs)}
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(record))  # after every run: a cut-short evaluation keeps what it measured
     if args.plot:
         plot(record, Path(args.plot))
     return record
