@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run latency test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -15,7 +15,10 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/specdit generate --model $(or $(MODEL),mnist-dit) --sampler speculative --drafter $(or $(DRAFTER),feature) \
-		--verify block --draft-length 8 --cfg-scale 1.5 --steps 250 --num-samples 48 --out outputs/run
+		--verify block --draft-length auto --cfg-scale 1.5 --steps 250 --num-samples 48 --out outputs/run
+
+latency: $(STAMP)  ## issue 24 tables (quiet machine, ~25 min): docs/latency/
+	$(BIN)/python benchmarks/latency_tables.py --out docs/latency
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15

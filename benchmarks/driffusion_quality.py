@@ -27,18 +27,46 @@ import torch
 
 from specdit.api import SamplerConfig, generate, load_model
 from specdit.labels import labels_for
-from specdit.metrics.fid import frechet_distance
+from specdit.metrics.extractors import get_extractor
+from specdit.metrics.fid import FeatureStats, frechet_distance
 from specdit.metrics.mnist_classifier import class_accuracy
 from specdit.metrics.reference import compute_stats, reference_stats
 from specdit.noise import sample_seed
 
-VARIANTS = {
-    "ddpm": SamplerConfig(sampler="ddpm"),
-    "conservative k=4": SamplerConfig(sampler="draft_refine", refine_mode="conservative", parallel=4),
-    "aggressive k=4": SamplerConfig(sampler="draft_refine", refine_mode="aggressive", parallel=4),
-    "conservative k=8": SamplerConfig(sampler="draft_refine", refine_mode="conservative", parallel=8),
-    "aggressive k=8": SamplerConfig(sampler="draft_refine", refine_mode="aggressive", parallel=8),
-}
+VARIANTS = {"ddpm": SamplerConfig(sampler="ddpm")}
+for _k in (2, 4, 8):
+    for _mode in ("conservative", "aggressive"):
+        for _noise in ("independent", "coupled"):
+            VARIANTS[f"{_mode} k={_k}" + ("" if _noise == "independent" else " coupled")] = SamplerConfig(
+                sampler="draft_refine", refine_mode=_mode, parallel=_k, refine_noise=_noise)
+DEFAULT_VARIANTS = ["ddpm", "conservative k=4", "aggressive k=4", "conservative k=8", "aggressive k=8"]
+BOOTSTRAP = 200  # resamples of the sample indices for the intervals
+
+
+def bootstrap(features: np.ndarray, labels: np.ndarray, correct: np.ndarray, ref_features: np.ndarray | None,
+              mnist_ref, seed: int = 0) -> dict:
+    """95% percentile intervals of (accuracy, FID vs MNIST ref, FID vs ddpm) over BOOTSTRAP resamples of the
+    sample indices, paired: the same indices resample this variant and ddpm. features: (N, 128)."""
+    from specdit.metrics.fid import FeatureStats
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, list] = {"accuracy": [], "fid_mnist_ref": [], "fid_vs_ddpm": []}
+    for _ in range(BOOTSTRAP):
+        i = rng.integers(0, len(features), len(features))
+        st = FeatureStats.from_features(features[i], extractor=mnist_ref.extractor)
+        out["accuracy"].append(float(correct[i].mean()))
+        out["fid_mnist_ref"].append(frechet_distance(st, mnist_ref))
+        if ref_features is not None:
+            out["fid_vs_ddpm"].append(frechet_distance(
+                st, FeatureStats.from_features(ref_features[i], extractor=mnist_ref.extractor)))
+    # FID from a resample (duplicates) is biased upwards: basic (pivot) intervals 2 est - q around the
+    # full-sample estimate, percentile intervals for the accuracy.
+    return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in out.items() if v}
+
+
+def basic_interval(estimate: float, lo_hi: list[float]) -> list[float]:
+    """The basic bootstrap interval [max(0, 2 est - q97.5), 2 est - q2.5] from percentile bounds [q2.5, q97.5]."""
+    return [max(0.0, 2 * estimate - lo_hi[1]), 2 * estimate - lo_hi[0]]
 
 
 def sample(model, cfg: SamplerConfig, seed: int, n: int, batch_size: int):
@@ -58,7 +86,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--eta", type=float, default=1.0, help="stochasticity of every sampler (1 = DDPM, 0 = DDIM)")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated, from " + ", ".join(VARIANTS))
+    ap.add_argument("--bootstrap", action="store_true", help=f"95%% intervals ({BOOTSTRAP} paired resamples)")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the rows here")
@@ -88,33 +117,46 @@ def main(argv=None) -> None:
         runs[name] = (img, x, stats)
         print(f"done: {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = []
+    extractor = get_extractor("mnist")
+    ddpm_f, _ = extractor.features_and_logits(ddpm_img)
     for name, (img, x, stats) in runs.items():
-        st = compute_stats(img, "mnist")
+        f, logits = extractor.features_and_logits(img)
+        st = FeatureStats.from_features(f, extractor=extractor.name)
         rows.append({
             "variant": name,
             "accuracy": class_accuracy(img, labels),
             "fid_mnist_ref": frechet_distance(st, mnist_ref),
             "fid_vs_ddpm": 0.0 if name == "ddpm" else frechet_distance(st, ddpm_stats),
             "l2_to_ddpm": float((x - ddpm_x).flatten(1).norm(dim=1).mean()),
+            "max_abs": float(x.abs().max()),
             "rounds_per_sample": None if stats is None else stats["rounds_per_sample"],
             "target_evals_per_sample": None if stats is None else stats["target_evals_per_sample"],
         })
+        if args.bootstrap:
+            correct = logits.argmax(1) == labels
+            ci = bootstrap(f, labels, correct, None if name == "ddpm" else ddpm_f, mnist_ref)
+            for key in ("fid_mnist_ref", "fid_vs_ddpm"):
+                if key in ci:
+                    ci[key] = basic_interval(rows[-1][key], ci[key])
+            rows[-1]["ci95"] = ci
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     print(f"\nmnist-dit, {args.num_samples} samples (balanced labels), {args.steps} steps, cfg {args.cfg:g}, "
           f"eta {args.eta:g}, seed {args.seed}\n")
-    print("| variant | accuracy | FID vs MNIST ref | FID vs ddpm | mean L2 to ddpm | rounds/sample | evals/sample |")
+    print("| variant | accuracy | FID vs MNIST ref | FID vs ddpm | mean L2 to ddpm | max abs | rounds/sample |")
     print("|---|---|---|---|---|---|---|")
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
+
+    def fmt(r, key, spec):
+        v = r.get(key)
+        ci = r.get("ci95", {}).get(key)
+        return "-" if v is None else format(v, spec) + ("" if ci is None else f" [{ci[0]:{spec}}, {ci[1]:{spec}}]")
 
     for r in rows:
-        print(f"| {r['variant']} | {r['accuracy']:.2f} | {r['fid_mnist_ref']:.2f} | {r['fid_vs_ddpm']:.2f} | "
-              f"{r['l2_to_ddpm']:.2f} | {fmt(r['rounds_per_sample'], '.1f')} | "
-              f"{fmt(r['target_evals_per_sample'], '.1f')} |")
-
+        print(f"| {r['variant']} | {fmt(r, 'accuracy', '.3f')} | {fmt(r, 'fid_mnist_ref', '.2f')} | "
+              f"{fmt(r, 'fid_vs_ddpm', '.2f')} | {r['l2_to_ddpm']:.2f} | {r['max_abs']:.2f} | "
+              f"{fmt(r, 'rounds_per_sample', '.1f')} |")
 
 if __name__ == "__main__":
     main()

@@ -14,11 +14,11 @@ def _fmt(v, spec=".3f"):
     return "-" if v is None or v != v else format(v, spec)
 
 
-COLUMNS = ["variant", "rounds/sample", "parallel eff.", "acceptance", "wall vs ddpm", "KS to truth", "KS p"]
+COLUMNS = ["variant", "rounds/sample", "parallel eff.", "acceptance", "speed-up vs ddpm", "KS to truth", "KS p"]
 
 
 def _cells(r) -> list[str]:
-    return [r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.wall_vs_ddpm, ".2f"),
+    return [r.name, _fmt(r.rounds, ".1f"), _fmt(r.efficiency), _fmt(r.acceptance), _fmt(r.speedup_vs_ddpm, ".2f"),
             _fmt(r.ks, ".4f"), _fmt(r.ks_p, ".3g")]
 
 
@@ -38,6 +38,29 @@ def _markdown(rows) -> str:
     return "\n".join([head, *("| " + " | ".join(_cells(r)) + " |" for r in rows)])
 
 
+def _write_json(path: Path | None, doc: dict) -> None:
+    if path is not None:
+        from specdit.outputs import strict_json
+
+        path.write_text(strict_json(doc, indent=2))
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--draft-lengths must be comma-separated integers, got {text!r}") from None
+
+
+MODE = typer.Option("table", "--mode", help="table: rounds, acceptance, speed-up vs ddpm and the KS distance to the "
+                    "truth per variant | latency: batch 1, chains one at a time, paired per seed, with the cost "
+                    "model's predicted speed-up | throughput: samples/s at --throughput-batch, likewise.")
+REPEATS = typer.Option(8, "--repeats", help="latency: seeds; throughput: repeats (paired, order rotated).")
+THROUGHPUT_BATCH = typer.Option(64, "--throughput-batch", help="Batch of --mode throughput.")
+AUTO = typer.Option(True, "--auto/--no-auto", help="latency/throughput: add the --draft-length auto variant "
+                    "(calibrates first if no calibration is stored).")
+
+
 def bench(
     model: str = typer.Option("gmm-2d", "--model", "-m", help=opt.MODEL_HELP),
     steps: Optional[str] = opt.STEPS,
@@ -47,6 +70,7 @@ def bench(
                                  "generate --drafter)."),
     cfg_scale: Optional[str] = opt.CFG_SCALE,
     cfg_channels: Optional[str] = opt.CFG_CHANNELS,
+    refine_noise: Optional[str] = opt.REFINE_NOISE,
     num_heads: Optional[int] = opt.NUM_HEADS,
     weights: Optional[str] = opt.WEIGHTS,
     labels: str = typer.Option("none", "--labels", help=opt.LABELS_HELP + " bench's default is none: the KS "
@@ -57,9 +81,17 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table (for the README)."),
     device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
+    mode: str = MODE,
+    repeats: int = REPEATS,
+    throughput_batch: int = THROUGHPUT_BATCH,
+    precision: Optional[str] = opt.PRECISION,
+    auto: bool = AUTO,
     progress: bool = opt.PROGRESS,
 ) -> None:
-    """Rounds, parallel efficiency, acceptance, wall time relative to ddpm, and distance to ground truth."""
+    """Samplers side by side on the same seeds; ddpm is the reference (speed-up > 1 is faster). See --mode."""
+    if mode != "table":
+        return _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats,
+                       throughput_batch, threads, device, seed, auto, json_out, markdown, num_heads, weights)
     from rich.console import Console
 
     from cli.render import markup, plain
@@ -67,21 +99,18 @@ def bench(
 
     if json_out is not None:
         check_output_file(json_out, "--json file")
-    try:
-        lengths = tuple(int(v) for v in draft_lengths.split(","))
-    except ValueError:
-        raise ValueError(f"--draft-lengths must be comma-separated integers, got {draft_lengths!r}") from None
     settings = BenchSettings(model=model, base=opt.sampler_config(steps=steps, cfg_scale=cfg_scale,
-                                                                  cfg_channels=cfg_channels),
-                             num_samples=num_samples, draft_lengths=lengths, drafters=tuple(drafters.split(",")),
+                                                                  cfg_channels=cfg_channels, precision=precision,
+                                                                  refine_noise=refine_noise),
+                             num_samples=num_samples, draft_lengths=_lengths(draft_lengths),
+                             drafters=tuple(drafters.split(",")),
                              labels=labels, seed=opt.seed_value(seed), batch_size=batch_size, threads=threads,
                              device=device, num_heads=num_heads, weights=weights)
-    base = settings.base
     console = Console(width=max(Console().width, 120))
 
     def start(threads_used: int, curve) -> None:
-        console.print(f"[bold]{markup(model)}[/] S={base.steps} N={num_samples} seed={settings.seed} "
-                      f"cfg={base.cfg_scale} threads={threads_used}")
+        console.print(f"[bold]{markup(model)}[/] S={settings.base.steps} N={num_samples} seed={settings.seed} "
+                      f"cfg={settings.base.cfg_scale} threads={threads_used}")
         console.print("target batch cost (relative to batch 1): " + markup(curve.describe()))
 
     # One bar with ETA over every variant's chain-steps (a bench runs for minutes at README sizes).
@@ -91,11 +120,72 @@ def bench(
     console.print(_table(report.rows))
     if markdown:
         print(plain(_markdown(report.rows), one_line=False))
-    if json_out is not None:
-        from specdit.outputs import strict_json
+    _write_json(json_out, report.as_dict())
 
-        json_out.write_text(strict_json(report.as_dict(), indent=2))
+
+def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats, batch, threads,
+            device, seed, auto, json_out, markdown, num_heads, weights) -> None:
+    """--mode latency | throughput: parse, run ``specdit.latency.run_timing_bench``, render."""
+    if mode not in ("latency", "throughput"):
+        raise ValueError(f"unknown bench mode {mode!r}; choose table, latency or throughput")
+    from rich.console import Console
+
+    from cli.bench_timing import render
+    from cli.render import markup
+    from specdit.devices import resolve_device
+    from specdit.latency import BenchPlan, run_timing_bench
+
+    if json_out is not None:
+        check_output_file(json_out, "--json file")
+    lengths = list(_lengths(draft_lengths))
+    base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, precision=precision)
+    plan = BenchPlan(model, base, [d for d in drafters.split(",") if d], lengths, mode, repeats, batch, threads,
+                     str(resolve_device(device)), opt.seed_value(seed), auto,
+                     {k: v for k, v in (("num_heads", num_heads), ("weights", weights)) if v is not None}).check()
+    console = Console(width=max(Console().width, 140))
+    with one_line_warnings():
+        report = run_timing_bench(plan, on_note=lambda text: console.print(markup(text)))
+    render(report, console, markdown)
+    _write_json(json_out, report)
+
+
+def calibrate(
+    model: str = typer.Option("mnist-dit", "--model", "-m", help=opt.MODEL_HELP),
+    drafter: Optional[str] = opt.DRAFTER,
+    steps: Optional[str] = opt.STEPS,
+    eta: Optional[str] = opt.ETA,
+    verify: Optional[str] = opt.VERIFY,
+    cfg_scale: Optional[str] = opt.CFG_SCALE,
+    cfg_channels: Optional[str] = opt.CFG_CHANNELS,
+    precision: Optional[str] = opt.PRECISION,
+    batch_size: int = typer.Option(1, "--batch-size", help="Chains sampled together (1: latency)."),
+    chains: int = typer.Option(4, "--chains", help="Chains sampled to measure acceptance by timestep."),
+    threads: Optional[int] = opt.THREADS,
+    device: str = typer.Option("cpu", help="The device that will sample: cpu | cuda | cuda:N."),
+) -> None:
+    """Measure acceptance by timestep and the cost model here; store the --draft-length auto schedule.
+
+    The schedule is keyed by model, drafter (its weights' hash), device, steps, eta, cfg, verification,
+    precision and batch size, in $SPECDIT_CACHE/draft-schedules (default ~/.cache/specdit)."""
+    from cli.render import plain
+    from specdit.autodraft import key_file
+    from specdit.calibrate import calibrate as run
+    from specdit.devices import resolve_device
+
+    config = opt.sampler_config(drafter=drafter, steps=steps, eta=eta, verify=verify, cfg_scale=cfg_scale,
+                                cfg_channels=cfg_channels, precision=precision)
+    if drafter is None and model == "mnist-dit":
+        config = config.updated(drafter="feature")
+    plan = run(model, config, device=str(resolve_device(device)), batch=batch_size, chains=chains,
+               threads=threads)
+    typer.echo(plain(plan.describe()))
+    c = plan.costs
+    typer.echo(f"cost model: c(1) {1e3 * c.call[min(c.call)]:.2f} ms, drafter d {1e3 * c.draft:.2f} ms/step, "
+               f"sampler's own work v {1e3 * c.verify:.2f} ms/round, plain step overhead {1e3 * c.plain:.2f} ms "
+               f"({c.threads} threads)")
+    typer.echo(plain(f"stored {key_file(plan.key)}"))
 
 
 def register(app: typer.Typer) -> None:
     app.command("bench", cls=opt.AliasedCommand)(user_errors(bench))
+    app.command("calibrate", cls=opt.AliasedCommand)(user_errors(calibrate))

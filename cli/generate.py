@@ -29,6 +29,7 @@ def generate(
     weights: Optional[str] = opt.WEIGHTS,
     relax: Optional[str] = opt.RELAX,
     refine_mode: Optional[str] = opt.REFINE_MODE,
+    refine_noise: Optional[str] = opt.REFINE_NOISE,
     parallel: Optional[str] = opt.PARALLEL,
     num_samples: int = typer.Option(64, "--num-samples", "-n", help="Number of samples N."),
     seed: Optional[str] = opt.SEED,
@@ -38,6 +39,7 @@ def generate(
     threads: Optional[int] = opt.THREADS,
     progress: bool = opt.PROGRESS,
     device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
+    precision: Optional[str] = opt.PRECISION,
 ) -> None:
     """Generate samples and print speed statistics (rounds, parallel efficiency, acceptance).
 
@@ -45,15 +47,20 @@ def generate(
     step and the sample)."""
     from specdit.outputs import generate_to_disk
 
+    draft_length, auto = opt.split_auto(draft_length)
     config = opt.sampler_config(sampler=sampler, steps=steps, eta=eta, draft_length=draft_length, verify=verify,
                                 drafter=drafter, relax=relax, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
-                                refine_mode=refine_mode, parallel=parallel)
+                                refine_mode=refine_mode, parallel=parallel, precision=precision,
+                                refine_noise=refine_noise)
     base_seed = opt.seed_value(seed)
     with one_line_warnings(), step_progress(num_samples * config.steps, markup(f"{config.sampler} on {model}"),
                                             progress) as advance:
         summary = generate_to_disk(model, config, num_samples, base_seed, labels, out, batch_size=batch_size,
                                    device=device,
-                                   threads=threads, progress=advance, num_heads=num_heads, weights=weights)
+                                   threads=threads, progress=advance, num_heads=num_heads, weights=weights,
+                                   auto_draft=auto)
+    if summary.get("auto"):
+        typer.echo(plain(summary["auto"]))
     s = summary["stats"]
     typer.echo(plain(f"wrote {out}"))
     typer.echo(f"{s['samples']} samples x {s['steps']} steps in {summary['wall_time_s']:.2f} s | "

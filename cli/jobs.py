@@ -37,6 +37,15 @@ def _queue(redis_url, prefix):
 
 
 # ------------------------------------------------------------------------------------------------------
+_OUT = typer.Option(None, "--out", "-o", help="Output directory shared by workers, relative to SPECDIT_OUTPUT_ROOT "
+                    "[default: jobs].")
+_STORE = typer.Option(None, "--store", help="What shards store: auto | images | latents | images+latents (auto: "
+                      "decoded images).")
+_FID_REF = typer.Option(None, "--fid-ref", help="data:<n>, ref:<name>, or a statistics .npz (ours, or ADM-style "
+                        "mu/sigma).")
+_FEATURES = typer.Option(None, "--features", "-f", help="FID features: auto | raw | mnist | inception [default: auto].")
+
+
 def submit(
     spec_file: Optional[Path] = typer.Argument(None, help="Job spec (.yaml/.yml/.json); flags override it."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=opt.MODEL_HELP),
@@ -50,7 +59,9 @@ def submit(
     cfg_scale: Optional[str] = opt.CFG_SCALE,
     cfg_channels: Optional[str] = opt.CFG_CHANNELS,
     refine_mode: Optional[str] = opt.REFINE_MODE,
+    refine_noise: Optional[str] = opt.REFINE_NOISE,
     parallel: Optional[str] = opt.PARALLEL,
+    precision: Optional[str] = opt.PRECISION,
     num_heads: Optional[int] = opt.NUM_HEADS,
     weights: Optional[str] = opt.WEIGHTS,
     labels: Optional[str] = typer.Option(None, "--labels", help=opt.LABELS_HELP + " [default: uniform]"),
@@ -58,14 +69,10 @@ def submit(
     seed: Optional[str] = opt.SEED,
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard [default: 64]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Chains sampled together [default: 64]."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory shared by workers, relative "
-                                      "to SPECDIT_OUTPUT_ROOT [default: jobs]."),
-    store: Optional[str] = typer.Option(None, "--store", help="What shards store: auto | images | latents | "
-                                                              "images+latents (auto: decoded images)."),
-    fid_reference: Optional[str] = typer.Option(None, "--fid-ref", help="data:<n>, ref:<name>, or a statistics "
-                                                                        ".npz (ours, or ADM-style mu/sigma)."),
-    features: Optional[str] = typer.Option(None, "--features", "-f",
-                                           help="FID features: auto | raw | mnist | inception [default: auto]."),
+    out: Optional[str] = _OUT,
+    store: Optional[str] = _STORE,
+    fid_reference: Optional[str] = _FID_REF,
+    features: Optional[str] = _FEATURES,
     no_fid: bool = typer.Option(False, "--no-fid", help="Do not compute FID statistics."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Baseline job id for speed-up "
                                                                     "(default: auto)."),
@@ -80,11 +87,13 @@ def submit(
     prefix: Optional[str] = Prefix,
 ):
     """Submit a generation / FID-evaluation job (idempotent: the same spec is the same job)."""
-    from cluster.submission import spec_from_sources, submit_job
+    from cluster.submission import submit_job
 
+    draft_length, auto = opt.split_auto(draft_length)
     flags = opt.coerce_flags(sampler=sampler, steps=steps, eta=eta, draft_length=draft_length, verify=verify,
                              drafter=drafter, relax=relax, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
-                             refine_mode=refine_mode, parallel=parallel)
+                             refine_mode=refine_mode, parallel=parallel, precision=precision,
+                             refine_noise=refine_noise)
     overrides = {
         "model": model, "name": name, "labels": labels, "num_samples": num_samples,
         "base_seed": None if seed is None else opt.seed_value(seed), "num_heads": num_heads, "weights": weights,
@@ -92,9 +101,22 @@ def submit(
         "evaluate.fid_reference": fid_reference, "evaluate.extractor": features, "evaluate.baseline": baseline,
         "evaluate.fid": False if no_fid else None,
     }
-    spec = spec_from_sources(spec_file, flags, overrides)
+    spec = _spec(spec_file, flags, overrides, auto, quiet)
     q = _queue(redis_url, prefix)  # reach Redis before the (slower) model check
     _show_submitted(q, spec, submit_job(q, spec, engine_name=engine, check_model=check_model), quiet, watch)
+
+
+def _spec(spec_file, flags: dict, overrides: dict, auto: bool, quiet: bool):
+    """The validated job spec; ``auto``: with the stored ``--draft-length auto`` schedule in it (one line says
+    what it chose)."""
+    from cluster.submission import spec_from_sources, with_auto_schedule
+
+    spec = spec_from_sources(spec_file, flags, overrides)
+    if auto:
+        spec, note = with_auto_schedule(spec)
+        if not quiet:
+            typer.echo(plain(note))
+    return spec
 
 
 def _show_submitted(q, spec, done, quiet: bool, watch: bool) -> None:

@@ -34,7 +34,10 @@ def _opt(setting: str, metavar: str, help: str, *short: str):
 SAMPLER = _opt("sampler", "NAME", f"ddpm | speculative | draft_refine")
 STEPS = _opt("steps", "INT", f"Sampling steps S in [2, {MAX_STEPS}]")
 ETA = _opt("eta", "FLOAT", f"Stochasticity in [0, 1] (1: DDPM posterior variance, 0: DDIM)")
-DRAFT_LENGTH = _opt("draft_length", "INT", f"Speculation length L", "-L")
+DRAFT_LENGTH = _opt("draft_length", "INT|auto", "Speculation length L, or auto: a per-timestep schedule L(k) from "
+                    "the calibration stored for this model, drafter, device and steps (specdit calibrate)", "-L")
+PRECISION = _opt("precision", "NAME", "Networks' precision: fp32 | bf16 (bf16 under autocast; sampler maths "
+                                      "stays float64)")
 VERIFY = _opt("verify", "NAME", f"Verification: token | block")
 DRAFTER = _opt("drafter", "SPEC", "free | feature | feature:<folder> | perturbed:<error> | model:<name> "
                                   "")
@@ -43,6 +46,8 @@ CFG_SCALE = _opt("cfg_scale", "FLOAT", f"Classifier-free guidance scale w >= 0 (
 CFG_CHANNELS = _opt("cfg_channels", "all|INT", "Guided channels: all | 3 (3: the original DiT's forward_with_cfg) "
                                                "")
 REFINE_MODE = _opt("refine_mode", "NAME", f"DRiffusion mode: conservative | aggressive")
+REFINE_NOISE = _opt("refine_noise", "NAME", "DRiffusion draft noise: independent (the paper's) | coupled "
+                                           "(drafts share the refinement's noise; see docs/design.md)")
 PARALLEL = _opt("parallel", "INT", f"DRiffusion parallel evaluations k, 1 <= k < steps")
 
 
@@ -62,7 +67,8 @@ WEIGHTS = typer.Option(None, "--weights", help="ema | model: weights of a DiT tr
 # Other shared settings.
 LABELS_HELP = "Label policy: none | uniform (i mod C) | random | fixed:<class>."
 LABELS = typer.Option("uniform", "--labels", help=LABELS_HELP)
-THREADS = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice).")
+THREADS = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice, one per core; "
+                       "several processes on one machine should split the cores between them).")
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with ETA.")
 RAY_ADDRESS_HELP = "Ray cluster address: host:port | ray://host:port | auto (any cluster running here)."
 
@@ -79,20 +85,26 @@ DEPRECATED: dict[str, dict[str, str]] = {
 }
 
 
-def rewrite_deprecated(command: str, args: list[str]) -> list[str]:
-    """``args`` with the deprecated spellings of ``command`` replaced (``--old=v`` too; nothing after ``--``);
-    prints ``warning: <old> is deprecated; use <new>`` once per spelling used."""
-    table, out, warned = DEPRECATED.get(command, {}), [], set()
+def rewrite_deprecated(command: str, args: list[str], takes_value: frozenset[str] = frozenset()) -> list[str]:
+    """``args`` with the deprecated spellings of ``command`` replaced (``--old=v`` too; nothing after ``--``,
+    nor the value of an option in ``takes_value``: ``--name --output`` keeps its name); prints
+    ``warning: <old> is deprecated; use <new>`` once per spelling used."""
+    table, out, warned, is_value = DEPRECATED.get(command, {}), [], set(), False
     for i, arg in enumerate(args):
         if arg == "--":
             out.extend(args[i:])
             break
         name, eq, value = arg.partition("=")
+        if is_value:  # the value of the option before: left as typed
+            out.append(arg)
+            is_value = False
+            continue
         if name in table:
             if name not in warned:
                 typer.secho(f"warning: {name} is deprecated; use {table[name]}", err=True, fg=typer.colors.YELLOW)
                 warned.add(name)
             arg = table[name] + eq + value
+        is_value = not eq and table.get(name, name) in takes_value
         out.append(arg)
     return out
 
@@ -101,10 +113,13 @@ class AliasedCommand(TyperCommand):
     """A command that accepts its deprecated spellings (:data:`DEPRECATED`) with a one-line note."""
 
     def parse_args(self, ctx, args):
-        return super().parse_args(ctx, rewrite_deprecated(self.name or "", list(args)))
+        takes_value = frozenset(o for p in self.params if p.param_type_name == "option"
+                                and not p.is_flag and not p.count for o in p.opts)
+        return super().parse_args(ctx, rewrite_deprecated(self.name or "", list(args), takes_value))
 
 
 def _coerce(setting: str, value: Any) -> Any:
+    value = as_spec_value(value)  # "5.0" is 5 as in a spec file's YAML (and as --seed reads it)
     if setting in ("steps", "draft_length", "parallel"):
         return as_int(setting, value)
     if setting in ("eta", "relax", "cfg_scale"):
@@ -118,6 +133,13 @@ def coerce_flags(**flags: Any) -> dict[str, Any]:
     """The sampler-setting flags that were given (not None), as typed values. Raises SettingError (a wrong
     type, NaN, inf): the error wrapper names the flag."""
     return {k: _coerce(k, v) for k, v in flags.items() if v is not None}
+
+
+def split_auto(draft_length: str | None) -> tuple[str | None, bool]:
+    """(the draft-length flag without ``auto``, whether ``auto`` was asked for)."""
+    if isinstance(draft_length, str) and draft_length.strip().lower() == "auto":
+        return None, True
+    return draft_length, False
 
 
 def sampler_config(base: SamplerConfig | None = None, **flags: Any) -> SamplerConfig:

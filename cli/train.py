@@ -91,5 +91,31 @@ def _every_new_step(fn):
     return cb
 
 
+def calibrate_relax(
+    model: str = typer.Option("mnist-dit", "--model", "-m", help=opt.MODEL_HELP),
+    drafter: Optional[str] = opt.DRAFTER,
+    steps: Optional[str] = opt.STEPS,
+    draft_length: Optional[str] = opt.DRAFT_LENGTH,
+    cfg_scale: Optional[str] = opt.CFG_SCALE,
+    num_samples: int = typer.Option(64, "--num-samples", "-n", min=1, help="Exact chains measured."),
+    seed: Optional[str] = opt.SEED,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for relax_scale.json (default: the "
+                                       "feature drafter's folder, where it is loaded from)."),
+    threads: Optional[int] = opt.THREADS,
+) -> None:
+    """Measure a drafter's relaxation scale (mean uncertainty per timestep) and store it beside the drafter.
+
+    Rerun it after retraining a drafter. Exit code 2 for an invalid setting."""
+    from specdit.api import calibrate_relax as run
+
+    base = opt.sampler_config(sampler="speculative", drafter=drafter or "feature", steps=steps,
+                              draft_length=draft_length, cfg_scale=cfg_scale)
+    cal, path = run(model, base, num_samples, opt.seed_value(seed), None if out is None else str(out),
+                    threads=threads)
+    typer.echo(f"relaxation scale of {cal.drafter} on {cal.model} ({cal.samples} chains, {cal.steps} steps, "
+               f"L={cal.draft_length}): {min(cal.scale):.3g} .. {max(cal.scale):.3g}; written to {path}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("train-drafter", cls=opt.AliasedCommand)(user_errors(train_drafter))
+    app.command("calibrate-relax", cls=opt.AliasedCommand)(user_errors(calibrate_relax))

@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 
 from cluster.errors import ServiceError
+from specdit.config import MAX_SAMPLES
 
 # Jobs
-MAX_SAMPLES_PER_JOB = 100_000_000
+MAX_SAMPLES_PER_JOB = MAX_SAMPLES  # specdit.config: the bound of generate and bench too
 MAX_SHARD_SIZE = 1_000_000
 MAX_SHARDS_PER_JOB = 100_000
 MIN_FID_SAMPLES = 2  # a covariance needs two samples

@@ -26,8 +26,11 @@ from specdit.config import MAX_SEED, SAMPLER_ARITHMETIC_VERSION, SamplerConfig, 
 
 _DRAFTER_PATH = re.compile(r"^[\w.\-/]+$")
 _LABELS = re.compile(r"^(none|uniform|random|fixed:\d+)$")
-SPEC_VERSION = 2  # 1: ids hashed the full spec with its defaults; 2: without defaults, version in the hash
+SPEC_VERSION = 3  # 1: ids hashed the full spec with its defaults; 2: without defaults, version in the hash;
+# 3: sampler.relax divides log q/p by 1 + relax u / c(t), c the drafter's relaxation scale (specdit.relaxation)
 MAX_NAME_LENGTH = 100
+# FID feature extractors a spec may name: specdit.metrics.extractors.extractor_names() and "auto" (torch-free here)
+EXTRACTORS = ("auto", "inception", "mnist", "raw")
 
 
 class _Strict(BaseModel):
@@ -83,6 +86,13 @@ class EvaluateSpec(_Strict):
     extractor: str = "auto"  # "raw", "inception", "mnist" or "auto" (chosen from the model)
     speed: bool = True
     baseline: str | None = "auto"  # a job id, "auto" (a done DDPM job with the same model and seeds), None
+
+    @field_validator("extractor")
+    @classmethod
+    def _extractor(cls, v: str) -> str:
+        if v not in EXTRACTORS:  # refused at submission, not after sampling (the aggregator needs it)
+            raise ValueError(f"unknown feature extractor {v!r}; choose from {', '.join(EXTRACTORS)}")
+        return v
 
     @field_validator("fid_reference")
     @classmethod

@@ -50,6 +50,20 @@ def spec_from_sources(spec_file: Path | None, sampler_flags: dict[str, Any], ove
     return spec
 
 
+def with_auto_schedule(spec: JobSpec, device: str = "cpu") -> tuple[JobSpec, str]:
+    """``spec`` with ``--draft-length auto`` resolved from the stored calibration (``specdit calibrate``) for
+    its model, drafter, steps and batch size on ``device``: the schedule itself goes into the spec (or the
+    plain sampler where speculation cannot pay), so every worker and batch size draws the same samples.
+    The client times nothing: with no stored calibration this raises SpecError naming the command."""
+    from specdit.calibrate import resolve_auto
+
+    try:
+        config, plan = resolve_auto(spec.sampler, spec.model, device, spec.batch_size, calibrate_missing=False)
+    except ValueError as e:
+        raise SpecError(f"invalid job spec: sampler.draft_length: auto: {e}") from None
+    return spec.model_copy(update={"sampler": config}), plan.describe()
+
+
 def check_with_model(spec: JobSpec, engine_name: str) -> tuple[JobSpec, list[str]]:
     """Load the spec's model once on engine ``engine_name`` and check labels, store, sampler settings, guided
     channels, a drafter model and the FID reference; record the model's training schedule in the spec

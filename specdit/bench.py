@@ -1,7 +1,8 @@
 """Side-by-side benchmark of the samplers on the same seeds, in one run (ratios, not absolute times).
 
 For every sampler variant: rounds (sequential target calls) per sample, parallel efficiency
-(steps / rounds), mean acceptance, wall time relative to ``ddpm`` measured in the same run, and the
+(steps / rounds), mean acceptance, speed-up over ``ddpm`` (its wall time / the variant's; higher is faster)
+measured in the same run, and the
 distance to the ground truth where the model has one (the analytic mixture: the largest KS distance
 over fixed 1-D projections, with its Bonferroni p-value). The target's batch-cost curve (time of a
 batch of b items relative to one) is reported too: speculation pays only where it is flat.
@@ -31,7 +32,7 @@ class BenchRow:
     efficiency: float
     acceptance: float
     wall: float  # seconds
-    wall_vs_ddpm: float
+    speedup_vs_ddpm: float  # ddpm's wall time / this variant's (higher is faster)
     ks: float | None  # max KS distance to the ground truth
     ks_p: float | None
 
@@ -41,8 +42,10 @@ class BenchRow:
 
 def default_variants(steps: int, draft_lengths: tuple[int, ...], cfg_scale: float = 1.0,
                      drafters: tuple[str, ...] = ("free", "perturbed:3"),
-                     cfg_channels: int | None = None) -> list[tuple[str, SamplerConfig]]:
-    base = SamplerConfig(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+                     cfg_channels: int | None = None, precision: str = "fp32",
+                     refine_noise: str = "independent") -> list[tuple[str, SamplerConfig]]:
+    """ddpm, speculative (each drafter x L x verification) and DRiffusion (both modes, ``refine_noise``)."""
+    base = SamplerConfig(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, precision=precision)
     out = [("ddpm", replace(base, sampler="ddpm"))]
     for drafter in drafters:
         for L in draft_lengths:
@@ -50,7 +53,8 @@ def default_variants(steps: int, draft_lengths: tuple[int, ...], cfg_scale: floa
                 out.append((f"spec {drafter} L={L} {verify}", replace(base, drafter=drafter, draft_length=L, verify=verify)))
     k = min(4, steps - 1)  # DRiffusion needs parallel < steps
     for mode in ("conservative", "aggressive") if k >= 1 else ():
-        out.append((f"driffusion {mode} k={k}", replace(base, sampler="draft_refine", refine_mode=mode, parallel=k)))
+        name = f"driffusion {mode} k={k}" + ("" if refine_noise == "independent" else f" {refine_noise}")
+        out.append((name, replace(base, sampler="draft_refine", refine_mode=mode, parallel=k, refine_noise=refine_noise)))
     return out
 
 
@@ -132,7 +136,7 @@ def run_bench(
         ks = ks_against_cdf(gen.samples, truth) if truth is not None and labels is None else None
         ref_wall = rows[0].wall if rows else gen.wall_time
         row = BenchRow(name, cfg, s["rounds_per_sample"], s["parallel_efficiency"], s["acceptance"], gen.wall_time,
-                       gen.wall_time / ref_wall, None if ks is None else ks.statistic, None if ks is None else ks.p_value)
+                       ref_wall / gen.wall_time, None if ks is None else ks.statistic, None if ks is None else ks.p_value)
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -143,7 +147,7 @@ def run_bench(
 class BenchSettings:
     """What ``specdit bench`` compares: ``model`` (registered name or checkpoint path; ``num_heads`` /
     ``weights``: see ``specdit.api.load_model``), the shared settings of every variant in ``base`` (steps,
-    cfg_scale, cfg_channels), the speculative variants (``draft_lengths`` x ``drafters`` x token/block),
+    cfg_scale, cfg_channels; refine_noise for the DRiffusion rows), the speculative variants (``draft_lengths`` x ``drafters`` x token/block),
     ``num_samples`` chains per variant on seeds f(``seed``, i), the label policy (``none``: unconditional, so
     that the KS distance compares with the full distribution), torch CPU ``threads`` (None: torch's choice)
     and the ``device`` (cpu | cuda | cuda:N) of the model and the chains."""
@@ -164,7 +168,8 @@ class BenchSettings:
     def variants(self) -> list[tuple[str, SamplerConfig]]:
         """(name, config) of every variant compared, ddpm first (:func:`default_variants`)."""
         return default_variants(self.base.steps, self.draft_lengths, self.base.cfg_scale, self.drafters,
-                                cfg_channels=self.base.cfg_channels)
+                                cfg_channels=self.base.cfg_channels, precision=self.base.precision,
+                                refine_noise=self.base.refine_noise)
 
     def chain_steps(self) -> int:
         """Chain-steps of the whole run (variants x samples x steps): the total of ``bench_model``'s progress."""
@@ -197,13 +202,12 @@ def bench_model(settings: BenchSettings, *, on_start: Callable[[int, BatchCost],
     chain-steps are done (:meth:`BenchSettings.chain_steps` in all). Raises ValueError (one
     line): a bad setting (``specdit.config.SettingError``), device, label policy or model."""
     from specdit.api import guided, load_model
-    from specdit.config import check_seed
+    from specdit.config import check_num_samples, check_seed
     from specdit.devices import resolve_device
     from specdit.labels import labels_for
 
     s = settings
-    if s.num_samples < 1:
-        raise ValueError(f"number of samples must be >= 1, got {s.num_samples}")
+    check_num_samples(s.num_samples)
     check_seed(s.seed)
     variants = s.variants()
     for _, v in variants:

@@ -99,20 +99,31 @@ def save_generation(gen: Generation, seeds: torch.Tensor, out: str | Path, *, mo
     return summary
 
 
+def _auto_config(config: SamplerConfig, model_name: str, device: str, batch: int, model) -> tuple[SamplerConfig, str]:
+    """``--draft-length auto``: the stored (or a fresh) calibration's plan applied, and its one-line note."""
+    from specdit.calibrate import resolve_auto
+
+    config, plan = resolve_auto(config, model_name, device, batch, base=model)
+    return config, plan.describe()
+
+
 def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, seed: int, label_policy: str,
                      out: str | Path, *, batch_size: int = 64, device: str = "cpu", threads: int | None = None,
-                     progress=None, num_heads: int | None = None, weights: str | None = None) -> dict:
+                     progress=None, num_heads: int | None = None, weights: str | None = None,
+                     auto_draft: bool = False) -> dict:
     """Load ``model_name`` (``num_heads`` / ``weights``: options of an original DiT checkpoint, see
-    ``specdit.api.load_model``) on ``device`` (cpu | cuda | cuda:N), sample ``num_samples`` chains with seeds f(seed, i) and labels from
-    ``label_policy``, and save them to ``out`` (see ``save_generation``). Returns the summary."""
+    ``specdit.api.load_model``) on ``device`` (cpu | cuda | cuda:N), sample ``num_samples`` chains with seeds
+    f(seed, i) and labels from ``label_policy``, and save them to ``out`` (see ``save_generation``). Returns
+    the summary. ``auto_draft``: the draft length comes from the stored calibration for this model, drafter,
+    device, steps and batch (``specdit.calibrate.resolve_auto``; calibrated now if none is stored); the
+    summary's ``auto`` line says what it chose, and the config saved carries the schedule."""
     from specdit.api import generate, load_model
     from specdit.labels import labels_for
     from specdit.noise import sample_seed
-    from specdit.config import check_seed
+    from specdit.config import check_num_samples, check_seed
     from specdit.devices import resolve_device
 
-    if num_samples < 1:
-        raise ValueError(f"number of samples must be >= 1, got {num_samples}")
+    check_num_samples(num_samples)
     config.validate()
     check_seed(seed)
     check_output(out)
@@ -120,6 +131,9 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
     if threads is not None:
         torch.set_num_threads(threads)
     model = load_model(model_name, device=device, num_heads=num_heads, weights=weights)
+    note = None
+    if auto_draft:
+        config, note = _auto_config(config, model_name, device, min(batch_size, num_samples), model)
     idx = torch.arange(num_samples)
     seeds = sample_seed(seed, idx)
     labels = labels_for(label_policy, idx, seeds, model.num_classes)
@@ -127,5 +141,6 @@ def generate_to_disk(model_name: str, config: SamplerConfig, num_samples: int, s
                    model_name=model_name)
     # Decoded batch by batch, with the sampling batches (the job service's workers decode the same way).
     images = model.to_images(gen.samples, batch_size).numpy() if Capabilities.of(model).images else None
-    return save_generation(gen, seeds, out, model_name=model_name, config=config, images=images,
-                           schedule=training_schedule_of(model).to_dict())
+    summary = save_generation(gen, seeds, out, model_name=model_name, config=config, images=images,
+                              schedule=training_schedule_of(model).to_dict())
+    return summary | {"auto": note} if note else summary

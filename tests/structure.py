@@ -12,6 +12,9 @@
   own business and not counted.
 - :func:`feature_probes`: ``hasattr(obj, "name")`` and three-argument ``getattr(obj, "name", default)`` calls.
 - :func:`long_functions`: functions (and methods) longer than a limit, counted as ``end_lineno - lineno + 1``.
+- :func:`reachable` / :func:`third_party_imports`: what a set of modules imports, transitively, and which packages
+  from outside the tree and the standard library they import.
+- :func:`calls_named`: where a function or method of a given name is called.
 """
 from __future__ import annotations
 
@@ -264,3 +267,44 @@ def defined_name(modules: dict[str, Module], dotted: str) -> bool:
             return False
         body = node.body if isinstance(node, ast.ClassDef) else []
     return True
+
+
+def reachable(graph: dict[str, set[str]], roots) -> set[str]:
+    """The modules ``roots`` import, directly or not (the roots included), following :func:`import_graph`."""
+    seen, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(graph.get(name, ()))
+    return seen
+
+
+def third_party_imports(modules: dict[str, Module], names) -> dict[str, set[str]]:
+    """``{top-level package: {modules of names importing it}}`` for every absolute import (wherever it stands)
+    of a package that is neither in the standard library (``sys.stdlib_module_names``) nor one of the tree's
+    own packages."""
+    import sys
+
+    own = {n.split(".")[0] for n in modules} | {"__future__"}
+    out: dict[str, set[str]] = {}
+    for name in names:
+        for node in ast.walk(modules[name].tree):
+            found = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            for top in {f.split(".")[0] for f in found} - own - set(sys.stdlib_module_names):
+                out.setdefault(top, set()).add(name)
+    return out
+
+
+def calls_named(modules: dict[str, Module], attr: str) -> dict[str, int]:
+    """``{module: number of calls}`` of a function or method called ``attr`` (``f(...)`` or ``obj.f(...)``)."""
+    out: dict[str, int] = {}
+    for mod in modules.values():
+        for node in ast.walk(mod.tree):
+            if isinstance(node, ast.Call):
+                fn = node.func
+                called = fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else None
+                if called == attr:
+                    out[mod.name] = out.get(mod.name, 0) + 1
+    return out

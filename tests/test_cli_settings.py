@@ -34,11 +34,14 @@ INVALID = {
     "verify": ["magic"],
     "drafter": ["magic", "perturbed:nan", "perturbed:inf", "perturbed:-1", "model:"],
     "refine_mode": ["magic"],
+    "refine_noise": ["magic", "shared"],
+    "precision": ["magic", "nan", "fp16"],
 }
 YAML = {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}  # the YAML spelling of a float value
 
 # Which commands take which setting (every command that takes a sampler setting).
-TAKES = {"generate": set(INVALID), "submit": set(INVALID), "bench": {"steps", "cfg_scale", "cfg_channels", "seed"}}
+TAKES = {"generate": set(INVALID), "submit": set(INVALID), "bench": {"steps", "cfg_scale", "cfg_channels", "seed",
+                                                                          "refine_noise", "precision"}}
 LINE = re.compile(r"^error: invalid (?:setting (--[\w-]+)|job spec: (sampler\.\w+|base_seed)): (.*)$")
 
 
@@ -65,7 +68,7 @@ def _error(result) -> tuple[str, str]:
 
 
 def _spec_file_error(tmp_path, setting: str, text: str) -> tuple[str, str]:
-    text_setting = setting in ("sampler", "verify", "drafter", "refine_mode")
+    text_setting = setting in ("sampler", "verify", "drafter", "refine_mode", "refine_noise", "precision")
     value = f"'{text}'" if text_setting or text == "abc" else YAML.get(text, text)
     body = (f"base_seed: {value}\n" if setting == "seed" else f"sampler:\n  {setting}: {value}\n")
     if setting == "parallel":  # draft_refine uses it
@@ -89,6 +92,14 @@ def test_every_surface_refuses_a_setting_with_the_same_reason(setting, tmp_path)
         assert where == ("base_seed" if setting == "seed" else f"sampler.{setting}"), where
         assert len(set(reasons.values())) == 1, (setting, text, reasons)
         assert not list(tmp_path.glob("*.npz"))  # refused before any work
+
+
+def test_every_sampler_setting_is_tried():
+    """The refusal test above covers every field of the one settings type (a new setting joins it)."""
+    from specdit.config import SamplerConfig
+
+    spec_only = {"draft_schedule"}  # a per-step list: job spec files and library callers only, no flag
+    assert set(SamplerConfig.__dataclass_fields__) - spec_only <= set(INVALID)
 
 
 def test_no_second_settings_definition():
@@ -125,7 +136,7 @@ def test_every_command_spells_a_shared_setting_the_same_way():
     drift = {name: forms for name, forms in spellings.items() if len(forms) > 1}
     assert drift == {}, drift
     shared = {"sampler", "steps", "eta", "draft_length", "verify", "drafter", "relax", "cfg_scale", "cfg_channels",
-              "refine_mode", "parallel", "seed", "num_heads", "weights", "labels", "num_samples", "model", "out",
+              "refine_mode", "refine_noise", "parallel", "seed", "num_heads", "weights", "labels", "num_samples", "model", "out",
               "features", "ray_address", "ray_pool", "threads", "batch_size"}
     assert shared <= set(spellings)
     for name in ("ray_address", "ray_pool", "out", "features", "cfg_scale"):
@@ -137,6 +148,7 @@ OWN_DEFAULTS = {
     ("model", "bench"): "gmm-2d: the analytic mixture, whose exact marginals the KS column needs",
     ("num_samples", "bench"): "2000 chains per variant: enough for the KS distance to mean something",
     ("batch_size", "bench"): "256: a variant's chains in few batches",
+    ("batch_size", "calibrate"): "1: the schedule for latency (one chain at a time); a job calibrates at its batch",
     ("labels", "bench"): "none: the KS distance compares with the full (unconditional) distribution",
     ("device", "pool start"): "auto: the pool's actors take GPUs where the cluster has enough",
 }
@@ -210,3 +222,61 @@ def test_an_option_value_that_looks_like_an_old_spelling_is_left_alone(tmp_path)
 
     assert rewrite_deprecated("generate", ["--name", "x", "--", "--cfg"]) == ["--name", "x", "--", "--cfg"]
     assert rewrite_deprecated("generate", ["--cfg=2"]) == ["--cfg-scale=2"]
+
+
+def test_submit_refuses_an_unknown_feature_extractor(tmp_path):
+    """``--features`` is checked at submission as ``specdit fid --features`` checks it (a bogus name was
+    queued and sampled, failing only at aggregation); the spec's list is the extractors' registry."""
+    from cluster.spec import EXTRACTORS
+    from specdit.metrics.extractors import extractor_names
+
+    assert sorted(EXTRACTORS) == sorted(["auto", *extractor_names()])
+    res = runner.invoke(app, ["submit", "--model", "gmm-2d", "-n", "10000", "--no-check-model", "--features",
+                              "bogus", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip().splitlines() == [
+        "error: invalid job spec: evaluate.extractor: unknown feature extractor 'bogus'; "
+        "choose from auto, inception, mnist, raw"], res.stderr
+    ok = runner.invoke(app, ["submit", "--model", "gmm-2d", "-n", "10000", "--no-check-model", "--features", "raw",
+                             "--redis-url", "redis://127.0.0.1:1/0"])
+    assert ok.exit_code == 3, ok.output  # negative control: a known name gets as far as Redis
+
+
+def _specdit_command_lines(text: str):
+    """Each ``specdit <command> ...`` line of a Markdown text, backslash continuations joined."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    for line in joined.splitlines():
+        m = re.search(r"(?:^|[`$]\s*)specdit ((?:pool )?[a-z-]+)\b(.*)", line.strip())
+        if m:
+            yield m.group(1).split()[-1], m.group(2)
+
+
+def test_docs_use_the_current_spellings():
+    """README, docs and model cards show each command with its current flags (a deprecated one prints a
+    warning on every copy-paste); an error message names the current flag too."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for md in [root / "README.md", *root.glob("docs/*.md"), *root.glob("specdit/assets/*/README.md")]:
+        for command, rest in _specdit_command_lines(md.read_text()):
+            tokens = {t.partition("=")[0] for t in rest.split()}
+            found += [(md.name, command, old) for old in DEPRECATED.get(command, {}) if old in tokens]
+    assert found == []
+    [(command, rest)] = _specdit_command_lines("x\nspecdit bench --steps 2 \\\n  --cfg 1.5\n")  # the scan sees
+    assert (command, rest.split()) == ("bench", ["--steps", "2", "--cfg", "1.5"])  # a continued line whole
+    res = runner.invoke(app, ["generate", "--model", "gmm-2d", "-n", "2", "--steps", "4", "--no-progress",
+                              "--cfg-scale", "2", "-o", "unused.npz"])  # refused before any file is written
+    assert res.exit_code == 2 and "use --cfg-scale 1" in res.stderr, res.stderr
+
+
+def test_an_option_value_spelled_like_an_old_flag_is_kept(tmp_path):
+    """``submit --name --output``: '--output' is the job's name, not the deprecated flag (it became '--out',
+    with a deprecation warning, and the job was named '--out')."""
+    from cli.options import rewrite_deprecated
+
+    assert rewrite_deprecated("submit", ["--name", "--output", "--output", "x"], frozenset({"--name", "--out"})) == [
+        "--name", "--output", "--out", "x"]
+    res = runner.invoke(app, ["submit", "--model", "gmm-2d", "-n", "8", "--no-check-model", "--name", "--output",
+                              "--redis-url", "redis://127.0.0.1:1/0"])
+    assert res.exit_code == 3 and "deprecated" not in res.stderr, res.stderr  # reached Redis, no rewrite

@@ -15,11 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from specdit.models.base import EpsModel
+from specdit.images import images_to_uint8
+from specdit.models.denoisers import CFGDenoiser, DiTDenoiser, decode_latents
 from specdit.models.dit import (
-    CFGDenoiser,
-    DiTDenoiser,
-    decode_latents,
-    images_to_uint8,
     load_dit_diffusers,
     load_dit_original,
     load_dit_safetensors,

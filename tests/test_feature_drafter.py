@@ -6,7 +6,7 @@ import torch
 
 from specdit.api import SamplerConfig, generate, guided
 from specdit.drafters.feature import FeatureDrafter, load_feature_drafter
-from specdit.models.dit import DiTDenoiser
+from specdit.models.denoisers import DiTDenoiser
 from specdit.noise import sample_seed
 from specdit.training.drafter import DrafterTrainConfig, train_drafter
 from tests.conftest import tiny_dit_transformer, tiny_training_data

@@ -41,6 +41,9 @@ GMM = {
     "relax-block": SamplerConfig(steps=S, verify="block", draft_length=4, drafter="perturbed:1", relax=5.0),
     "refine-conservative": SamplerConfig(sampler="draft_refine", steps=S, parallel=3),
     "refine-aggressive": SamplerConfig(sampler="draft_refine", steps=S, parallel=3, refine_mode="aggressive"),
+    "refine-conservative-coupled": SamplerConfig(sampler="draft_refine", steps=S, parallel=3, refine_noise="coupled"),
+    "refine-aggressive-coupled": SamplerConfig(sampler="draft_refine", steps=S, parallel=3, refine_mode="aggressive",
+                                               refine_noise="coupled"),
 }
 DIT = {
     "dit-ddpm": SamplerConfig(sampler="ddpm", steps=10, cfg_scale=1.5),

@@ -1,17 +1,30 @@
 """Import structure (issue 18): the graph of specdit, workers, cluster and cli, with the imports inside functions
-counted, has no cycle; the library never imports ray, redis or typer; no module uses another module's
-``_private`` name. The checks read the AST (tests/structure.py); the negative controls run them on a small
-synthetic tree that has each fault."""
+counted, has no cycle; the library never imports ray, redis or typer; the sampling path imports no third-party
+package but torch, numpy, scipy, safetensors and diffusers; no module uses another module's ``_private`` name.
+The checks read the AST (tests/structure.py); the negative controls run them on a small synthetic tree that
+has each fault."""
 from __future__ import annotations
 
 import textwrap
 from pathlib import Path
 
-from tests.structure import PACKAGES, find_cycle, import_graph, load_modules, private_uses
+from tests.structure import (
+    PACKAGES,
+    find_cycle,
+    import_graph,
+    load_modules,
+    private_uses,
+    reachable,
+    third_party_imports,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Layers: a module may import its own package and the ones to its right, never one to its left.
 LAYERS = ("cli", "cluster", "workers", "specdit")
+# The sampling path: what `specdit.api.generate` and the generate command's device and label checks import,
+# transitively, imports inside functions counted (writing images and metrics are not on it).
+SAMPLING_ROOTS = ("specdit.api", "specdit.devices", "specdit.labels")
+SAMPLING_LIBRARIES = {"torch", "numpy", "scipy", "safetensors", "diffusers"}  # besides the standard library
 
 
 def _tree(tmp_path: Path, files: dict[str, str]) -> dict:
@@ -53,6 +66,19 @@ def test_library_never_imports_service_packages():
     assert not bad, bad
 
 
+def test_sampling_path_imports_only_its_libraries():
+    modules = load_modules(ROOT, ("specdit",))
+    path = reachable(import_graph(modules), SAMPLING_ROOTS)
+    expected = {"specdit.samplers.rounds", "specdit.samplers.speculative", "specdit.verify", "specdit.coupling",
+                "specdit.noise", "specdit.schedule", "specdit.models.denoisers", "specdit.models.dit",
+                "specdit.drafters.feature", "specdit.config"}
+    assert expected <= path, f"not reached from {SAMPLING_ROOTS}: {sorted(expected - path)}"
+    found = third_party_imports(modules, path)
+    extra = {pkg: sorted(mods) for pkg, mods in found.items() if pkg not in SAMPLING_LIBRARIES}
+    assert not extra, f"the sampling path imports more than {sorted(SAMPLING_LIBRARIES)}: {extra}"
+    assert {"torch", "diffusers", "safetensors"} <= set(found), found  # the check sees imports in functions
+
+
 def test_no_private_names_across_modules():
     uses = private_uses(load_modules(ROOT))
     assert not uses, "private names used across modules:\n" + "\n".join(uses)
@@ -74,6 +100,32 @@ def test_checker_finds_a_cycle_through_a_function_level_import(tmp_path):
     })
     cycle = find_cycle(import_graph(modules))
     assert cycle is not None and cycle[0] == cycle[-1] and set(cycle) == {"specdit.a", "specdit.b", "specdit.c"}
+
+
+def test_checker_finds_a_third_party_import_on_the_sampling_path(tmp_path):
+    modules = _tree(tmp_path, {
+        "specdit/__init__.py": "",
+        "specdit/api.py": """
+            import json
+
+            def generate():
+                from specdit.samplers import loop
+                return loop
+        """,
+        "specdit/samplers/__init__.py": "",
+        "specdit/samplers/loop.py": """
+            import torch
+            from specdit import api
+
+            def run():
+                from tqdm.auto import tqdm
+                return tqdm
+        """,
+        "specdit/outputs.py": "from PIL import Image\nfrom specdit import api\n",
+    })
+    path = reachable(import_graph(modules), ("specdit.api",))
+    assert path == {"specdit.api", "specdit.samplers.loop"}, path  # outputs imports api, not the other way
+    assert third_party_imports(modules, path) == {"torch": {"specdit.samplers.loop"}, "tqdm": {"specdit.samplers.loop"}}
 
 
 def test_checker_finds_private_uses(tmp_path):

@@ -123,7 +123,7 @@ def _direct_fid(images: np.ndarray) -> float:
 
 # ------------------------------------------------------------------------------------------------------
 def test_vae_scaling_factor_comes_from_its_config(pipeline):
-    from specdit.models.dit import SD_VAE_SCALE, decode_latents, vae_scaling_factor
+    from specdit.models.denoisers import SD_VAE_SCALE, decode_latents, vae_scaling_factor
     from specdit.models.registry import load_model
 
     model = load_model(str(pipeline))
@@ -177,7 +177,7 @@ def test_job_stores_generate_images_and_merged_fid_equals_direct_fid(job, genera
 
     # Negative control: the same latents decoded with SD-VAE's hard-coded scale give another FID.
     from specdit.images import images_to_uint8
-    from specdit.models.dit import SD_VAE_SCALE, decode_latents
+    from specdit.models.denoisers import SD_VAE_SCALE, decode_latents
     from specdit.models.registry import load_model
 
     vae = load_model(str(spec.model)).vae

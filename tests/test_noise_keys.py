@@ -43,6 +43,11 @@ SAMPLERS = {
     "refine-conservative": lambda m, s, y: sample_draft_refine(m, Schedule.create(STEPS), s, y=y, parallel=3),
     "refine-aggressive": lambda m, s, y: sample_draft_refine(m, Schedule.create(STEPS), s, y=y, parallel=3,
                                                              mode="aggressive"),
+    # DRiffusion with coupled noise: drafts and refinement share REFINE(k, i), each drawn once per anchor.
+    "coupled-conservative": lambda m, s, y: sample_draft_refine(m, Schedule.create(STEPS), s, y=y, parallel=3,
+                                                                noise="coupled"),
+    "coupled-aggressive": lambda m, s, y: sample_draft_refine(m, Schedule.create(STEPS), s, y=y, parallel=3,
+                                                              mode="aggressive", noise="coupled"),
 }
 # The draw sites each sampler must exercise (so the test cannot pass by not drawing).
 SITES = {
@@ -51,6 +56,7 @@ SITES = {
     "relax": {Purpose.INIT, Purpose.DRAFT, Purpose.ACCEPT},
     "block": {Purpose.INIT, Purpose.DRAFT, Purpose.BLOCK, Purpose.RESIDUAL_COORD},
     "refine": {Purpose.INIT, Purpose.SKIP_DRAFT, Purpose.REFINE},
+    "coupled": {Purpose.INIT, Purpose.REFINE},
 }
 
 

@@ -18,7 +18,7 @@ from specdit.api import DraftFallbackWarning, SamplerConfig, generate
 from specdit.drafters.base import ModelDrafter
 from specdit.drafters.feature import FeatureDrafter, FeatureDrafterConfig, FeatureDrafterNet
 from specdit.drafters.free import FreeDrafter
-from specdit.models.dit import DiTDenoiser
+from specdit.models.denoisers import DiTDenoiser
 from specdit.noise import NoiseStreams, sample_seed
 from specdit.samplers.common import NonFiniteTargetError
 from specdit.samplers.ddpm import sample_ddpm

@@ -47,14 +47,15 @@ def test_pipeline_equals_in_process_sampler(gmm2d, drafter, verification, overla
         assert s["both_busy"] == 0
 
 
-def test_sharded_model_draft_refine_equals_single_device(gmm2d):
+@pytest.mark.parametrize("noise", ["independent", "coupled"])
+def test_sharded_model_draft_refine_equals_single_device(gmm2d, noise):
     schedule = Schedule.create(30, 1.0)
     streams = NoiseStreams(sample_seed(3, torch.arange(9)))
-    ref, _ = sample_draft_refine(gmm2d, schedule, streams, parallel=4)
+    ref, _ = sample_draft_refine(gmm2d, schedule, streams, parallel=4, noise=noise)
     tl = Timeline()
     sharded = ShardedModel([ThreadExecutor(VerifyComputer(gmm2d)) for _ in range(3)], gmm2d.sample_shape,
                            gmm2d.num_classes, timeline=tl)
-    x, _ = sample_draft_refine(sharded, schedule, streams, parallel=4)
+    x, _ = sample_draft_refine(sharded, schedule, streams, parallel=4, noise=noise)
     assert torch.equal(x, ref)
     assert set(tl.busy) == {"model:0", "model:1", "model:2"}
 
@@ -97,7 +98,7 @@ def test_feature_drafter_pipeline_matches_sampler(tmp_path):
 # Data-parallel training with a thread "world" (the Ray pool runs the same code with gloo)
 # ------------------------------------------------------------------------------------------------------
 def _tiny_dit():
-    from specdit.models.dit import DiTDenoiser
+    from specdit.models.denoisers import DiTDenoiser
     from tests.conftest import tiny_dit_transformer
 
     return DiTDenoiser(tiny_dit_transformer())

@@ -98,6 +98,7 @@ def test_pool_places_a_verifier_and_a_drafter(engine):
     {"sampler": "speculative", "steps": 40, "draft_length": 4, "verify": "block"},
     {"sampler": "speculative", "steps": 30, "draft_length": 3, "verify": "token", "drafter": "perturbed:2"},
     {"sampler": "draft_refine", "steps": 30, "parallel": 4},
+    {"sampler": "draft_refine", "steps": 30, "parallel": 4, "refine_mode": "aggressive", "refine_noise": "coupled"},
     {"sampler": "ddpm", "steps": 20},
 ])
 def test_ray_engine_bit_identical_to_local_engine(engine, sampler):

@@ -64,6 +64,9 @@ PLAN = [
     Plan("curl -fLO https://dl.fbaipublicfiles.com/DiT", "## Model weights", run="dit-xl"),
     Plan("--model gmm-2d --steps 250 --num-samples 2000", "### Samplers side by side", run="bench-gmm"),
     Plan("--drafters free,feature:", "## The built-in model: `mnist-dit`", run="bench-mnist"),
+    Plan("specdit calibrate --model mnist-dit", "### Latency and throughput",
+         why="timings for a quiet machine (make latency: ~25 min); tests/test_latency_bench.py runs calibrate and "
+             "bench --mode latency end to end at a tiny size"),
     Plan("benchmarks/driffusion_quality.py", "### DRiffusion on `mnist-dit`", run="driffusion", slow=True),
     Plan("benchmarks/mnist_quality.py", "### Quality: `ddpm` vs speculative", run="mnist-quality"),
     Plan("train_mnist_latent sample", "## The built-in latent model", run="latent-grid"),

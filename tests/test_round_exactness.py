@@ -144,3 +144,41 @@ def test_fault_contexts_restore_the_verifiers():
     with pytest.raises(ValueError):
         with fault("nope"):
             pass
+
+
+# -- a per-timestep draft-length schedule (issue 24: --draft-length auto) ---------------------------------
+def _schedule(start: int, steps: int, at_start: int) -> tuple[int, ...]:
+    """A schedule that varies with k (1..4, cycling) and takes ``at_start`` at the round's start."""
+    sched = [1 + (k * 7) % 4 for k in range(1, steps + 1)]
+    sched[start - 1] = at_start
+    return tuple(sched)
+
+
+SCHEDULED = [RoundCase(v, "perturbed", 2, 1.0, schedule=_schedule(20, 100, 2)) for v in ("token", "block")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [_param(c) for c in SCHEDULED])
+def test_round_with_a_draft_schedule_is_exact(case):
+    """Any deterministic L(k) keeps a round exact: L depends only on the chain's own state index, so the
+    round is the fixed-L(k) round (the same test, the same branch coverage, and its negative controls)."""
+    paths = run_round(case)
+    _check_branches(case, paths)
+    res = round_test(paths)
+    assert res.min_adjusted > ALPHA, f"{case.name}: Holm-adjusted p = {res.min_adjusted:.3g} ({res.worst})"
+    for control in negative_controls(case):
+        with fault(control):
+            bad = round_test(run_round(case))
+        assert bad.min_adjusted < ALPHA, f"{case.name} under {control}: p = {bad.min_adjusted:.3g}"
+
+
+@pytest.mark.parametrize("verification", ["token", "block"])
+def test_a_scheduled_round_is_the_fixed_length_round(verification):
+    """Fast: with 2,000 seeds, the round under a schedule is bit for bit the round with L = L(start), and
+    not the round with another L (control)."""
+    seeds = torch.arange(2000, dtype=torch.int64) * 7919 + 5
+    scheduled = run_round(RoundCase(verification, "perturbed", 2, 1.0, schedule=_schedule(20, 100, 2)), seeds=seeds)
+    fixed = run_round(RoundCase(verification, "perturbed", 2, 1.0), seeds=seeds)
+    other = run_round(RoundCase(verification, "perturbed", 3, 1.0, horizon=3), seeds=seeds)
+    assert torch.equal(scheduled.innovations, fixed.innovations) and torch.equal(scheduled.kept, fixed.kept)
+    assert not torch.equal(scheduled.kept, other.kept)

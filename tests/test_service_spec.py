@@ -140,7 +140,8 @@ def test_labels_depend_only_on_the_index():
 
 def test_worker_entry_point_imports_no_torch():
     """``specdit worker`` starts fast: the job CLI and the cluster modules import torch only when sampling. Of
-    the library they import only the torch-free settings module (``specdit.config``, which JobSpec embeds)."""
+    the library they import only torch-free modules: the settings (``specdit.config``, which JobSpec embeds) and
+    the atomic-write helpers (``specdit.atomic``, shared with the library's own writers)."""
     import subprocess
     import sys
 
@@ -148,7 +149,7 @@ def test_worker_entry_point_imports_no_torch():
 
     code = ("import sys, cli.jobs, cluster.worker, cluster.queue, cluster.aggregator, workers.engine; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'matplotlib') or "
-            "(m.startswith('specdit') and m not in ('specdit', 'specdit.config'))]; "
+            "(m.startswith('specdit') and m not in ('specdit', 'specdit.config', 'specdit.atomic'))]; "
             "assert not bad, bad")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr

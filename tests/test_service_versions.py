@@ -30,6 +30,17 @@ def test_job_id_changes_with_the_arithmetic_version_only(monkeypatch):
     assert spec_from_dict(data).job_id != before
 
 
+def test_refine_noise_keeps_the_ids_of_specs_without_it():
+    """``sampler.refine_noise`` has the paper's default: specs that omit it (or spell the default) keep their
+    ids; coupled noise is another job."""
+    data = {"model": "gmm-2d", "num_samples": 100, "sampler": {"sampler": "draft_refine", "steps": 50}}
+    before = spec_from_dict(data).job_id
+    same = spec_from_dict({**data, "sampler": {**data["sampler"], "refine_noise": "independent"}})
+    coupled = spec_from_dict({**data, "sampler": {**data["sampler"], "refine_noise": "coupled"}})
+    assert same.job_id == before and coupled.job_id != before
+    assert coupled.sampler.refine_noise == "coupled"
+
+
 def test_shard_files_record_both_versions(tmp_path):
     path = tmp_path / "s.npz"
     write_shard(path, {"indices": np.arange(3)})

@@ -111,3 +111,40 @@ def test_number_options_read_text_as_the_seed_does(value, tmp_path):
     assert n.exit_code == seed.exit_code == EXIT_USAGE, (n.output, seed.output)
     assert _error_line(n).replace("--num-samples", "<n>") == _error_line(seed).replace(
         "invalid setting --seed: seed", "<n>"), (n.stderr, seed.stderr)
+
+
+@pytest.mark.parametrize("flag,text,value", [("--steps", "4.0", 4), ("--draft-length", "2.0", 2)])
+def test_integral_float_text_reads_as_in_a_spec_file(flag, text, value, tmp_path):
+    """A spec file's ``steps: 4.0`` is 4 (YAML gives a float, the integer rule takes integral floats), and
+    ``--seed 4.0`` is 4: a sampler flag given the same text takes it too (it was refused as 'got 4.0')."""
+    from cluster.spec import spec_from_dict
+
+    setting = flag.removeprefix("--").replace("-", "_")
+    assert getattr(spec_from_dict({"model": "gmm-2d", "num_samples": 8, "sampler": {setting: float(value)}})
+                   .sampler, setting) == value
+    base = ["generate", "-m", "gmm-2d", "-n", "2", "--steps", "4", "--no-progress"]
+    runner = CliRunner()
+    a = runner.invoke(app, [*base, "-o", str(tmp_path / "a.npz"), f"{flag}={text}"])
+    b = runner.invoke(app, [*base, "-o", str(tmp_path / "b.npz"), f"{flag}={value}"])
+    assert a.exit_code == b.exit_code == 0, (a.output, a.stderr)
+    import numpy as np
+
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npz")["samples"], np.load(tmp_path / "b.npz")["samples"])
+
+
+@pytest.mark.parametrize("value", [str(2**80), "100000001", "0"])
+def test_sample_count_out_of_range_is_one_line_exit_2(value, tmp_path):
+    """-n past the bound (it was an internal error, exit 1: OverflowError in torch.arange) or below 1: the
+    same one line through generate and bench, the bound of a job's num_samples."""
+    from cluster.limits import MAX_SAMPLES_PER_JOB
+    from specdit.config import MAX_SAMPLES
+
+    assert MAX_SAMPLES_PER_JOB == MAX_SAMPLES
+    runner = CliRunner()
+    runs = [runner.invoke(app, ["generate", "-m", "gmm-2d", "--steps", "4", "--no-progress", "-n", value,
+                                "-o", str(tmp_path / "g.npz")]),
+            runner.invoke(app, ["bench", "-m", "gmm-2d", "--steps", "4", "-n", value])]
+    assert [r.exit_code for r in runs] == [EXIT_USAGE, EXIT_USAGE], [r.output for r in runs]
+    lines = {_error_line(r) for r in runs}
+    assert lines == {f"error: invalid setting --num-samples: number of samples must lie in [1, {MAX_SAMPLES}], "
+                     f"got {value}"}, lines

@@ -25,6 +25,7 @@ keeps the coordinator free of any accelerator.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ import torch
 from specdit.drafters.base import DraftContext
 from specdit.models.base import ModelOutput
 from specdit.noise import NoiseStreams
+from specdit.relaxation import scale_table
 from specdit.samplers.chains import Chains
 from specdit.samplers.proposals import DraftBatch, TargetScores
 from specdit.samplers.round_steps import propose, score
@@ -224,6 +226,7 @@ def speculative_pipeline(
     draft_length: int,
     verification: str,
     relax: float = 0.0,
+    relax_scale: torch.Tensor | None = None,
     groups: int = 2,
     overlap: bool = True,
     callback: Callable[[int], None] | None = None,
@@ -245,9 +248,12 @@ def speculative_pipeline(
     tl = timeline if timeline is not None else Timeline()
     tl.start = time.time()
     parts = split_groups(len(seeds), groups)
+    if relax > 0 and relax_scale is None:  # no calibration given: the default scale (specdit.relaxation)
+        relax_scale = scale_table(schedule, None, math.prod(shape))
+    rule = RoundRule(schedule, verification, relax, None if relax_scale is None else relax_scale.to(COORDINATOR_DEVICE))
     try:
         run_rounds(chains, ExecutorRounds(drafter_ex, verifier_ex, seeds, draft_length, tl), streams,
-                   None if y is None else y.to(COORDINATOR_DEVICE), RoundRule(schedule, verification, relax),
+                   None if y is None else y.to(COORDINATOR_DEVICE), rule,
                    groups=parts, in_flight=len(parts) if overlap else 1, callback=callback)
     finally:
         tl.end = time.time()

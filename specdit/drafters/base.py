@@ -12,7 +12,7 @@ depends on its quality.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -35,6 +35,15 @@ class Drafter(Protocol):
     def start(self, ctx: DraftContext) -> Any: ...
 
     def step(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, carry: Any) -> tuple[torch.Tensor, Any]: ...
+
+
+@runtime_checkable
+class Calibrated(Protocol):
+    """A drafter that carries its relaxation scale (``specdit.relaxation.RelaxCalibration``, None: none
+    stored) and the sampling steps it was trained on (None: not recorded), e.g. the FREE feature drafter."""
+
+    relax_calibration: Any
+    trained_sample_steps: int | None
 
 
 class ModelDrafter:

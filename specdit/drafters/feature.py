@@ -76,7 +76,7 @@ class FeatureDrafterNet(nn.Module):
 
 def _halves(target):
     """(base DiT, guided wrapper or None)."""
-    from specdit.models.dit import CFGDenoiser
+    from specdit.models.denoisers import CFGDenoiser
 
     return (target.model, target) if isinstance(target, CFGDenoiser) else (target, None)
 
@@ -103,6 +103,8 @@ class FeatureDrafter:
 
     cost = 1
     cache_size = 4096  # distinct (t, y) batches kept; cleared when full
+    relax_calibration = None  # specdit.relaxation.RelaxCalibration stored beside the weights, if any
+    trained_sample_steps: int | None = None  # the sampling steps it was trained on (config.json)
 
     def __init__(self, net: FeatureDrafterNet, target):
         self.net = net.eval().requires_grad_(False)
@@ -234,4 +236,19 @@ def load_feature_drafter(target, folder: str | Path) -> FeatureDrafter:
     net = load_feature_drafter_net(folder)
     if net.cfg.hidden != base.hidden_size:
         raise ValueError(f"drafter at {folder} was trained for hidden size {net.cfg.hidden}, the model has {base.hidden_size}")
-    return FeatureDrafter(net.to(base.device, base.dtype), target)
+    from specdit.relaxation import load_calibration
+
+    drafter = FeatureDrafter(net.to(base.device, base.dtype), target)
+    drafter.relax_calibration = load_calibration(folder)  # None: the default relaxation scale
+    drafter.trained_sample_steps = trained_sample_steps(folder)
+    return drafter
+
+
+def trained_sample_steps(folder: str | Path) -> int | None:
+    """The sampling step count the drafter at ``folder`` was trained on (``config.json``'s
+    ``train.sample_steps``), None when the config does not record it."""
+    try:
+        steps = json.loads((Path(folder) / "config.json").read_text()).get("train", {}).get("sample_steps")
+        return int(steps) if steps is not None else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None

@@ -9,7 +9,7 @@
 3. a path: a diffusers folder (``config.json`` or a ``DiTPipeline`` folder with ``transformer/``), an original
    DiT checkpoint (``.pt``/``.pth``), or our single-file ``.safetensors``.
 
-``guidance_scale`` wraps a DiT in :class:`~specdit.models.dit.CFGDenoiser`.
+``guidance_scale`` wraps a DiT in :class:`~specdit.models.denoisers.CFGDenoiser`.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def load_model(name_or_path: str, device: str = "cpu", *, guidance_scale: float 
     ``num_heads`` and ``weights`` ("ema" | "model", the entry of a DiT ``train.py`` checkpoint; default EMA)
     apply to original DiT checkpoints only (``.pt``): heads are inferred from DiT's table otherwise, see
     :func:`specdit.models.dit.original_dit_config`. ``guidance_scale`` wraps a DiT in
-    :class:`~specdit.models.dit.CFGDenoiser` guiding ``guided_channels`` channels (None: all).
+    :class:`~specdit.models.denoisers.CFGDenoiser` guiding ``guided_channels`` channels (None: all).
     Raises ``ValueError`` (one line, listing the known names) for an unknown name or an unusable path."""
     from specdit.models import dit
 
@@ -110,7 +110,9 @@ def load_model(name_or_path: str, device: str = "cpu", *, guidance_scale: float 
             raise ValueError(f"{what}: {name!r}; known names: {', '.join(known_names())}; or pass a diffusers "
                              f"folder, an original DiT .pt or a specdit .safetensors")
     if guidance_scale is not None:
-        return dit.CFGDenoiser(model, guidance_scale, guided_channels)
+        from specdit.models.denoisers import CFGDenoiser
+
+        return CFGDenoiser(model, guidance_scale, guided_channels)
     return model
 
 

@@ -15,7 +15,7 @@ All random numbers are keyed by (seed, purpose, kind, k[, position]), each draw 
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import torch
 
@@ -25,6 +25,7 @@ from specdit.models.base import EpsModel
 from specdit.noise import NoiseStreams, Purpose
 from specdit.samplers.common import call_model
 from specdit.samplers.proposals import DraftBatch, TargetScores
+from specdit.relaxation import temper as relaxed_temper
 from specdit.schedule import Schedule
 from specdit.verify import Proposal, Verdict, verify_block, verify_token
 
@@ -57,16 +58,28 @@ def _rows(mask: torch.Tensor, dims: int) -> torch.Tensor:
     return mask.view(-1, *([1] * dims))
 
 
+DraftLength = Union[int, torch.Tensor]  # L everywhere, or a (S+1,) int64 table L(k) (entry 0 unused)
+
+
+def draft_lengths(draft_length: DraftLength, k: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 L_b = min(L(k_b), k_b) for chains at state indices ``k`` (B,). ``draft_length``: an int L
+    or a (S+1,) table L(k) (a deterministic per-timestep schedule; any such schedule keeps exactness, since
+    a round's length is then a function of the chain's own state index only)."""
+    if isinstance(draft_length, torch.Tensor):
+        return torch.minimum(draft_length.to(k.device)[k], k)
+    return k.clamp_max(draft_length)
+
+
 def propose(drafter: Drafter, schedule: Schedule, streams: NoiseStreams, ctx: DraftContext,
-            draft_length: int) -> DraftBatch:
-    """Step 1: autoregressive drafts of L_b = min(draft_length, k_b) positions per chain.
+            draft_length: DraftLength) -> DraftBatch:
+    """Step 1: autoregressive drafts of L_b = min(L(k_b), k_b) positions per chain (``draft_lengths``).
 
     Fallback proposal: a drafted eps that ``unusable_drafts`` flags is replaced, before z_j is drawn, by the
     chain's latest target eps (the free drafter's proposal; x itself in the first round). Both verifiers
     are exact for ANY draft kernel N(mh_j, s_j^2 I) whose mean is a finite function of the prefix, and
     whether a draft is replaced depends only on the drafter's output (itself a function of the prefix), so
     no special acceptance rule is needed. Every state entering the target batch is therefore finite."""
-    length = ctx.k.clamp_max(draft_length)  # (B,)
+    length = draft_lengths(draft_length, ctx.k)  # (B,)
     dims, shape, dev = ctx.x.dim() - 1, tuple(ctx.x.shape[1:]), ctx.x.device
     carry = drafter.start(ctx)
     fallback = latest_target_eps(ctx)  # (B, *shape) finite
@@ -117,16 +130,21 @@ def score(model: EpsModel, schedule: Schedule, draft: DraftBatch, k: torch.Tenso
 
 
 def verify(schedule: Schedule, streams: NoiseStreams, k: torch.Tensor, draft: DraftBatch, scores: TargetScores,
-           *, verification: Verification, relax: float = 0.0) -> Verdict:
+           *, verification: Verification, relax: float = 0.0,
+           relax_scale: torch.Tensor | None = None) -> Verdict:
     """Step 3: token-wise or block verification of the drafts against the target means (pure float64 maths).
 
-    ``relax`` > 0 is uncertainty-guided relaxation (not exact): log q/p is divided by
-    1 + relax * mean((eps_hat - eps)^2)."""
+    ``relax`` > 0 is uncertainty-guided relaxation (not exact, ``specdit.relaxation``): log q/p is divided
+    by 1 + relax * u / c(k), u = mean((eps_hat - eps)^2), with ``relax_scale`` c (S + 1,) by state index on
+    the chains' device (required when relax > 0). relax = 0 takes the exact path."""
     B, Lmax = scores.eps.shape[:2]
     kk = (k[:, None] - torch.arange(Lmax, device=k.device)[None, :]).clamp_min(1)  # (B, Lmax)
     temper = None
     if relax > 0:
-        temper = 1.0 + relax * (draft.eps_hat - scores.eps).flatten(2).pow(2).mean(-1)  # (B, Lmax)
+        if relax_scale is None:
+            raise ValueError("relaxation needs a relax scale (specdit.relaxation.scale_table)")
+        u = (draft.eps_hat - scores.eps).flatten(2).pow(2).mean(-1)  # (B, Lmax)
+        temper = relaxed_temper(relax, u, relax_scale[kk])
     proposal = Proposal(
         x_draft=draft.states[:, 1:].flatten(2), m_draft=draft.m_draft.flatten(2), m_target=scores.means.flatten(2),
         sigma=schedule.sigma[kk], length=draft.length, temper=temper,
@@ -142,9 +160,12 @@ def verify(schedule: Schedule, streams: NoiseStreams, k: torch.Tensor, draft: Dr
 
 
 def speculative_round(model: EpsModel, drafter: Drafter, schedule: Schedule, streams: NoiseStreams,
-                      ctx: DraftContext, *, draft_length: int, verification: Verification,
-                      relax: float = 0.0) -> tuple[Verdict, TargetScores, DraftBatch]:
+                      ctx: DraftContext, *, draft_length: DraftLength, verification: Verification,
+                      relax: float = 0.0, relax_scale: torch.Tensor | None = None
+                      ) -> tuple[Verdict, TargetScores, DraftBatch]:
     """One round for a batch of chains (all with k >= 1), the three calls in a row."""
     draft = propose(drafter, schedule, streams, ctx, draft_length)
     scores = score(model, schedule, draft, ctx.k, ctx.y)
-    return verify(schedule, streams, ctx.k, draft, scores, verification=verification, relax=relax), scores, draft
+    verdict = verify(schedule, streams, ctx.k, draft, scores, verification=verification, relax=relax,
+                     relax_scale=relax_scale)
+    return verdict, scores, draft

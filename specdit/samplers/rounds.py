@@ -27,7 +27,7 @@ from specdit.noise import NoiseStreams
 from specdit.samplers.chains import Chains
 from specdit.samplers.common import NonFiniteTargetError
 from specdit.samplers.proposals import DraftBatch, TargetScores
-from specdit.samplers.round_steps import Verification, propose, score, verify
+from specdit.samplers.round_steps import DraftLength, Verification, propose, score, verify
 from specdit.schedule import Schedule
 
 
@@ -43,7 +43,7 @@ class LocalRounds:
     """A :class:`RoundExecutor` running the drafter and the target in this process (values, no futures)."""
 
     def __init__(self, model: EpsModel, drafter: Drafter, schedule: Schedule, streams: NoiseStreams,
-                 draft_length: int):
+                 draft_length: DraftLength):
         self.model, self.drafter, self.schedule, self.streams = model, drafter, schedule, streams
         self.draft_length = draft_length
 
@@ -81,6 +81,7 @@ class RoundRule:
     schedule: Schedule
     verification: Verification
     relax: float = 0.0
+    relax_scale: torch.Tensor | None = None  # (S + 1,) by state index, on the chains' device (relax > 0)
 
 
 @dataclass
@@ -93,10 +94,12 @@ class _Round:
     draft: DraftBatch | None = None
 
 
-def check_round_settings(draft_length: int, relax: float, eta: float) -> None:
-    """Raise ValueError (one line) for settings no speculative round accepts."""
-    if draft_length < 1:
-        raise ValueError(f"draft length must be >= 1, got {draft_length}")
+def check_round_settings(draft_length: DraftLength, relax: float, eta: float) -> None:
+    """Raise ValueError (one line) for settings no speculative round accepts (``draft_length``: an int or a
+    (S+1,) table L(k), see ``round_steps.draft_lengths``)."""
+    lowest = int(draft_length[1:].min()) if isinstance(draft_length, torch.Tensor) else draft_length
+    if lowest < 1:
+        raise ValueError(f"draft length must be >= 1, got {lowest}")
     if relax < 0:
         raise ValueError(f"relaxation must be >= 0, got {relax}")
     if eta <= 0:
@@ -142,6 +145,6 @@ def _finish(chains: Chains, streams: NoiseStreams, rule: RoundRule, r: _Round, f
     except NonFiniteTargetError as e:  # name the chain by its row in the batch
         raise NonFiniteTargetError(e.step, e.timestep, int(r.rows[e.sample])) from None
     verdict = verify(rule.schedule, streams.subset(r.rows), r.ctx.k, r.draft, scores,
-                     verification=rule.verification, relax=rule.relax)
+                     verification=rule.verification, relax=rule.relax, relax_scale=rule.relax_scale)
     chains.advance(r.rows, r.ctx.k, verdict, scores, r.draft)
     return int(verdict.steps.sum())

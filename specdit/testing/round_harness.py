@@ -59,7 +59,7 @@ def tiny_dit(seed: int = 0):
     D = 4 coordinates: low dimension, for power."""
     from diffusers import DiTTransformer2DModel
 
-    from specdit.models.dit import DiTDenoiser
+    from specdit.models.denoisers import DiTDenoiser
 
     torch.manual_seed(seed)
     tr = DiTTransformer2DModel(num_attention_heads=1, attention_head_dim=16, in_channels=1, out_channels=1,
@@ -140,6 +140,9 @@ class RoundCase:
     seeds: int = 100_000
     base_seed: int = 12
     horizon: int | None = None  # H (default L)
+    # A per-timestep draft-length schedule L(k), k = 1..S (``SamplerConfig.draft_schedule``); the round uses
+    # L(start), which must equal ``draft_length``. None: ``draft_length`` at every k.
+    schedule: tuple[int, ...] | None = None
 
     @property
     def setup(self) -> "Setup":
@@ -151,7 +154,16 @@ class RoundCase:
 
     @property
     def name(self) -> str:
-        return f"{self.verification}-{self.drafter}-L{self.draft_length}-eta{self.eta:g}"
+        sched = "" if self.schedule is None else "-schedule"
+        return f"{self.verification}-{self.drafter}-L{self.draft_length}-eta{self.eta:g}{sched}"
+
+    def draft_plan(self) -> int | torch.Tensor:
+        """What the sampler takes as the draft length: L, or the (S+1,) table of the schedule."""
+        if self.schedule is None:
+            return self.draft_length
+        if self.schedule[self.setup.start - 1] != self.draft_length:
+            raise ValueError("the schedule's L at the round's start must equal draft_length")
+        return torch.tensor([0, *self.schedule], dtype=torch.int64)
 
 
 @dataclass(frozen=True)
@@ -294,7 +306,8 @@ def run_round(case: RoundCase, *, seeds: torch.Tensor | None = None) -> RoundPat
     ctx = chains.context(rows, y)
     # The round exactly as sample_speculative runs it (propose -> score -> verify).
     verdict, scores, draft = spec.speculative_round(
-        model, drafter, schedule, streams.subset(rows), ctx, draft_length=L, verification=case.verification,
+        model, drafter, schedule, streams.subset(rows), ctx, draft_length=case.draft_plan(),
+        verification=case.verification,
     )
     kept, steps = verdict.kept.clone(), verdict.steps.clone()
     c_below_1 = 0

@@ -118,17 +118,17 @@ class DeviceWorker:
         self.crash_point("setup")
         key = (model, json.dumps(sampler, sort_keys=True))
         if key not in self._setups:
-            from specdit.api import SamplerConfig, guided, make_drafter
+            from dataclasses import replace
+
+            from specdit.api import SamplerConfig, build_networks
             from specdit.models.base import training_schedule_of
             from specdit.schedule import Schedule
 
             base = self.engine.load(model)
-            config = SamplerConfig(**sampler).validate()
-            target = guided(base, config.cfg_scale, config.cfg_channels)
-            drafter = None
-            if config.sampler == "speculative" and self.drafts:
-                drafter = make_drafter(config.drafter, target, self.device, model)
-            schedule = Schedule.create(config.steps, config.eta, training=training_schedule_of(target))
+            config = SamplerConfig.from_dict(sampler)
+            plain = config if self.drafts else replace(config, sampler="ddpm")  # no drafter on a verifier
+            target, drafter = build_networks(base, plain, self.device, model)
+            schedule = Schedule.create(config.steps, config.eta, training=training_schedule_of(base))
             self._setups[key] = (target, drafter, schedule, config)
         target, drafter, _, _ = self._setups[key]
         return {"draft_cost": 0 if drafter is None else drafter.cost, "dtype": str(target.dtype)}

@@ -212,12 +212,22 @@ class RayEngine:
     def _run_speculative(self, work, config, info, seeds, y_all, batches, results, progress):
         import ray
 
+        from specdit.api import draft_plan
         from specdit.schedule import Schedule
         from specdit.scheduler_config import TrainingSchedule
 
         schedule = Schedule.create(config.steps, config.eta, training=TrainingSchedule.from_dict(info.schedule))
         sampler = config.to_dict()
         done = [0]
+        scale = None
+        if config.relax > 0:  # the drafter's stored calibration, else the default scale (specdit.relaxation)
+            import math
+
+            from specdit.api import relax_calibration_for
+            from specdit.relaxation import scale_table
+
+            scale = scale_table(schedule, relax_calibration_for(config.drafter, work.model),
+                                math.prod(info.sample_shape))
 
         def one(pair, i):
             (verifier, drafter), (a, b) = pair, batches[i]
@@ -228,7 +238,8 @@ class RayEngine:
                 x, st = speculative_pipeline(
                     _Remote(drafter, work.model, sampler), _Remote(verifier, work.model, sampler), schedule,
                     seeds[a:b], None if y_all is None else y_all[a:b], info.sample_shape,
-                    draft_length=config.draft_length, verification=config.verify, relax=config.relax,
+                    draft_length=draft_plan(config), verification=config.verify, relax=config.relax,
+                    relax_scale=scale,
                     groups=self.groups, overlap=self.overlap, callback=tick, timeline=tl)
             except NonFiniteTargetError as e:  # the row in this batch -> the row in the shard
                 raise NonFiniteTargetError(e.step, e.timestep, a + e.sample) from None
@@ -259,7 +270,7 @@ class RayEngine:
             tick = (lambda _steps: progress(done)) if progress is not None else None
             x, st = sample_draft_refine(model, schedule, NoiseStreams(seeds[a:b]),
                                         y=None if y_all is None else y_all[a:b], parallel=config.parallel,
-                                        mode=config.refine_mode, callback=tick)
+                                        mode=config.refine_mode, noise=config.refine_noise, callback=tick)
             results[i] = (x.float(), st, time.perf_counter() - t0)
             done = b
             tl.end = time.time()

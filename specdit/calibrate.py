@@ -1,0 +1,109 @@
+"""Calibration for ``--draft-length auto``: measure acceptance by timestep and the cost model on this device.
+
+:func:`calibrate` runs a few chains of the speculative sampler (fixed L) and of the plain sampler with the
+networks timed (``specdit.timing``), measures the target's batch-cost curve, plans the schedule
+(``specdit.autodraft.make_plan``) and stores it in the cache. :func:`resolve_auto` turns a config asking for
+``auto`` into one that carries the schedule (or the plain sampler, where speculation cannot pay).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from specdit.autodraft import MAX_AUTO_LENGTH, AutoPlan, acceptance_by_step, load_plan, make_plan, plan_key, save_plan
+from specdit.config import SamplerConfig
+from specdit.costmodel import CostModel, measure_call_costs
+from specdit.noise import NoiseStreams, sample_seed
+from specdit.stats import SampleStats
+from specdit.timing import Stopwatch, TimedDrafter, TimedModel
+
+CALIBRATION_LENGTH = 4
+COST_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+def _labels(model, n: int, device: str) -> torch.Tensor | None:
+    return None if model.num_classes is None else torch.arange(n, device=device) % model.num_classes
+
+
+def timed_runs(target, drafter, config: SamplerConfig, chains: int, batch: int, device: str,
+               seed: int) -> tuple[float, Stopwatch, SampleStats]:
+    """Run ``chains`` chains in batches of ``batch`` with the networks timed: (wall seconds, watch, stats)."""
+    from specdit.api import run_sampler
+
+    watch = Stopwatch()
+    t_model = TimedModel(target, watch)
+    t_drafter = None if drafter is None else TimedDrafter(drafter, watch)
+    seeds = sample_seed(seed, torch.arange(chains))
+    y = _labels(target, chains, device)
+    wall, parts = 0.0, []
+    with torch.no_grad():
+        for lo in range(0, chains, batch):
+            streams = NoiseStreams(seeds[lo:lo + batch], device=device)
+            start = time.perf_counter()
+            _, st = run_sampler(t_model, t_drafter, config, streams, None if y is None else y[lo:lo + batch])
+            wall += time.perf_counter() - start
+            parts.append(st)
+    return wall, watch, SampleStats.concat(parts)
+
+
+def measure(base, config: SamplerConfig, model_name: str, device: str, batch: int, chains: int,
+            seed: int = 0, repeats: int = 5) -> tuple[CostModel, list[float], float]:
+    """(cost model, acceptance by state index, measured PE at the calibration length)."""
+    from specdit.api import build_networks
+
+    spec = replace(config, sampler="speculative", draft_length=CALIBRATION_LENGTH, draft_schedule=None).validate()
+    target, drafter = build_networks(base, spec, device, model_name)
+    curve = measure_call_costs(target, tuple(sorted({batch * L for L in COST_LENGTHS})), repeats, device)
+    n = max(chains, batch)
+    timed_runs(target, drafter, replace(spec, steps=min(spec.steps, 10)), batch, batch, device, seed + 1)  # warm-up
+    wall, watch, st = timed_runs(target, drafter, spec, n, batch, device, seed)
+    rounds = watch.calls("target")
+    draft_calls = max(1, watch.calls("drafter"))
+    d = watch.seconds("drafter") / draft_calls + watch.seconds("drafter_start") / max(1, rounds) / CALIBRATION_LENGTH
+    v = (wall - watch.seconds("target") - watch.seconds("drafter") - watch.seconds("drafter_start")) / max(1, rounds)
+    plain_cfg = replace(spec, sampler="ddpm")
+    p_wall, p_watch, _ = timed_runs(target, None, plain_cfg, batch, batch, device, seed)
+    p = (p_wall - p_watch.seconds("target")) / max(1, p_watch.calls("target"))
+    costs = CostModel(curve, 0.0, 0.0, 0.0, torch.get_num_threads())
+    s = costs.scale(batch)
+    costs.draft, costs.verify, costs.plain = d / s, v / s, p / s
+    costs.notes.append(f"d, v, p measured at batch {batch} and divided by c({batch})/c(1)")
+    pe = float(st.steps * len(st) / st.rounds.sum()) if int(st.rounds.sum()) else 0.0
+    return costs, acceptance_by_step(st.accepted, st.proposed), pe
+
+
+def calibrate(model_name: str, config: SamplerConfig, *, device: str = "cpu", batch: int = 1, chains: int = 4,
+              seed: int = 0, base=None, save: bool = True, threads: int | None = None) -> AutoPlan:
+    """Measure on this device, plan the schedule for ``batch`` chains and (``save``) store it in the cache.
+    ``base``: the loaded model (default: load ``model_name``); ``threads``: torch threads (default: torch's)."""
+    from specdit.api import load_model
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if batch < 1 or chains < 1:
+        raise ValueError(f"batch and chains must be >= 1, got {batch} and {chains}")
+    base = base if base is not None else load_model(model_name, device=device)
+    costs, accept, _ = measure(base, config.validate(), model_name, device, batch, chains, seed)
+    plan = make_plan(plan_key(model_name, config, device, batch), accept, costs, batch)
+    if save:
+        save_plan(plan)
+    return plan
+
+
+def resolve_auto(config: SamplerConfig, model_name: str, device: str = "cpu", batch: int = 1, *,
+                 calibrate_missing: bool = True, base=None) -> tuple[SamplerConfig, AutoPlan]:
+    """``config`` with the stored auto plan for (model, drafter, device, steps, ..., batch) applied. With no
+    stored plan: calibrate now (``calibrate_missing``) or raise ValueError naming ``specdit calibrate``."""
+    key = plan_key(model_name, config, device, batch)
+    plan = load_plan(key)
+    if plan is None:
+        if not calibrate_missing:
+            raise ValueError(f"no draft-length calibration for {model_name} (drafter {config.drafter}, "
+                             f"{config.steps} steps, batch {batch}) on this device: run specdit calibrate first")
+        plan = calibrate(model_name, config, device=device, batch=batch, base=base)
+    return plan.apply(config), plan
+
+
+__all__ = ["calibrate", "resolve_auto", "measure", "timed_runs", "MAX_AUTO_LENGTH"]

@@ -1,0 +1,336 @@
+"""``specdit bench --mode latency|throughput``: per-sample latency and throughput of the samplers, measured
+side by side in one run, with the cost model's prediction beside every measured speed-up (issue 24).
+
+Latency (batch 1): chains one at a time; every variant on the same seeds; the variants' order rotated per
+seed (so drift in the machine's speed hits every variant alike); median and p95 latency per variant and
+the paired speed-up against the best plain sampler (``ddpm`` at the thread count, 1..cores, with the lowest
+median latency), median over seeds with a bootstrap 95% interval. Throughput (batch 64): each variant
+samples one batch per repeat, order rotated per repeat; samples/s and the paired speed-up.
+
+Contention: a variant's repeats should cost the same per unit of work (per round: plain steps, or rounds of
+the speculative sampler); if they spread by more than ``MAX_SPREAD`` ((max - min) / median) the variant is
+flagged ``unstable`` and its speed-up is not reported. Every variant's networks are timed in place
+(``specdit.timing``) to measure the drafter's cost d and the sampler's own work v per round; with the
+target's batch-cost curve c(n) these give the predicted speed-up (``specdit.costmodel``).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from specdit.config import SamplerConfig
+from specdit.costmodel import CostModel, break_even_batch, measure_call_costs
+from specdit.noise import NoiseStreams, sample_seed
+from specdit.stability import MAX_SPREAD, spread
+from specdit.timing import Stopwatch, TimedDrafter, TimedModel
+
+BOOTSTRAP = 2000
+CURVE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class Variant:
+    """A sampler configuration run at ``threads`` torch threads; ``auto`` names an auto-planned variant."""
+
+    name: str
+    config: SamplerConfig
+    threads: int
+    auto_note: str | None = None
+
+
+@dataclass
+class Run:
+    """One timed run of a variant: wall seconds, rounds (target calls), and the parts' seconds."""
+
+    wall: float
+    rounds: int
+    steps: int
+    samples: int
+    target_sizes: list[int]
+    target_s: float
+    drafter_s: float
+    drafter_calls: int
+
+
+@dataclass
+class VariantResult:
+    variant: Variant
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def walls(self) -> list[float]:
+        return [r.wall for r in self.runs]
+
+    def spread(self) -> float:
+        return spread([r.wall / max(1, r.rounds) for r in self.runs])
+
+    def pe(self) -> float:
+        return sum(r.steps * r.samples for r in self.runs) / max(1, sum(r.rounds * r.samples for r in self.runs))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation."""
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
+
+
+def bootstrap_median_ci(ratios: list[float], seed: int = 0, n: int = BOOTSTRAP) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median of paired ratios (seeds resampled)."""
+    if len(ratios) < 2:
+        return (ratios[0], ratios[0]) if ratios else (float("nan"), float("nan"))
+    r = torch.tensor(ratios, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(ratios), (n, len(ratios)), generator=g)
+    meds = r[idx].median(dim=1).values
+    return float(torch.quantile(meds, 0.025)), float(torch.quantile(meds, 0.975))
+
+
+def environment() -> dict:
+    """What the timings depend on: torch version, CPU model, threads, cores, load average."""
+    from specdit.autodraft import cpu_model
+
+    return {"torch": torch.__version__, "cpu": cpu_model(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "load_average": list(os.getloadavg())}
+
+
+class Runner:
+    """Runs variants of one model on one device with the networks timed; networks built once per variant."""
+
+    def __init__(self, base, model_name: str, device: str = "cpu"):
+        self.base, self.model_name, self.device = base, model_name, device
+        self._nets: dict[str, tuple] = {}
+
+    def networks(self, v: Variant) -> tuple:
+        from specdit.api import build_networks
+
+        if v.name not in self._nets:
+            watch = Stopwatch()
+            target, drafter = build_networks(self.base, v.config, self.device, self.model_name)
+            self._nets[v.name] = (TimedModel(target, watch), None if drafter is None else TimedDrafter(drafter, watch),
+                                  watch)
+        return self._nets[v.name]
+
+    def labels(self, index: torch.Tensor) -> torch.Tensor | None:
+        C = self.base.num_classes
+        return None if C is None else (index % C).to(self.device)
+
+    def run(self, v: Variant, seeds: torch.Tensor, index: torch.Tensor) -> Run:
+        """Sample chains ``seeds`` (their indices ``index`` pick labels) in one batch; timed."""
+        from specdit.api import run_sampler
+
+        target, drafter, watch = self.networks(v)
+        torch.set_num_threads(v.threads)
+        watch.reset()
+        target.sizes.clear()
+        streams = NoiseStreams(seeds, device=self.device)
+        y = self.labels(index)
+        with torch.no_grad():
+            start = time.perf_counter()
+            _, st = run_sampler(target, drafter, v.config, streams, y)
+            wall = time.perf_counter() - start
+        return Run(wall, int(st.rounds.max()), v.config.steps, len(seeds), list(target.sizes), watch.seconds("target"),
+                   watch.seconds("drafter") + watch.seconds("drafter_start"), watch.calls("drafter"))
+
+
+def rotated(items: list, i: int) -> list:
+    """``items`` rotated left by i (the order of variants for seed or repeat i)."""
+    i %= max(1, len(items))
+    return items[i:] + items[:i]
+
+
+def run_paired(runner: Runner, variants: list[Variant], repeats: int, batch: int, base_seed: int = 0,
+               progress=None) -> list[VariantResult]:
+    """Every variant on the same chains, ``repeats`` times, the order rotated per repeat. ``batch`` = 1:
+    repeat i is the chain of seed i (latency); otherwise every repeat samples the same ``batch`` chains
+    (throughput). One untimed warm-up run per variant first. ``progress()`` is called after each run."""
+    results = {v.name: VariantResult(v) for v in variants}
+    warm = sample_seed(base_seed + 1, torch.arange(batch))
+    for v in variants:
+        runner.run(v, warm, torch.arange(batch))
+    for i in range(repeats):
+        idx = torch.tensor([i]) if batch == 1 else torch.arange(batch)
+        seeds = sample_seed(base_seed, idx)
+        for v in rotated(variants, i):
+            results[v.name].runs.append(runner.run(v, seeds, idx))
+            if progress is not None:
+                progress()
+    return [results[v.name] for v in variants]
+
+
+def cost_curves(runner: Runner, variants: list[Variant], sizes: tuple[int, ...] = CURVE_SIZES,
+                repeats: int = 5) -> dict[tuple[str, int], dict[int, float]]:
+    """c(n) per (precision-and-guidance key, threads) among the variants: the target's batch-cost curve."""
+    out = {}
+    for v in variants:
+        key = (_curve_key(v.config), v.threads)
+        if key not in out:
+            target = runner.networks(v)[0].model  # untimed
+            torch.set_num_threads(v.threads)
+            out[key] = measure_call_costs(target, sizes, repeats, runner.device)
+    return out
+
+
+def _curve_key(c: SamplerConfig) -> str:
+    return f"{c.precision}/cfg{c.cfg_scale}/{c.cfg_channels}"
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def reference(results: list[VariantResult]) -> VariantResult:
+    """The best plain sampler: the ``ddpm`` variant with the lowest median wall time."""
+    plain = [r for r in results if r.variant.config.sampler == "ddpm" and r.variant.auto_note is None]
+    if not plain:
+        raise ValueError("the benchmark needs at least one ddpm variant as the reference")
+    return min(plain, key=lambda r: statistics.median(r.walls))
+
+
+def predicted_wall(r: Run, curve: dict[int, float], d: float, v: float) -> float:
+    """The cost model's time of a run: sum of c(n) over its target calls + drafter steps * d + rounds * v."""
+    from specdit.costmodel import interpolate
+
+    return sum(interpolate(curve, n) for n in r.target_sizes) + r.drafter_calls * d + r.rounds * v
+
+
+def parts(res: VariantResult) -> tuple[float, float, float]:
+    """(d: seconds per drafter step, v: the sampler's own seconds per round, p: same per plain step)."""
+    runs = res.runs
+    d = sum(r.drafter_s for r in runs) / max(1, sum(r.drafter_calls for r in runs))
+    own = sum(r.wall - r.target_s - r.drafter_s for r in runs) / max(1, sum(r.rounds for r in runs))
+    return d, own, own
+
+
+def summarize(results: list[VariantResult], curves: dict, seed: int = 0) -> list[dict]:
+    """One row per variant: latency (median, p95 per sample), samples/s, paired speed-up vs the reference
+    with its bootstrap interval, PE, spread, unstable flag and the cost model's predicted speed-up."""
+    ref = reference(results)
+    ref_curve = curves[(_curve_key(ref.variant.config), ref.variant.threads)]
+    _, _, p_ref = parts(ref)
+    rows = []
+    for res in results:
+        v = res.variant
+        curve = curves[(_curve_key(v.config), v.threads)]
+        d, own, _ = parts(res)
+        ratios = [a.wall / b.wall for a, b in zip(ref.runs, res.runs)]
+        pred = [r.steps * (_call(ref_curve, r.samples) + p_ref) / predicted_wall(r, curve, d, own) for r in res.runs]
+        sp = res.spread()
+        per_sample = [r.wall / r.samples for r in res.runs]
+        lo, hi = bootstrap_median_ci(ratios, seed)
+        rows.append({
+            "variant": v.name, "sampler": v.config.sampler, "threads": v.threads, "auto": v.auto_note,
+            "config": v.config.to_dict(exclude_defaults=True), "repeats": len(res.runs),
+            "latency_median_s": statistics.median(per_sample), "latency_p95_s": percentile(per_sample, 0.95),
+            "samples_per_s": sum(r.samples for r in res.runs) / sum(r.wall for r in res.runs),
+            "speedup": statistics.median(ratios), "speedup_ci95": [lo, hi], "predicted_speedup": statistics.median(pred),
+            "parallel_efficiency": res.pe(), "drafter_s_per_step": d, "own_s_per_round": own,
+            "spread": sp, "unstable": sp > MAX_SPREAD or ref.spread() > MAX_SPREAD, "reference": res is ref,
+        })
+    return rows
+
+
+def _call(curve: dict[int, float], n: int) -> float:
+    from specdit.costmodel import interpolate
+
+    return interpolate(curve, n)
+
+
+def break_even(rows: list[dict], curves: dict, results: list[VariantResult]) -> dict:
+    """The batch at which speculation stops paying, from the cost model of the fixed-L speculative variants
+    (PE measured, d and v per round of one chain scaled with the target's curve)."""
+    spec = [(row, res) for row, res in zip(rows, results)
+            if row["sampler"] == "speculative" and res.variant.config.draft_schedule is None]
+    if not spec:
+        return {"batch": None, "note": "no fixed-L speculative variant"}
+    row, res = max(spec, key=lambda rr: rr[0]["predicted_speedup"])
+    curve = curves[(_curve_key(res.variant.config), res.variant.threads)]
+    ref = reference(results)
+    _, _, p_ref = parts(ref)
+    scale = _call(curve, res.runs[0].samples)
+    costs = CostModel(curve, row["drafter_s_per_step"] / scale, row["own_s_per_round"] / scale, p_ref / scale,
+                      res.variant.threads)
+    pe = {r["config"].get("draft_length", SamplerConfig().draft_length): r["parallel_efficiency"]
+          for r, _ in spec}
+    b = break_even_batch(costs, pe)
+    return {"batch": b, "pe": {str(k): v for k, v in pe.items()},
+            "note": "d and v scaled with the target's batch cost; PE as measured at this batch"}
+
+
+def build_variants(base: SamplerConfig, drafters: list[str], lengths: list[int], threads: int, cores: int,
+                   auto: "tuple[SamplerConfig, str] | None" = None) -> list[Variant]:
+    """``ddpm`` at 1..cores threads (the best is the reference), speculative with each drafter and L at
+    ``threads``, and the auto-planned config (``auto``: (config, its one-line description))."""
+    out = [Variant(f"ddpm t={t}", replace(base, sampler="ddpm", draft_schedule=None).validate(), t)
+           for t in range(1, cores + 1)]
+    for drafter in drafters:
+        for L in lengths:
+            cfg = replace(base, sampler="speculative", drafter=drafter, draft_length=L, draft_schedule=None).validate()
+            out.append(Variant(f"spec {drafter} L={L}", cfg, threads))
+    if auto is not None:
+        out.append(Variant("auto", auto[0], threads, auto[1]))
+    return out
+
+
+@dataclass
+class BenchPlan:
+    """What ``specdit bench --mode latency|throughput`` runs."""
+
+    model: str
+    base: SamplerConfig  # steps, eta, cfg, verification, precision
+    drafters: list[str]
+    lengths: list[int]
+    mode: str = "latency"  # latency (batch 1, one chain per seed) | throughput (one batch per repeat)
+    repeats: int = 8  # seeds (latency) or repeats (throughput)
+    batch: int = 64  # throughput batch
+    threads: int | None = None  # speculative variants' threads (default: all cores)
+    device: str = "cpu"
+    seed: int = 0
+    auto: bool = True
+    load_options: dict = field(default_factory=dict)  # load_model options (num_heads, weights)
+
+    def check(self) -> "BenchPlan":
+        if self.mode not in ("latency", "throughput"):
+            raise ValueError(f"unknown bench mode {self.mode!r}; choose latency or throughput")
+        if self.repeats < 2:
+            raise ValueError(f"a paired benchmark needs >= 2 repeats, got {self.repeats}")
+        if self.batch < 1 or any(L < 1 for L in self.lengths):
+            raise ValueError("batch and draft lengths must be >= 1")
+        return self
+
+
+def run_timing_bench(plan: BenchPlan, base=None, progress=None, on_note=None) -> dict:
+    """Run ``plan`` and return the report (JSON-able): environment, rows, break-even batch, auto plan.
+    ``base``: the loaded model (default: load ``plan.model``); ``on_note(text)``: progress notes."""
+    from specdit.api import load_model
+    from specdit.calibrate import resolve_auto
+
+    plan.check()
+    base = base if base is not None else load_model(plan.model, device=plan.device, **plan.load_options)
+    cores = os.cpu_count() or 1
+    threads = plan.threads or cores
+    batch = 1 if plan.mode == "latency" else plan.batch
+    auto = None
+    if plan.auto and plan.drafters:
+        torch.set_num_threads(threads)
+        first = replace(plan.base, sampler="speculative", drafter=plan.drafters[0]).validate()
+        cfg, auto_plan = resolve_auto(first, plan.model, plan.device, batch, base=base)
+        auto = (cfg, auto_plan.describe())
+        if on_note is not None:
+            on_note(auto[1])
+    variants = build_variants(plan.base, plan.drafters, plan.lengths, threads, cores, auto)
+    env = environment()
+    runner = Runner(base, plan.model, plan.device)
+    results = run_paired(runner, variants, plan.repeats, batch, plan.seed, progress)
+    curves = cost_curves(runner, variants)
+    rows = summarize(results, curves, plan.seed)
+    report = {"mode": plan.mode, "model": plan.model, "batch": batch, "steps": plan.base.steps,
+              "cfg_scale": plan.base.cfg_scale, "precision": plan.base.precision, "environment": env,
+              "load_average_after": list(os.getloadavg()), "reference": reference(results).variant.name,
+              "rows": rows, "break_even": break_even(rows, curves, results), "auto": None if auto is None else auto[1],
+              "unstable": any(r["unstable"] for r in rows), "max_spread": MAX_SPREAD,
+              "cost_curves": {f"{k[0]} t={k[1]}": {str(n): c for n, c in cv.items()} for k, cv in curves.items()}}
+    torch.set_num_threads(threads)
+    return report

@@ -1,0 +1,71 @@
+"""The networks' compute precision (``SamplerConfig.precision``): fp32 as stored, or bf16 under autocast.
+
+Only the target's and the drafter's forward passes change precision; the sampler's arithmetic (keyed noise,
+kernel means, verification) stays float64 as before, and eps/features come back as float32. bf16 changes the
+target, hence the samples: a job's precision is part of its settings (and of its id when not fp32).
+Sampling stays exact for the bf16 target (the law sampled is the bf16 network's chain).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from specdit.models.base import EpsModel, ModelOutput
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+class AutocastModel:
+    """``model`` evaluated under ``torch.autocast(dtype)``; outputs float32. Other attributes pass through."""
+
+    def __init__(self, model: EpsModel, dtype: torch.dtype):
+        self.model, self.autocast_dtype = model, dtype
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.model, attr)
+
+    def _cast(self, device: torch.device):
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> ModelOutput:
+        with self._cast(x.device):
+            out = self.model(x, t, y)
+        return ModelOutput(out.eps.float(), _float(out.features))
+
+
+class AutocastDrafter:
+    """A drafter whose ``start`` and ``step`` run under ``torch.autocast(dtype)``; eps and carry float32."""
+
+    def __init__(self, drafter: Any, dtype: torch.dtype):
+        self.drafter, self.autocast_dtype, self.cost = drafter, dtype, drafter.cost
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.drafter, attr)
+
+    def start(self, ctx):
+        with torch.autocast(device_type=ctx.x.device.type, dtype=self.autocast_dtype):
+            carry = self.drafter.start(ctx)
+        return carry.float() if isinstance(carry, torch.Tensor) and carry.is_floating_point() else carry
+
+    def step(self, x, t, y, carry):
+        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
+            eps, carry = self.drafter.step(x, t, y, carry)
+        if isinstance(carry, torch.Tensor) and carry.dtype == torch.bfloat16:
+            carry = carry.float()
+        return eps.float(), carry
+
+
+def at_precision(model: EpsModel, drafter: Any, precision: str) -> tuple[EpsModel, Any]:
+    """(target, drafter) computing at ``precision`` ("fp32": unchanged; "bf16": autocast). ValueError for
+    another name. Build the drafter from the unwrapped target first (it may inspect the target's type)."""
+    if precision not in DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(DTYPES)}")
+    dtype = DTYPES[precision]
+    if dtype is None:
+        return model, drafter
+    return AutocastModel(model, dtype), None if drafter is None else AutocastDrafter(drafter, dtype)

@@ -1,0 +1,164 @@
+"""Issue 24: the cost model, the auto draft-length planner, its cache, bf16 precision and the timing bench.
+
+No timed assertions: timings only flow through; what is checked is arithmetic, structure and exactness."""
+import json
+import random
+
+import pytest
+import torch
+
+from specdit.autodraft import (AutoPlan, expected_pe, load_plan, make_plan, plan_key, plan_schedule,
+                               round_outcomes, save_plan)
+from specdit.config import SamplerConfig, SettingError
+from specdit.costmodel import CostModel, break_even_batch, interpolate
+from specdit.latency import bootstrap_median_ci, rotated, spread
+
+
+def _costs(curve=None, d=0.002, v=0.001, p=0.0005):
+    return CostModel(curve or {1: 0.0063, 2: 0.0087, 4: 0.0125, 6: 0.0166, 8: 0.0274, 16: 0.055}, d, v, p)
+
+
+def test_speedup_limit_is_the_issue_formula():
+    c = _costs(p=0.0)
+    assert c.speedup_limit(2.76, 4) == pytest.approx(2.76 * 0.0063 / (0.0125 + 4 * 0.002 + 0.001))
+    assert interpolate(c.call, 3) == pytest.approx((0.0087 + 0.0125) / 2)
+    assert interpolate(c.call, 32) == pytest.approx(0.055 + (0.055 - 0.0274) * 16 / 8)  # extrapolated
+
+
+def test_break_even_batch_falls_with_a_steep_curve():
+    flat = _costs({1: 1.0, 4096 * 8: 1.0}, d=0.0, v=0.0, p=0.0)
+    steep = _costs({1: 1.0, 2: 2.0}, d=0.1, v=0.1, p=0.0)
+    assert break_even_batch(flat, {4: 3.0}) is None  # free batches: speculation pays at every batch
+    assert break_even_batch(steep, {4: 3.0}) == 1  # a linear curve: never pays
+
+
+def test_round_outcomes_are_a_distribution():
+    accept = [0.0] + [random.Random(k).random() for k in range(1, 51)]
+    for k, L in [(50, 1), (50, 4), (10, 8), (3, 3)]:
+        p = round_outcomes(accept, k, L)
+        assert len(p) == L and sum(p) == pytest.approx(1.0) and min(p) >= 0
+
+
+def test_expected_pe_matches_a_simulation():
+    """The planner's expectation of steps per round against simulated rounds of the same acceptance."""
+    S, rng = 60, random.Random(0)
+    accept = [0.0] + [0.3 + 0.6 * k / S for k in range(1, S + 1)]
+    sched = tuple(1 + (k % 4) for k in range(1, S + 1))
+    rounds = 0
+    for _ in range(3000):
+        k = S
+        while k > 0:
+            L, s = min(sched[k - 1], k), 1
+            while s < L and rng.random() < accept[k - s + 1]:
+                s += 1
+            k, rounds = k - s, rounds + 1
+    assert expected_pe(accept, sched) == pytest.approx(S * 3000 / rounds, rel=0.02)
+
+
+def test_planner_follows_acceptance_and_cost():
+    S = 40
+    high, low = [0.0] + [0.95] * S, [0.0] + [0.02] * S
+    flat = _costs({1: 0.01, 64: 0.0101}, d=0.0001, v=0.0001, p=0.0)
+    sched_high, _ = plan_schedule(high, flat)
+    sched_low, _ = plan_schedule(low, flat)
+    assert max(sched_high) >= 8 and max(sched_low) <= 2  # long drafts only where they are kept
+    assert all(L <= k for k, L in enumerate(sched_high, start=1))  # never beyond the chain's end
+    linear = _costs({1: 0.01, 2: 0.02}, d=0.005, v=0.005, p=0.0)
+    key = {"batch": 64}
+    assert make_plan(key, high, flat, 1).sampler == "speculative"
+    plan = make_plan(key, high, linear, 64)  # a batch costs its size: speculation cannot pay
+    assert plan.sampler == "ddpm" and "cannot pay" in plan.describe()
+    assert plan.apply(SamplerConfig(steps=S)).sampler == "ddpm"
+
+
+def test_plan_cache_roundtrip_and_missing_calibration(tmp_path, monkeypatch):
+    from specdit.calibrate import resolve_auto
+
+    monkeypatch.setenv("SPECDIT_CACHE", str(tmp_path))
+    config = SamplerConfig(steps=6, drafter="perturbed:1")
+    with pytest.raises(ValueError, match="specdit calibrate"):
+        resolve_auto(config, "gmm-2d", calibrate_missing=False)
+    key = plan_key("gmm-2d", config, "cpu", 1)
+    plan = make_plan(key, [0.0] + [0.9] * 6, _costs({1: 0.01, 64: 0.0101}), 1)
+    save_plan(plan)
+    assert load_plan(key).to_dict() == json.loads(json.dumps(plan.to_dict()))
+    applied, back = resolve_auto(config, "gmm-2d", calibrate_missing=False)
+    assert applied.draft_schedule == plan.schedule and isinstance(back, AutoPlan)
+    assert load_plan({**key, "steps": 7}) is None  # another key, no plan
+
+
+def test_calibrate_and_sample_with_the_schedule(tmp_path, monkeypatch):
+    """A real (tiny) calibration stores a plan; a schedule drives the sampler; seeds reproduce."""
+    from specdit.api import generate
+    from specdit.calibrate import calibrate
+
+    monkeypatch.setenv("SPECDIT_CACHE", str(tmp_path))
+    config = SamplerConfig(steps=8, drafter="perturbed:1", draft_length=2)
+    plan = calibrate("gmm-2d", config, chains=2)
+    assert len(plan.schedule) == 8 and load_plan(plan.key) is not None
+    sched = replace_schedule(config, (1, 2, 3, 4, 1, 2, 3, 4))
+    a = generate("gmm-2d", sched, torch.arange(5), batch_size=5)
+    b = generate("gmm-2d", sched, torch.arange(5), batch_size=2)
+    assert torch.equal(a.samples, b.samples)  # batch size never changes a sample
+    fixed = generate("gmm-2d", config, torch.arange(5), batch_size=5)
+    assert not torch.equal(a.stats.target_evals, fixed.stats.target_evals)  # control: the schedule is used
+
+
+def replace_schedule(config, schedule):
+    from dataclasses import replace
+
+    return replace(config, draft_schedule=schedule).validate()
+
+
+def test_schedule_and_precision_settings_are_checked():
+    with pytest.raises(SettingError, match="one integer per step"):
+        SamplerConfig(steps=4, draft_schedule=(1, 2)).validate()
+    with pytest.raises(SettingError, match="precision"):
+        SamplerConfig.from_dict({"precision": "fp16"})
+    assert SamplerConfig.from_dict({"steps": 3, "draft_schedule": [1, 2, 3]}).draft_schedule == (1, 2, 3)
+    assert SamplerConfig().to_dict(exclude_defaults=True) == {}  # job ids of existing specs unchanged
+
+
+def test_bf16_changes_the_networks_only():
+    from specdit.api import generate
+
+    cfg = SamplerConfig(sampler="ddpm", steps=3, cfg_scale=1.5)
+    fp32 = generate("mnist-dit", cfg, torch.arange(2), torch.tensor([1, 2]))
+    bf16 = generate("mnist-dit", replace_precision(cfg, "bf16"), torch.arange(2), torch.tensor([1, 2]))
+    assert torch.isfinite(bf16.samples).all() and not torch.equal(fp32.samples, bf16.samples)
+    assert (fp32.samples - bf16.samples).abs().mean() < 0.1  # the same chain, rounded networks
+
+
+def replace_precision(config, precision):
+    from dataclasses import replace
+
+    return replace(config, precision=precision).validate()
+
+
+def test_helpers_of_the_paired_bench():
+    assert rotated([1, 2, 3], 1) == [2, 3, 1] and rotated([1, 2, 3], 3) == [1, 2, 3]
+    assert spread([1.0, 1.0, 1.0]) == 0 and spread([1.0, 1.3, 1.0]) == pytest.approx(0.3)
+    lo, hi = bootstrap_median_ci([1.1, 1.2, 1.3, 1.25, 1.15])
+    assert lo <= 1.2 <= hi
+
+
+def test_bench_latency_command(tmp_path, monkeypatch):
+    """The command end to end at a tiny size: JSON with the environment and one row per variant."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setenv("SPECDIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "lat.json"
+    res = CliRunner().invoke(app, ["bench", "--mode", "latency", "--model", "gmm-2d", "--steps", "5", "--drafters",
+                                   "perturbed:1", "--draft-lengths", "2", "--repeats", "2", "--threads", "1",
+                                   "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "speed-up" in res.output and "predicted" in res.output
+    rep = json.loads(out.read_text())
+    assert {"torch", "cpu", "threads", "load_average"} <= set(rep["environment"])
+    names = [r["variant"] for r in rep["rows"]]
+    assert names[0] == "ddpm t=1" and "spec perturbed:1 L=2" in names and "auto" in names
+    assert all(r["repeats"] == 2 for r in rep["rows"])
+    bad = CliRunner().invoke(app, ["bench", "--mode", "latncy", "--model", "gmm-2d"])
+    assert bad.exit_code == 2 and "latency" in bad.output

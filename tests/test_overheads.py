@@ -1,0 +1,82 @@
+"""Issue 24's overhead cuts keep the sampler's outputs: the Newton residual sampler against the bisection it
+replaced (to float64 accuracy, with a negative control), and the profile command's split of a round."""
+import math
+
+import torch
+
+from specdit import coupling as C
+
+
+def _grid(n: int = 50_000, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    log_c = torch.where(torch.rand(n, generator=g) < 0.2, torch.zeros(n, dtype=torch.float64),
+                        torch.log(torch.rand(n, generator=g, dtype=torch.float64)) * 30 * torch.rand(n, generator=g,
+                                                                                                     dtype=torch.float64))
+    d = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(math.log(1e-4), math.log(60), generator=g))
+    w = torch.rand(n, generator=g, dtype=torch.float64).clamp(2**-53, 1 - 2**-53)
+    return log_c, d, w
+
+
+def _disagreement(new, old, log_c, d):
+    reachable = C.log_residual_mass(log_c, d) > -700  # the residual has a float64-representable mass
+    return ((new - old).abs() / (1 + old.abs()))[reachable].max().item()
+
+
+def test_newton_residual_coordinate_matches_the_bisection():
+    """|du| <= 1e-9 (1 + |u|) wherever the residual is reachable (1e-12-level where well conditioned);
+    every output finite."""
+    log_c, d, w = _grid()
+    new = C.sample_residual_coordinate(log_c, d, w)
+    old = C.sample_residual_coordinate_bisection(log_c, d, w)
+    assert torch.isfinite(new).all()
+    assert _disagreement(new, old, log_c, d) <= 1e-9
+    conditioned = d >= 0.05
+    assert _disagreement(new[conditioned], old[conditioned], log_c[conditioned], d[conditioned]) <= 1e-11
+
+
+def test_the_comparison_can_fail():
+    """Negative control: a bisection stopped after 30 halvings is off by far more than the tolerance."""
+    log_c, d, w = _grid(5_000, seed=1)
+    old = C.sample_residual_coordinate_bisection(log_c, d, w)
+    rough = C.sample_residual_coordinate_bisection(log_c, d, w, iters=30)
+    assert _disagreement(rough, old, log_c, d) > 1e-9
+
+
+def test_a_row_does_not_depend_on_its_batch():
+    log_c, d, w = _grid(200, seed=2)
+    whole = C.sample_residual_coordinate(log_c, d, w)
+    alone = torch.cat([C.sample_residual_coordinate(log_c[i:i + 1], d[i:i + 1], w[i:i + 1]) for i in range(200)])
+    assert torch.equal(whole, alone)
+
+
+def test_numpy_keyed_noise_is_bit_identical_to_torch():
+    """The CPU fast path of NoiseStreams (numpy integer arithmetic) gives the torch path's bits (a DrawLog
+    forces the torch path)."""
+    from specdit.noise import DrawLog, NoiseStreams, Purpose, sample_seed
+
+    seeds = sample_seed(3, torch.arange(7))
+    fast, slow = NoiseStreams(seeds), NoiseStreams(seeds, log=DrawLog())
+    k = torch.tensor([4, 5, 6, 7, 250, 1, 999])
+    for words in [(Purpose.DRAFT, k, 2), (Purpose.INIT,), (Purpose.STEP, 17), (Purpose.BLOCK, k)]:
+        assert torch.equal(fast.normal(*words, shape=(3, 5)), slow.normal(*words, shape=(3, 5)))
+        assert torch.equal(fast.uniform(*words, n=4), slow.uniform(*words, n=4))
+        assert torch.equal(fast.bits(*words, n=2), slow.bits(*words, n=2))
+    assert not torch.equal(fast.uniform(Purpose.BLOCK, k, n=4), slow.uniform(Purpose.ACCEPT, k, n=4))  # control
+
+
+def test_profile_round_command_splits_a_round():
+    """benchmarks/profile_round.py at a tiny size: the parts add up and every target call is counted."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_round.py"
+    spec = importlib.util.spec_from_file_location("profile_round", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main(["--model", "gmm-2d", "--steps", "4", "--cfg-scale", "1", "--drafter", "perturbed:1",
+                     "--draft-length", "2", "--seeds", "1", "--threads", "1"])
+    ddpm, spec_row = rows
+    assert ddpm["target_calls_per_sample"] == 4 and ddpm["drafter_s"] == 0
+    assert spec_row["drafter_s"] > 0 and spec_row["rounds"] >= 2
+    for r in rows:
+        assert abs(r["target_s"] + r["drafter_s"] + r["rest_s"] - r["seconds_per_sample"]) < 1e-9
