@@ -12,8 +12,8 @@ where c(t) is the drafter's *relaxation scale*:
 - **calibrated** (``specdit calibrate-relax``): c(t) = median(u at t) / 4, the median over every draft
   scored in exact speculative chains of that drafter, stored beside the drafter as ``relax_scale.json``
   and interpolated linearly in t for other step counts. The median draft then has u / c = 4, so lambda = 1
-  divides its log q/p by 5 and lambda in [0, 1] spans exact to a clearly visible quality loss on the
-  built-in models (the mean of u, or its median, gave lambda = 1 only +10-12% parallel efficiency);
+  divides its log q/p by 5 (+34-41% parallel efficiency on the built-in models; the mean of u, or its
+  median, gave lambda = 1 only +10-12%);
 - **default** (drafters without a calibration: free, perturbed, model, an uncalibrated feature drafter):
   the u at which the drafted step's mean lies one kernel standard deviation from the target's,
   c_k = sigma_k^2 / (g_k^2 D) with g_k the eps coefficient of the kernel mean and D the sample size, so
