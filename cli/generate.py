@@ -35,7 +35,7 @@ def generate(
     seed: Optional[str] = opt.SEED,
     labels: str = opt.LABELS,
     batch_size: int = typer.Option(64, "--batch-size", help="Chains sampled together."),
-    out: Path = typer.Option(..., "--out", "-o", help="A .npz file, or a directory (PNGs + grid for image models)."),
+    out: Path = typer.Option(..., "--out", "-o", parser=opt.path_value, help="A .npz file, or a directory (PNGs + grid for image models)."),
     threads: Optional[int] = opt.THREADS,
     progress: bool = opt.PROGRESS,
     device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
