@@ -2,9 +2,11 @@
 
 On ``mnist-dit`` (cfg 1.5, batch 1) this measures
 - d: the drafter's whole cost per draft step (``FeatureDrafter.step``) at each thread count, with a breakdown
-  timed piece by piece: input prep (dtype cast, carry reshape, cat), the cached conditioning lookup, the
-  DiT's frozen patch embedding, the drafter network, the frozen final layer, the guided combine + float64
-  cast + carry stack; "other" is d minus these; the cache-miss pieces (``base.embed``, the adaLN
+  timed piece by piece (the folded path, see ``FeatureDrafter``): the cached conditioning lookup, patchify
+  with the one float64 -> float32 cast, the patch embedding folded into the fusion layer (once per state),
+  the fusion's feature part (both CFG halves), the drafter block, the frozen final LayerNorm + modulation,
+  the CFG combine on the hidden state, the projection to eps + unpatchify + float64, the carry stack;
+  "other" is d minus these (Python and call overhead); the cache-miss pieces (``base.embed``, the adaLN
   modulations) are paid once per distinct (t, y), not per step, and are listed apart;
 - c(L): one guided target call on L states (batch 2L), L = 1, 2, 4, 8;
 - the limit PE(L) x c(1) / (c(L) + L d + v) of the batch-1 speed-up for the given PE(L) and v (ms).
@@ -61,30 +63,34 @@ def timed(fn, warmup: int, repeats: int) -> dict:
 
 
 def pieces(drafter, x, t, y, carry) -> dict:
-    """One thunk per piece of ``FeatureDrafter.step`` (guided target), each on the inputs it sees there.
+    """One thunk per piece of ``FeatureDrafter.step`` (guided target, folded path), each on the inputs it
+    sees there.
 
     Pieces under "cache miss" are paid once per distinct (t, y) (the drafter caches the conditioning), so they
     are not part of d once the cache is warm; "conditioning (cache hit)" is the per-step lookup."""
-    base, cfg = drafter.base, drafter.cfg
+    base, cfg, k = drafter.base, drafter.cfg, drafter._fused
     n = x.shape[0]
-    t2, y2 = cfg._pair(t, y)
-    xf = x.to(base.dtype)
-    f_prev = carry.transpose(0, 1).reshape(2 * n, *carry.shape[2:])  # (2N, T, D)
-    xx = torch.cat([xf, xf])
-    tokens = base.transformer.pos_embed(xx)
+    t2, y2 = cfg.pair(t, y)
+    D = carry.shape[2:]
+    mod, (shift, scale) = drafter.conditioning(t, y)
+    patches = drafter._patches(x)
+    tok = patches @ k["wx"] + k["bx"]
+    f_prev = carry.transpose(0, 1).reshape(2 * n, *D)  # (2N, T, D)
+    h = ((f_prev @ k["wf"]).view(2, n, *D) + tok).view(2 * n, *D)
+    f = drafter.net.block(f_prev, h, mod)
+    hm = base.transformer.norm_out(f) * scale + shift
+    hg = torch.lerp(hm[n:], hm[:n], cfg.scale)
     c = base.embed(t2, y2)
-    mod, final = drafter.conditioning(t, y)
-    f = drafter.net(f_prev, tokens, None, mod)
-    e = base.final_layer(f, *final)
     return {
-        "prep (x cast, carry reshape, cat)": lambda: (x.to(base.dtype), carry.transpose(0, 1).reshape(
-            2 * n, *carry.shape[2:]), torch.cat([xf, xf])),
         "conditioning (cache hit)": lambda: drafter.conditioning(t, y),
-        "patch embedding (frozen)": lambda: base.transformer.pos_embed(xx),
-        "drafter network": lambda: drafter.net(f_prev, tokens, None, mod),
-        "final layer (frozen) + unpatchify": lambda: base.final_layer(f, *final),
-        "cfg combine + float64 cast + carry stack": lambda: (cfg.combine(e[:n], e[n:]).double(),
-                                                             torch.stack(f.chunk(2), dim=1)),
+        "patchify + float64->32 cast": lambda: drafter._patches(x),
+        "patch embedding folded into fusion (N rows)": lambda: patches @ k["wx"] + k["bx"],
+        "carry reshape + feature part of fusion (2N rows)": lambda: (f_prev @ k["wf"]).view(2, n, *D) + tok,
+        "drafter block": lambda: drafter.net.block(f_prev, h, mod),
+        "final LayerNorm + modulation (frozen)": lambda: base.transformer.norm_out(f) * scale + shift,
+        "cfg combine (on hidden state)": lambda: torch.lerp(hm[n:], hm[:n], cfg.scale),
+        "projection (eps rows) + unpatchify + float64": lambda: drafter._unpatchify(hg @ k["w2"] + k["b2"]),
+        "carry stack": lambda: torch.stack(f.chunk(2), dim=1),
         " cache miss: t/y embedding base.embed": lambda: base.embed(t2, y2),
         " cache miss: adaLN modulations": lambda: (drafter.net.modulation(c), base.final_modulation(c)),
     }

@@ -25,6 +25,20 @@ def train_drafter(
     seed: Optional[str] = opt.seed_option("training step k draws its random numbers from f(seed, k)"),
     init_from: Optional[Path] = typer.Option(None, "--init-from", parser=opt.path_value, help="Warm start from a trained drafter folder "
                                              "(e.g. the previous drafter of a model that was trained further)."),
+    accept_weight: float = typer.Option(0.0, "--accept-weight", min=0.0, max=1.0, help="Weight L_noise per "
+                                        "timestep by (1-a) + a*w_k, w_k ~ (kernel eps coefficient / sigma_k)^2 "
+                                        "(normalised to mean 1): what acceptance measures. 0: unweighted."),
+    accept_clip: float = typer.Option(20.0, "--accept-clip", help="Cap the acceptance weights at this multiple "
+                                      "of their median (sigma_1 = 0 makes the last step's infinite)."),
+    onpolicy: float = typer.Option(0.0, "--onpolicy", min=0.0, max=1.0, help="Fraction of each batch taken from "
+                                   "drafter roll-outs (the states and feature carry the speculative sampler "
+                                   "hands the drafter). 0: the target's own transitions only."),
+    onpolicy_depth: int = typer.Option(7, "--onpolicy-depth", min=1, help="Roll-outs draft 1..this many steps "
+                                       "before the trained one (L - 1 for rounds of L drafts)."),
+    onpolicy_cfg: float = typer.Option(1.5, "--onpolicy-cfg", help="Guidance scale of the roll-outs (the "
+                                       "sampler's --cfg)."),
+    ckpt_every: int = typer.Option(250, "--ckpt-every", min=1, help="Checkpoint (and export the EMA drafter) "
+                                   "every this many steps."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Train data-parallel on a Ray actor "
                                               "pool: a cluster address (host:port | auto) or 'local' (a private "
@@ -38,7 +52,9 @@ def train_drafter(
 
     cfg = DrafterTrainConfig(steps=steps, batch_size=batch_size, lr=lr, lambda_feat=lambda_feat,
                              lambda_smooth=lambda_smooth, ema_decay=ema, sample_steps=sample_steps,
-                             seed=opt.seed_value(seed), init_from=str(init_from) if init_from else None)
+                             seed=opt.seed_value(seed), init_from=str(init_from) if init_from else None,
+                             accept_weight=accept_weight, accept_clip=accept_clip, onpolicy=onpolicy,
+                             onpolicy_depth=onpolicy_depth, onpolicy_cfg=onpolicy_cfg, ckpt_every=ckpt_every)
     run = DrafterRun(model=model, data=data, out=out, config=cfg, export=export, threads=threads,
                      ray_address=ray_address, pool=pool, workers=workers)
     done = train_drafter_run(run, on_progress=_every_new_step(_progress_line(steps)))

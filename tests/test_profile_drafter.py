@@ -22,7 +22,7 @@ def test_quick_run_writes_the_record(tmp_path, capsys):
     assert {"torch", "cpu", "runs", "contended", "pe", "v_ms", "load_average_end"} <= rec.keys()
     run = rec["runs"][0]
     assert {"threads", "d", "breakdown", "c", "limits", "load_average", "other_ms"} <= run.keys()
-    assert {"drafter network", "patch embedding (frozen)", " cache miss: t/y embedding base.embed"} <= run["breakdown"].keys()
+    assert {"drafter block", "patch embedding folded into fusion (N rows)", " cache miss: t/y embedding base.embed"} <= run["breakdown"].keys()
     assert set(run["c"]) == {"1", "2"} and set(run["limits"]) == {"2"}
     assert all(s["median_ms"] > 0 for s in [run["d"], *run["c"].values()])
     assert "| **d (whole step)** |" in capsys.readouterr().out

@@ -11,6 +11,20 @@ Each step, on the fly (no stored features):
     L = L_noise + lambda_f L_feat + lambda_s L_smooth,
     L_noise = mse(eps_hat, eps_ref),  L_feat = mse(f_hat, f_ref),  L_smooth = mse(f_hat, f_k).
 
+Two options aim the loss at what speculative sampling measures (both off by default; the v1 recipe):
+
+- ``accept_weight`` alpha: L_noise is weighted per row by ``(1 - alpha) + alpha w_k`` with
+  w_k proportional to ``(coef_e_k / sigma_k)^2`` (:func:`acceptance_weights`) at the state index k whose eps is
+  predicted. A step is accepted with probability ``2 Phi(-d_k / 2)``, ``d_k = |coef_e_k| |eps - eps_hat| / sigma_k``
+  (the two kernel means differ by the eps error times the kernel's eps coefficient), so w_k ||eps - eps_hat||^2
+  is d_k^2: the network spends its capacity where acceptance is lost.
+- ``onpolicy`` p: the last round(p B) rows of a batch are states the speculative sampler visits. From the
+  target's (guided, ``onpolicy_cfg``) state and feature at x_k and one target step to x_{k-1} (a round start
+  and the carry the sampler hands the drafter), the drafter itself (current weights, no gradient) drafts r
+  steps, r ~ U{1..onpolicy_depth}, both CFG halves, guided eps, fresh kernel noise; the row then trains the
+  next draft step from that drafted state with the drafter's own carry (one half per row, at random), taught
+  by the target there.
+
 L_smooth (its form is not in the seeds) is a temporal-stability prior: it penalises the predicted change of
 the top-block feature over one step, which FREE's Fig. 3 shows to be small; lambda_s is small (0.005 at
 256^2, 0.01 at 512^2 in FREE) so it regularises without fighting L_feat. Transitions follow the sampling
@@ -40,7 +54,7 @@ from specdit.models.base import training_schedule_of
 from specdit.noise import mix64_reference
 from specdit.schedule import Schedule
 
-LOG_FIELDS = ["step", "loss", "noise", "feat", "smooth"]
+LOG_FIELDS = ["step", "loss", "noise", "feat", "smooth", "noise_w"]
 
 
 @dataclass
@@ -62,6 +76,11 @@ class DrafterTrainConfig:
     ckpt_every: int = 250
     log_every: int = 10
     init_from: str | None = None  # warm start: a trained drafter folder (same architecture) for net and EMA
+    accept_weight: float = 0.0  # alpha: L_noise weight (1 - alpha) + alpha * acceptance_weights (0: unweighted)
+    accept_clip: float = 20.0  # acceptance weights are capped at accept_clip x their median (sigma_1 = 0 is inf)
+    onpolicy: float = 0.0  # fraction of each batch from drafter roll-outs (states the sampler visits)
+    onpolicy_depth: int = 7  # roll-outs draft r ~ U{1..depth} steps (L - 1 for blocks of L drafts)
+    onpolicy_cfg: float = 1.5  # guidance scale of the roll-outs (the sampler's); 1 for unguided
 
     def validate(self) -> "DrafterTrainConfig":
         if self.steps < 1 or self.batch_size < 1:
@@ -70,6 +89,12 @@ class DrafterTrainConfig:
             raise ValueError("label_drop and ema_decay must lie in [0, 1)")
         if self.sample_steps < 2:
             raise ValueError("sample_steps must be >= 2")
+        if not 0 <= self.accept_weight <= 1 or not 0 <= self.onpolicy <= 1:
+            raise ValueError("accept_weight and onpolicy must lie in [0, 1]")
+        if self.accept_clip <= 0:
+            raise ValueError("accept_clip must be > 0")
+        if self.onpolicy > 0 and not 1 <= self.onpolicy_depth <= self.sample_steps - 2:
+            raise ValueError(f"onpolicy_depth must lie in [1, {self.sample_steps - 2}]")
         check_seed(self.seed)  # the one seed range of every command, [0, 2^63-1]
         return self
 
@@ -79,38 +104,128 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(mix64_reference(mix64_reference(seed) ^ (step + 1)) & ((1 << 63) - 1))
 
 
+def acceptance_weights(schedule: Schedule, clip: float = 20.0) -> torch.Tensor:
+    """Per state index k the weight (S+1,) float64 of the eps loss, ``w_k ~ (coef_e_k / sigma_k)^2``.
+
+    ``coef_e_k`` is the eps coefficient of the kernel mean x_k -> x_{k-1} (``Schedule.coef_e``), ``sigma_k``
+    its std: a drafted eps off by ``delta`` moves the mean by ``coef_e_k delta``, i.e. by
+    ``|coef_e_k| |delta| / sigma_k`` standard deviations, and the step is accepted with probability
+    ``2 Phi(-d_k / 2)`` (FREE / speculative sampling). On the 250-step DDPM schedule the ratio runs from ~6 at
+    k = 2 to ~0.04 mid-schedule and is infinite at k = 1 (sigma_1 = 0, the deterministic last step): weights
+    are capped at ``clip`` x their median over the finite ones (k = 1, 2, 3 at clip 20 on 250 steps), then
+    normalised to mean 1 over k = 1..S; w_0 = 0 (no step leaves x_0). Raises ``ValueError`` when no sigma_k
+    is positive (eta = 0: DDIM has no acceptance probability)."""
+    raw = (schedule.coef_e[1:] / schedule.sigma[1:]) ** 2  # (S,) k = 1..S; inf where sigma_k = 0
+    finite = raw[torch.isfinite(raw)]
+    if finite.numel() == 0:
+        raise ValueError("acceptance weights need sigma_k > 0 (eta > 0)")
+    w = raw.clamp(max=clip * float(finite.median()))
+    return torch.cat([torch.zeros(1, dtype=torch.float64), w / w.mean()])
+
+
+def _offpolicy_inputs(target, schedule: Schedule, x_k, k, y, z) -> tuple:
+    """The target's own transition: carry f_k = features at x_k, input state x_{k-1} from one target step."""
+    bshape = (-1,) + (1,) * (x_k.dim() - 1)
+    t_k, t_prev = schedule.timesteps[k], schedule.timesteps[k - 1]
+    out_k = target(x_k.to(target.dtype), t_k, y)  # teacher at x_k: (f_k, eps_k)
+    x_prev = schedule.step_mean(x_k, out_k.eps, k) + schedule.sigma[k].view(bshape) * z
+    ref = target(x_prev.to(target.dtype), t_prev, y)  # teacher at x_{k-1}: (f_ref, eps_ref)
+    return out_k.features, x_prev, k - 1, y, ref
+
+
+def onpolicy_inputs(net: FeatureDrafterNet, target, schedule: Schedule, x_k, k, y, z, depth, half, zr,
+                    cfg_scale: float = 1.5) -> tuple:
+    """States the speculative sampler hands the drafter, rolled out with the current network (no gradient).
+
+    x_k (N, C, H, W) float64 at state indices k (N,) >= depth + 2, labels y (N,); z (N, C, H, W) and
+    zr (R, N, C, H, W) standard normal kernel noise, R >= max(depth); depth (N,) draft steps r >= 1 per row;
+    half (N,) bool: the row trains the unconditional half. Guided by ``cfg_scale`` over both halves
+    ``[y | null]`` like the sampler: the target at x_k gives the round start x_{k-1} and the carry (its
+    features at x_k); then r draft steps, each feeding the drafter its own previous feature. Returns
+    (carry (N, T, D), state (N, C, H, W) float64, its state index (N,), labels (N,), teacher output there)."""
+    n, dt = x_k.shape[0], target.dtype
+    bshape = (-1,) + (1,) * (x_k.dim() - 1)
+    null = torch.full_like(y, target.num_classes)
+    y2, ts = torch.cat([y, null]), schedule.timesteps
+
+    out = target(torch.cat([x_k, x_k]).to(dt), ts[k].repeat(2), y2)
+    eps = out.eps[n:] + cfg_scale * (out.eps[:n] - out.eps[n:])  # guided (N, C, H, W)
+    x = schedule.step_mean(x_k, eps, k) + schedule.sigma[k].view(bshape) * z  # round start, float64
+    f, kk = out.features.clone(), k - 1  # (2N, T, D) carry: the target's features one state back
+    f = f.view(2, n, *f.shape[1:])  # (2, N, T, D) [cond, uncond]
+    for j in range(int(depth.max())):
+        a = (depth > j).nonzero().squeeze(1)  # (A,) rows still drafting: only these are computed
+        m, t2, ya = a.numel(), ts[kk[a]].repeat(2), torch.cat([y[a], null[a]])
+        f_new = net(f[:, a].reshape(2 * m, *f.shape[2:]), target.transformer.pos_embed(x[a].repeat(2, 1, 1, 1).to(dt)),
+                    target.embed(t2, ya))  # (2A, T, D)
+        e = target.eps_from_features(f_new, t2, ya)  # (2A, C, H, W)
+        eps = e[m:] + cfg_scale * (e[:m] - e[m:])
+        x[a] = schedule.step_mean(x[a], eps, kk[a]) + schedule.sigma[kk[a]].view(bshape) * zr[j, a]
+        f[:, a] = f_new.view(2, m, *f.shape[2:])
+        kk[a] -= 1
+    f = f.reshape(2 * n, *f.shape[2:])
+    carry = torch.where(half.view(-1, 1, 1), f[n:], f[:n])  # (N, T, D)
+    lab = torch.where(half, null, y)
+    return carry, x, kk, lab, target(x.to(dt), ts[kk], lab)
+
+
+def _draws(n: int, x_shape, S: int, g: torch.Generator, label_drop: float, onpolicy: float, depth: int) -> dict:
+    """All random numbers of one batch, in a fixed order (the v1 recipe's first, so onpolicy = 0 reproduces
+    it); the last round(onpolicy n) rows are on-policy, with k ~ U{r + 2..S} given their depth r."""
+    d = {"drop": torch.rand(n, generator=g) < label_drop, "k": torch.randint(2, S + 1, (n,), generator=g),
+         "noise": torch.randn(x_shape, generator=g, dtype=torch.float64),
+         "z": torch.randn(x_shape, generator=g, dtype=torch.float64)}
+    n_on = round(onpolicy * n)
+    d["on"] = torch.arange(n) >= n - n_on
+    if n_on:
+        r = torch.randint(1, depth + 1, (n,), generator=g)
+        u = torch.rand(n, generator=g, dtype=torch.float64)
+        d["half"] = torch.rand(n, generator=g) < 0.5
+        d["zr"] = torch.randn((depth, *x_shape), generator=g, dtype=torch.float64)
+        k_on = 2 + r + (u * (S - 1 - r)).long().clamp(max=S - 2 - r)  # U{r + 2..S}
+        d["k"], d["r"] = torch.where(d["on"], k_on, d["k"]), torch.where(d["on"], r, 0)
+    return d
+
+
 def drafter_losses(net: FeatureDrafterNet, target, x0: torch.Tensor, y: torch.Tensor, schedule: Schedule,
-                   g: torch.Generator, label_drop: float, rows: slice | None = None) -> dict[str, torch.Tensor]:
-    """The three loss terms on one batch (x0 (N, C, H, W), labels y (N,)), supervision on the fly.
+                   g: torch.Generator, label_drop: float, rows: slice | None = None, *,
+                   weights: torch.Tensor | None = None, accept_weight: float = 0.0, onpolicy: float = 0.0,
+                   onpolicy_depth: int = 7, onpolicy_cfg: float = 1.5) -> dict[str, torch.Tensor]:
+    """The loss terms on one batch (x0 (N, C, H, W), labels y (N,)), supervision on the fly: ``noise``
+    (plain eps mse, comparable across recipes), ``noise_w`` (the optimised one: weighted by
+    ``(1 - accept_weight) + accept_weight * weights[k]``, ``weights`` from :func:`acceptance_weights`),
+    ``feat`` and ``smooth``. ``onpolicy``: see the module docstring.
 
     ``rows`` (data parallel): draw the random numbers of the whole batch, then compute only these rows, so
     that the ranks of a data-parallel run together see exactly the samples of the single-process batch."""
-    n = x0.shape[0]
-    S = schedule.num_steps
-    drop = torch.rand(n, generator=g) < label_drop
-    y = torch.where(drop, torch.full_like(y, target.num_classes), y)
-    k = torch.randint(2, S + 1, (n,), generator=g)  # (N,) state index of x_k
-    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    z = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    d = _draws(x0.shape[0], x0.shape, schedule.num_steps, g, label_drop, onpolicy, onpolicy_depth)
+    y = torch.where(d.pop("drop"), torch.full_like(y, target.num_classes), y)
     if rows is not None:
-        x0, y, k, noise, z = x0[rows], y[rows], k[rows], noise[rows], z[rows]
+        x0, y = x0[rows], y[rows]
+        d = {key: (v[:, rows] if key == "zr" else v[rows]) for key, v in d.items()}
     bshape = (-1,) + (1,) * (x0.dim() - 1)
+    k, on = d["k"], d["on"]
     abar = schedule.abar[k].view(bshape)
-    x_k = abar.sqrt() * x0.double() + (1 - abar).sqrt() * noise
-    t_k, t_prev = schedule.timesteps[k], schedule.timesteps[k - 1]
+    x_k = abar.sqrt() * x0.double() + (1 - abar).sqrt() * d["noise"]
     with torch.no_grad():
-        out_k = target(x_k.to(target.dtype), t_k, y)  # teacher at x_k: (f_k, eps_k)
-        x_prev = schedule.step_mean(x_k, out_k.eps, k) + schedule.sigma[k].view(bshape) * z
-        ref = target(x_prev.to(target.dtype), t_prev, y)  # teacher at x_{k-1}: (f_ref, eps_ref)
-        tokens = target.transformer.pos_embed(x_prev.to(target.dtype))
-        cond = target.embed(t_prev, y)
-    f_hat = net(out_k.features, tokens, cond)  # (N, T, D)
-    eps_hat = target.eps_from_features(f_hat, t_prev, y)
-    return {
-        "noise": F.mse_loss(eps_hat, ref.eps),
-        "feat": F.mse_loss(f_hat, ref.features),
-        "smooth": F.mse_loss(f_hat, out_k.features),
-    }
+        parts = [_offpolicy_inputs(target, schedule, x_k[~on], k[~on], y[~on], d["z"][~on])] if (~on).any() else []
+        if on.any():
+            parts.append(onpolicy_inputs(net, target, schedule, x_k[on], k[on], y[on], d["z"][on], d["r"][on],
+                                         d["half"][on], d["zr"][:, on], onpolicy_cfg))
+        carry, x_in, idx, lab = (torch.cat([p[i] for p in parts]) for i in range(4))
+        ref_eps, ref_f = torch.cat([p[4].eps for p in parts]), torch.cat([p[4].features for p in parts])
+        t_in = schedule.timesteps[idx]
+        tokens = target.transformer.pos_embed(x_in.to(target.dtype))
+        cond = target.embed(t_in, lab)
+    f_hat = net(carry, tokens, cond)  # (N, T, D)
+    eps_hat = target.eps_from_features(f_hat, t_in, lab)
+    noise = F.mse_loss(eps_hat, ref_eps)
+    if accept_weight > 0:
+        w = (1 - accept_weight) + accept_weight * weights[idx].to(eps_hat.dtype)  # (N,)
+        noise_w = (w * (eps_hat - ref_eps).pow(2).flatten(1).mean(1)).mean()
+    else:
+        noise_w = noise
+    return {"noise": noise, "feat": F.mse_loss(f_hat, ref_f), "smooth": F.mse_loss(f_hat, carry), "noise_w": noise_w}
 
 
 def _recipe(config: dict) -> dict:
@@ -176,7 +291,7 @@ def _optimise(net, ema, opt, terms: dict[str, torch.Tensor], cfg: DrafterTrainCo
     """Back-propagate the weighted loss of ``terms``, clip, step and update the EMA. Data parallel (``world``):
     gradients and the logged losses are summed over the ranks, each weighted by its ``share`` of the batch.
     Returns the (global) loss and terms to log."""
-    loss = terms["noise"] + cfg.lambda_feat * terms["feat"] + cfg.lambda_smooth * terms["smooth"]
+    loss = terms["noise_w"] + cfg.lambda_feat * terms["feat"] + cfg.lambda_smooth * terms["smooth"]
     opt.zero_grad(set_to_none=True)
     if world is None:
         loss.backward()
@@ -241,6 +356,7 @@ def train_drafter(target, data: tuple[torch.Tensor, torch.Tensor], cfg: DrafterT
     if x_all.shape[1:] != tuple(target.sample_shape):
         raise ValueError(f"data shape {tuple(x_all.shape[1:])} does not match the model's {tuple(target.sample_shape)}")
     schedule = Schedule.create(cfg.sample_steps, cfg.eta, training=training_schedule_of(target))
+    weights = acceptance_weights(schedule, cfg.accept_clip) if cfg.accept_weight > 0 else None
     net, ema, opt = _build(target, cfg)
     start = _resume(out / "ckpt.pt", cfg, net, ema, opt)
     if rank == 0:
@@ -258,7 +374,9 @@ def train_drafter(target, data: tuple[torch.Tensor, torch.Tensor], cfg: DrafterT
     for step in range(start, end):
         g = step_generator(cfg.seed, step)
         idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=g)
-        terms = drafter_losses(net, target, x_all[idx], y_all[idx], schedule, g, cfg.label_drop, part)
+        terms = drafter_losses(net, target, x_all[idx], y_all[idx], schedule, g, cfg.label_drop, part,
+                               weights=weights, accept_weight=cfg.accept_weight, onpolicy=cfg.onpolicy,
+                               onpolicy_depth=cfg.onpolicy_depth, onpolicy_cfg=cfg.onpolicy_cfg)
         loss, terms = _optimise(net, ema, opt, terms, cfg, step, world, share)
         if (step + 1) % cfg.log_every == 0 or step + 1 == end:
             row = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
