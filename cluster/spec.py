@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from annotated_types import Ge, Gt, Le, Lt
 from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError,
                       field_validator, model_validator)
 
@@ -266,7 +267,8 @@ def _int_bounds(loc: tuple) -> tuple[int | None, int | None] | None:
     """[lo, hi] of the integer JobSpec field at ``loc`` (None: no such int field; a None bound: open)."""
     model, field = JobSpec, None
     for key in loc:
-        field = getattr(model, "model_fields", {}).get(key) if isinstance(key, str) else None
+        fields = model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+        field = fields.get(key) if isinstance(key, str) else None
         if field is None:
             return None
         model = field.annotation
@@ -274,10 +276,10 @@ def _int_bounds(loc: tuple) -> tuple[int | None, int | None] | None:
         return None
     lo = hi = None
     for m in field.metadata:
-        lo = getattr(m, "ge", None) if getattr(m, "ge", None) is not None else lo
-        lo = m.gt + 1 if getattr(m, "gt", None) is not None else lo
-        hi = getattr(m, "le", None) if getattr(m, "le", None) is not None else hi
-        hi = m.lt - 1 if getattr(m, "lt", None) is not None else hi
+        if isinstance(m, (Ge, Gt)):
+            lo = m.ge if isinstance(m, Ge) else m.gt + 1
+        elif isinstance(m, (Le, Lt)):
+            hi = m.le if isinstance(m, Le) else m.lt - 1
     return lo, hi
 
 
