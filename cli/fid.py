@@ -23,7 +23,8 @@ def fid(
     source_b: str = typer.Argument("mnist", help="Second source (default: the built-in MNIST reference)."),
     features: Features = typer.Option(Features.inception, "--features", "-f", help="Feature extractor."),
     batch_size: Optional[int] = typer.Option(None, help="Extractor batch size (default per extractor)."),
-    save_stats: Optional[Path] = typer.Option(None, parser=path_value, help="Also save SOURCE_A's FeatureStats to this .npz."),
+    save_stats: Optional[Path] = typer.Option(None, parser=path_value,
+                                              help="Also save SOURCE_A's FeatureStats to this .npz."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Compute the FID between two sources (plus class accuracy when an .npz carries labels)."""
