@@ -78,7 +78,7 @@ def bench(
     seed: Optional[str] = opt.SEED,
     batch_size: int = typer.Option(256, "--batch-size", help="Chains sampled together."),
     threads: Optional[int] = opt.THREADS,
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
+    json_out: Optional[Path] = typer.Option(None, "--json", parser=opt.path_value, help="Also write the rows as JSON."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table (for the README)."),
     device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
     mode: str = MODE,

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from cli.common import check_output_file, user_errors
+from cli.options import path_value
 from cli.render import plain
 
 
@@ -22,7 +23,8 @@ def fid(
     source_b: str = typer.Argument("mnist", help="Second source (default: the built-in MNIST reference)."),
     features: Features = typer.Option(Features.inception, "--features", "-f", help="Feature extractor."),
     batch_size: Optional[int] = typer.Option(None, help="Extractor batch size (default per extractor)."),
-    save_stats: Optional[Path] = typer.Option(None, help="Also save SOURCE_A's FeatureStats to this .npz."),
+    save_stats: Optional[Path] = typer.Option(None, parser=path_value,
+                                              help="Also save SOURCE_A's FeatureStats to this .npz."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Compute the FID between two sources (plus class accuracy when an .npz carries labels)."""
@@ -49,7 +51,7 @@ def fid_ref(
     name: str = typer.Argument("mnist", help="Named reference data set."),
     features: Features = typer.Option(Features.inception, "--features", "-f", help="Feature extractor."),
     recompute: bool = typer.Option(False, help="Ignore cached/shipped statistics."),
-    out: Optional[Path] = typer.Option(None, help="Write here instead of the user cache."),
+    out: Optional[Path] = typer.Option(None, parser=path_value, help="Write here instead of the user cache."),
     batch_size: Optional[int] = typer.Option(None, help="Extractor batch size (default per extractor)."),
 ) -> None:
     """Compute (once) and cache the FID reference statistics of a built-in data set."""

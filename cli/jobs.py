@@ -47,7 +47,8 @@ _FEATURES = typer.Option(None, "--features", "-f", help="FID features: auto | ra
 
 
 def submit(
-    spec_file: Optional[Path] = typer.Argument(None, help="Job spec (.yaml/.yml/.json); flags override it."),
+    spec_file: Optional[Path] = typer.Argument(None, parser=opt.path_value,
+                                               help="Job spec (.yaml/.yml/.json); flags override it."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=opt.MODEL_HELP),
     sampler: Optional[str] = opt.SAMPLER,
     steps: Optional[str] = opt.STEPS,
@@ -228,7 +229,8 @@ def results(
     job_id: str = typer.Argument(..., help="Job id."),
     as_json: bool = typer.Option(False, "--json", help="Print the report JSON."),
     recompute: bool = typer.Option(False, "--recompute", help="Aggregate the shards again."),
-    export: Optional[Path] = typer.Option(None, "--export", help="Also write the job's images to this .npz "
+    export: Optional[Path] = typer.Option(None, "--export", parser=opt.path_value,
+                                          help="Also write the job's images to this .npz "
                                           "(arr_0: (N, H, W, 3) uint8 in sample order; ADM/DiT format)."),
     engine: str = typer.Option("local", help="Engine for a 'data:<n>' FID reference (local | ray | synthetic)."),
     redis_url: Optional[str] = RedisUrl,

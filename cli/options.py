@@ -8,6 +8,7 @@ file (``invalid setting --eta: <reason>`` / ``invalid job spec: sampler.eta: <re
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -72,6 +73,17 @@ THREADS = typer.Option(None, "--threads", min=1, help="torch CPU threads (defaul
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with ETA.")
 RAY_ADDRESS_HELP = "Ray cluster address: host:port | ray://host:port | auto (any cluster running here)."
 
+def path_value(text: Any) -> Path:
+    """The ``parser`` of every path option and argument: its text as a Path. Empty (or blank) text is refused
+    (typer.BadParameter: one usage line, exit 2): Typer would otherwise read ``''`` as ``.``, the current
+    directory, and a command would write there."""
+    if isinstance(text, Path):  # a default
+        return text
+    if not str(text).strip():
+        raise typer.BadParameter(f"must not be empty, got {text!r}")
+    return Path(text)
+
+
 # Deprecated spellings, kept for one release: command name -> {old: new}. Hidden from --help; using one
 # prints one ``warning:`` line and then works as the new spelling.
 DEPRECATED: dict[str, dict[str, str]] = {
@@ -85,9 +97,15 @@ DEPRECATED: dict[str, dict[str, str]] = {
 }
 
 
+def _attached_short(arg: str, table: dict[str, str]) -> bool:
+    """Whether ``arg`` is a deprecated short alias with its value attached (``-n4``; not ``-n=4`` nor ``-n``)."""
+    return not arg.startswith("--") and len(arg) > 2 and arg[:2] in table and arg[2] != "="
+
+
 def rewrite_deprecated(command: str, args: list[str], takes_value: frozenset[str] = frozenset()) -> list[str]:
-    """``args`` with the deprecated spellings of ``command`` replaced (``--old=v`` too; nothing after ``--``,
-    nor the value of an option in ``takes_value``: ``--name --output`` keeps its name); prints
+    """``args`` with the deprecated spellings of ``command`` replaced (``--old=v`` and a short alias's attached
+    ``-nV`` too; nothing after ``--``, nor the value of an option in ``takes_value``: ``--name --output`` keeps
+    its name); prints
     ``warning: <old> is deprecated; use <new>`` once per spelling used."""
     table, out, warned, is_value = DEPRECATED.get(command, {}), [], set(), False
     for i, arg in enumerate(args):
@@ -99,6 +117,8 @@ def rewrite_deprecated(command: str, args: list[str], takes_value: frozenset[str
             out.append(arg)
             is_value = False
             continue
+        if _attached_short(arg, table):  # "-n4": a short alias with its value attached, read as "-n=4"
+            name, eq, value = arg[:2], "=", arg[2:]
         if name in table:
             if name not in warned:
                 typer.secho(f"warning: {name} is deprecated; use {table[name]}", err=True, fg=typer.colors.YELLOW)

@@ -13,8 +13,10 @@ from cli.common import user_errors
 def train_drafter(
     model: str = typer.Option("mnist-dit", "--model", "-m", help="DiT to draft for (name or path)."),
     data: str = typer.Option("mnist", help="'mnist' or an .npz of samples 'x' and 'labels' in model space."),
-    out: Path = typer.Option(Path("runs/drafter"), "--out", "-o", help="Run folder (checkpoints, loss log)."),
-    export: Optional[Path] = typer.Option(None, help="Where to write the trained drafter (default OUT/drafter)."),
+    out: Path = typer.Option(Path("runs/drafter"), "--out", "-o", parser=opt.path_value,
+                             help="Run folder (checkpoints, loss log)."),
+    export: Optional[Path] = typer.Option(None, parser=opt.path_value,
+                                          help="Where to write the trained drafter (default OUT/drafter)."),
     steps: int = typer.Option(3000, help="Optimisation steps."),
     batch_size: int = typer.Option(64, help="Training images per optimisation step."),
     lr: float = typer.Option(3e-4, help="AdamW learning rate."),
@@ -23,7 +25,8 @@ def train_drafter(
     ema: float = typer.Option(0.999, help="EMA decay."),
     sample_steps: int = typer.Option(250, help="Sampling steps S the drafter will draft on."),
     seed: Optional[str] = opt.seed_option("training step k draws its random numbers from f(seed, k)"),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Warm start from a trained drafter folder "
+    init_from: Optional[Path] = typer.Option(None, "--init-from", parser=opt.path_value,
+                                             help="Warm start from a trained drafter folder "
                                              "(e.g. the previous drafter of a model that was trained further)."),
     accept_weight: float = typer.Option(0.0, "--accept-weight", min=0.0, max=1.0, help="Weight L_noise per "
                                         "timestep by (1-a) + a*w_k, w_k ~ (kernel eps coefficient / sigma_k)^2 "
@@ -99,7 +102,8 @@ def calibrate_relax(
     cfg_scale: Optional[str] = opt.CFG_SCALE,
     num_samples: int = typer.Option(64, "--num-samples", "-n", min=1, help="Exact chains measured."),
     seed: Optional[str] = opt.SEED,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for relax_scale.json (default: the "
+    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=opt.path_value,
+                                       help="Folder for relax_scale.json (default: the "
                                        "feature drafter's folder, where it is loaded from)."),
     threads: Optional[int] = opt.THREADS,
 ) -> None:

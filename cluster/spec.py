@@ -17,12 +17,14 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from annotated_types import Ge, Gt, Le, Lt
 from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError,
                       field_validator, model_validator)
 
 from cluster import limits, paths
 from cluster.errors import SpecError
-from specdit.config import MAX_SEED, SAMPLER_ARITHMETIC_VERSION, SamplerConfig, SettingError, check_seed, with_drafter
+from specdit.config import (MAX_SEED, SAMPLER_ARITHMETIC_VERSION, SamplerConfig, SettingError, check_seed, shown_value,
+                            with_drafter)
 
 _DRAFTER_PATH = re.compile(r"^[\w.\-/]+$")
 _LABELS = re.compile(r"^(none|uniform|random|fixed:\d+)$")
@@ -257,6 +259,42 @@ def shard_versions(arrays: dict[str, Any]) -> tuple[int, int]:
     return spec_v, arith_v
 
 
+_INT_ERRORS = ("int_type", "int_parsing", "int_parsing_size", "int_from_float", "greater_than",
+               "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _int_bounds(loc: tuple) -> tuple[int | None, int | None] | None:
+    """[lo, hi] of the integer JobSpec field at ``loc`` (None: no such int field; a None bound: open)."""
+    model, field = JobSpec, None
+    for key in loc:
+        fields = model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+        field = fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            return None
+        model = field.annotation
+    if field is None or field.annotation not in (int, int | None):
+        return None
+    lo = hi = None
+    for m in field.metadata:
+        if isinstance(m, (Ge, Gt)):
+            lo = m.ge if isinstance(m, Ge) else m.gt + 1
+        elif isinstance(m, (Le, Lt)):
+            hi = m.le if isinstance(m, Le) else m.lt - 1
+    return lo, hi
+
+
+def _int_message(e: dict) -> str | None:
+    """An integer field's pydantic error worded as the setting rules word it: ``num_samples must be an integer
+    in [1, 100000000], got 1e+20`` (pydantic: "Unable to parse input string as an integer, ...")."""
+    bounds = _int_bounds(tuple(e["loc"])) if e["type"] in _INT_ERRORS else None
+    if bounds is None:
+        return None
+    lo, hi = bounds
+    where = f" in [{lo}, {hi}]" if lo is not None and hi is not None else (
+        f" >= {lo}" if lo is not None else (f" <= {hi}" if hi is not None else ""))
+    return f"{e['loc'][-1]} must be an integer{where}, got {shown_value(e['input'])}"
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One line: 'field.path: message; other: message'. A sampler setting's error is located at its setting
     (``sampler.eta``); a rule across sampler settings at ``sampler``."""
@@ -266,7 +304,7 @@ def format_validation_error(err: ValidationError) -> str:
         cause = (e.get("ctx") or {}).get("error")
         if isinstance(cause, SettingError) and cause.setting is not None and loc == "sampler":
             loc = f"sampler.{cause.setting}"
-        msg = e["msg"].removeprefix("Value error, ")
+        msg = _int_message(e) or e["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)  # no location: a check across fields
     return "; ".join(parts)
 

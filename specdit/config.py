@@ -52,16 +52,18 @@ def _label(name: str) -> str:
     return name.replace("_", " ")
 
 
-def _shown(value: Any) -> str:
+def shown_value(value: Any) -> str:
     """A refused value as text, the same whether it came typed (YAML, Python) or as text (a flag): the
-    float NaN and the flag text ``nan`` both show as ``nan``."""
+    float NaN and the flag text ``nan`` both show as ``nan``; empty or blank text is quoted (``got ''``)."""
+    if isinstance(value, str) and not value.strip():
+        return repr(value)
     return str(value) if isinstance(value, (str, int, float)) else repr(value)
 
 
 def as_int(name: str, value: Any) -> int:
     """``value`` as an int: ints, integral floats and decimal strings; SettingError otherwise."""
     if isinstance(value, bool):
-        raise SettingError(name, f"{_label(name)} must be an integer, got {_shown(value)}")
+        raise SettingError(name, f"{_label(name)} must be an integer, got {shown_value(value)}")
     if isinstance(value, int):
         return value
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
@@ -71,17 +73,17 @@ def as_int(name: str, value: Any) -> int:
             return int(value.strip())
         except ValueError:
             pass
-    raise SettingError(name, f"{_label(name)} must be an integer, got {_shown(value)}")
+    raise SettingError(name, f"{_label(name)} must be an integer, got {shown_value(value)}")
 
 
 def as_float(name: str, value: Any) -> float:
     """``value`` as a finite float (ints and numeric strings accepted); SettingError for NaN, inf, other types."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise SettingError(name, f"{_label(name)} must be a finite number, got {_shown(value)}")
+        raise SettingError(name, f"{_label(name)} must be a finite number, got {shown_value(value)}")
     try:
         x = float(value)
     except (ValueError, OverflowError):
-        raise SettingError(name, f"{_label(name)} must be a finite number, got {_shown(value)}") from None
+        raise SettingError(name, f"{_label(name)} must be a finite number, got {shown_value(value)}") from None
     if not math.isfinite(x):
         raise SettingError(name, f"{_label(name)} must be a finite number, got {x}")
     return x
@@ -97,7 +99,7 @@ def as_cfg_channels(value: Any) -> int | None:
         n = None
     if n is None or n < 1:
         raise SettingError("cfg_channels", "cfg channels must be 'all' or a positive integer (3: DiT's "
-                                           f"forward_with_cfg), got {_shown(value)}")
+                                           f"forward_with_cfg), got {shown_value(value)}")
     return n
 
 
@@ -108,7 +110,7 @@ def as_draft_schedule(value: Any) -> tuple[int, ...] | None:
         return None
     if not isinstance(value, (list, tuple)):
         raise SettingError("draft_schedule", "draft schedule must be a list of integers (L(k) for k = 1..steps), "
-                                             f"got {_shown(value)}")
+                                             f"got {shown_value(value)}")
     return tuple(as_int("draft_schedule", v) for v in value)
 
 

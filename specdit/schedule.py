@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specdit.config import SettingError
 from specdit.scheduler_config import DIT_SCHEDULE, TrainingSchedule
 
 TRAIN_STEPS = 1000
@@ -125,14 +126,15 @@ def _ddim_timesteps(num_timesteps: int, text: str) -> list[int]:
 
 
 def check_num_steps(num_steps: int, train_steps: int = TRAIN_STEPS) -> None:
-    """Raise ``ValueError`` (one line) unless 2 <= num_steps <= train_steps. One step is refused: DiT's
+    """Raise ``SettingError`` on ``steps`` (a ValueError, one line) unless 2 <= num_steps <= train_steps (a
+    pipeline folder's ``num_train_timesteps`` may be below ``MAX_STEPS``). One step is refused: DiT's
     respacing keeps only t = 0 then (``space_timesteps(T, 1) == [0]``), a step whose kernel returns
     (almost) its input, so the "sample" would be the starting noise."""
     if num_steps == 1:
-        raise ValueError("steps must be >= 2: with 1 step the respaced schedule keeps only t = 0 and the "
-                         "sampler would return its input noise")
+        raise SettingError("steps", "steps must be >= 2: with 1 step the respaced schedule keeps only t = 0 "
+                                    "and the sampler would return its input noise")
     if not 2 <= num_steps <= train_steps:
-        raise ValueError(f"steps must lie in [2, {train_steps}], got {num_steps}")
+        raise SettingError("steps", f"steps must lie in [2, {train_steps}], got {num_steps}")
 
 
 @dataclass(frozen=True)

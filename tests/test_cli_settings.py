@@ -280,3 +280,66 @@ def test_an_option_value_spelled_like_an_old_flag_is_kept(tmp_path):
     res = runner.invoke(app, ["submit", "--model", "gmm-2d", "-n", "8", "--no-check-model", "--name", "--output",
                               "--redis-url", "redis://127.0.0.1:1/0"])
     assert res.exit_code == 3 and "deprecated" not in res.stderr, res.stderr  # reached Redis, no rewrite
+
+
+SHORT_ALIASES = [(c, old) for c, table in DEPRECATED.items() for old in table if not old.startswith("--")]
+
+
+@pytest.mark.parametrize("command, old", SHORT_ALIASES, ids=[f"{c}{o}" for c, o in SHORT_ALIASES])
+def test_a_short_alias_with_its_value_attached_is_rewritten(command, old):
+    """``pool start p -n4`` failed as an unknown option while ``-n 4`` and ``-n=4`` worked."""
+    from cli.options import rewrite_deprecated
+
+    new = DEPRECATED[command][old]
+    assert rewrite_deprecated(command, [f"{old}4"]) == [f"{new}=4"]
+    assert rewrite_deprecated(command, [f"{old}=4"]) == [f"{new}=4"]
+    assert rewrite_deprecated(command, [old, "4"], frozenset({new})) == [new, "4"]
+
+
+def test_pool_start_takes_an_attached_n():
+    spaced = runner.invoke(app, ["pool", "start", "p", "-n", "4", "--ray-address", "not-an-address"])
+    attached = runner.invoke(app, ["pool", "start", "p", "-n4", "--ray-address", "not-an-address"])
+    assert "No such option" not in attached.output, attached.output
+    assert attached.exit_code == spaced.exit_code == 2
+    assert _normalised(attached) == _normalised(spaced), (attached.output, spaced.output)
+
+
+def _path_params():
+    """(command path, flag or None for an argument, the other arguments it needs) of every Path parameter."""
+    import click
+    from pathlib import Path
+
+    import typer.main
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):  # a group
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, path + [name])
+            return
+        for p in cmd.get_params(click.Context(cmd)):
+            if getattr(getattr(p, "type_descriptor", None), "annotation", None) is Path:
+                yield path, p
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+PATH_PARAMS = [(path, p.opts[0] if p.param_type_name == "option" else None) for path, p in _path_params()]
+
+
+def test_path_parameters_are_found():
+    found = {(" ".join(path), flag) for path, flag in PATH_PARAMS}
+    assert {("generate", "--out"), ("fid", "--save-stats"), ("bench", "--json"), ("fid-ref", "--out"),
+            ("train-drafter", "--out"), ("train-drafter", "--export"), ("submit", None)} <= found, found
+
+
+@pytest.mark.parametrize("path, flag", PATH_PARAMS, ids=[" ".join(p) + (f" {f}" if f else "") for p, f in PATH_PARAMS])
+def test_every_path_parameter_refuses_empty_text(path, flag, tmp_path, monkeypatch):
+    """Typer reads '' as Path('.'): ``generate -o ''`` wrote samples.npz and stats.json into the current
+    directory. Every path option and argument refuses empty text in one line, exit 2, before any work."""
+    monkeypatch.chdir(tmp_path)
+    argv = path + ([flag, ""] if flag else [""])
+    res = runner.invoke(app, argv)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "must not be empty" in lines[0], res.output
+    assert list(tmp_path.iterdir()) == []

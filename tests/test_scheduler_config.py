@@ -225,3 +225,17 @@ def test_job_on_pipeline_scheduler_stores_generate_images(pipelines, redis_env, 
 
 V_ZERO_SNR_RECORD = {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction",
                      "rescale_betas_zero_snr": True}
+
+
+def test_too_many_steps_for_a_short_training_schedule_is_a_settings_error(pipelines, tmp_path):
+    """A folder trained with 100 steps refuses --steps 101 as any other refused setting is refused: with the
+    ``invalid setting --steps:`` prefix (it was a bare ``error: steps must lie in [2, 100], got 101``)."""
+    folder = tmp_path / "pipe"
+    (folder / "scheduler").mkdir(parents=True)
+    (folder / "transformer").symlink_to(pipelines["dit"] / "transformer")
+    config = {**DIT_PIPELINE_SCHEDULER, "num_train_timesteps": 100}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    res = CliRunner().invoke(app, ["generate", "--model", str(folder), "-n", "1", "--steps", "101", "--no-progress",
+                                   "-o", str(tmp_path / "o.npz")])
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    assert res.stderr.strip() == "error: invalid setting --steps: steps must lie in [2, 100], got 101", res.stderr

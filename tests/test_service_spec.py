@@ -227,3 +227,25 @@ def test_local_engine_loads_with_the_spec_model_options(tmp_path):
     out = engine.run(work)
     images = out.arrays["images"]  # an image model stores its uint8 images by default (output.store=auto)
     assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8
+
+
+@pytest.mark.parametrize("value, shown", [(1.0e20, "1e+20"), ("", "''"), ("abc", "abc"), (2.5, "2.5"), (0, "0")])
+def test_integer_field_errors_are_worded_as_setting_errors(value, shown):
+    """pydantic's own words ("Unable to parse input string as an integer, exceeded maximum size"; an empty
+    value shown as nothing) are replaced by the settings' wording, with the field's range."""
+    from cluster.errors import SpecError
+    from cluster.spec import spec_from_dict
+
+    with pytest.raises(SpecError) as err:
+        spec_from_dict({"model": "gmm-2d", "num_samples": value, "evaluate": {"fid": False}})
+    assert str(err.value) == (f"invalid job spec: num_samples: num_samples must be an integer in [1, 100000000], "
+                              f"got {shown}")
+
+
+def test_an_empty_sampler_setting_is_shown_quoted():
+    from cluster.errors import SpecError
+    from cluster.spec import spec_from_dict
+
+    with pytest.raises(SpecError) as err:
+        spec_from_dict({"model": "gmm-2d", "num_samples": 2, "sampler": {"steps": ""}, "evaluate": {"fid": False}})
+    assert str(err.value).endswith("sampler.steps: steps must be an integer, got ''"), str(err.value)

@@ -114,10 +114,11 @@ class FeatureDrafter:
         self._fused = self._fold() if self._foldable() else None
 
     def _foldable(self) -> bool:
-        pe = self.base.transformer.pos_embed
-        plain = (getattr(pe, "flatten", False) and not getattr(pe, "layer_norm", True)
-                 and getattr(pe, "pos_embed", None) is not None and getattr(pe, "pos_embed_max_size", 1) is None
-                 and isinstance(getattr(pe, "proj", None), nn.Conv2d))
+        from diffusers.models.embeddings import PatchEmbed
+
+        pe = self.base.transformer.pos_embed  # diffusers' PatchEmbed in DiTTransformer2DModel
+        plain = (isinstance(pe, PatchEmbed) and pe.flatten and not pe.layer_norm and pe.pos_embed is not None
+                 and pe.pos_embed_max_size is None and isinstance(pe.proj, nn.Conv2d))
         return bool(plain) and (self.cfg is None or self.cfg.guided_channels is None)
 
     @torch.no_grad()
