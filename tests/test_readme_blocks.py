@@ -46,6 +46,9 @@ SIZES = {
     "benchmarks/driffusion_quality.py": "--num-samples 10 --steps 10 --batch-size 10",
     "benchmarks/latent_service_fid.py": "-n 16 --steps 10 --batch-size 8 --shard-size 8 --workers 1",
     "-m specdit.training.train_mnist_latent": "--per-class 1 --steps 10",
+    "specdit calibrate-relax": "-n 2 --steps 10",
+    "benchmarks/relax_scale.py": "--models mnist-dit --num-samples 4 --steps 10 --relax 0,1",
+    "benchmarks/driffusion_range.py": "--steps 20 --parallel 2 --num-samples 2",
 }
 
 
@@ -68,6 +71,8 @@ PLAN = [
          why="timings for a quiet machine (make latency: ~25 min); tests/test_latency_bench.py runs calibrate and "
              "bench --mode latency end to end at a tiny size"),
     Plan("benchmarks/driffusion_quality.py", "### DRiffusion on `mnist-dit`", run="driffusion", slow=True),
+    Plan("benchmarks/driffusion_range.py", "### DRiffusion's range", run="driffusion-range", slow=True),
+    Plan("specdit calibrate-relax", "### Relaxation with a calibrated scale", run="relax-scale", slow=True),
     Plan("benchmarks/mnist_quality.py", "### Quality: `ddpm` vs speculative", run="mnist-quality"),
     Plan("train_mnist_latent sample", "## The built-in latent model", run="latent-grid"),
     Plan("benchmarks/latent_service_fid.py", "## The built-in latent model", run="latent-service", slow=True),
@@ -332,6 +337,8 @@ def _expect(name: str, root: Path, out: str) -> None:
         "latent-grid": lambda: (o / "mnist-latent-dit-grid.png").is_file(),
         "latent-service": lambda: _latent_service_agrees(o / "latent-service" / "result.json"),
         "adm": lambda: (root / "samples.npz").is_file() and "FID" in out,
+        "driffusion-range": lambda: (o / "driffusion-range.json").is_file(),
+        "relax-scale": lambda: (o / "relax-scale" / "relax_scale.json").is_file() and "mnist-dit" in out,
     }
     assert checks[name](), out[-3000:]
 
