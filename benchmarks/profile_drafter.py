@@ -22,30 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from specdit.autodraft import cpu_model
 from specdit.drafters.base import DraftContext
 from specdit.drafters.feature import load_feature_drafter
 from specdit.models.registry import BUILTIN_DRAFTERS, load_model
+from specdit.stability import MAX_SPREAD
 
-SPREAD_LIMIT = 0.20
+SPREAD_LIMIT = MAX_SPREAD  # its spread is the interquartile range / median of single calls
 LOAD_LIMIT = 1.5
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed(fn, warmup: int, repeats: int) -> dict:

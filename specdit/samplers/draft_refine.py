@@ -140,11 +140,7 @@ def skip_drafts(
         mean, std = schedule.skip_mean_std(x, eps, kk, torch.full((B,), i, dtype=torch.int64, device=dev))
         drafts.append(mean + std.view(bshape) * streams.normal(Purpose.SKIP_DRAFT, k, i, shape=shape))
     d = torch.stack(drafts, 1)  # (B, K, *shape)
-    kd = (k - torch.arange(1, K + 1, device=dev)).repeat(B)  # (B*K,) row b*K + (i-1) -> state index k - i
-    yy = None if y is None else y.repeat_interleave(K)
-    eps_d = call_model(model, d.flatten(0, 1), schedule.timesteps[kd], yy, steps=kd,
-                       rows=torch.arange(B, device=dev).repeat_interleave(K)).eps.view(d.shape)
-    return d, eps_d
+    return d, _draft_eps(model, schedule, d, k, y)
 
 
 def coupled_noise(streams: NoiseStreams, k: int, n: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
@@ -180,11 +176,17 @@ def coupled_drafts(
         drafts.append(d)
         e = (d - abar[j - 1].sqrt() * x0) / (1.0 - abar[j - 1]).sqrt()  # eps of x'_{j-1} consistent with x0
     dd = torch.stack(drafts, 1)  # (B, K, *shape)
+    return dd, _draft_eps(model, schedule, dd, k, y)
+
+
+def _draft_eps(model: EpsModel, schedule: Schedule, d: torch.Tensor, k: int, y: torch.Tensor | None) -> torch.Tensor:
+    """The model's eps at drafts d (B, K, *shape), draft i of row b at state index k - i, in one batched call
+    of B*K rows (row b*K + (i-1)); returns (B, K, *shape)."""
+    B, K, dev = d.shape[0], d.shape[1], d.device
     kd = (k - torch.arange(1, K + 1, device=dev)).repeat(B)  # (B*K,) row b*K + (i-1) -> state index k - i
     yy = None if y is None else y.repeat_interleave(K)
-    eps_d = call_model(model, dd.flatten(0, 1), schedule.timesteps[kd], yy, steps=kd,
-                       rows=torch.arange(B, device=dev).repeat_interleave(K)).eps.view(dd.shape)
-    return dd, eps_d
+    return call_model(model, d.flatten(0, 1), schedule.timesteps[kd], yy, steps=kd,
+                      rows=torch.arange(B, device=dev).repeat_interleave(K)).eps.view(d.shape)
 
 
 def refine(
