@@ -29,6 +29,7 @@ from specdit.api import SamplerConfig, generate, load_model
 from specdit.labels import labels_for
 from specdit.metrics.extractors import get_extractor
 from specdit.metrics.fid import FeatureStats, frechet_distance
+from specdit.metrics.intervals import BOOTSTRAP, basic_interval
 from specdit.metrics.mnist_classifier import class_accuracy
 from specdit.metrics.reference import compute_stats, reference_stats
 from specdit.noise import sample_seed
@@ -40,7 +41,6 @@ for _k in (2, 4, 8):
             VARIANTS[f"{_mode} k={_k}" + ("" if _noise == "independent" else " coupled")] = SamplerConfig(
                 sampler="draft_refine", refine_mode=_mode, parallel=_k, refine_noise=_noise)
 DEFAULT_VARIANTS = ["ddpm", "conservative k=4", "aggressive k=4", "conservative k=8", "aggressive k=8"]
-BOOTSTRAP = 200  # resamples of the sample indices for the intervals
 
 
 def bootstrap(features: np.ndarray, labels: np.ndarray, correct: np.ndarray, ref_features: np.ndarray | None,
@@ -62,11 +62,6 @@ def bootstrap(features: np.ndarray, labels: np.ndarray, correct: np.ndarray, ref
     # FID from a resample (duplicates) is biased upwards: basic (pivot) intervals 2 est - q around the
     # full-sample estimate, percentile intervals for the accuracy.
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in out.items() if v}
-
-
-def basic_interval(estimate: float, lo_hi: list[float]) -> list[float]:
-    """The basic bootstrap interval [max(0, 2 est - q97.5), 2 est - q2.5] from percentile bounds [q2.5, q97.5]."""
-    return [max(0.0, 2 * estimate - lo_hi[1]), 2 * estimate - lo_hi[0]]
 
 
 def sample(model, cfg: SamplerConfig, seed: int, n: int, batch_size: int):

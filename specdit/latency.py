@@ -181,8 +181,14 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def reference(results: list[VariantResult]) -> VariantResult:
-    """The best plain sampler: the ``ddpm`` variant with the lowest median wall time."""
+def reference(results: list[VariantResult], name: str | None = None) -> VariantResult:
+    """The best plain sampler: the ``ddpm`` variant with the lowest median wall time, or the variant called
+    ``name`` (e.g. the fp32 ``ddpm`` beside a bf16 one) when given."""
+    if name is not None:
+        named = [r for r in results if r.variant.name == name]
+        if not named:
+            raise ValueError(f"no variant {name!r} to take as the reference")
+        return named[0]
     plain = [r for r in results if r.variant.config.sampler == "ddpm" and r.variant.auto_note is None]
     if not plain:
         raise ValueError("the benchmark needs at least one ddpm variant as the reference")
@@ -204,10 +210,12 @@ def parts(res: VariantResult) -> tuple[float, float, float]:
     return d, own, own
 
 
-def summarize(results: list[VariantResult], curves: dict, seed: int = 0) -> list[dict]:
+def summarize(results: list[VariantResult], curves: dict, seed: int = 0,
+              reference_name: str | None = None) -> list[dict]:
     """One row per variant: latency (median, p95 per sample), samples/s, paired speed-up vs the reference
-    with its bootstrap interval, PE, spread, unstable flag and the cost model's predicted speed-up."""
-    ref = reference(results)
+    (``reference(results, reference_name)``) with its bootstrap interval, PE, spread, unstable flag and the
+    cost model's predicted speed-up."""
+    ref = reference(results, reference_name)
     ref_curve = curves[(_curve_key(ref.variant.config), ref.variant.threads)]
     _, _, p_ref = parts(ref)
     rows = []
