@@ -49,6 +49,10 @@ SIZES = {
     "specdit calibrate-relax": "-n 2 --steps 10",
     "benchmarks/relax_scale.py": "--models mnist-dit --num-samples 4 --steps 10 --relax 0,1",
     "benchmarks/driffusion_range.py": "--steps 20 --parallel 2 --num-samples 2",
+    # the README's redraw command rewrites the shipped figure in docs/: here it writes to outputs/
+    "benchmarks/speed_quality.py": "--num-samples 8 --seeds 2 --steps 6 --draft-length 2 --batch-items 8 "
+                                   "--threads 1 --variants ddpm,spec-relax0.5,driffusion-aggr-k2-coupled "
+                                   "--out outputs/speed-quality",
 }
 
 
@@ -73,6 +77,7 @@ PLAN = [
     Plan("benchmarks/driffusion_quality.py", "### DRiffusion on `mnist-dit`", run="driffusion", slow=True),
     Plan("benchmarks/driffusion_range.py", "### DRiffusion's range", run="driffusion-range", slow=True),
     Plan("specdit calibrate-relax", "### Relaxation with a calibrated scale", run="relax-scale", slow=True),
+    Plan("benchmarks/speed_quality.py", "### Speed against quality", run="speed-quality"),
     Plan("benchmarks/mnist_quality.py", "### Quality: `ddpm` vs speculative", run="mnist-quality"),
     Plan("train_mnist_latent sample", "## The built-in latent model", run="latent-grid"),
     Plan("benchmarks/latent_service_fid.py", "## The built-in latent model", run="latent-service", slow=True),
@@ -339,6 +344,8 @@ def _expect(name: str, root: Path, out: str) -> None:
         "adm": lambda: (root / "samples.npz").is_file() and "FID" in out,
         "driffusion-range": lambda: (o / "driffusion-range.json").is_file(),
         "relax-scale": lambda: (o / "relax-scale" / "relax_scale.json").is_file() and "mnist-dit" in out,
+        "speed-quality": lambda: all((o / "speed-quality" / f"speed_quality.{e}").is_file()
+                                     for e in ("json", "md", "png")),
     }
     assert checks[name](), out[-3000:]
 

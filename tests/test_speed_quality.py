@@ -77,3 +77,19 @@ def test_tiny_sweep_writes_json_table_and_figure(sq, tmp_path, capsys):
     assert md.count("\n| ") == 1 + 3 and "ddpm (fp32) *" in md
     assert (out / "speed_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((tmp_path / "cells").glob("*.npz"))) == 3  # a re-run resumes from these
+
+
+def test_the_speedup_reference_can_be_named():
+    """A faster bf16 ddpm beside the fp32 one: ``reference_name`` keeps the fp32 ddpm as the reference."""
+    from specdit.config import SamplerConfig
+    from specdit.latency import Run, Variant, VariantResult, reference
+
+    def res(name, precision, wall):
+        v = Variant(name, SamplerConfig(sampler="ddpm", precision=precision), 1)
+        return VariantResult(v, [Run(wall, 10, 10, 1, [1] * 10, wall, 0.0, 0)])
+
+    results = [res("ddpm", "fp32", 2.0), res("ddpm-bf16", "bf16", 1.0)]
+    assert reference(results).variant.name == "ddpm-bf16"  # the best plain sampler by default
+    assert reference(results, "ddpm").variant.name == "ddpm"
+    with pytest.raises(ValueError, match="no variant 'nope'"):
+        reference(results, "nope")

@@ -9,7 +9,12 @@ Bootstrap* (1993), ch. 13. No torch here.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from specdit.metrics.fid import FeatureStats, GaussianStats
 
 BOOTSTRAP = 200  # resamples of the sample indices: FID of 128-d features costs ~5 ms each
 
@@ -19,7 +24,7 @@ def basic_interval(estimate: float, lo_hi: list[float]) -> list[float]:
     return [max(0.0, 2 * estimate - lo_hi[1]), 2 * estimate - lo_hi[0]]
 
 
-def fid_with_interval(features: np.ndarray, reference, n_boot: int = BOOTSTRAP,
+def fid_with_interval(features: np.ndarray, reference: "FeatureStats | GaussianStats", n_boot: int = BOOTSTRAP,
                       seed: int = 0) -> tuple[float, list[float]]:
     """(FID of ``features`` (N, D) against the fixed ``reference`` stats, its basic 95% bootstrap interval)
     over ``n_boot`` resamples of the N samples (the reference is not resampled). ValueError for N < 2."""
@@ -28,7 +33,7 @@ def fid_with_interval(features: np.ndarray, reference, n_boot: int = BOOTSTRAP,
     features = np.asarray(features, dtype=np.float64)
     if len(features) < 2:
         raise ValueError(f"a FID needs >= 2 samples, got {len(features)}")
-    name = getattr(reference, "extractor", "")
+    name = reference.extractor
     est = frechet_distance(FeatureStats.from_features(features, extractor=name), reference)
     rng = np.random.default_rng(seed)
     boots = [frechet_distance(FeatureStats.from_features(features[rng.integers(0, len(features), len(features))],
