@@ -203,9 +203,11 @@ def table(report: dict) -> str:
     s = report["settings"]
     lines = [f"`{MODEL}`, {s['steps']} steps, cfg {s['cfg']:g}, uniform labels; quality on {s['num_samples']} "
              f"samples per variant (FID: MNIST-classifier features vs the MNIST reference, basic 95% bootstrap; "
-             f"accuracy: percentile 95% bootstrap); speed-up: paired batch-1 latency vs ddpm (fp32) over "
-             f"{s['seeds']} seeds, median [bootstrap 95%], {s['threads']} thread(s); speculative: feature drafter, "
-             f"block, L = {s['draft_length']}. * exact sampler.", "",
+             f"accuracy: percentile 95% bootstrap); speed-up: "
+             + (f"paired batch-1 latency vs ddpm (fp32) over {s['seeds']} seeds, median [bootstrap 95%]"
+                if report["latency_measured"] else "not measured (--skip-latency)")
+             + f"; {s['threads']} thread(s); speculative: feature drafter, block, L = {s['draft_length']}. "
+               "* exact sampler.", "",
              "| variant | speed-up [95%] | PE | FID [95%] | accuracy [95%] |", "|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['label']}{' *' if r['exact'] else ''} | {speed_cell(r)} | {r['parallel_efficiency']:.2f} | "
