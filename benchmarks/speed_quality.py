@@ -111,8 +111,16 @@ def expected_calls(c: SamplerConfig) -> tuple[float, float]:
     return rounds * c.draft_length * SPEC_OVERHEAD, rounds
 
 
+def cell_path(v: Variant, args) -> Path:
+    """Where variant ``v``'s quality samples are saved (reused by a later run with the same settings)."""
+    c = v.config
+    tag = f"n{args.num_samples}-S{c.steps}-cfg{c.cfg_scale:g}-L{c.draft_length}-s{args.seed}"
+    return Path(args.cells) / f"{v.name}-{tag}.npz"
+
+
 def estimate(model, variants: list[Variant], args) -> dict:
-    """Seconds for the quality runs and the latency runs, from the (guided) target's call cost measured now."""
+    """Seconds for the quality runs (variants without a saved cell) and the latency runs, from the (guided)
+    target's call cost measured now."""
     sizes = sorted({1, 2, 4, args.draft_length, args.batch_items})
     costs = {}
     for prec in sorted({v.config.precision for v in variants}):
@@ -122,15 +130,17 @@ def estimate(model, variants: list[Variant], args) -> dict:
         costs[prec] = measure_call_costs(target, tuple(sizes), repeats=2)
     from specdit.costmodel import interpolate
 
-    quality = latency = 0.0
+    quality, latency = {}, 0.0
     for v in variants:
         c = v.config
         curve = costs[c.precision]
         states, rounds = expected_calls(c)
-        quality += args.num_samples * states * curve[args.batch_items] / args.batch_items
+        saved = cell_path(v, args).is_file()
+        quality[v.name] = 0.0 if saved else args.num_samples * states * curve[args.batch_items] / args.batch_items
         per_call = interpolate(curve, states_per_call(c)) * (SPEC_OVERHEAD if c.sampler == "speculative" else 1.0)
         latency += 0 if args.skip_latency else (args.seeds + 1) * rounds * per_call
-    return {"quality_s": quality, "latency_s": latency, "total_s": quality + latency,
+    return {"quality_s": sum(quality.values()), "latency_s": latency, "total_s": sum(quality.values()) + latency,
+            "quality_per_variant_s": quality,
             "call_cost_s": {p: {str(n): s for n, s in cv.items()} for p, cv in costs.items()}}
 
 
@@ -146,15 +156,13 @@ def quality(model, variants: list[Variant], args, est: dict) -> dict[str, dict]:
 
     ex = get_extractor("mnist")
     ref = reference_stats("mnist", "mnist")
-    cells = Path(args.cells)
-    cells.mkdir(parents=True, exist_ok=True)
+    Path(args.cells).mkdir(parents=True, exist_ok=True)
     out, spent, predicted_done = {}, 0.0, 0.0
     for i, v in enumerate(variants):
         c = v.config
-        tag = f"{v.name}-n{args.num_samples}-S{c.steps}-cfg{c.cfg_scale:g}-L{c.draft_length}-s{args.seed}"
         t0 = time.perf_counter()
         cell = sample_cell(model, c, args.seed, args.num_samples, chains_per_batch(c, args.batch_items),
-                           cells / f"{tag}.npz", False)
+                           cell_path(v, args), False)
         feats, logits = ex.features_and_logits(cell["images"])
         fid, fid_ci = fid_with_interval(feats, ref, seed=args.seed)
         acc, acc_ci = proportion_with_interval(logits.argmax(1) == cell["labels"], seed=args.seed)
@@ -164,14 +172,14 @@ def quality(model, variants: list[Variant], args, est: dict) -> dict[str, dict]:
                        "target_evals_per_sample": st["target_evals_per_sample"],
                        "acceptance": st.get("acceptance"), "quality_wall_s": st.get("wall_s"),
                        "chains_per_batch": chains_per_batch(c, args.batch_items)}
-        spent += time.perf_counter() - t0
-        states, _ = expected_calls(c)
-        predicted_done += args.num_samples * states
-        left = sum(args.num_samples * expected_calls(w.config)[0] for w in variants[i + 1:])
-        rate = spent / max(predicted_done, 1e-9)  # seconds per expected state, as measured so far
+        if est["quality_per_variant_s"][v.name]:  # sampled now, not read from a saved cell
+            spent += time.perf_counter() - t0
+            predicted_done += est["quality_per_variant_s"][v.name]
+        rate = spent / predicted_done if predicted_done else 1.0  # measured / estimated time so far
+        left = rate * sum(est["quality_per_variant_s"][w.name] for w in variants[i + 1:])
         print(f"[quality {i + 1}/{len(variants)}] {v.name}: FID {fid:.2f} [{fid_ci[0]:.2f}, {fid_ci[1]:.2f}], "
               f"accuracy {acc:.3f}, PE {st['parallel_efficiency']:.2f} ({time.perf_counter() - t0:.0f} s); "
-              f"about {_minutes(rate * left + est['latency_s'])} left", flush=True)
+              f"about {_minutes(left + est['latency_s'])} left", flush=True)
     return out
 
 
@@ -214,8 +222,8 @@ def table(report: dict) -> str:
                      f"{r['fid']:.2f} [{r['fid_ci95'][0]:.2f}, {r['fid_ci95'][1]:.2f}] | "
                      f"{r['accuracy']:.3f} [{r['accuracy_ci95'][0]:.3f}, {r['accuracy_ci95'][1]:.3f}] |")
     if report["latency_unstable"]:
-        lines += ["", "Latency UNSTABLE (repeats spread > 20%: other work on the machine?): speed-ups withheld; "
-                      "the figure's x axis is parallel efficiency. Rerun on a quiet machine."]
+        lines += ["", "Latency UNSTABLE (repeats spread > 20%: other work on the machine?): the flagged variants' "
+                      "speed-ups are withheld and the figure's x axis is parallel efficiency. Rerun on a quiet machine."]
     return "\n".join(lines) + "\n"
 
 
@@ -245,14 +253,16 @@ def plot(report: dict, path: Path) -> None:
     for r in report["rows"]:
         marker, color = FAMILY_STYLE[r["family"]]
         x = r["speedup"] if by_speed else r["parallel_efficiency"]
-        xerr = [[max(0.0, x - r["speedup_ci95"][0])], [max(0.0, r["speedup_ci95"][1] - x)]] if by_speed else None
-        yerr = [[max(0.0, r["fid"] - r["fid_ci95"][0])], [max(0.0, r["fid_ci95"][1] - r["fid"])]]
-        ax.errorbar([x], [r["fid"]], xerr=xerr, yerr=yerr, fmt=marker, color=color, ms=12 if r["exact"] else 7,
-                    capsize=3, label=None if r["family"] in seen else r["family"])
+        # the intervals as lines (the FID's basic interval need not contain the estimate at small N)
+        ax.vlines(x, *r["fid_ci95"], color=color, lw=1.2)
+        if by_speed:
+            ax.hlines(r["fid"], *r["speedup_ci95"], color=color, lw=1.2)
+        ax.plot([x], [r["fid"]], marker, color=color, ms=12 if r["exact"] else 7,
+                label=None if r["family"] in seen else r["family"])
         seen.add(r["family"])
         ax.annotate(r["variant"], (x, r["fid"]), textcoords="offset points", xytext=(5, 3), fontsize=6)
     fids = [r["fid"] for r in report["rows"]]
-    if min(fids) > 0 and max(fids) / min(fids) > 20:
+    if min(fids) > 0 and max(fids) / min(fids) > 20:  # interval ends at 0 fall off a log axis: fine
         ax.set_yscale("log")
     s = report["settings"]
     ax.set_xlabel("batch-1 latency speed-up vs ddpm (paired, 95% CI)" if by_speed else
@@ -308,7 +318,7 @@ def main(argv=None) -> int:
     print(f"{len(variants)} variants, {args.num_samples} samples each, {args.seeds} latency seeds, {args.steps} "
           f"steps, {args.threads} thread(s), load {os.getloadavg()[0]:.1f}: estimated {_minutes(est['total_s'])} "
           f"(quality {_minutes(est['quality_s'])}, latency {_minutes(est['latency_s'])}; from the target's call "
-          f"cost measured now, expected calls per sample; saved cells are reused)", flush=True)
+          f"cost measured now, expected calls per sample, saved cells not counted)", flush=True)
     if args.estimate_only:
         return 0
     q = quality(model, variants, args, est)
