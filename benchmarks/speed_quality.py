@@ -223,7 +223,7 @@ def table(report: dict) -> str:
                      f"{r['accuracy']:.3f} [{r['accuracy_ci95'][0]:.3f}, {r['accuracy_ci95'][1]:.3f}] |")
     if report["latency_unstable"]:
         lines += ["", "Latency UNSTABLE (repeats spread > 20%: other work on the machine?): the flagged variants' "
-                      "speed-ups are withheld and the figure's x axis is parallel efficiency. Rerun on a quiet machine."]
+                      "speed-ups are withheld and the figure's x axis is parallel efficiency. Rerun quiet."]
     return "\n".join(lines) + "\n"
 
 
