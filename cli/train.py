@@ -20,6 +20,8 @@ def train_drafter(
     steps: int = typer.Option(3000, help="Optimisation steps."),
     batch_size: int = typer.Option(64, help="Training images per optimisation step."),
     lr: float = typer.Option(3e-4, help="AdamW learning rate."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, or cosine: the learning rate "
+                                    "decays as (1 + cos(pi step / steps)) / 2 to 0 at the last step."),
     lambda_feat: float = typer.Option(0.5, help="Weight of L_feat."),
     lambda_smooth: float = typer.Option(0.005, help="Weight of L_smooth."),
     ema: float = typer.Option(0.999, help="EMA decay."),
@@ -57,7 +59,8 @@ def train_drafter(
                              lambda_smooth=lambda_smooth, ema_decay=ema, sample_steps=sample_steps,
                              seed=opt.seed_value(seed), init_from=str(init_from) if init_from else None,
                              accept_weight=accept_weight, accept_clip=accept_clip, onpolicy=onpolicy,
-                             onpolicy_depth=onpolicy_depth, onpolicy_cfg=onpolicy_cfg, ckpt_every=ckpt_every)
+                             onpolicy_depth=onpolicy_depth, onpolicy_cfg=onpolicy_cfg, ckpt_every=ckpt_every,
+                             lr_schedule=lr_schedule)
     run = DrafterRun(model=model, data=data, out=out, config=cfg, export=export, threads=threads,
                      ray_address=ray_address, pool=pool, workers=workers)
     done = train_drafter_run(run, on_progress=_every_new_step(_progress_line(steps)))

@@ -1,5 +1,6 @@
 """FREE feature drafter: the sampler path (plain and guided) and the training loop's exact resume."""
 import csv
+import math
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from specdit.api import SamplerConfig, generate, guided
 from specdit.drafters.feature import FeatureDrafter, load_feature_drafter
 from specdit.models.denoisers import DiTDenoiser
 from specdit.noise import sample_seed
-from specdit.training.drafter import DrafterTrainConfig, train_drafter
+from specdit.training.drafter import DrafterTrainConfig, learning_rate, train_drafter
 from tests.conftest import tiny_dit_transformer, tiny_training_data
 
 
@@ -27,8 +28,9 @@ def _log(path):
         return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
-def test_resume_retraces_the_uninterrupted_run(tiny_dit, tiny_data, tmp_path):
-    cfg = DrafterTrainConfig(steps=12, batch_size=8, sample_steps=20, ckpt_every=3, log_every=1)
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
+def test_resume_retraces_the_uninterrupted_run(tiny_dit, tiny_data, tmp_path, lr_schedule):
+    cfg = DrafterTrainConfig(steps=12, batch_size=8, sample_steps=20, ckpt_every=3, log_every=1, lr_schedule=lr_schedule)
     train_drafter(tiny_dit, tiny_data, cfg, tmp_path / "a", progress=False)
     train_drafter(tiny_dit, tiny_data, cfg, tmp_path / "b", progress=False, stop_after=7)  # "killed" at 7
     assert len(_log(tmp_path / "b" / "loss_log.csv")) == 7
@@ -42,6 +44,15 @@ def test_resume_retraces_the_uninterrupted_run(tiny_dit, tiny_data, tmp_path):
     wb = load_feature_drafter(tiny_dit, tmp_path / "b" / "drafter").net.state_dict()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     assert a[-1]["loss"] < a[0]["loss"]  # it learns something even in 12 steps
+
+
+def test_cosine_learning_rate_runs_from_lr_to_zero():
+    cfg = DrafterTrainConfig(steps=100, lr=2e-4, lr_schedule="cosine")
+    assert learning_rate(cfg, 0) == 2e-4 and learning_rate(cfg, 50) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 99) == pytest.approx(2e-4 * 0.5 * (1 + math.cos(math.pi * 0.99)))
+    assert learning_rate(DrafterTrainConfig(lr=2e-4), 99) == 2e-4
+    with pytest.raises(ValueError, match="lr_schedule"):
+        DrafterTrainConfig(lr_schedule="linear").validate()
 
 
 def test_resume_may_extend_but_not_change_the_recipe(tiny_dit, tiny_data, tmp_path):

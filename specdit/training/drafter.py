@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -55,6 +56,7 @@ from specdit.noise import mix64_reference
 from specdit.schedule import Schedule
 
 LOG_FIELDS = ["step", "loss", "noise", "feat", "smooth", "noise_w"]
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -81,6 +83,7 @@ class DrafterTrainConfig:
     onpolicy: float = 0.0  # fraction of each batch from drafter roll-outs (states the sampler visits)
     onpolicy_depth: int = 7  # roll-outs draft r ~ U{1..depth} steps (L - 1 for blocks of L drafts)
     onpolicy_cfg: float = 1.5  # guidance scale of the roll-outs (the sampler's); 1 for unguided
+    lr_schedule: str = "constant"  # "constant" or "cosine": lr x (1 + cos(pi step / steps)) / 2, down to 0 at the end
 
     def validate(self) -> "DrafterTrainConfig":
         if self.steps < 1 or self.batch_size < 1:
@@ -93,10 +96,21 @@ class DrafterTrainConfig:
             raise ValueError("accept_weight and onpolicy must lie in [0, 1]")
         if self.accept_clip <= 0:
             raise ValueError("accept_clip must be > 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
         if self.onpolicy > 0 and not 1 <= self.onpolicy_depth <= self.sample_steps - 2:
             raise ValueError(f"onpolicy_depth must lie in [1, {self.sample_steps - 2}]")
         check_seed(self.seed)  # the one seed range of every command, [0, 2^63-1]
         return self
+
+
+def learning_rate(cfg: "DrafterTrainConfig", step: int) -> float:
+    """The learning rate of 0-based optimisation step ``step``: ``cfg.lr`` (constant) or the cosine decay
+    ``cfg.lr (1 + cos(pi step / cfg.steps)) / 2`` (Loshchilov & Hutter, SGDR, without restarts): a pure
+    function of the step, so a resumed run continues the same curve."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.steps))
+    return cfg.lr
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -292,6 +306,8 @@ def _optimise(net, ema, opt, terms: dict[str, torch.Tensor], cfg: DrafterTrainCo
     gradients and the logged losses are summed over the ranks, each weighted by its ``share`` of the batch.
     Returns the (global) loss and terms to log."""
     loss = terms["noise_w"] + cfg.lambda_feat * terms["feat"] + cfg.lambda_smooth * terms["smooth"]
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(cfg, step)
     opt.zero_grad(set_to_none=True)
     if world is None:
         loss.backward()
