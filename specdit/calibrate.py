@@ -21,6 +21,7 @@ from specdit.timing import Stopwatch, TimedDrafter, TimedModel
 
 CALIBRATION_LENGTH = 4
 COST_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16)
+TIMING_STEPS = 50  # steps of the per-round timing run at a batch larger than the acceptance run's
 
 
 def _labels(model, n: int, device: str) -> torch.Tensor | None:
@@ -50,20 +51,28 @@ def timed_runs(target, drafter, config: SamplerConfig, chains: int, batch: int, 
 
 def measure(base, config: SamplerConfig, model_name: str, device: str, batch: int, chains: int,
             seed: int = 0, repeats: int = 5) -> tuple[CostModel, list[float], float]:
-    """(cost model, acceptance by state index, measured PE at the calibration length)."""
+    """(cost model, acceptance by state index, measured PE at the calibration length).
+
+    Acceptance by timestep does not depend on the batch: it comes from ``max(chains, min(batch, 16))``
+    whole chains. The per-round overheads d, v and p do not depend on the step: at a batch larger than that,
+    they are timed on a run of at most ``TIMING_STEPS`` steps at the full batch (a batch-48 calibration costs
+    seconds, not a second sampling run)."""
     from specdit.api import build_networks
 
     spec = replace(config, sampler="speculative", draft_length=CALIBRATION_LENGTH, draft_schedule=None).validate()
     target, drafter = build_networks(base, spec, device, model_name)
     curve = measure_call_costs(target, tuple(sorted({batch * L for L in COST_LENGTHS})), repeats, device)
-    n = max(chains, batch)
+    n = max(chains, min(batch, 16))
+    short = replace(spec, steps=min(spec.steps, TIMING_STEPS))
     timed_runs(target, drafter, replace(spec, steps=min(spec.steps, 10)), batch, batch, device, seed + 1)  # warm-up
-    wall, watch, st = timed_runs(target, drafter, spec, n, batch, device, seed)
+    wall, watch, st = timed_runs(target, drafter, spec, n, min(batch, n), device, seed)
+    if batch > n:
+        wall, watch, _ = timed_runs(target, drafter, short, batch, batch, device, seed)
     rounds = watch.calls("target")
     draft_calls = max(1, watch.calls("drafter"))
     d = watch.seconds("drafter") / draft_calls + watch.seconds("drafter_start") / max(1, rounds) / CALIBRATION_LENGTH
     v = (wall - watch.seconds("target") - watch.seconds("drafter") - watch.seconds("drafter_start")) / max(1, rounds)
-    plain_cfg = replace(spec, sampler="ddpm")
+    plain_cfg = replace(spec if batch <= n else short, sampler="ddpm")
     p_wall, p_watch, _ = timed_runs(target, None, plain_cfg, batch, batch, device, seed)
     p = (p_wall - p_watch.seconds("target")) / max(1, p_watch.calls("target"))
     costs = CostModel(curve, 0.0, 0.0, 0.0, torch.get_num_threads())

@@ -104,6 +104,20 @@ def test_calibrate_and_sample_with_the_schedule(tmp_path, monkeypatch):
     assert not torch.equal(a.stats.target_evals, fixed.stats.target_evals)  # control: the schedule is used
 
 
+def test_calibration_at_a_large_batch_times_a_short_run(tmp_path, monkeypatch):
+    """Above the acceptance run's batch, d, v and p come from a short run at the full batch."""
+    import specdit.calibrate as cal
+
+    monkeypatch.setenv("SPECDIT_CACHE", str(tmp_path))
+    runs = []
+    real = cal.timed_runs
+    monkeypatch.setattr(cal, "timed_runs", lambda t, d, cfg, n, b, *a: runs.append((cfg.steps, n, b)) or real(t, d, cfg, n, b, *a))
+    monkeypatch.setattr(cal, "TIMING_STEPS", 3)
+    plan = cal.calibrate("gmm-2d", SamplerConfig(steps=8, drafter="perturbed:1", draft_length=2), chains=2, batch=20)
+    assert len(plan.schedule) == 8 and plan.key["batch"] == 20
+    assert runs[1:] == [(8, 16, 16), (3, 20, 20), (3, 20, 20)]  # acceptance: 16 whole chains; timing: 3 steps
+
+
 def replace_schedule(config, schedule):
     from dataclasses import replace
 
