@@ -76,11 +76,14 @@ RAY_ADDRESS_HELP = "Ray cluster address: host:port | ray://host:port | auto (any
 def path_value(text: Any) -> Path:
     """The ``parser`` of every path option and argument: its text as a Path. Empty (or blank) text is refused
     (typer.BadParameter: one usage line, exit 2): Typer would otherwise read ``''`` as ``.``, the current
-    directory, and a command would write there."""
+    directory, and a command would write there. Text that starts with ``=`` is refused too: click reads
+    ``-o=x`` as the path ``=x`` (only long options take ``--out=x``)."""
     if isinstance(text, Path):  # a default
         return text
     if not str(text).strip():
         raise typer.BadParameter(f"must not be empty, got {text!r}")
+    if str(text).startswith("="):
+        raise typer.BadParameter(f"must not start with '=', got {text!r} (write -o PATH or --out=PATH)")
     return Path(text)
 
 

@@ -332,14 +332,16 @@ def test_path_parameters_are_found():
             ("train-drafter", "--out"), ("train-drafter", "--export"), ("submit", None)} <= found, found
 
 
+@pytest.mark.parametrize("text, message", [("", "must not be empty"), ("=out", "must not start with '='")])
 @pytest.mark.parametrize("path, flag", PATH_PARAMS, ids=[" ".join(p) + (f" {f}" if f else "") for p, f in PATH_PARAMS])
-def test_every_path_parameter_refuses_empty_text(path, flag, tmp_path, monkeypatch):
+def test_every_path_parameter_refuses_empty_text(path, flag, text, message, tmp_path, monkeypatch):
     """Typer reads '' as Path('.'): ``generate -o ''`` wrote samples.npz and stats.json into the current
-    directory. Every path option and argument refuses empty text in one line, exit 2, before any work."""
+    directory; click reads ``-o=out`` as the path '=out'. Every path option and argument refuses both in one
+    line, exit 2, before any work."""
     monkeypatch.chdir(tmp_path)
-    argv = path + ([flag, ""] if flag else [""])
+    argv = path + ([flag, text] if flag else [text])
     res = runner.invoke(app, argv)
     assert res.exit_code == 2, res.output
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "must not be empty" in lines[0], res.output
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.output
     assert list(tmp_path.iterdir()) == []
