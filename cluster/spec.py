@@ -47,7 +47,7 @@ def _sampler_config(value: Any) -> SamplerConfig:
     if kind not in ("model", "feature") or not arg:
         return config
     if not _DRAFTER_PATH.match(arg):
-        raise SettingError("drafter", "drafter must be 'free', 'feature', 'feature:<folder>', 'perturbed:<error>' "
+        raise SettingError("drafter", "drafter must be 'free', 'x0', 'feature', 'feature:<folder>', 'perturbed:<error>' "
                                       "or 'model:<name>' (a name or path of letters, digits, '_', '.', '-', '/')")
     arg = paths.normalize_model_path(arg, "drafter", is_path=kind == "feature")
     return with_drafter(config, f"{kind}:{arg}")

@@ -94,6 +94,10 @@ def make_drafter(spec: str, target: EpsModel, device: str = "cpu", model_name: s
     kind, _, arg = spec.partition(":")
     if kind == "free":
         return FreeDrafter()
+    if kind == "x0":
+        from specdit.drafters.x0 import FrozenX0Drafter
+
+        return FrozenX0Drafter(training_schedule_of(target))
     if kind == "perturbed":
         return ModelDrafter(PerturbedModel(target, float(arg)))
     if kind == "model":

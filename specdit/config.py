@@ -26,7 +26,7 @@ VERIFICATIONS = ("token", "block")
 REFINE_MODES = ("conservative", "aggressive")
 PRECISIONS = ("fp32", "bf16")
 REFINE_NOISES = ("independent", "coupled")
-DRAFTER_KINDS = ("free", "feature", "perturbed", "model")
+DRAFTER_KINDS = ("free", "x0", "feature", "perturbed", "model")
 MAX_STEPS = 1000  # the training diffusion steps T (``specdit.schedule.TRAIN_STEPS``)
 MAX_DRAFT_LENGTH = 1000
 MAX_SEED = 2**63 - 1  # seeds are int64 (``specdit.noise``): one range for every command and spec
@@ -131,12 +131,12 @@ def check_num_samples(value: Any) -> int:
 
 
 def check_drafter(value: Any) -> str:
-    """``free`` | ``feature`` | ``feature:<folder>`` | ``perturbed:<error>`` (finite, >= 0) | ``model:<name>``."""
+    """``free`` | ``x0`` | ``feature`` | ``feature:<folder>`` | ``perturbed:<error>`` (finite, >= 0) | ``model:<name>``."""
     if not isinstance(value, str):
         raise SettingError("drafter", f"drafter must be a string, got {value!r}")
     kind, sep, arg = value.partition(":")
-    usage = "use free, feature, feature:<folder>, perturbed:<error> or model:<name>"
-    if kind not in DRAFTER_KINDS or (kind == "free" and sep) or (kind in ("perturbed", "model") and not arg):
+    usage = "use free, x0, feature, feature:<folder>, perturbed:<error> or model:<name>"
+    if kind not in DRAFTER_KINDS or (kind in ("free", "x0") and sep) or (kind in ("perturbed", "model") and not arg):
         raise SettingError("drafter", f"unknown drafter {value!r}; {usage}")
     if kind == "perturbed":
         try:

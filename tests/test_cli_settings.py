@@ -32,7 +32,7 @@ INVALID = {
     "seed": ["nan", "inf", "-1", "18446744073709551616", "abc"],
     "sampler": ["magic", "nan"],
     "verify": ["magic"],
-    "drafter": ["magic", "perturbed:nan", "perturbed:inf", "perturbed:-1", "model:"],
+    "drafter": ["magic", "perturbed:nan", "perturbed:inf", "perturbed:-1", "model:", "x0:1", "free:x"],
     "refine_mode": ["magic"],
     "refine_noise": ["magic", "shared"],
     "precision": ["magic", "nan", "fp16"],

@@ -5,10 +5,11 @@ every change of output is deliberate: regenerate with ``python -m tests.test_gol
 the commit and in the README's "Changes of outputs".
 
 - the analytic ``gmm-2d`` (float64 throughout): per-sample rounds and kept drafts exactly, and the samples
-  **bit for bit** (Python's float repr round-trips exactly) on a CPU with the vector capability the values
-  were recorded on (``torch.backends.cpu.get_cpu_capability()``, stored beside them). torch's float64
-  log/exp/sin kernels differ by an ulp between capabilities (AVX2 vs DEFAULT measured here: samples differ
-  by ~1e-16, every decision is the same), so elsewhere the samples must agree within ``GMM_ATOL``;
+  **bit for bit** (Python's float repr round-trips exactly) on a CPU of the vendor and vector capability the
+  values were recorded on (``/proc/cpuinfo``'s vendor_id and ``torch.backends.cpu.get_cpu_capability()``,
+  stored beside them). torch's float64 log/exp/sin kernels differ by an ulp between capabilities (AVX2 vs
+  DEFAULT) and between vendors with the same capability (AVX512 on AMD EPYC vs Intel Xeon): samples differ by
+  ~1e-16, every decision is the same, so elsewhere the samples must agree within ``GMM_ATOL``;
 - the built-in float32 ``mnist-dit`` with its FREE feature drafter: a few summary numbers per sample within
   an absolute tolerance of ``DIT_ATOL`` (float32 kernels may differ across CPUs by a few ulps; a changed
   accept/reject decision would move them by far more).
@@ -73,12 +74,23 @@ def _stored() -> dict:
     return json.loads(GOLDEN.read_text())
 
 
+def cpu_vendor() -> str:
+    """The CPU vendor (``GenuineIntel``, ``AuthenticAMD``, ...) from /proc/cpuinfo; "unknown" elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 @pytest.mark.parametrize("name", list(GMM))
 def test_gmm_outputs_are_bit_identical_to_the_stored_ones(name):
     stored = _stored()
     got, want = _gmm_run(name), stored["gmm-2d"][name]
     assert got["rounds"] == want["rounds"] and got["kept"] == want["kept"]
-    if torch.backends.cpu.get_cpu_capability() == stored["cpu_capability"]:
+    if (torch.backends.cpu.get_cpu_capability(), cpu_vendor()) == (stored["cpu_capability"], stored.get("cpu_vendor")):
         assert got["samples"] == want["samples"]  # exact equality of the float64 samples
     else:
         assert torch.allclose(torch.tensor(got["samples"]), torch.tensor(want["samples"]), rtol=0, atol=GMM_ATOL)
@@ -100,7 +112,8 @@ def _update() -> None:
             "gmm-2d": {n: _gmm_run(n) for n in GMM}, "mnist-dit": {n: _dit_run(n) for n in DIT}}
     GOLDEN.parent.mkdir(exist_ok=True)
     lines = [f' "note": {json.dumps(data["note"])}',
-             f' "cpu_capability": {json.dumps(torch.backends.cpu.get_cpu_capability())}']
+             f' "cpu_capability": {json.dumps(torch.backends.cpu.get_cpu_capability())}',
+             f' "cpu_vendor": {json.dumps(cpu_vendor())}']
     for group in ("gmm-2d", "mnist-dit"):  # one line per configuration: readable diffs
         rows = [f'  "{n}": {json.dumps(v)}' for n, v in data[group].items()]
         lines.append(f' "{group}": {{\n' + ",\n".join(rows) + "\n }")

@@ -9,9 +9,10 @@ N(0, I_D) (specdit.testing.round_harness): per position i, the squared radius, t
 the first Box-Muller pair, the draft/target gap direction and its complement; plus two joint statistics.
 
 - 1e5 seeds per configuration; 2-D analytic ``gmm-2d`` (free and perturbed:3 drafters), the tiny DiT of the
-  harness (D = 4) for an untrained FREE feature drafter; starts chosen so that >= 50% of drafts are rejected.
+  harness (D = 4) for an untrained FREE feature drafter and the frozen-x0 drafter (on gmm-2d its x0_hat is
+  nearly constant: it accepts ~99%); starts chosen so that >= 50% of drafts are rejected.
 - Each configuration: one-sample KS p-values, Holm-adjusted within the configuration, rejected at 1e-3.
-  Family-wise false-alarm rate of the suite: 42 configurations x 1e-3 <= 4.2% (union bound; the KS
+  Family-wise false-alarm rate of the suite: 54 configurations x 1e-3 <= 5.4% (union bound; the KS
   p-values use the Kolmogorov limit law, conservative at this size). Seeds are fixed, so the outcome is deterministic.
 - Power: every configuration has a negative control (a known-wrong verifier fed the same inputs) that the
   same test must reject at 1e-3: token verification translating the rejected draft instead of reflecting
@@ -39,7 +40,7 @@ MIN_TAU_COUNT = 500  # each tau = j in 0..L (and a residual with c < 1) occurs i
 CASES = [
     RoundCase(verification, drafter, L, eta)
     for verification in ("token", "block")
-    for drafter in ("free", "perturbed", "feature")
+    for drafter in ("free", "x0", "perturbed", "feature")
     for L in (1, 2, 4)
     for eta in (1.0, 0.5)
 ]

@@ -27,6 +27,7 @@ class DraftContext:
     last_eps: torch.Tensor | None  # (B, *shape) latest target eps of each chain (rows valid where has_last)
     last_features: torch.Tensor | None  # (B, ...) latest target top-block features, if the target has them
     has_last: torch.Tensor  # (B,) bool
+    last_x0: torch.Tensor | None = None  # (B, *shape) float64 target's denoised estimate at that state (x0_hat)
 
 
 class Drafter(Protocol):

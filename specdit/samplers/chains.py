@@ -33,11 +33,12 @@ def record_round(stats: SampleStats, rows: torch.Tensor, k: torch.Tensor, verdic
 
 class Chains:
     """Current states x (B, *shape) float64, state indices k (B,) int64, each chain's latest target output
-    (for drafters that reuse it: eps (B, *shape), features (B, *feature_shape) or None, has_last (B,) bool)
+    (for drafters that reuse it: eps (B, *shape), its denoised estimate x0_hat (B, *shape), features (B, *feature_shape) or None, has_last (B,) bool)
     and the statistics. The rows of a round are any subset of the chains."""
 
     def __init__(self, x, k, last_eps, last_feats, has_last, stats: SampleStats):
         self.x, self.k, self.last_eps, self.last_feats, self.has_last = x, k, last_eps, last_feats, has_last
+        self.last_x0 = torch.zeros_like(x)  # (B, *shape) the target's x0_hat where last_eps was computed
         self.stats = stats
 
     @staticmethod
@@ -63,6 +64,7 @@ class Chains:
         return DraftContext(
             x=self.x[rows], k=self.k[rows], y=None if y is None else y[rows], last_eps=self.last_eps[rows],
             last_features=None if self.last_feats is None else self.last_feats[rows], has_last=self.has_last[rows],
+            last_x0=self.last_x0[rows],
         )
 
     def advance(self, rows: torch.Tensor, k: torch.Tensor, verdict: Verdict, scores: TargetScores,
@@ -80,4 +82,6 @@ class Chains:
                 self.last_feats = torch.zeros(self.x.shape[0], *scores.features.shape[2:],
                                               dtype=scores.features.dtype, device=self.device)
             self.last_feats[rows] = scores.features[ar, latest]
+        if scores.x0 is not None:
+            self.last_x0[rows] = scores.x0[ar, latest]
         self.has_last[rows] = True

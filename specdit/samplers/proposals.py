@@ -40,8 +40,8 @@ class TargetScores:
     eps: torch.Tensor  # (B, Lmax, *shape) float64 target eps at xh_0..xh_{Lmax-1} (0 at padding)
     means: torch.Tensor  # (B, Lmax, *shape) float64 target kernel means m_j = mean_k(xh_{j-1}, eps_j)
     features: torch.Tensor | None  # (B, Lmax, *feature_shape) top-block features, None: the target has none
+    x0: torch.Tensor | None = None  # (B, Lmax, *shape) float64 denoised estimates x0_hat at xh_0..xh_{Lmax-1}
 
     def to(self, device: torch.device | str) -> "TargetScores":
         """The same scores on ``device``."""
-        return TargetScores(self.eps.to(device), self.means.to(device),
-                            None if self.features is None else self.features.to(device))
+        return TargetScores(*(None if v is None else v.to(device) for v in (self.eps, self.means, self.features, self.x0)))

@@ -125,8 +125,9 @@ def score(model: EpsModel, schedule: Schedule, draft: DraftBatch, k: torch.Tenso
     if out.features is not None:
         feats = torch.zeros(B, Lmax, *out.features.shape[1:], dtype=out.features.dtype, device=dev)
         feats[items] = out.features
-    means = schedule.step_mean(states[:, :Lmax].flatten(0, 1), eps.flatten(0, 1), kk.flatten())
-    return TargetScores(eps, means.view(eps.shape), feats)
+    flat_x, flat_e, flat_k = states[:, :Lmax].flatten(0, 1), eps.flatten(0, 1), kk.flatten()
+    means = schedule.step_mean(flat_x, flat_e, flat_k)
+    return TargetScores(eps, means.view(eps.shape), feats, schedule.predicted_x0(flat_x, flat_e, flat_k).view(eps.shape))
 
 
 def verify(schedule: Schedule, streams: NoiseStreams, k: torch.Tensor, draft: DraftBatch, scores: TargetScores,

@@ -40,7 +40,8 @@ import specdit.coupling as coupling
 import specdit.samplers.round_steps as spec
 from specdit.drafters.base import DraftContext, ModelDrafter
 from specdit.drafters.free import FreeDrafter
-from specdit.models.base import Capabilities, EpsModel
+from specdit.drafters.x0 import FrozenX0Drafter
+from specdit.models.base import Capabilities, EpsModel, training_schedule_of
 from specdit.noise import NoiseStreams, sample_seed
 from specdit.samplers.chains import Chains
 from specdit.samplers.common import call_model
@@ -146,7 +147,8 @@ class RoundCase:
 
     @property
     def setup(self) -> "Setup":
-        return SETUPS[self.drafter]
+        keys = ((self.drafter, self.draft_length, self.eta), (self.drafter, self.draft_length), self.drafter)
+        return SETUPS[next(key for key in keys if key in SETUPS)]
 
     @property
     def H(self) -> int:
@@ -180,8 +182,9 @@ class Setup:
 
 _FREE = Setup("gmm-2d", 15, 13)  # the latest target eps (from x_{k+1}) is a poor guess here
 _PERTURBED = Setup("gmm-2d", 100, 20)
-SETUPS = {
-    "free": _FREE, "perturbed": _PERTURBED, "nan-state": _PERTURBED, "inf-band": _PERTURBED,
+SETUPS: dict = {  # by drafter name, or (name, L) / (name, L, eta) where one start cannot serve every case
+    "free": _FREE, "x0": Setup("tiny-dit", 20, 18), ("x0", 4, 1.0): Setup("tiny-dit", 20, 15),
+    ("x0", 4, 0.5): Setup("tiny-dit", 20, 16), "perturbed": _PERTURBED, "nan-state": _PERTURBED, "inf-band": _PERTURBED,
     "feature": Setup("tiny-dit", 20, 15), "feature-nan": Setup("tiny-dit", 20, 15),
 }
 PERTURB = 3.0  # the perturbed drafter is ``perturbed:3`` (eps + 3 b, b a fixed unit-RMS direction)
@@ -210,6 +213,8 @@ def make_drafter(case: RoundCase, model: EpsModel, schedule: Schedule, x_start: 
 
     if case.drafter == "free":
         return FreeDrafter()
+    if case.drafter == "x0":
+        return FrozenX0Drafter(training_schedule_of(model))
     if case.drafter == "feature":
         return random_feature_drafter(model, FEATURE_SCALE)
     if case.drafter == "feature-nan":  # NaN eps and features on bands of the state: frac(x_0) < 1/4
@@ -241,7 +246,8 @@ def start_state(model, schedule: Schedule, k: int, seed: int = 7):
 
     x_{k+1} is the analytic model's own target chain run from x_S; for a DiT it is a forward-process draw
     sqrt(abar) x0 + sqrt(1 - abar) n from a random image x0 in [-1, 1] (an untrained DiT's own chain drifts
-    to |x| ~ 100). Returns (x_k (1, *shape), the target's eps and features at x_{k+1}) for the drafter."""
+    to |x| ~ 100). Returns (x_k (1, *shape), the target's eps, features and x0_hat at x_{k+1}) for the
+    drafter."""
     g = torch.Generator().manual_seed(seed)
     shape = tuple(model.sample_shape)
     y = _labels(model, 1)
@@ -252,12 +258,12 @@ def start_state(model, schedule: Schedule, k: int, seed: int = 7):
         first, abar = k + 1, schedule.abar[k + 1]
         x0 = 2 * torch.rand(1, *shape, generator=g, dtype=torch.float64) - 1  # a random image in [-1, 1]
         x = abar.sqrt() * x0 + (1 - abar).sqrt() * normal()
-    eps = feats = None
+    eps = feats = x0 = None
     for i in range(first, k, -1):
         mean, out = _target_mean(model, schedule, x, torch.tensor([i]), y)
-        eps, feats = out.eps, out.features
+        eps, feats, x0 = out.eps, out.features, schedule.predicted_x0(x, out.eps, torch.tensor([i]))
         x = mean + schedule.sigma[i] * normal()
-    return x, eps, feats
+    return x, eps, feats, x0
 
 
 def _labels(model, n: int):
@@ -291,7 +297,7 @@ def run_round(case: RoundCase, *, seeds: torch.Tensor | None = None) -> RoundPat
         seeds = sample_seed(case.base_seed, torch.arange(case.seeds))
     streams = NoiseStreams(seeds)
     B = len(streams)
-    x_k, eps_prev, feats_prev = start_state(model, schedule, k0)
+    x_k, eps_prev, feats_prev, x0_prev = start_state(model, schedule, k0)
     y = _labels(model, B)
     shape = tuple(model.sample_shape)
 
@@ -301,6 +307,7 @@ def run_round(case: RoundCase, *, seeds: torch.Tensor | None = None) -> RoundPat
         None if feats_prev is None else feats_prev.expand(B, *feats_prev.shape[1:]).clone(),
         torch.ones(B, dtype=torch.bool), SampleStats.zeros(B, schedule.num_steps),
     )
+    chains.last_x0 = x0_prev.expand(B, *shape).clone()
     drafter = make_drafter(case, model, schedule, x_k)
     rows = chains.active()
     ctx = chains.context(rows, y)
