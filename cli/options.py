@@ -40,8 +40,8 @@ DRAFT_LENGTH = _opt("draft_length", "INT|auto", "Speculation length L, or auto: 
 PRECISION = _opt("precision", "NAME", "Networks' precision: fp32 | bf16 (bf16 under autocast; sampler maths "
                                       "stays float64)")
 VERIFY = _opt("verify", "NAME", f"Verification: token | block")
-DRAFTER = _opt("drafter", "SPEC", "free | feature | feature:<folder> | perturbed:<error> | model:<name> "
-                                  "")
+DRAFTER = _opt("drafter", "SPEC", "free | x0 (reuse the target's latest x0 estimate: training-free, usually the "
+                                  "fastest) | feature | feature:<folder> | perturbed:<error> | model:<name>")
 RELAX = _opt("relax", "FLOAT", f"Uncertainty-guided relaxation lambda >= 0 (0: exact)")
 CFG_SCALE = _opt("cfg_scale", "FLOAT", f"Classifier-free guidance scale w >= 0 (1: none)")
 CFG_CHANNELS = _opt("cfg_channels", "all|INT", "Guided channels: all | 3 (3: the original DiT's forward_with_cfg) "

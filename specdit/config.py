@@ -190,7 +190,8 @@ def _check_across(c: "SamplerConfig") -> None:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Sampler settings. ``drafter``: "free" (training-free), "feature" (trained FREE drafter shipped
+    """Sampler settings. ``drafter``: "free" (training-free, reuses the latest target eps), "x0" (training-free,
+    reuses the latest target x0 estimate, ``specdit.drafters.x0``), "feature" (trained FREE drafter shipped
     beside the model), "perturbed:<error>" (the target plus a fixed eps error, see PerturbedModel) or
     "model:<name>" (any registered model). ``cfg_channels``: classifier-free guidance on the first
     ``cfg_channels`` channels only (3 with ``cfg_scale`` w is DiT's ``forward_with_cfg``; the other channels
