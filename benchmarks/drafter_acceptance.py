@@ -25,10 +25,13 @@ from specdit.models.registry import load_model
 from specdit.noise import sample_seed
 
 
+TRAINING_FREE = ("free", "x0")  # drafter specs that need no folder
+
+
 def evaluate(model, folder: str, L: int, args) -> dict:
     """One (drafter, L) run: PE, acceptance, per-step kept / judged counts (S+1,)."""
     cfg = SamplerConfig(sampler="speculative", steps=args.steps, draft_length=L, verify=args.verify,
-                        drafter=f"feature:{folder}", cfg_scale=args.cfg)
+                        drafter=folder if folder in TRAINING_FREE else f"feature:{folder}", cfg_scale=args.cfg)
     idx = torch.arange(args.n)
     seeds = sample_seed(args.seed, idx)
     y = labels_for("uniform", idx, seeds, model.num_classes)
@@ -72,7 +75,8 @@ def plot(record: dict, path: Path, bins: int = 25) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--drafter", action="append", default=[], help="NAME=FOLDER of a trained feature drafter")
+    p.add_argument("--drafter", action="append", default=[],
+                   help="NAME=FOLDER of a trained feature drafter, or NAME=free / NAME=x0 (training-free)")
     p.add_argument("--L", type=lambda s: [int(v) for v in s.split(",")], default=[2, 4, 6, 8])
     p.add_argument("-n", type=int, default=32, help="chains (one batch)")
     p.add_argument("--steps", type=int, default=250)

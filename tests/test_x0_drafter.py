@@ -18,7 +18,8 @@ def test_draft_output_implies_the_held_x0(prediction_type):
     training = TrainingSchedule(prediction_type=prediction_type)
     s = Schedule.create(20, 1.0, training=training)
     g = torch.Generator().manual_seed(0)
-    x0, x = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    x0 = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
     k = torch.tensor([20, 9, 2])
     ctx = DraftContext(x=x, k=k, y=None, last_eps=torch.zeros_like(x), last_features=None,
                        has_last=torch.tensor([True, True, False]), last_x0=x0)

@@ -127,7 +127,8 @@ def score(model: EpsModel, schedule: Schedule, draft: DraftBatch, k: torch.Tenso
         feats[items] = out.features
     flat_x, flat_e, flat_k = states[:, :Lmax].flatten(0, 1), eps.flatten(0, 1), kk.flatten()
     means = schedule.step_mean(flat_x, flat_e, flat_k)
-    return TargetScores(eps, means.view(eps.shape), feats, schedule.predicted_x0(flat_x, flat_e, flat_k).view(eps.shape))
+    x0 = schedule.predicted_x0(flat_x, flat_e, flat_k).view(eps.shape)  # for the frozen-x0 drafter
+    return TargetScores(eps, means.view(eps.shape), feats, x0)
 
 
 def verify(schedule: Schedule, streams: NoiseStreams, k: torch.Tensor, draft: DraftBatch, scores: TargetScores,
