@@ -14,10 +14,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/specdit generate --model $(or $(MODEL),mnist-dit) --sampler speculative --drafter $(or $(DRAFTER),feature) \
-		--verify block --draft-length auto --cfg-scale 1.5 --steps 250 --num-samples 48 --out outputs/run
+	$(BIN)/specdit generate --model $(or $(MODEL),mnist-dit) --sampler speculative --drafter $(or $(DRAFTER),x0) \
+		--verify block --draft-length auto --cfg-scale 1.5 --steps 250 --num-samples 16 --batch-size 1 --out outputs/run
 
-latency: $(STAMP)  ## issue 24 tables (quiet machine, ~25 min): docs/latency/
+latency: $(STAMP)  ## latency and throughput tables (quiet machine, ~40 min): docs/latency/
 	$(BIN)/python benchmarks/latency_tables.py --out docs/latency
 
 test: $(STAMP)

@@ -4,7 +4,7 @@ speed-up limit (a plot), and where a round's time goes (the profile). Run it on 
 (``uptime`` load well below 1 on 2 cores); a run whose repeats spread by more than 20% is flagged and its
 speed-ups withheld.
 
-    .venv/bin/python benchmarks/latency_tables.py --out docs/latency        # ~25 min on 2 cores
+    .venv/bin/python benchmarks/latency_tables.py --out docs/latency        # ~40 min on 2 cores
     .venv/bin/python benchmarks/latency_tables.py --steps 20 --repeats 2 --out /tmp/lat   # smoke run
 
 Writes ``<out>/latency.json``, ``throughput.json``, ``profile.json``, ``tables.md`` and ``batch-cost.png``.
@@ -76,8 +76,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="mnist-dit")
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--cfg-scale", type=float, default=1.5)
-    ap.add_argument("--drafter", default="feature")
-    ap.add_argument("--draft-lengths", default="2,4,6")
+    ap.add_argument("--drafter", default="x0")
+    ap.add_argument("--draft-lengths", default="2,4,6,8")
     ap.add_argument("--repeats", type=int, default=8, help="latency seeds (throughput: a third of it, >= 2)")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--out", type=Path, default=Path("docs/latency"))

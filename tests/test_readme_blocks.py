@@ -49,6 +49,7 @@ SIZES = {
     "specdit calibrate-relax": "-n 2 --steps 10",
     "benchmarks/relax_scale.py": "--models mnist-dit --num-samples 4 --steps 10 --relax 0,1",
     "benchmarks/driffusion_range.py": "--steps 20 --parallel 2 --num-samples 2",
+    "benchmarks/drafter_acceptance.py": "-n 2 --steps 10 --L 2 --threads 1",
     # the README's redraw command rewrites the shipped figure in docs/: here it writes to outputs/
     "benchmarks/speed_quality.py": "--num-samples 8 --seeds 2 --steps 6 --draft-length 2 --batch-items 8 "
                                    "--threads 1 --variants ddpm,spec-relax0.5,driffusion-aggr-k2-coupled "
@@ -70,9 +71,9 @@ PLAN = [
     Plan("make setup", "## Quick start", run="quick-start"),
     Plan("curl -fLO https://dl.fbaipublicfiles.com/DiT", "## Model weights", run="dit-xl"),
     Plan("--model gmm-2d --steps 250 --num-samples 2000", "### Samplers side by side", run="bench-gmm"),
-    Plan("--drafters free,feature:", "## The built-in model: `mnist-dit`", run="bench-mnist"),
+    Plan("benchmarks/drafter_acceptance.py", "## The built-in model: `mnist-dit`", run="drafter-acceptance"),
     Plan("specdit calibrate --model mnist-dit", "### Latency and throughput",
-         why="timings for a quiet machine (make latency: ~25 min); tests/test_latency_bench.py runs calibrate and "
+         why="timings for a quiet machine (make latency: ~40 min); tests/test_latency_bench.py runs calibrate and "
              "bench --mode latency end to end at a tiny size"),
     Plan("benchmarks/driffusion_quality.py", "### DRiffusion on `mnist-dit`", run="driffusion", slow=True),
     Plan("benchmarks/driffusion_range.py", "### DRiffusion's range", run="driffusion-range", slow=True),
@@ -336,7 +337,7 @@ def _expect(name: str, root: Path, out: str) -> None:
         "quick-start": lambda: (o / "gmm.npz").is_file() and "KS to truth" in out and "Usage" in out,
         "dit-xl": lambda: (o / "dit-xl-latents.npz").is_file(),
         "bench-gmm": lambda: "| ddpm |" in out,
-        "bench-mnist": lambda: "| ddpm |" in out,
+        "drafter-acceptance": lambda: (o / "acc.json").is_file() and (o / "acc.png").is_file(),
         "driffusion": lambda: (o / "driffusion-quality.json").is_file() and (o / "driffusion-quality-ddim.json").is_file(),
         "mnist-quality": lambda: "spec feature block" in out and "±" in out,
         "latent-grid": lambda: (o / "mnist-latent-dit-grid.png").is_file(),
