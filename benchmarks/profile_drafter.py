@@ -1,4 +1,5 @@
-"""Cost per draft step of the shipped feature drafter, and the batch-1 cost-model limit (issue #23, item 3).
+"""Cost per draft step of a drafter (the shipped feature drafter, or ``--drafter x0``), and the batch-1
+cost-model limit (issue #23, item 3).
 
 On ``mnist-dit`` (cfg 1.5, batch 1) this measures
 - d: the drafter's whole cost per draft step (``FeatureDrafter.step``) at each thread count, with a breakdown
@@ -31,6 +32,8 @@ import torch
 from specdit.autodraft import cpu_model
 from specdit.drafters.base import DraftContext
 from specdit.drafters.feature import load_feature_drafter
+from specdit.drafters.x0 import FrozenX0Drafter
+from specdit.models.base import training_schedule_of
 from specdit.models.registry import BUILTIN_DRAFTERS, load_model
 from specdit.stability import MAX_SPREAD
 
@@ -86,29 +89,37 @@ def pieces(drafter, x, t, y, carry) -> dict:
     }
 
 
-def measure(threads: int, model, drafter, args) -> dict:
-    """d (whole + breakdown) and c(L) at ``threads`` torch threads."""
-    torch.set_num_threads(threads)
+def context(model, drafter, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> DraftContext:
+    """A mid-chain round start (k = 100) with a previous target output of the right kind for ``drafter``."""
+    if isinstance(drafter, FrozenX0Drafter):
+        return DraftContext(x=x, k=torch.tensor([100]), y=y, last_eps=torch.randn_like(x), last_features=None,
+                            has_last=torch.tensor([True]), last_x0=torch.randn_like(x))
     T, D = drafter.base.num_tokens, drafter.base.hidden_size
+    return DraftContext(x=x, k=torch.tensor([100]), y=y, last_eps=None,
+                        last_features=torch.randn(1, 2, T, D, generator=gen).to(drafter.base.dtype),
+                        has_last=torch.tensor([True]))
+
+
+def measure(threads: int, model, drafter, args) -> dict:
+    """d (whole + breakdown, feature drafter only) and c(L) at ``threads`` torch threads."""
+    torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, *model.sample_shape, generator=gen, dtype=torch.float64)
     t = torch.full((1,), 500, dtype=torch.long)
     y = torch.tensor([3])
-    ctx = DraftContext(x=x, k=torch.tensor([100]), y=y, last_eps=None,
-                       last_features=torch.randn(1, 2, T, D, generator=gen).to(drafter.base.dtype),
-                       has_last=torch.tensor([True]))
-    carry = drafter.start(ctx)
+    carry = drafter.start(context(model, drafter, x, y, gen))
     w, r = args.warmup, args.repeats
     with torch.no_grad():
         whole = timed(lambda: drafter.step(x, t, y, carry), w, r)
-        parts = {k: timed(fn, w, r) for k, fn in pieces(drafter, x, t, y, carry).items()}
+        split = {} if isinstance(drafter, FrozenX0Drafter) else pieces(drafter, x, t, y, carry)
+        parts = {k: timed(fn, w, r) for k, fn in split.items()}
         c = {}
         for L in args.L:
             xs, ts, ys = x.repeat(L, 1, 1, 1), t.repeat(L), y.repeat(L)
             c[str(L)] = timed(lambda: model(xs, ts, ys), w, r)
     top = [v["median_ms"] for k, v in parts.items() if not k.startswith(" ")]
     return {"threads": threads, "d": whole, "breakdown": parts,
-            "other_ms": whole["median_ms"] - sum(top), "c": c}
+            "other_ms": whole["median_ms"] - sum(top) if top else 0.0, "c": c}
 
 
 def limits(run: dict, pe: dict, v: float) -> dict:
@@ -152,13 +163,15 @@ def main(argv=None) -> dict:
     p.add_argument("--v", type=float, default=2.6, help="verification maths per round, ms (default 2.6)")
     p.add_argument("--cfg", type=float, default=1.5, help="guidance scale (default 1.5)")
     p.add_argument("--out", default="outputs/profile_drafter.json", help="JSON record path")
+    p.add_argument("--drafter", default="feature", choices=["feature", "x0"], help="drafter to time (default feature)")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 repeats, 1 warm-up, L = 1,2, 1 thread")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup, args.L, args.threads = 3, 1, [1, 2], "1"
     args.L = sorted(set(args.L) | {1})
     model = load_model("mnist-dit", guidance_scale=args.cfg)
-    drafter = load_feature_drafter(model, BUILTIN_DRAFTERS["mnist-dit"])
+    drafter = (FrozenX0Drafter(training_schedule_of(model)) if args.drafter == "x0"
+               else load_feature_drafter(model, BUILTIN_DRAFTERS["mnist-dit"]))
     runs = []
     for n in (int(v) for v in args.threads.split(",")):
         load = os.getloadavg()[0]
@@ -169,7 +182,8 @@ def main(argv=None) -> dict:
         runs.append(run)
     spreads = [s["spread"] for r in runs for s in [r["d"], *r["breakdown"].values(), *r["c"].values()]]
     contended = max(spreads) > SPREAD_LIMIT or max(r["load_average"] for r in runs) > LOAD_LIMIT
-    record = {"torch": torch.__version__, "cpu": cpu_model(), "model": "mnist-dit", "cfg": args.cfg,
+    record = {"torch": torch.__version__, "cpu": cpu_model(), "model": "mnist-dit", "drafter": args.drafter,
+              "cfg": args.cfg,
               "batch": 1, "repeats": args.repeats, "warmup": args.warmup, "pe": {str(k): v for k, v in args.pe.items()},
               "v_ms": args.v, "load_average_end": os.getloadavg()[0], "contended": contended, "runs": runs}
     print(f"\ncontended: {contended} (max spread {max(spreads):.0%}, limit {SPREAD_LIMIT:.0%}; "

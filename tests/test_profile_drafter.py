@@ -34,3 +34,12 @@ def test_bad_pe_is_a_usage_error():
     spec.loader.exec_module(mod)
     with pytest.raises(SystemExit):
         mod.main(["--pe", "four"])
+
+
+def test_quick_run_times_the_frozen_x0_drafter(tmp_path):
+    spec = importlib.util.spec_from_file_location("profile_drafter", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rec = mod.main(["--quick", "--drafter", "x0", "--pe", "2:1.9", "--out", str(tmp_path / "x0.json")])
+    run = rec["runs"][0]
+    assert rec["drafter"] == "x0" and run["breakdown"] == {} and run["d"]["median_ms"] > 0
