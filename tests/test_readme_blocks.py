@@ -72,6 +72,7 @@ PLAN = [
     Plan("curl -fLO https://dl.fbaipublicfiles.com/DiT", "## Model weights", run="dit-xl"),
     Plan("--model gmm-2d --steps 250 --num-samples 2000", "### Samplers side by side", run="bench-gmm"),
     Plan("benchmarks/drafter_acceptance.py", "## The built-in model: `mnist-dit`", run="drafter-acceptance"),
+    Plan("--drafters free,feature:", "## The built-in model: `mnist-dit`", run="bench-mnist"),
     Plan("specdit calibrate --model mnist-dit", "### Latency and throughput",
          why="timings for a quiet machine (make latency: ~40 min); tests/test_latency_bench.py runs calibrate and "
              "bench --mode latency end to end at a tiny size"),
@@ -338,6 +339,7 @@ def _expect(name: str, root: Path, out: str) -> None:
         "dit-xl": lambda: (o / "dit-xl-latents.npz").is_file(),
         "bench-gmm": lambda: "| ddpm |" in out,
         "drafter-acceptance": lambda: (o / "acc.json").is_file() and (o / "acc.png").is_file(),
+        "bench-mnist": lambda: "| ddpm |" in out,
         "driffusion": lambda: (o / "driffusion-quality.json").is_file() and (o / "driffusion-quality-ddim.json").is_file(),
         "mnist-quality": lambda: "spec feature block" in out and "±" in out,
         "latent-grid": lambda: (o / "mnist-latent-dit-grid.png").is_file(),
