@@ -50,7 +50,7 @@ def _guarded(fn, device="cpu"):
 
 
 @pytest.mark.parametrize("drafter,verification", [("free", "block"), ("perturbed:2", "token"),
-                                                  ("perturbed:1", "block")])
+                                                  ("perturbed:1", "block"), ("x0", "token")])
 def test_no_op_of_a_speculative_round_leaves_the_input_device(gmm2d, drafter, verification):
     schedule = Schedule.create(12, 1.0)
     streams = NoiseStreams(sample_seed(4, torch.arange(6)), device="cpu")

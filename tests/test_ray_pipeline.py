@@ -22,7 +22,7 @@ def _same_stats(a, b):
     return all(torch.equal(getattr(a, f), getattr(b, f)) for f in STAT_FIELDS)
 
 
-@pytest.mark.parametrize("drafter,verification", [("free", "block"), ("perturbed:2", "token")])
+@pytest.mark.parametrize("drafter,verification", [("free", "block"), ("perturbed:2", "token"), ("x0", "block")])
 @pytest.mark.parametrize("overlap,groups,threads", [(True, 2, True), (True, 3, False), (False, 2, True)])
 def test_pipeline_equals_in_process_sampler(gmm2d, drafter, verification, overlap, groups, threads):
     schedule = Schedule.create(30, 1.0)
