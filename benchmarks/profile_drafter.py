@@ -89,7 +89,7 @@ def pieces(drafter, x, t, y, carry) -> dict:
     }
 
 
-def context(model, drafter, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> DraftContext:
+def context(drafter, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> DraftContext:
     """A mid-chain round start (k = 100) with a previous target output of the right kind for ``drafter``."""
     if isinstance(drafter, FrozenX0Drafter):
         return DraftContext(x=x, k=torch.tensor([100]), y=y, last_eps=torch.randn_like(x), last_features=None,
@@ -107,7 +107,7 @@ def measure(threads: int, model, drafter, args) -> dict:
     x = torch.randn(1, *model.sample_shape, generator=gen, dtype=torch.float64)
     t = torch.full((1,), 500, dtype=torch.long)
     y = torch.tensor([3])
-    carry = drafter.start(context(model, drafter, x, y, gen))
+    carry = drafter.start(context(drafter, x, y, gen))
     w, r = args.warmup, args.repeats
     with torch.no_grad():
         whole = timed(lambda: drafter.step(x, t, y, carry), w, r)

@@ -63,16 +63,17 @@ def measure(base, config: SamplerConfig, model_name: str, device: str, batch: in
     target, drafter = build_networks(base, spec, device, model_name)
     curve = measure_call_costs(target, tuple(sorted({batch * L for L in COST_LENGTHS})), repeats, device)
     n = max(chains, min(batch, 16))
-    short = replace(spec, steps=min(spec.steps, TIMING_STEPS))
     timed_runs(target, drafter, replace(spec, steps=min(spec.steps, 10)), batch, batch, device, seed + 1)  # warm-up
     wall, watch, st = timed_runs(target, drafter, spec, n, min(batch, n), device, seed)
+    timing = spec  # the run d, v and p are timed on
     if batch > n:
-        wall, watch, _ = timed_runs(target, drafter, short, batch, batch, device, seed)
+        timing = replace(spec, steps=min(spec.steps, TIMING_STEPS))
+        wall, watch, _ = timed_runs(target, drafter, timing, batch, batch, device, seed)
     rounds = watch.calls("target")
     draft_calls = max(1, watch.calls("drafter"))
     d = watch.seconds("drafter") / draft_calls + watch.seconds("drafter_start") / max(1, rounds) / CALIBRATION_LENGTH
     v = (wall - watch.seconds("target") - watch.seconds("drafter") - watch.seconds("drafter_start")) / max(1, rounds)
-    plain_cfg = replace(spec if batch <= n else short, sampler="ddpm")
+    plain_cfg = replace(timing, sampler="ddpm")
     p_wall, p_watch, _ = timed_runs(target, None, plain_cfg, batch, batch, device, seed)
     p = (p_wall - p_watch.seconds("target")) / max(1, p_watch.calls("target"))
     costs = CostModel(curve, 0.0, 0.0, 0.0, torch.get_num_threads())

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from specdit.api import SamplerConfig, generate, load_model, make_drafter, run_sampler
+from specdit.autodraft import cpuinfo_field
 from specdit.noise import NoiseStreams, sample_seed
 
 GOLDEN = Path(__file__).parent / "golden" / "samplers.json"
@@ -76,13 +77,7 @@ def _stored() -> dict:
 
 def cpu_vendor() -> str:
     """The CPU vendor (``GenuineIntel``, ``AuthenticAMD``, ...) from /proc/cpuinfo; "unknown" elsewhere."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    return cpuinfo_field("vendor_id") or "unknown"
 
 
 @pytest.mark.parametrize("name", list(GMM))

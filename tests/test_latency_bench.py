@@ -109,9 +109,13 @@ def test_calibration_at_a_large_batch_times_a_short_run(tmp_path, monkeypatch):
     import specdit.calibrate as cal
 
     monkeypatch.setenv("SPECDIT_CACHE", str(tmp_path))
-    runs = []
-    real = cal.timed_runs
-    monkeypatch.setattr(cal, "timed_runs", lambda t, d, cfg, n, b, *a: runs.append((cfg.steps, n, b)) or real(t, d, cfg, n, b, *a))
+    runs, real = [], cal.timed_runs
+
+    def recording(target, drafter, cfg, chains, batch, *rest):
+        runs.append((cfg.steps, chains, batch))
+        return real(target, drafter, cfg, chains, batch, *rest)
+
+    monkeypatch.setattr(cal, "timed_runs", recording)
     monkeypatch.setattr(cal, "TIMING_STEPS", 3)
     plan = cal.calibrate("gmm-2d", SamplerConfig(steps=8, drafter="perturbed:1", draft_length=2), chains=2, batch=20)
     assert len(plan.schedule) == 8 and plan.key["batch"] == 20

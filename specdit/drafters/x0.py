@@ -45,11 +45,12 @@ class FrozenX0Drafter:
     def step(self, x, t, y, carry):
         x0, has_last, fallback = carry
         abar = self.abar.to(x.device)[t].view(-1, *([1] * (x.dim() - 1)))  # (B, 1, ...) t >= 0 at every step
-        eps = (x.double() - abar.sqrt() * x0) / (1 - abar).sqrt()  # (B, *shape)
+        signal, noise = abar.sqrt(), (1 - abar).sqrt()
+        eps = (x.double() - signal * x0) / noise  # (B, *shape)
         if self.prediction_type == "sample":
             out = x0.expand_as(eps)
         elif self.prediction_type == "v_prediction":
-            out = abar.sqrt() * eps - (1 - abar).sqrt() * x0  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+            out = signal * eps - noise * x0  # v = sqrt(abar) eps - sqrt(1 - abar) x0
         else:
             out = eps
         mask = has_last.view(-1, *([1] * (x.dim() - 1)))

@@ -33,7 +33,8 @@ def record_round(stats: SampleStats, rows: torch.Tensor, k: torch.Tensor, verdic
 
 class Chains:
     """Current states x (B, *shape) float64, state indices k (B,) int64, each chain's latest target output
-    (for drafters that reuse it: eps (B, *shape), its denoised estimate x0_hat (B, *shape), features (B, *feature_shape) or None, has_last (B,) bool)
+    (for drafters that reuse it: eps (B, *shape), its denoised estimate x0_hat (B, *shape), features
+    (B, *feature_shape) or None, has_last (B,) bool)
     and the statistics. The rows of a round are any subset of the chains."""
 
     def __init__(self, x, k, last_eps, last_feats, has_last, stats: SampleStats):

@@ -44,4 +44,5 @@ class TargetScores:
 
     def to(self, device: torch.device | str) -> "TargetScores":
         """The same scores on ``device``."""
-        return TargetScores(*(None if v is None else v.to(device) for v in (self.eps, self.means, self.features, self.x0)))
+        fields = (self.eps, self.means, self.features, self.x0)
+        return TargetScores(*(None if v is None else v.to(device) for v in fields))
