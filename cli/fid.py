@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from cli.common import check_output_file, user_errors
-from cli.options import path_value
+from cli.options import AliasedCommand, path_value
 from cli.render import plain
 
 
@@ -65,5 +65,5 @@ def fid_ref(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("fid")(user_errors(fid))
-    app.command("fid-ref")(user_errors(fid_ref))
+    app.command("fid", cls=AliasedCommand)(user_errors(fid))
+    app.command("fid-ref", cls=AliasedCommand)(user_errors(fid_ref))

@@ -120,6 +120,10 @@ def rewrite_deprecated(command: str, args: list[str], takes_value: frozenset[str
             out.append(arg)
             is_value = False
             continue
+        if arg[:2] in takes_value and not arg.startswith("--") and arg[2:3] == "=":
+            # click reads "-o=x" as the value "=x" (only long options take "--out=x"): refuse, for every command
+            raise typer.BadParameter(f"{arg[:2]}= is not an option spelling: write {arg[:2]} VALUE or the long "
+                                     "form --name=VALUE")
         if _attached_short(arg, table):  # "-n4": a short alias with its value attached, read as "-n=4"
             name, eq, value = arg[:2], "=", arg[2:]
         if name in table:

@@ -345,3 +345,38 @@ def test_every_path_parameter_refuses_empty_text(path, flag, text, message, tmp_
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.output
     assert list(tmp_path.iterdir()) == []
+
+
+def _short_value_options():
+    """(command path, short flag) of every option with a one-letter spelling that takes a value."""
+    import click
+    import typer.main
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, path + [name])
+            return
+        for p in cmd.get_params(click.Context(cmd)):
+            if p.param_type_name == "option" and not p.is_flag and not p.count:
+                yield from ((path, o) for o in p.opts if len(o) == 2 and o[0] == "-" and o[1] != "-")
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+SHORT_VALUE_OPTIONS = _short_value_options()
+
+
+def test_short_value_options_are_found():
+    assert (["generate"], "-o") in SHORT_VALUE_OPTIONS and (["submit"], "-o") in SHORT_VALUE_OPTIONS
+
+
+@pytest.mark.parametrize("path, flag", SHORT_VALUE_OPTIONS, ids=[" ".join(p) + f" {f}" for p, f in SHORT_VALUE_OPTIONS])
+def test_every_short_option_refuses_an_attached_equals(path, flag, tmp_path, monkeypatch):
+    """click reads ``-o=x`` as the value '=x': ``submit -o=foo`` created a folder named '=foo'. Every
+    command refuses ``-X=...`` for each of its one-letter options in one line, exit 2, before any work."""
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, path + [f"{flag}=foo"])
+    assert res.exit_code == 2, res.output
+    assert f"write {flag} VALUE" in res.output and "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []
