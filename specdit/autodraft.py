@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from specdit.config import SamplerConfig
-from specdit.costmodel import CostModel
+from specdit.costmodel import CostModel, violations
 
 MAX_AUTO_LENGTH = 16
 SMOOTH = 2  # acceptance pooled over k - SMOOTH .. k + SMOOTH
@@ -207,13 +207,17 @@ def key_file(key: dict) -> Path:
 
 
 def load_plan(key: dict) -> AutoPlan | None:
-    """The stored plan for ``key``, or None (none stored, or unreadable)."""
+    """The stored plan for ``key``, or None (none stored, unreadable, or planned from a batch-cost curve with
+    an outlier: :func:`specdit.costmodel.violations`, stored before curves were checked; it is measured
+    again)."""
     path = key_file(key)
     try:
-        plan = AutoPlan.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+        doc = json.loads(path.read_text())
+        plan = AutoPlan.from_dict(doc)
+        raw = {int(n): float(c) for n, c in doc["costs"]["call"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return plan if plan.key == key else None
+    return plan if plan.key == key and not violations(raw) else None
 
 
 def save_plan(plan: AutoPlan) -> Path:

@@ -8,19 +8,21 @@ networks timed (``specdit.timing``), measures the target's batch-cost curve, pla
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import replace
 
 import torch
 
 from specdit.autodraft import MAX_AUTO_LENGTH, AutoPlan, acceptance_by_step, load_plan, make_plan, plan_key, save_plan
 from specdit.config import SamplerConfig
-from specdit.costmodel import CostModel, measure_call_costs
+from specdit.costmodel import CostModel, measure_curve
 from specdit.noise import NoiseStreams, sample_seed
 from specdit.stats import SampleStats
 from specdit.timing import Stopwatch, TimedDrafter, TimedModel
 
 CALIBRATION_LENGTH = 4
 COST_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16)
+DOUBT_MARGIN = 0.1  # a predicted speed-up above (1 + this) x steps/round is refused (plan_doubt)
 TIMING_STEPS = 50  # steps of the per-round timing run at a batch larger than the acceptance run's
 
 
@@ -61,7 +63,7 @@ def measure(base, config: SamplerConfig, model_name: str, device: str, batch: in
 
     spec = replace(config, sampler="speculative", draft_length=CALIBRATION_LENGTH, draft_schedule=None).validate()
     target, drafter = build_networks(base, spec, device, model_name)
-    curve = measure_call_costs(target, tuple(sorted({batch * L for L in COST_LENGTHS})), repeats, device)
+    measured = measure_curve(target, cost_sizes(batch), repeats, device)
     n = max(chains, min(batch, 16))
     timed_runs(target, drafter, replace(spec, steps=min(spec.steps, 10)), batch, batch, device, seed + 1)  # warm-up
     wall, watch, st = timed_runs(target, drafter, spec, n, min(batch, n), device, seed)
@@ -76,18 +78,51 @@ def measure(base, config: SamplerConfig, model_name: str, device: str, batch: in
     plain_cfg = replace(timing, sampler="ddpm")
     p_wall, p_watch, _ = timed_runs(target, None, plain_cfg, batch, batch, device, seed)
     p = (p_wall - p_watch.seconds("target")) / max(1, p_watch.calls("target"))
-    costs = CostModel(curve, 0.0, 0.0, 0.0, torch.get_num_threads())
+    costs = CostModel(measured.curve, 0.0, 0.0, 0.0, torch.get_num_threads(), suspect=measured.suspect)
     s = costs.scale(batch)
     costs.draft, costs.verify, costs.plain = d / s, v / s, p / s
-    costs.notes.append(f"d, v, p measured at batch {batch} and divided by c({batch})/c(1)")
+    costs.notes.append(scale_note(batch, s))
+    if measured.note():
+        costs.notes.append(measured.note())
     pe = float(st.steps * len(st) / st.rounds.sum()) if int(st.rounds.sum()) else 0.0
     return costs, acceptance_by_step(st.accepted, st.proposed), pe
 
 
+def cost_sizes(batch: int) -> tuple[int, ...]:
+    """The batch sizes whose target cost c(n) a calibration for ``batch`` chains measures: 1 (the per-chain
+    scale of d, v and p) and batch x L for L in ``COST_LENGTHS`` (a round's target call)."""
+    return tuple(sorted({1} | {batch * L for L in COST_LENGTHS}))
+
+
+def scale_note(batch: int, scale: float) -> str:
+    """The cost model's note on how d, v and p were measured (``scale`` = c(batch) / c(1))."""
+    if batch == 1:
+        return "d, v, p measured at batch 1"
+    return f"d, v, p measured at batch {batch}, per chain: divided by c({batch}) / c(1) = {scale:.2f}"
+
+
+def plan_doubt(plan: AutoPlan) -> str | None:
+    """Why ``plan`` must not be cached (None: it may be): its batch-cost curve stayed non-monotone after
+    remeasuring (``plan.costs.suspect``), or it predicts more speed-up than steps per round allow. With a
+    non-decreasing c(n) a round costs at least a plain step (its target call covers the step's states, its own
+    work at least the plain step's), so the speed-up is at most the expected steps per round;
+    ``DOUBT_MARGIN`` allows for noise in the measured overheads."""
+    if plan.costs.suspect:
+        return "its target batch-cost curve is not monotone even after remeasuring"
+    bound = max(1.0, plan.expected_pe) * (1.0 + DOUBT_MARGIN)
+    if plan.sampler == "speculative" and plan.predicted_speedup > bound:
+        return (f"its predicted speed-up {plan.predicted_speedup:.2f}x exceeds the expected "
+                f"{plan.expected_pe:.2f} steps/round")
+    return None
+
+
 def calibrate(model_name: str, config: SamplerConfig, *, device: str = "cpu", batch: int = 1, chains: int = 4,
               seed: int = 0, base=None, save: bool = True, threads: int | None = None) -> AutoPlan:
-    """Measure on this device, plan the schedule for ``batch`` chains and (``save``) store it in the cache.
-    ``base``: the loaded model (default: load ``model_name``); ``threads``: torch threads (default: torch's)."""
+    """Measure on this device, plan the schedule for ``batch`` chains and (``save``) store it in the cache,
+    unless the measurement is doubtful (:func:`plan_doubt`): then the plan is returned, not cached, with a
+    note in ``plan.costs.notes`` and a one-line warning (``warnings.warn``). ``base``: the loaded model
+    (default: load ``model_name``); ``threads``: torch threads (default: torch's). Raises ValueError for
+    ``batch`` or ``chains`` < 1."""
     from specdit.api import load_model
 
     if threads is not None:
@@ -97,7 +132,12 @@ def calibrate(model_name: str, config: SamplerConfig, *, device: str = "cpu", ba
     base = base if base is not None else load_model(model_name, device=device)
     costs, accept, _ = measure(base, config.validate(), model_name, device, batch, chains, seed)
     plan = make_plan(plan_key(model_name, config, device, batch), accept, costs, batch)
-    if save:
+    doubt = plan_doubt(plan)
+    if doubt is not None:
+        plan.costs.notes.append(f"not cached: {doubt}")
+        warnings.warn(f"draft-length calibration not cached: {doubt} (a noisy machine?); this run uses it, "
+                      "the next one calibrates again")
+    elif save:
         save_plan(plan)
     return plan
 
