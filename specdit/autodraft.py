@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -108,13 +109,20 @@ class AutoPlan:
         return replace(config, draft_schedule=tuple(self.schedule)).validate()
 
     def describe(self) -> str:
-        """One line for the user."""
+        """One short line for the user (printed by generate, bench, calibrate, submit; stored as ``auto`` in
+        their JSON): the schedule's range and median, steps per round and the predicted speed-up, e.g.
+        ``draft length auto: L(k) in 1..16, median 6 over 250 steps; expected 5.01 steps/round, predicted
+        1.69x at batch 1``. The whole schedule is data (``schedule``, :meth:`runs`), not part of this line."""
+        batch = self.key["batch"]
         if self.sampler == "ddpm":
-            return (f"draft length auto: speculation cannot pay at batch {self.key['batch']} (predicted "
+            return (f"draft length auto: speculation cannot pay at batch {batch} (predicted "
                     f"{self.predicted_speedup:.2f}x); plain steps")
-        runs = compress(self.schedule)
-        return (f"draft length auto: L(k) {runs} (expected {self.expected_pe:.2f} steps/round, predicted "
-                f"speed-up {self.predicted_speedup:.2f}x at batch {self.key['batch']})")
+        return (f"draft length auto: {schedule_summary(self.schedule)}; expected {self.expected_pe:.2f} "
+                f"steps/round, predicted {self.predicted_speedup:.2f}x at batch {batch}")
+
+    def runs(self) -> str:
+        """The whole schedule as runs of equal L, k descending (:func:`compress`; hundreds of characters)."""
+        return compress(self.schedule)
 
     def to_dict(self) -> dict:
         return {"key": self.key, "sampler": self.sampler, "schedule": list(self.schedule),
@@ -134,6 +142,15 @@ def make_plan(key: dict, accept: list[float], costs: CostModel, batch: int) -> A
     t_plain = (len(accept) - 1) * costs.step_cost(batch)
     sampler = "speculative" if t_spec < t_plain else "ddpm"
     return AutoPlan(key, sampler, schedule, t_spec, t_plain, expected_pe(accept, schedule), accept, costs)
+
+
+def schedule_summary(schedule: tuple[int, ...]) -> str:
+    """'L(k) in 1..16, median 6 over 250 steps' (or 'L(k) = 4 at all 250 steps' for a constant schedule);
+    the median is the lower median, a draft length that occurs in the schedule."""
+    lo, hi, S = min(schedule), max(schedule), len(schedule)
+    if lo == hi:
+        return f"L(k) = {lo} at all {S} steps"
+    return f"L(k) in {lo}..{hi}, median {statistics.median_low(schedule)} over {S} steps"
 
 
 def compress(schedule: tuple[int, ...]) -> str:

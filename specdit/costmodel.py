@@ -8,8 +8,8 @@ plain sampler is at most
     speedup_limit = PE(L) * (c(b) + p(b)) / (c(bL) + L d(b) + v(b))        (at b = 1: PE(L) c(1) / (c(L) + L d + v))
 
 ``c`` is measured (:func:`measure_curve`: outliers remeasured, the curve made non-decreasing in n before any
-use), ``d``, ``v`` and ``p`` from timed runs (``specdit.timing``). :func:`break_even_batch` is the smallest batch at which the limit falls to 1.
-Timings are medians in seconds; nothing here changes what a sampler computes.
+use), ``d``, ``v`` and ``p`` from timed runs (``specdit.timing``). :func:`break_even_batch` is the smallest
+batch at which the limit falls to 1. Timings are medians in seconds; nothing here changes what a sampler computes.
 """
 from __future__ import annotations
 

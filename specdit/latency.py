@@ -310,7 +310,8 @@ class BenchPlan:
 
 
 def run_timing_bench(plan: BenchPlan, base=None, progress=None, on_note=None) -> dict:
-    """Run ``plan`` and return the report (JSON-able): environment, rows, break-even batch, auto plan.
+    """Run ``plan`` and return the report (JSON-able): environment, rows, break-even batch, auto plan (``auto``:
+    its one-line description; ``auto_schedule``: the whole L(k) as runs, None for the plain sampler).
     ``base``: the loaded model (default: load ``plan.model``); ``on_note(text)``: progress notes."""
     from specdit.api import load_model
     from specdit.calibrate import resolve_auto
@@ -320,12 +321,12 @@ def run_timing_bench(plan: BenchPlan, base=None, progress=None, on_note=None) ->
     cores = os.cpu_count() or 1
     threads = plan.threads or cores
     batch = 1 if plan.mode == "latency" else plan.batch
-    auto = None
+    auto, auto_runs = None, None
     if plan.auto and plan.drafters:
         torch.set_num_threads(threads)
         first = replace(plan.base, sampler="speculative", drafter=plan.drafters[0]).validate()
         cfg, auto_plan = resolve_auto(first, plan.model, plan.device, batch, base=base)
-        auto = (cfg, auto_plan.describe())
+        auto, auto_runs = (cfg, auto_plan.describe()), auto_plan.runs() if auto_plan.sampler != "ddpm" else None
         if on_note is not None:
             on_note(auto[1])
     variants = build_variants(plan.base, plan.drafters, plan.lengths, threads, cores, auto)
@@ -338,6 +339,7 @@ def run_timing_bench(plan: BenchPlan, base=None, progress=None, on_note=None) ->
               "cfg_scale": plan.base.cfg_scale, "precision": plan.base.precision, "environment": env,
               "load_average_after": list(os.getloadavg()), "reference": reference(results).variant.name,
               "rows": rows, "break_even": break_even(rows, curves, results), "auto": None if auto is None else auto[1],
+              "auto_schedule": auto_runs,
               "unstable": any(r["unstable"] for r in rows), "max_spread": MAX_SPREAD,
               "cost_curves": {f"{k[0]} t={k[1]}": {str(n): c for n, c in cv.items()} for k, cv in curves.items()}}
     torch.set_num_threads(threads)

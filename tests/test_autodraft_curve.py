@@ -88,3 +88,21 @@ def test_the_scale_note_reads_naturally():
     assert scale_note(1, 1.0) == "d, v, p measured at batch 1"
     assert scale_note(48, 3.5) == "d, v, p measured at batch 48, per chain: divided by c(48) / c(1) = 3.50"
     assert cost_sizes(1)[0] == 1 and cost_sizes(48)[:2] == (1, 48)  # c(1) measured at every batch
+
+
+def test_the_printed_description_is_short_and_the_table_stays_data():
+    from specdit.autodraft import schedule_summary
+
+    S = 250
+    accept = [0.0] + [0.3 + 0.65 * ((k * 37) % 11) / 10 for k in range(1, S + 1)]  # a ragged acceptance
+    plan = make_plan({"batch": 1}, accept, CostModel({1: 0.01, 64: 0.0101}, 0.0001, 0.0001, 0.0), 1)
+    assert plan.sampler == "speculative" and len(set(plan.schedule)) > 2
+    text = plan.describe()
+    assert len(text) < 130 and "k=" not in text and "\n" not in text
+    lo, hi = min(plan.schedule), max(plan.schedule)
+    assert text.startswith(f"draft length auto: L(k) in {lo}..{hi}, median ") and f"over {S} steps;" in text
+    assert text.endswith(f"steps/round, predicted {plan.predicted_speedup:.2f}x at batch 1")
+    assert plan.runs().startswith(f"k={S}") and len(plan.runs()) > len(text)  # the whole table, as data
+    assert plan.to_dict()["schedule"] == list(plan.schedule)
+    assert schedule_summary((4, 4, 4)) == "L(k) = 4 at all 3 steps"
+    assert schedule_summary((1, 2, 6, 6, 16)) == "L(k) in 1..16, median 6 over 5 steps"
