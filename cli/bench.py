@@ -46,17 +46,55 @@ def _write_json(path: Path | None, doc: dict) -> None:
 
 
 def _lengths(text: str) -> tuple[int, ...]:
+    """``--draft-lengths``: comma-separated draft lengths, each checked by the draft-length rule. Raises
+    SettingError naming ``--draft-lengths`` (not ``--draft-length``, the option of generate)."""
     try:
-        return tuple(int(v) for v in text.split(","))
+        lengths = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise ValueError(f"--draft-lengths must be comma-separated integers, got {text!r}") from None
+    for L in lengths:
+        _as_option("draft_lengths", "draft_length", lambda: opt.sampler_config(draft_length=L))
+    return lengths
+
+
+def _drafters(text: str) -> tuple[str, ...]:
+    """``--drafters``: comma-separated drafter specs (blank entries skipped), each checked by the drafter
+    rule. Raises SettingError naming ``--drafters`` (not ``--drafter``, the option of generate)."""
+    from specdit.config import check_drafter
+
+    drafters = tuple(d.strip() for d in text.split(",") if d.strip())
+    for d in drafters:
+        _as_option("drafters", "drafter", lambda: check_drafter(d))
+    return drafters
+
+
+def _as_option(option: str, setting: str, check) -> None:
+    """Run ``check()``; a SettingError about ``setting`` is raised again naming bench's list option
+    ``option`` (``draft_lengths`` -> ``invalid setting --draft-lengths: <reason>``)."""
+    from specdit.config import SettingError
+
+    try:
+        check()
+    except SettingError as e:
+        if e.setting != setting:
+            raise
+        raise SettingError(option, e.reason) from None
+
+
+MODES = ("table", "latency", "throughput")
+
+
+def _mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"--mode must be table, latency or throughput, got {mode!r}")
+    return mode
 
 
 MODE = typer.Option("table", "--mode", help="table: rounds, acceptance, speed-up vs ddpm and the KS distance to the "
                     "truth per variant | latency: batch 1, chains one at a time, paired per seed, with the cost "
                     "model's predicted speed-up | throughput: samples/s at --throughput-batch, likewise.")
-REPEATS = typer.Option(8, "--repeats", help="latency: seeds; throughput: repeats (paired, order rotated).")
-THROUGHPUT_BATCH = typer.Option(64, "--throughput-batch", help="Batch of --mode throughput.")
+REPEATS = typer.Option(8, "--repeats", min=2, help="latency: seeds; throughput: repeats (paired, order rotated).")
+THROUGHPUT_BATCH = typer.Option(64, "--throughput-batch", min=1, help="Batch of --mode throughput.")
 AUTO = typer.Option(True, "--auto/--no-auto", help="latency/throughput: add the --draft-length auto variant "
                     "(calibrates first if no calibration is stored).")
 
@@ -76,7 +114,7 @@ def bench(
     labels: str = typer.Option("none", "--labels", help=opt.LABELS_HELP + " bench's default is none: the KS "
                                "distance compares with the full (unconditional) distribution."),
     seed: Optional[str] = opt.SEED,
-    batch_size: int = typer.Option(256, "--batch-size", help="Chains sampled together."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Chains sampled together."),
     threads: Optional[int] = opt.THREADS,
     json_out: Optional[Path] = typer.Option(None, "--json", parser=opt.path_value, help="Also write the rows as JSON."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table (for the README)."),
@@ -89,7 +127,7 @@ def bench(
     progress: bool = opt.PROGRESS,
 ) -> None:
     """Samplers side by side on the same seeds; ddpm is the reference (speed-up > 1 is faster). See --mode."""
-    if mode != "table":
+    if _mode(mode) != "table":
         return _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats,
                        throughput_batch, threads, device, seed, auto, json_out, markdown, num_heads, weights)
     from rich.console import Console
@@ -103,7 +141,7 @@ def bench(
                                                                   cfg_channels=cfg_channels, precision=precision,
                                                                   refine_noise=refine_noise),
                              num_samples=num_samples, draft_lengths=_lengths(draft_lengths),
-                             drafters=tuple(drafters.split(",")),
+                             drafters=_drafters(drafters),
                              labels=labels, seed=opt.seed_value(seed), batch_size=batch_size, threads=threads,
                              device=device, num_heads=num_heads, weights=weights)
     console = Console(width=max(Console().width, 120))
@@ -126,8 +164,6 @@ def bench(
 def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats, batch, threads,
             device, seed, auto, json_out, markdown, num_heads, weights) -> None:
     """--mode latency | throughput: parse, run ``specdit.latency.run_timing_bench``, render."""
-    if mode not in ("latency", "throughput"):
-        raise ValueError(f"unknown bench mode {mode!r}; choose table, latency or throughput")
     from rich.console import Console
 
     from cli.bench_timing import render
@@ -139,7 +175,7 @@ def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_le
         check_output_file(json_out, "--json file")
     lengths = list(_lengths(draft_lengths))
     base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, precision=precision)
-    plan = BenchPlan(model, base, [d for d in drafters.split(",") if d], lengths, mode, repeats, batch, threads,
+    plan = BenchPlan(model, base, list(_drafters(drafters)), lengths, _mode(mode), repeats, batch, threads,
                      str(resolve_device(device)), opt.seed_value(seed), auto,
                      {k: v for k, v in (("num_heads", num_heads), ("weights", weights)) if v is not None}).check()
     console = Console(width=max(Console().width, 140))
@@ -158,8 +194,8 @@ def calibrate(
     cfg_scale: Optional[str] = opt.CFG_SCALE,
     cfg_channels: Optional[str] = opt.CFG_CHANNELS,
     precision: Optional[str] = opt.PRECISION,
-    batch_size: int = typer.Option(1, "--batch-size", help="Chains sampled together (1: latency)."),
-    chains: int = typer.Option(4, "--chains", help="Chains sampled to measure acceptance by timestep."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Chains sampled together (1: latency)."),
+    chains: int = typer.Option(4, "--chains", min=1, help="Chains sampled to measure acceptance by timestep."),
     threads: Optional[int] = opt.THREADS,
     device: str = typer.Option("cpu", help="The device that will sample: cpu | cuda | cuda:N."),
 ) -> None:

@@ -300,12 +300,16 @@ class BenchPlan:
     load_options: dict = field(default_factory=dict)  # load_model options (num_heads, weights)
 
     def check(self) -> "BenchPlan":
+        """Raise ValueError (one line naming the field) for a mode, repeats, batch or draft length out of
+        range; returns self."""
         if self.mode not in ("latency", "throughput"):
             raise ValueError(f"unknown bench mode {self.mode!r}; choose latency or throughput")
         if self.repeats < 2:
             raise ValueError(f"a paired benchmark needs >= 2 repeats, got {self.repeats}")
-        if self.batch < 1 or any(L < 1 for L in self.lengths):
-            raise ValueError("batch and draft lengths must be >= 1")
+        if self.batch < 1:
+            raise ValueError(f"the throughput batch must be >= 1, got {self.batch}")
+        if any(L < 1 for L in self.lengths):
+            raise ValueError(f"draft lengths must be >= 1, got {self.lengths}")
         return self
 
 
