@@ -53,6 +53,8 @@ def generate(
                                 drafter=drafter, relax=relax, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
                                 refine_mode=refine_mode, parallel=parallel, precision=precision,
                                 refine_noise=refine_noise)
+    opt.warn_unused(config.sampler, drafter=drafter, draft_length="auto" if auto else draft_length, verify=verify,
+                    relax=relax, refine_mode=refine_mode, refine_noise=refine_noise, parallel=parallel)
     base_seed = opt.seed_value(seed)
     with one_line_warnings(), step_progress(num_samples * config.steps, markup(f"{config.sampler} on {model}"),
                                             progress) as advance:

@@ -109,10 +109,13 @@ def submit(
 
 def _spec(spec_file, flags: dict, overrides: dict, auto: bool, quiet: bool):
     """The validated job spec; ``auto``: with the stored ``--draft-length auto`` schedule in it (one line says
-    what it chose)."""
+    what it chose). A sampler flag the spec's sampler does not read gets one ``warning:`` line each
+    (``cli.options.warn_unused``; before auto may pick the plain sampler)."""
     from cluster.submission import spec_from_sources, with_auto_schedule
 
     spec = spec_from_sources(spec_file, flags, overrides)
+    given = {k: v for k, v in flags.items() if k != "sampler"} | ({"draft_length": "auto"} if auto else {})
+    opt.warn_unused(spec.sampler.sampler, **given)
     if auto:
         spec, note = with_auto_schedule(spec)
         if not quiet:

@@ -14,7 +14,8 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-from specdit.config import MAX_STEPS, SamplerConfig, SettingError, as_cfg_channels, as_float, as_int, check_seed
+from specdit.config import (MAX_STEPS, SAMPLER_ONLY, SamplerConfig, SettingError, as_cfg_channels, as_float, as_int,
+                            check_seed, unused_settings)
 
 _D = SamplerConfig()
 
@@ -160,6 +161,19 @@ def coerce_flags(**flags: Any) -> dict[str, Any]:
     """The sampler-setting flags that were given (not None), as typed values. Raises SettingError (a wrong
     type, NaN, inf): the error wrapper names the flag."""
     return {k: _coerce(k, v) for k, v in flags.items() if v is not None}
+
+
+def warn_unused(sampler: str, **flags: Any) -> list[str]:
+    """Print one ``warning:`` line on stderr for each sampler-setting flag given (not None) that ``sampler``
+    does not read (``specdit.config.unused_settings``): ``generate --sampler ddpm --drafter x0`` warns
+    ``--drafter has no effect with the ddpm sampler (it applies to --sampler speculative)``. A warning, not a
+    refusal: the run is well defined, and a spec file may carry a default the flag repeats. Returns the
+    lines printed."""
+    lines = [f"{flag(n)} has no effect with the {sampler} sampler (it applies to --sampler {SAMPLER_ONLY[n]})"
+             for n in unused_settings(sampler, [k for k, v in flags.items() if v is not None and v is not False])]
+    for line in lines:
+        typer.secho(f"warning: {line}", err=True, fg=typer.colors.YELLOW)
+    return lines
 
 
 def split_auto(draft_length: str | None) -> tuple[str | None, bool]:

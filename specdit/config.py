@@ -273,6 +273,18 @@ class SamplerConfig:
         return d
 
 
+# The settings only one sampler reads (``specdit.api.run_sampler``); every other setting is read by all.
+SAMPLER_ONLY = {"drafter": "speculative", "draft_length": "speculative", "draft_schedule": "speculative",
+                "verify": "speculative", "relax": "speculative", "parallel": "draft_refine",
+                "refine_mode": "draft_refine", "refine_noise": "draft_refine"}
+
+
+def unused_settings(sampler: str, names) -> list[str]:
+    """The settings among ``names`` (field names, in their order) that ``sampler`` does not read, e.g.
+    ``unused_settings("ddpm", ["drafter", "steps"]) == ["drafter"]`` (:data:`SAMPLER_ONLY`)."""
+    return [n for n in names if SAMPLER_ONLY.get(n, sampler) != sampler]
+
+
 def with_drafter(config: SamplerConfig, drafter: str) -> SamplerConfig:
     """``config`` with another drafter string (e.g. a resolved path); validated."""
     return replace(config, drafter=drafter).validate()
