@@ -30,7 +30,8 @@ from specdit.timing import Stopwatch, TimedDrafter, TimedModel  # noqa: E402
 
 def profile_sampler(model_name: str, config: SamplerConfig, seeds: int, threads: int | None = None,
                     cprofile: int = 0) -> dict:
-    """Run ``seeds`` chains one at a time; returns seconds per sample by part and the rest's share."""
+    """Run ``seeds`` chains one at a time; returns seconds per sample by part, the rest's share and the rounds
+    (target calls of the round loop): ``rounds`` summed over the seeds, ``rounds_per_sample`` their mean."""
     if threads:
         torch.set_num_threads(threads)
     base = load_model(model_name)
@@ -43,7 +44,7 @@ def profile_sampler(model_name: str, config: SamplerConfig, seeds: int, threads:
     run_sampler(timed_target, timed_drafter, config, NoiseStreams(sample_seed(99, torch.arange(1))), y)  # warm-up
     watch.reset()
     prof = cProfile.Profile() if cprofile else None
-    wall = 0.0
+    wall, rounds = 0.0, 0
     for i in range(seeds):
         streams = NoiseStreams(sample_seed(0, torch.tensor([i])))
         start = time.perf_counter()
@@ -53,12 +54,13 @@ def profile_sampler(model_name: str, config: SamplerConfig, seeds: int, threads:
         if prof is not None:
             prof.disable()
         wall += time.perf_counter() - start
+        rounds += int(stats.rounds.sum())
     parts = {p: watch.seconds(p) / seeds for p in ("target", "drafter", "drafter_start")}
     per = wall / seeds
     rest = per - sum(parts.values())
     out = {"sampler": config.sampler, "draft_length": config.draft_length, "threads": torch.get_num_threads(),
            "seconds_per_sample": per, "target_s": parts["target"], "drafter_s": parts["drafter"] + parts["drafter_start"],
-           "rest_s": rest, "rest_share": rest / per, "rounds": int(stats.rounds.sum()),
+           "rest_s": rest, "rest_share": rest / per, "rounds": rounds, "rounds_per_sample": rounds / seeds,
            "target_calls_per_sample": watch.calls("target") / seeds}
     if prof is not None:
         buf = io.StringIO()
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(r)
         print(f"{r['sampler']:>11} L={r['draft_length']} threads={r['threads']}: {r['seconds_per_sample'] * 1e3:.1f} ms/sample "
               f"= target {r['target_s'] * 1e3:.1f} + drafter {r['drafter_s'] * 1e3:.1f} + rest {r['rest_s'] * 1e3:.1f} ms "
-              f"(rest {100 * r['rest_share']:.1f}%, {r['rounds'] / a.seeds:.0f} rounds/sample)")
+              f"(rest {100 * r['rest_share']:.1f}%, {r['rounds_per_sample']:.1f} rounds/sample, mean over "
+              f"{a.seeds} seeds)")
         if "cprofile" in r:
             print(r["cprofile"])
     if a.json is not None:

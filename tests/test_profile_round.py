@@ -1,0 +1,35 @@
+"""benchmarks/profile_round.py reports rounds/sample as the mean over its seeds (before: the last seed's
+rounds divided by the number of seeds). No timed assertions."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_round.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("profile_round", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rounds_per_sample_is_the_mean_over_seeds(monkeypatch, capsys):
+    mod = _module()
+    seen, real = [], mod.run_sampler
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(int(out[1].rounds.sum()))
+        return out
+
+    monkeypatch.setattr(mod, "run_sampler", recording)
+    rows = mod.main(["--model", "gmm-2d", "--steps", "40", "--cfg-scale", "1", "--drafter", "perturbed:1",
+                     "--draft-length", "4", "--seeds", "4", "--threads", "1"])
+    spec = rows[1]
+    per_seed = seen[-4:]  # the speculative sampler's timed runs (after its warm-up)
+    assert len(set(per_seed)) > 1  # seeds differ, so the last one alone is not the mean
+    assert spec["rounds"] == sum(per_seed) and spec["rounds_per_sample"] == pytest.approx(sum(per_seed) / 4)
+    assert rows[0]["rounds_per_sample"] == 40  # ddpm: one round per step
+    assert f"{sum(per_seed) / 4:.1f} rounds/sample, mean over 4 seeds" in capsys.readouterr().out
