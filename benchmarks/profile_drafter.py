@@ -101,7 +101,8 @@ def context(drafter, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> 
 
 
 def measure(threads: int, model, drafter, args) -> dict:
-    """d (whole + breakdown, feature drafter only) and c(L) at ``threads`` torch threads."""
+    """d (whole + breakdown, feature drafter only) and c(L) at ``threads`` torch threads. ``other_ms``: d minus
+    the breakdown's pieces, None where there is no breakdown (the x0 drafter is timed whole)."""
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, *model.sample_shape, generator=gen, dtype=torch.float64)
@@ -119,7 +120,7 @@ def measure(threads: int, model, drafter, args) -> dict:
             c[str(L)] = timed(lambda: model(xs, ts, ys), w, r)
     top = [v["median_ms"] for k, v in parts.items() if not k.startswith(" ")]
     return {"threads": threads, "d": whole, "breakdown": parts,
-            "other_ms": whole["median_ms"] - sum(top) if top else 0.0, "c": c}
+            "other_ms": whole["median_ms"] - sum(top) if top else None, "c": c}
 
 
 def limits(run: dict, pe: dict, v: float) -> dict:
@@ -130,17 +131,27 @@ def limits(run: dict, pe: dict, v: float) -> dict:
 
 
 def report(run: dict, pe: dict, v: float, load: float) -> None:
+    """Print what was measured at one thread count: d with its breakdown (if any) and c(L) with the limit for
+    each timed L; PE values given for untimed L are not printed here (see :func:`untimed_pe`)."""
     print(f"\n## {run['threads']} thread(s), load average {load:.2f}")
     print("| piece | median ms | spread |\n|---|---|---|")
     print(f"| **d (whole step)** | {run['d']['median_ms']:.3f} | {run['d']['spread']:.0%} |")
     for k, s in run["breakdown"].items():
         print(f"| {k} | {s['median_ms']:.3f} | {s['spread']:.0%} |")
-    print(f"| other (d minus pieces) | {run['other_ms']:.3f} | |")
+    if run["breakdown"]:
+        print(f"| other (d minus pieces) | {run['other_ms']:.3f} | |")
+    else:
+        print("\n(no breakdown: this drafter is timed as a whole step)")
     print("\n| L | c(L) ms | spread | PE(L) | limit |\n|---|---|---|---|---|")
     for L, s in run["c"].items():
         lim = run["limits"].get(L)
         print(f"| {L} | {s['median_ms']:.3f} | {s['spread']:.0%} | {pe.get(int(L), '')} | "
               f"{'' if lim is None else f'{lim:.2f}x'} |")
+
+
+def untimed_pe(pe: dict, lengths: list[int]) -> dict:
+    """The ``--pe`` entries (L -> PE) whose c(L) was not timed (L not in ``lengths``): no limit for them."""
+    return {L: p for L, p in pe.items() if L not in lengths}
 
 
 def parse_pe(text: str) -> dict:
@@ -182,9 +193,14 @@ def main(argv=None) -> dict:
         runs.append(run)
     spreads = [s["spread"] for r in runs for s in [r["d"], *r["breakdown"].values(), *r["c"].values()]]
     contended = max(spreads) > SPREAD_LIMIT or max(r["load_average"] for r in runs) > LOAD_LIMIT
+    skipped = untimed_pe(args.pe, args.L)
+    if skipped:
+        print(f"\nnot timed, so no limit: L = {', '.join(map(str, sorted(skipped)))} (their --pe values are "
+              f"unused; timed L = {','.join(map(str, args.L))})")
+    used = {L: p for L, p in args.pe.items() if L not in skipped}
     record = {"torch": torch.__version__, "cpu": cpu_model(), "model": "mnist-dit", "drafter": args.drafter,
-              "cfg": args.cfg,
-              "batch": 1, "repeats": args.repeats, "warmup": args.warmup, "pe": {str(k): v for k, v in args.pe.items()},
+              "cfg": args.cfg, "batch": 1, "repeats": args.repeats, "warmup": args.warmup, "L": args.L,
+              "pe": {str(k): v for k, v in used.items()}, "pe_not_timed": {str(k): v for k, v in skipped.items()},
               "v_ms": args.v, "load_average_end": os.getloadavg()[0], "contended": contended, "runs": runs}
     print(f"\ncontended: {contended} (max spread {max(spreads):.0%}, limit {SPREAD_LIMIT:.0%}; "
           f"load limit {LOAD_LIMIT})")

@@ -43,3 +43,17 @@ def test_quick_run_times_the_frozen_x0_drafter(tmp_path):
     rec = mod.main(["--quick", "--drafter", "x0", "--pe", "2:1.9", "--out", str(tmp_path / "x0.json")])
     run = rec["runs"][0]
     assert rec["drafter"] == "x0" and run["breakdown"] == {} and run["d"]["median_ms"] > 0
+
+
+def test_quick_x0_run_prints_only_what_it_measured(tmp_path, capsys):
+    """No empty breakdown row for a drafter timed whole, and the default --pe (L = 4) is not shown for a run
+    that timed L = 1, 2 only: it is named as not timed."""
+    spec = importlib.util.spec_from_file_location("profile_drafter", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rec = mod.main(["--quick", "--drafter", "x0", "--out", str(tmp_path / "x0.json")])
+    out = capsys.readouterr().out
+    assert "other (d minus pieces)" not in out and "no breakdown" in out
+    assert rec["runs"][0]["other_ms"] is None
+    assert "2.76" not in out and "not timed, so no limit: L = 4" in out
+    assert rec["pe"] == {} and rec["pe_not_timed"] == {"4": 2.76} and rec["L"] == [1, 2]
