@@ -99,7 +99,31 @@ AUTO = typer.Option(True, "--auto/--no-auto", help="latency/throughput: add the 
                     "(calibrates first if no calibration is stored).")
 
 
+# Options that only some --mode values read: parameter name -> those modes.
+MODE_ONLY = {"num_samples": ("table",), "labels": ("table",), "batch_size": ("table",), "refine_noise": ("table",),
+             "progress": ("table",), "repeats": ("latency", "throughput"), "auto": ("latency", "throughput"),
+             "throughput_batch": ("throughput",)}
+
+
+def _warn_mode_unused(ctx: typer.Context, mode: str) -> list[str]:
+    """One ``warning:`` line on stderr per option given on the command line that ``--mode`` ``mode`` does not
+    read (:data:`MODE_ONLY`), e.g. ``--num-samples has no effect with --mode latency (it applies to --mode
+    table)``; defaults are never warned about. Returns the lines printed."""
+    lines = []
+    for p in ctx.command.params:
+        modes = MODE_ONLY.get(p.name)
+        source = ctx.get_parameter_source(p.name)
+        if modes is None or mode in modes or getattr(source, "name", None) != "COMMANDLINE":
+            continue
+        name = "/".join(o for o in p.opts + p.secondary_opts if o.startswith("--"))
+        lines.append(f"{name} has no effect with --mode {mode} (it applies to --mode {' and '.join(modes)})")
+    for line in lines:
+        typer.secho(f"warning: {line}", err=True, fg=typer.colors.YELLOW)
+    return lines
+
+
 def bench(
+    ctx: typer.Context,
     model: str = typer.Option("gmm-2d", "--model", "-m", help=opt.MODEL_HELP),
     steps: Optional[str] = opt.STEPS,
     num_samples: int = typer.Option(2000, "--num-samples", "-n", help="Samples per variant (same seeds for all)."),
@@ -127,7 +151,8 @@ def bench(
     progress: bool = opt.PROGRESS,
 ) -> None:
     """Samplers side by side on the same seeds; ddpm is the reference (speed-up > 1 is faster). See --mode."""
-    if _mode(mode) != "table":
+    _warn_mode_unused(ctx, _mode(mode))
+    if mode != "table":
         return _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats,
                        throughput_batch, threads, device, seed, auto, json_out, markdown, num_heads, weights)
     from rich.console import Console

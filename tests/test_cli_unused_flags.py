@@ -52,3 +52,22 @@ def test_submit_warns_against_the_spec_files_sampler(tmp_path, capsys):
     assert spec.sampler.sampler == "ddpm"
     assert capsys.readouterr().err.strip() == ("warning: --drafter has no effect with the ddpm sampler (it applies "
                                                "to --sampler speculative)")
+
+
+@pytest.mark.parametrize("args,warned", [
+    (["--mode", "latency", "-n", "5", "--labels", "none", "--throughput-batch", "4"],
+     ["--num-samples", "--labels", "--throughput-batch"]),
+    (["--mode", "throughput", "--batch-size", "8", "--refine-noise", "coupled", "--no-progress"],
+     ["--refine-noise", "--batch-size", "--progress/--no-progress"]),  # in the options' order
+    (["--repeats", "3", "--no-auto", "--throughput-batch", "4"],
+     ["--repeats", "--throughput-batch", "--auto/--no-auto"]),
+    (["--mode", "latency", "--repeats", "3", "--seed", "1"], []),  # defaults and options the mode reads: silent
+])
+def test_bench_warns_on_options_its_mode_ignores(args, warned):
+    from cli.main import app
+
+    # --draft-lengths 0 is refused right after the warnings: nothing is timed
+    res = CliRunner().invoke(app, ["bench", "-m", "gmm-2d", *args, "--draft-lengths", "0"])
+    assert res.exit_code == 2 and "--draft-lengths" in res.output, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("warning:") and "has no effect" in ln]
+    assert [ln.split()[1] for ln in lines] == warned
