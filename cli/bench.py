@@ -231,20 +231,25 @@ def calibrate(
     from cli.render import plain
     from specdit.autodraft import key_file
     from specdit.calibrate import calibrate as run
+    from specdit.calibrate import plan_doubt
     from specdit.devices import resolve_device
 
     config = opt.sampler_config(drafter=drafter, steps=steps, eta=eta, verify=verify, cfg_scale=cfg_scale,
                                 cfg_channels=cfg_channels, precision=precision)
     if drafter is None and model == "mnist-dit":
         config = config.updated(drafter="feature")
-    plan = run(model, config, device=str(resolve_device(device)), batch=batch_size, chains=chains,
-               threads=threads)
+    with one_line_warnings():  # a calibration not cached says why in one line
+        plan = run(model, config, device=str(resolve_device(device)), batch=batch_size, chains=chains,
+                   threads=threads)
     typer.echo(plain(plan.describe()))
     c = plan.costs
     typer.echo(f"cost model: c(1) {1e3 * c.call[min(c.call)]:.2f} ms, drafter d {1e3 * c.draft:.2f} ms/step, "
                f"sampler's own work v {1e3 * c.verify:.2f} ms/round, plain step overhead {1e3 * c.plain:.2f} ms "
                f"({c.threads} threads)")
-    typer.echo(plain(f"stored {key_file(plan.key)}"))
+    for note in c.notes:
+        typer.echo(plain(f"note: {note}"))
+    if plan_doubt(plan) is None:
+        typer.echo(plain(f"stored {key_file(plan.key)}"))
 
 
 def register(app: typer.Typer) -> None:

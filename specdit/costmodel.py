@@ -35,7 +35,7 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 MONOTONE_TOLERANCE = 0.2  # c(n) more than 20% above the cost of a larger batch: a timing outlier
-OUTLIER_FLOOR_S = 5e-5  # ... and more than 50 us above it (below that: scheduler jitter on a tiny model)
+OUTLIER_FLOOR_S = 2.5e-4  # ... and more than 0.25 ms above it (below: scheduler jitter on a tiny model)
 REMEASURES = 3  # rounds of remeasuring such points before a curve is reported as suspect
 
 
@@ -96,20 +96,21 @@ def measure_curve(model: EpsModel, sizes: tuple[int, ...], repeats: int = 10, de
                   label: int = 0, remeasures: int = REMEASURES, timer=None) -> MeasuredCurve:
     """c(n) for n in ``sizes``: the median seconds of one target call on n states, then checked. A point more
     than ``MONOTONE_TOLERANCE`` above a larger size's cost (:func:`violations`) is measured again (up to
-    ``remeasures`` times, keeping the lowest median: noise only adds time); the curve returned is the
-    :func:`monotone` one, with the points still violating listed as ``suspect``. ``timer(n)``: seconds of a
-    call on n states (default: the model timed at ``repeats`` calls; tests pass a synthetic one)."""
-    timer = timer or (lambda n: _median_call(model, n, repeats, device, label))
+    ``remeasures`` times at twice the repeats, keeping the lowest median: noise only adds time); the curve
+    returned is the :func:`monotone` one, with the points still violating listed as ``suspect``.
+    ``timer(n, repeats)``: median seconds of a call on n states (default: the model timed; tests pass a
+    synthetic one)."""
+    timer = timer or (lambda n, r: _median_call(model, n, r, device, label))
     raw = {}
     with torch.no_grad():
         for n in sizes:
-            raw[n] = timer(n)
+            raw[n] = timer(n, repeats)
         for _ in range(max(0, remeasures)):
             bad = violations(raw)
             if not bad:
                 break
             for n in bad:
-                raw[n] = min(raw[n], timer(n))
+                raw[n] = min(raw[n], timer(n, 2 * repeats))
     return MeasuredCurve(monotone(raw), raw, violations(raw))
 
 

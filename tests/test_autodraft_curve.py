@@ -17,6 +17,7 @@ def test_monotone_lowers_an_inflated_small_batch_point():
     assert curve[1] == OUTLIER[2] and all(curve[n] == OUTLIER[n] for n in OUTLIER if n > 1)
     assert list(curve.values()) == sorted(curve.values())  # non-decreasing in n
     assert monotone({}) == {} and violations(monotone(OUTLIER)) == []
+    assert violations({1: 0.00035, 2: 0.00025}) == []  # 0.1 ms of jitter on a tiny model is not an outlier
 
 
 def test_the_cost_model_never_sees_the_outlier():
@@ -34,7 +35,7 @@ def test_the_cost_model_never_sees_the_outlier():
 def _timer(values):
     """A synthetic timer: seconds per call size, one value after another from ``values[n]``."""
     seen = {n: iter(v) for n, v in values.items()}
-    return lambda n: next(seen[n])
+    return lambda n, repeats: next(seen[n])
 
 
 def test_outliers_are_remeasured_and_the_lowest_median_kept():
@@ -106,3 +107,26 @@ def test_the_printed_description_is_short_and_the_table_stays_data():
     assert plan.to_dict()["schedule"] == list(plan.schedule)
     assert schedule_summary((4, 4, 4)) == "L(k) = 4 at all 3 steps"
     assert schedule_summary((1, 2, 6, 6, 16)) == "L(k) in 1..16, median 6 over 5 steps"
+
+
+def test_calibrate_command_says_what_it_stored(tmp_path, monkeypatch):
+    """The command prints the calibration's notes; a doubtful calibration is one warning line and no
+    'stored' line (before: Python's multi-line warning, then 'stored <file>' for a file never written)."""
+    from typer.testing import CliRunner
+
+    import specdit.calibrate as cal
+    from cli.main import app
+    from specdit.costmodel import MeasuredCurve
+
+    monkeypatch.setenv("SPECDIT_CACHE", str(tmp_path))
+    clean = monotone(OUTLIER)
+    monkeypatch.setattr(cal, "measure_curve", lambda *a, **k: MeasuredCurve(clean, clean, []))
+    args = ["calibrate", "-m", "gmm-2d", "--drafter", "perturbed:1", "--steps", "6", "--chains", "1"]
+    ok = CliRunner().invoke(app, args)
+    assert ok.exit_code == 0 and "note: d, v, p measured at batch 1\n" in ok.output and "stored " in ok.output
+    monkeypatch.setattr(cal, "measure_curve", lambda *a, **k: MeasuredCurve(monotone(OUTLIER), dict(OUTLIER), [1]))
+    bad = CliRunner().invoke(app, [*args, "--steps", "7"])
+    assert bad.exit_code == 0, bad.output
+    warned = [ln for ln in bad.output.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1 and "not cached" in warned[0] and "stored " not in bad.output
+    assert "note: not cached:" in bad.output
