@@ -23,28 +23,29 @@ import torch
 from specdit.models.base import EpsModel
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
-    fn()
-    out = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return statistics.median(out)
-
-
 def measure_call_costs(model: EpsModel, sizes: tuple[int, ...], repeats: int = 10, device: str = "cpu",
                        label: int = 0) -> dict[int, float]:
-    """c(n): median seconds of one target call on a batch of n states (n in ``sizes``), at timestep 500."""
-    out = {}
+    """c(n): median seconds of one target call on a batch of n states (n in ``sizes``), at timestep 500.
+
+    The sizes are timed round-robin (``repeats`` passes over all sizes, after one warm-up pass), not one size
+    after another, so that every size meets the same machine state and a slow spell spreads over all of them
+    instead of inflating one point of the curve."""
+    calls = {}
+    for n in sizes:
+        x = torch.randn(n, *model.sample_shape, dtype=torch.float64, device=device).to(model.dtype)
+        t = torch.full((n,), 500, dtype=torch.int64, device=device)
+        y = None if model.num_classes is None else torch.full((n,), label, dtype=torch.int64, device=device)
+        calls[n] = (x, t, y)
+    seconds: dict[int, list[float]] = {n: [] for n in sizes}
     with torch.no_grad():
         for n in sizes:
-            x = torch.randn(n, *model.sample_shape, dtype=torch.float64, device=device).to(model.dtype)
-            t = torch.full((n,), 500, dtype=torch.int64, device=device)
-            y = None if model.num_classes is None else torch.full((n,), label, dtype=torch.int64, device=device)
-            out[n] = median_seconds(lambda: model(x, t, y), repeats)
-    return out
+            model(*calls[n])  # warm-up
+        for _ in range(max(1, repeats)):
+            for n in sizes:
+                start = time.perf_counter()
+                model(*calls[n])
+                seconds[n].append(time.perf_counter() - start)
+    return {n: statistics.median(v) for n, v in seconds.items()}
 
 
 def interpolate(curve: dict[int, float], n: int) -> float:
