@@ -23,17 +23,6 @@ import torch
 from specdit.models.base import EpsModel
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
-    fn()
-    out = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return statistics.median(out)
-
-
 MONOTONE_TOLERANCE = 0.2  # c(n) more than 20% above the cost of a larger batch: a timing outlier
 OUTLIER_FLOOR_S = 2.5e-4  # ... and more than 0.25 ms above it (below: scheduler jitter on a tiny model)
 REMEASURES = 3  # rounds of remeasuring such points before a curve is reported as suspect
@@ -84,39 +73,55 @@ class MeasuredCurve:
                 f"than {100 * MONOTONE_TOLERANCE:.0f}%): noisy machine, lowered to the larger batch's cost")
 
 
-def _median_call(model: EpsModel, n: int, repeats: int, device: str, label: int) -> float:
-    """Median seconds of one target call on n states at timestep 500 (``median_seconds``)."""
-    x = torch.randn(n, *model.sample_shape, dtype=torch.float64, device=device).to(model.dtype)
-    t = torch.full((n,), 500, dtype=torch.int64, device=device)
-    y = None if model.num_classes is None else torch.full((n,), label, dtype=torch.int64, device=device)
-    return median_seconds(lambda: model(x, t, y), repeats)
+def round_robin_seconds(model: EpsModel, sizes: tuple[int, ...], repeats: int = 10, device: str = "cpu",
+                        label: int = 0) -> dict[int, float]:
+    """Median seconds of one target call on a batch of n states, n in ``sizes``, at timestep 500.
+
+    The sizes are timed round-robin (``repeats`` passes over all sizes, after one warm-up pass), not one size
+    after another, so that every size meets the same machine state and a slow spell spreads over all of them
+    instead of inflating one point of the curve."""
+    calls = {}
+    for n in sizes:
+        x = torch.randn(n, *model.sample_shape, dtype=torch.float64, device=device).to(model.dtype)
+        t = torch.full((n,), 500, dtype=torch.int64, device=device)
+        y = None if model.num_classes is None else torch.full((n,), label, dtype=torch.int64, device=device)
+        calls[n] = (x, t, y)
+    seconds: dict[int, list[float]] = {n: [] for n in sizes}
+    with torch.no_grad():
+        for n in sizes:
+            model(*calls[n])  # warm-up
+        for _ in range(max(1, repeats)):
+            for n in sizes:
+                start = time.perf_counter()
+                model(*calls[n])
+                seconds[n].append(time.perf_counter() - start)
+    return {n: statistics.median(v) for n, v in seconds.items()}
 
 
 def measure_curve(model: EpsModel, sizes: tuple[int, ...], repeats: int = 10, device: str = "cpu",
                   label: int = 0, remeasures: int = REMEASURES, timer=None) -> MeasuredCurve:
-    """c(n) for n in ``sizes``: the median seconds of one target call on n states, then checked. A point more
-    than ``MONOTONE_TOLERANCE`` above a larger size's cost (:func:`violations`) is measured again (up to
-    ``remeasures`` times at twice the repeats, keeping the lowest median: noise only adds time); the curve
-    returned is the :func:`monotone` one, with the points still violating listed as ``suspect``.
-    ``timer(n, repeats)``: median seconds of a call on n states (default: the model timed; tests pass a
-    synthetic one)."""
-    timer = timer or (lambda n, r: _median_call(model, n, r, device, label))
-    raw = {}
-    with torch.no_grad():
-        for n in sizes:
-            raw[n] = timer(n, repeats)
-        for _ in range(max(0, remeasures)):
-            bad = violations(raw)
-            if not bad:
-                break
-            for n in bad:
-                raw[n] = min(raw[n], timer(n, 2 * repeats))
+    """c(n) for n in ``sizes`` (:func:`round_robin_seconds`), then checked. A point more than
+    ``MONOTONE_TOLERANCE`` above a larger size's cost (:func:`violations`) is measured again with the other
+    violating points, round-robin (up to ``remeasures`` times at twice the repeats, keeping each point's
+    lowest median: noise only adds time); the curve returned is the
+    :func:`monotone` one, with the points still violating listed as ``suspect``. ``timer(sizes, repeats)``:
+    {n: median seconds} (default: :func:`round_robin_seconds` on the model; tests pass a synthetic one)."""
+    timer = timer or (lambda ns, r: round_robin_seconds(model, ns, r, device, label))
+    raw = dict(timer(tuple(sizes), repeats))
+    for _ in range(max(0, remeasures)):
+        bad = violations(raw)
+        if not bad:
+            break
+        again = timer(tuple(bad), 2 * repeats)
+        for n in bad:
+            raw[n] = min(raw[n], again[n])
     return MeasuredCurve(monotone(raw), raw, violations(raw))
 
 
 def measure_call_costs(model: EpsModel, sizes: tuple[int, ...], repeats: int = 10, device: str = "cpu",
                        label: int = 0) -> dict[int, float]:
-    """c(n) in seconds for n in ``sizes``, non-decreasing in n: :func:`measure_curve`'s checked curve."""
+    """c(n) in seconds for n in ``sizes``, timed round-robin and non-decreasing in n: :func:`measure_curve`'s
+    checked curve."""
     return measure_curve(model, sizes, repeats, device, label).curve
 
 

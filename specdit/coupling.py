@@ -153,20 +153,18 @@ def sample_residual_coordinate(
     u_star = residual_threshold(log_c, d)
     target = torch.log(w) + _log_residual_cdf(u_star, log_c, d)  # log(w R)
     u = _newton_start(target, log_c, u_star)
-    live = torch.ones_like(u, dtype=torch.bool)
+    live = torch.ones_like(u, dtype=torch.bool)  # rows still iterating (every row is computed; dead rows kept)
     for _ in range(iters):
-        uu, lc, dd, tt = u[live], log_c[live], d[live], target[live]
-        log_G = _log_residual_cdf(uu, lc, dd)
-        step = (log_G - tt) * torch.exp(log_G - _log_residual_density(uu, lc, dd))  # F / F'
-        new = torch.minimum(uu - step, u_star[live])
+        log_G = _log_residual_cdf(u, log_c, d)
+        step = (log_G - target) * torch.exp(log_G - _log_residual_density(u, log_c, d))  # F / F'
+        new = torch.minimum(u - step, u_star)
         ok = torch.isfinite(new)
-        new = torch.where(ok, new, uu)
-        u[live] = new
-        done = ~ok | ((new - uu).abs() <= 1e-15 + 4e-16 * new.abs())
-        if bool(done.all()):
+        new = torch.where(ok, new, u)
+        done = ~ok | ((new - u).abs() <= 1e-15 + 4e-16 * new.abs())
+        u = torch.where(live, new, u)
+        live = live & ~done
+        if not bool(live.any()):
             break
-        idx = live.nonzero().squeeze(1)
-        live[idx[done]] = False
     bad = ~torch.isfinite(u)  # log G underflows everywhere (extreme c, d): the bisection's answer
     if bool(bad.any()):
         u[bad] = sample_residual_coordinate_bisection(log_c[bad], d[bad], w[bad])

@@ -54,6 +54,7 @@ class Run:
     target_s: float
     drafter_s: float
     drafter_calls: int
+    target_cost: dict[int, float] = field(default_factory=dict)  # c(n) measured in place: mean s per call
 
 
 @dataclass
@@ -124,7 +125,7 @@ class Runner:
         target, drafter, watch = self.networks(v)
         torch.set_num_threads(v.threads)
         watch.reset()
-        target.sizes.clear()
+        target.clear()
         streams = NoiseStreams(seeds, device=self.device)
         y = self.labels(index)
         with torch.no_grad():
@@ -132,7 +133,8 @@ class Runner:
             _, st = run_sampler(target, drafter, v.config, streams, y)
             wall = time.perf_counter() - start
         return Run(wall, int(st.rounds.max()), v.config.steps, len(seeds), list(target.sizes), watch.seconds("target"),
-                   watch.seconds("drafter") + watch.seconds("drafter_start"), watch.calls("drafter"))
+                   watch.seconds("drafter") + watch.seconds("drafter_start"), watch.calls("drafter"),
+                   target.cost_by_size())
 
 
 def rotated(items: list, i: int) -> list:
@@ -235,9 +237,20 @@ def summarize(results: list[VariantResult], curves: dict, seed: int = 0,
             "samples_per_s": sum(r.samples for r in res.runs) / sum(r.wall for r in res.runs),
             "speedup": statistics.median(ratios), "speedup_ci95": [lo, hi], "predicted_speedup": statistics.median(pred),
             "parallel_efficiency": res.pe(), "drafter_s_per_step": d, "own_s_per_round": own,
+            "target_cost_in_run": in_run_cost(res),
             "spread": sp, "unstable": sp > MAX_SPREAD or ref.spread() > MAX_SPREAD, "reference": res is ref,
         })
     return rows
+
+
+def in_run_cost(res: VariantResult) -> dict[str, float]:
+    """c(n) as the variant's runs met it: mean seconds per target call by batch size n (keys as strings, for
+    JSON), beside the curve measured apart that the prediction uses."""
+    calls: dict[int, list[float]] = {}
+    for r in res.runs:
+        for n, c in r.target_cost.items():
+            calls.setdefault(n, []).append(c)
+    return {str(n): statistics.mean(v) for n, v in sorted(calls.items())}
 
 
 def _call(curve: dict[int, float], n: int) -> float:

@@ -176,16 +176,32 @@ class NoiseStreams:
             h = mix64(h ^ mix64(_as_words(w, h.numel(), self.device) * _GOLDEN_S + _GOLDEN_S))
         return h
 
+    def _words_numpy(self, purpose: Purpose, kind: Kind, words: tuple, n: int) -> np.ndarray | None:
+        """``_words`` computed in numpy (CPU streams without a log: no per-operation dispatch), else None."""
+        if self.device.type != "cpu" or self.log is not None:
+            return None
+        ws = [_as_words(w, len(self), self.device).numpy() for w in words]
+        return _words_np(self.seeds.numpy(), int(purpose), int(kind), ws, n)
+
     def _words(self, purpose: Purpose, kind: Kind, words: tuple, n: int) -> torch.Tensor:
         """(B, n) int64 random words for counters 1..n of the stream keyed (seed, purpose, kind, words)."""
+        fast = self._words_numpy(purpose, kind, words, n)
+        if fast is not None:
+            return torch.from_numpy(fast)
         ws = [_as_words(w, len(self), self.device) for w in words]
-        if self.device.type == "cpu" and self.log is None:
-            return torch.from_numpy(_words_np(self.seeds.numpy(), int(purpose), int(kind), [w.numpy() for w in ws], n))
         h = self._key(purpose, kind, ws)  # (B,)
         if self.log is not None:
             self.log.record(self.seeds, purpose, kind, ws, h, n)
         ctr = torch.arange(1, n + 1, dtype=torch.int64, device=self.device) * _GOLDEN_S  # (n,)
         return mix64(h[:, None] + ctr[None, :])
+
+    def _uniforms(self, purpose: Purpose, kind: Kind, words: tuple, n: int) -> torch.Tensor:
+        """(B, n) float64 uniforms in (0, 1) from ``_words`` (converted in numpy where the words are: exact
+        integer and power-of-two arithmetic, so both paths give the same bits)."""
+        fast = self._words_numpy(purpose, kind, words, n)
+        if fast is not None:
+            return torch.from_numpy(_to_uniform_np(fast))
+        return _to_uniform(self._words(purpose, kind, words, n))
 
     def bits(self, purpose: Purpose, *words, n: int) -> torch.Tensor:
         """(B, n) int64 random words."""
@@ -193,17 +209,27 @@ class NoiseStreams:
 
     def uniform(self, purpose: Purpose, *words, n: int = 1) -> torch.Tensor:
         """(B, n) float64 uniforms in the open interval (0, 1)."""
-        return _to_uniform(self._words(purpose, Kind.UNIFORM, words, n))
+        return self._uniforms(purpose, Kind.UNIFORM, words, n)
 
     def normal(self, purpose: Purpose, *words, shape: tuple[int, ...]) -> torch.Tensor:
         """(B, *shape) float64 standard normals (Box-Muller on counter pairs (2i-1, 2i))."""
         n = math.prod(shape)
         half = (n + 1) // 2
-        u = _to_uniform(self._words(purpose, Kind.NORMAL, words, 2 * half)).view(-1, half, 2)
+        u = self._uniforms(purpose, Kind.NORMAL, words, 2 * half).view(-1, half, 2)
         r = (-2.0 * u[..., 0].log()).sqrt()
         theta = 2.0 * math.pi * u[..., 1]
         z = torch.stack([r * theta.cos(), r * theta.sin()], dim=-1).view(len(self), -1)[:, :n]
         return z.reshape(len(self), *shape)
+
+    def normal_positions(self, purpose: Purpose, *words, positions: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """(B, positions, *shape) float64 normals: entry [:, j - 1] is ``normal(purpose, *words, j, shape=shape)``
+        for j = 1..positions, bit for bit (the same keys), drawn in one batch of B * positions streams (a
+        speculative round's draft noise z_1..z_L in one call instead of L)."""
+        B, n = len(self), positions
+        wide = NoiseStreams(self.seeds.repeat_interleave(n), self.device, self.log)  # (B n,) row b*n + j-1
+        ws = [_as_words(w, B, self.device).repeat_interleave(n) for w in words]
+        j = torch.arange(1, n + 1, dtype=torch.int64, device=self.device).repeat(B)  # (B n,)
+        return wide.normal(purpose, *ws, j, shape=shape).view(B, n, *shape)
 
 
 def _mix64_np(x: np.ndarray) -> np.ndarray:
@@ -228,6 +254,11 @@ def _words_np(seeds: np.ndarray, purpose: int, kind: int, words: list[np.ndarray
             h = _mix64_np(h ^ _mix64_np(w.view(np.uint64) * g + g))
         ctr = np.arange(1, n + 1, dtype=np.uint64) * g  # (n,)
         return _mix64_np(h[:, None] + ctr[None, :]).view(np.int64)
+
+
+def _to_uniform_np(words: np.ndarray) -> np.ndarray:
+    """:func:`_to_uniform` on int64 numpy words, bit for bit."""
+    return ((words.view(np.uint64) >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
 
 
 def _to_uniform(words: torch.Tensor) -> torch.Tensor:

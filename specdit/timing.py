@@ -51,15 +51,30 @@ class TimedModel:
     def __init__(self, model: EpsModel, watch: Stopwatch, name: str = "target"):
         self.model, self.watch, self.name = model, watch, name
         self.sizes: list[int] = []
+        self.seconds: list[float] = []  # each call's seconds, beside its size
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self.model, attr)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> ModelOutput:
+        start = time.perf_counter()
         with self.watch.timed(self.name):
             out = self.model(x, t, y)
+        self.seconds.append(time.perf_counter() - start)
         self.sizes.append(int(x.shape[0]))
         return out
+
+    def clear(self) -> None:
+        """Forget the calls recorded so far (sizes and seconds)."""
+        self.sizes.clear()
+        self.seconds.clear()
+
+    def cost_by_size(self) -> dict[int, float]:
+        """Mean seconds per call by batch size over the recorded calls: c(n) as measured in place."""
+        total: dict[int, list[float]] = {}
+        for n, sec in zip(self.sizes, self.seconds):
+            total.setdefault(n, []).append(sec)
+        return {n: sum(v) / len(v) for n, v in sorted(total.items())}
 
 
 class TimedDrafter:

@@ -10,6 +10,7 @@ Shapes: B chains, L = longest draft in the batch, D = flattened sample size. Cha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -98,11 +99,12 @@ def block_decisions(p: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
     return log_p, h
 
 
-def verify_block(p: Proposal, eta: torch.Tensor, w: torch.Tensor) -> Verdict:
+def verify_block(p: Proposal, eta: torch.Tensor, w: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]) -> Verdict:
     """Block verification: tau = max{j : eta_j <= h_j} (0 if none), keep xh_1..xh_tau and, if
     tau < length, draw the next state from the residual norm(max(0, p_tau q_{tau+1} - p_{tau+1})).
 
-    eta: (B, L) uniforms; w: (B,) uniforms for the residual's coordinate along e. The residual keeps the
+    eta: (B, L) uniforms; w: (B,) uniforms for the residual's coordinate along e, or a function of the rejected
+    rows (R,) returning their (R,) uniforms (drawn only where a residual is sampled). The residual keeps the
     rejected draft xh_{tau+1}'s noise orthogonal to e (exact: see ``coupling.sample_residual``)."""
     B, L, _ = p.x_draft.shape
     log_p, h = block_decisions(p)
@@ -116,6 +118,6 @@ def verify_block(p: Proposal, eta: torch.Tensor, w: torch.Tensor) -> Verdict:
         at = kept[rows]
         state[rows] = coupling.sample_residual(
             _pick(p.m_target[rows], at), _pick(p.m_draft[rows], at), _pick(p.sigma[rows], at),
-            log_p[rows, at], w[rows], _pick(p.x_draft[rows], at),
+            log_p[rows, at], w(rows) if callable(w) else w[rows], _pick(p.x_draft[rows], at),
         )
     return Verdict(state, kept, torch.where(rejected, kept + 1, kept))

@@ -33,9 +33,9 @@ def test_the_cost_model_never_sees_the_outlier():
 
 
 def _timer(values):
-    """A synthetic timer: seconds per call size, one value after another from ``values[n]``."""
+    """A synthetic timer: {n: seconds} for the sizes asked, one value after another from ``values[n]``."""
     seen = {n: iter(v) for n, v in values.items()}
-    return lambda n, repeats: next(seen[n])
+    return lambda sizes, repeats: {n: next(seen[n]) for n in sizes}
 
 
 def test_outliers_are_remeasured_and_the_lowest_median_kept():

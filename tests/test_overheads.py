@@ -64,6 +64,18 @@ def test_numpy_keyed_noise_is_bit_identical_to_torch():
     assert not torch.equal(fast.uniform(Purpose.BLOCK, k, n=4), slow.uniform(Purpose.ACCEPT, k, n=4))  # control
 
 
+def test_draft_noise_of_a_round_in_one_draw_is_the_per_position_draws():
+    """normal_positions (a round's z_1..z_L in one call) gives normal(..., j) for each j, on both paths."""
+    from specdit.noise import DrawLog, NoiseStreams, Purpose, sample_seed
+
+    seeds, k = sample_seed(5, torch.arange(3)), torch.tensor([9, 3, 250])
+    for streams in (NoiseStreams(seeds), NoiseStreams(seeds, log=DrawLog())):
+        z = streams.normal_positions(Purpose.DRAFT, k, positions=4, shape=(2, 3))  # (3, 4, 2, 3)
+        for j in range(1, 5):
+            assert torch.equal(z[:, j - 1], streams.normal(Purpose.DRAFT, k, j, shape=(2, 3)))
+        assert not torch.equal(z[:, 0], z[:, 1])  # control: positions differ
+
+
 def test_profile_round_command_splits_a_round():
     """benchmarks/profile_round.py at a tiny size: the parts add up and every target call is counted."""
     import importlib.util

@@ -19,16 +19,18 @@ def record_round(stats: SampleStats, rows: torch.Tensor, k: torch.Tensor, verdic
                  draft: DraftBatch) -> None:
     """Add one round of chains ``rows`` (R,) (round started at ``k`` (R,)) to the statistics."""
     length = draft.length  # (R,)
-    stats.draft_fallbacks[rows] += draft.fallbacks
     pos = torch.arange(1, int(length.max()) + 1, device=k.device)[None, :]  # (1, Lmax)
     idx = (k[:, None] - pos + 1).clamp_min(0)  # (R, Lmax) state index of each position
     judged = (pos <= torch.minimum(verdict.kept + 1, length)[:, None]).long()  # (R, Lmax)
     kept = (pos <= verdict.kept[:, None]).long()  # (R, Lmax)
-    stats.rounds[rows] += 1
-    stats.target_evals[rows] += length
-    stats.draft_evals[rows] += draft.draft_evals
-    stats.proposed[rows] = stats.proposed[rows].scatter_add(1, idx, judged)
-    stats.accepted[rows] = stats.accepted[rows].scatter_add(1, idx, kept)
+    # rows are distinct chains: index_add_ is +=; (row, idx) pairs repeat only at padding, where 0 is added
+    stats.draft_fallbacks.index_add_(0, rows, draft.fallbacks)
+    stats.rounds.index_add_(0, rows, torch.ones_like(length))
+    stats.target_evals.index_add_(0, rows, length)
+    stats.draft_evals.index_add_(0, rows, draft.draft_evals)
+    at = (rows[:, None].expand_as(idx), idx)
+    stats.proposed.index_put_(at, judged, accumulate=True)
+    stats.accepted.index_put_(at, kept, accumulate=True)
 
 
 class Chains:

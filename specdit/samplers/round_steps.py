@@ -78,31 +78,52 @@ def propose(drafter: Drafter, schedule: Schedule, streams: NoiseStreams, ctx: Dr
     chain's latest target eps (the free drafter's proposal; x itself in the first round). Both verifiers
     are exact for ANY draft kernel N(mh_j, s_j^2 I) whose mean is a finite function of the prefix, and
     whether a draft is replaced depends only on the drafter's output (itself a function of the prefix), so
-    no special acceptance rule is needed. Every state entering the target batch is therefore finite."""
+    no special acceptance rule is needed. Every state entering the target batch is therefore finite.
+
+    The check costs a few operations per position, so a round is first drafted unchecked and checked once
+    as a whole; only a round with an unusable draft is drafted again, checked at every position (the
+    drafter's outputs are functions of its inputs, so both passes see the same drafts up to the first
+    unusable one)."""
     length = draft_lengths(draft_length, ctx.k)  # (B,)
+    Lmax = int(length.max())
     dims, shape, dev = ctx.x.dim() - 1, tuple(ctx.x.shape[1:]), ctx.x.device
-    carry = drafter.start(ctx)
-    fallback = latest_target_eps(ctx)  # (B, *shape) finite
+    kk = (ctx.k[:, None] - torch.arange(Lmax, device=dev)[None, :]).clamp_min(1)  # (B, Lmax) index of step j
+    z = streams.normal_positions(Purpose.DRAFT, ctx.k, positions=Lmax, shape=shape)  # (B, Lmax, *shape)
+    noise = schedule.sigma[kk].view(*kk.shape, *([1] * dims)) * z  # (B, Lmax, *shape) s_j z_j
+    states, means, eps_hats = _draft(drafter, schedule, ctx, kk, noise, None)
     replaced = torch.zeros(ctx.x.shape[0], dtype=torch.int64, device=dev)
+    if unusable_drafts(eps_hats.flatten(0, 1), means.flatten(0, 1)).any():
+        states, means, eps_hats = _draft(drafter, schedule, ctx, kk, noise, (replaced, length))
+    return DraftBatch(states, means, eps_hats, length, replaced, drafter.cost * length)
+
+
+def _draft(drafter: Drafter, schedule: Schedule, ctx: DraftContext, kk: torch.Tensor, noise: torch.Tensor,
+           checked: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draft positions 1..Lmax: states (B, Lmax+1, *shape), means and eps_hat (B, Lmax, *shape). ``kk`` (B, Lmax)
+    state indices, ``noise`` (B, Lmax, *shape) the kernel noise s_j z_j. ``checked``: None, or (replaced (B,),
+    length (B,)) to apply the fallback rule at every position, counting replaced non-padding drafts."""
+    dims, dev = ctx.x.dim() - 1, ctx.x.device
+    t = schedule.timesteps[kk]  # (B, Lmax)
+    carry = drafter.start(ctx)
+    fallback = None if checked is None else latest_target_eps(ctx)  # (B, *shape) finite
     states, means, eps_hats = [ctx.x], [], []
-    for j in range(1, int(length.max()) + 1):
-        kj = (ctx.k - j + 1).clamp_min(1)  # (B,) state index of the step taken at position j
-        eps_hat, new_carry = drafter.step(states[-1], schedule.timesteps[kj], ctx.y, carry)
+    for j in range(1, kk.shape[1] + 1):
+        kj = kk[:, j - 1]  # (B,) state index of the step taken at position j
+        eps_hat, new_carry = drafter.step(states[-1], t[:, j - 1], ctx.y, carry)
         eps_hat = eps_hat.to(device=dev, dtype=torch.float64)
         mean = schedule.step_mean(states[-1], eps_hat, kj)
-        bad = unusable_drafts(eps_hat, mean)  # (B,)
-        if bad.any():
-            eps_hat = torch.where(_rows(bad, dims), fallback, eps_hat)
-            mean = torch.where(_rows(bad, dims), schedule.step_mean(states[-1], fallback, kj), mean)
-            new_carry = keep_finite_carry(carry, new_carry, bad)
-            replaced += (bad & (j <= length)).long()  # padding positions are not counted
+        if checked is not None:
+            bad = unusable_drafts(eps_hat, mean)  # (B,)
+            if bad.any():
+                eps_hat = torch.where(_rows(bad, dims), fallback, eps_hat)
+                mean = torch.where(_rows(bad, dims), schedule.step_mean(states[-1], fallback, kj), mean)
+                new_carry = keep_finite_carry(carry, new_carry, bad)
+                checked[0].add_((bad & (j <= checked[1])).long())  # padding positions are not counted
         carry = new_carry
-        z = streams.normal(Purpose.DRAFT, ctx.k, j, shape=shape)  # (B, *shape)
-        states.append(mean + _rows(schedule.sigma[kj], dims) * z)
+        states.append(mean + noise[:, j - 1])
         means.append(mean)
         eps_hats.append(eps_hat)
-    return DraftBatch(torch.stack(states, 1), torch.stack(means, 1), torch.stack(eps_hats, 1), length, replaced,
-                      drafter.cost * length)
+    return torch.stack(states, 1), torch.stack(means, 1), torch.stack(eps_hats, 1)
 
 
 def score(model: EpsModel, schedule: Schedule, draft: DraftBatch, k: torch.Tensor,
@@ -113,9 +134,35 @@ def score(model: EpsModel, schedule: Schedule, draft: DraftBatch, k: torch.Tenso
     NaN/inf (the round loop renames the row to the sample's index)."""
     states, length = draft.states, draft.length
     B, Lmax, dev = states.shape[0], states.shape[1] - 1, states.device
-    pos = torch.arange(Lmax, device=dev)[None, :]  # (1, Lmax)
-    items = pos < length[:, None]  # (B, Lmax) which (chain, position) pairs are evaluated
-    kk = (k[:, None] - pos).clamp_min(1)  # (B, Lmax) state index of item j: k - j
+    kk = (k[:, None] - torch.arange(Lmax, device=dev)[None, :]).clamp_min(1)  # (B, Lmax) state index k - j
+    if int(length.min()) == Lmax:  # every position evaluated (the usual round): no gather, no scatter
+        eps, feats = _score_all(model, schedule, states, kk, y)
+    else:
+        eps, feats = _score_items(model, schedule, states, kk, y, length)
+    flat_x, flat_e, flat_k = states[:, :Lmax].flatten(0, 1), eps.flatten(0, 1), kk.flatten()
+    means = schedule.step_mean(flat_x, flat_e, flat_k)
+    x0 = schedule.predicted_x0(flat_x, flat_e, flat_k).view(eps.shape)  # for the frozen-x0 drafter
+    return TargetScores(eps, means.view(eps.shape), feats, x0)
+
+
+def _score_all(model: EpsModel, schedule: Schedule, states: torch.Tensor, kk: torch.Tensor,
+               y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The target on all B * Lmax items, in (chain, position) order: eps (B, Lmax, *shape), features or None."""
+    B, Lmax = kk.shape
+    yy = None if y is None else y.repeat_interleave(Lmax)  # (B Lmax,)
+    rows = torch.arange(B, device=kk.device).repeat_interleave(Lmax)  # chain row of each item
+    out = call_model(model, states[:, :Lmax].flatten(0, 1), schedule.timesteps[kk].flatten(), yy,
+                     steps=kk.flatten(), rows=rows)
+    feats = None if out.features is None else out.features.view(B, Lmax, *out.features.shape[1:])
+    return out.eps.view(B, Lmax, *states.shape[2:]), feats
+
+
+def _score_items(model: EpsModel, schedule: Schedule, states: torch.Tensor, kk: torch.Tensor,
+                 y: torch.Tensor | None, length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The target on the items j < L_b only; eps (B, Lmax, *shape) and features are 0 at padding."""
+    B, Lmax = kk.shape
+    dev = kk.device
+    items = torch.arange(Lmax, device=dev)[None, :] < length[:, None]  # (B, Lmax) evaluated pairs
     yy = None if y is None else y[:, None].expand(B, Lmax)[items]
     rows = torch.arange(B, device=dev)[:, None].expand(B, Lmax)[items]  # chain row of each item
     out = call_model(model, states[:, :Lmax][items], schedule.timesteps[kk[items]], yy, steps=kk[items], rows=rows)
@@ -125,10 +172,7 @@ def score(model: EpsModel, schedule: Schedule, draft: DraftBatch, k: torch.Tenso
     if out.features is not None:
         feats = torch.zeros(B, Lmax, *out.features.shape[1:], dtype=out.features.dtype, device=dev)
         feats[items] = out.features
-    flat_x, flat_e, flat_k = states[:, :Lmax].flatten(0, 1), eps.flatten(0, 1), kk.flatten()
-    means = schedule.step_mean(flat_x, flat_e, flat_k)
-    x0 = schedule.predicted_x0(flat_x, flat_e, flat_k).view(eps.shape)  # for the frozen-x0 drafter
-    return TargetScores(eps, means.view(eps.shape), feats, x0)
+    return eps, feats
 
 
 def verify(schedule: Schedule, streams: NoiseStreams, k: torch.Tensor, draft: DraftBatch, scores: TargetScores,
@@ -156,8 +200,8 @@ def verify(schedule: Schedule, streams: NoiseStreams, k: torch.Tensor, draft: Dr
         return verify_token(proposal, log_u)
     if verification == "block":
         eta = streams.uniform(Purpose.BLOCK, k, n=Lmax)  # (B, Lmax)
-        w = streams.uniform(Purpose.RESIDUAL_COORD, k, n=1)[:, 0]  # (B,)
-        return verify_block(proposal, eta, w)
+        # the residual's uniform, keyed by (seed, k): drawn only for the rows that reject
+        return verify_block(proposal, eta, lambda rows: streams.subset(rows).uniform(Purpose.RESIDUAL_COORD, k[rows], n=1)[:, 0])
     raise ValueError(f"verification must be 'token' or 'block', got {verification!r}")
 
 
