@@ -85,6 +85,7 @@ MODES = ("table", "latency", "throughput")
 
 
 def _mode(mode: str) -> str:
+    """``--mode`` checked (ValueError naming the option: exit 2); returns it."""
     if mode not in MODES:
         raise ValueError(f"--mode must be table, latency or throughput, got {mode!r}")
     return mode
