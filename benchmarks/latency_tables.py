@@ -80,16 +80,28 @@ def main(argv=None) -> None:
     ap.add_argument("--draft-lengths", default="2,4,6,8")
     ap.add_argument("--repeats", type=int, default=8, help="latency seeds (throughput: a third of it, >= 2)")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="the most torch threads a variant uses (default: all cores; ddpm tries 1..threads)")
     ap.add_argument("--out", type=Path, default=Path("docs/latency"))
+    ap.add_argument("--modes", default="latency,throughput",
+                    help="which tables to (re)make; a mode left out keeps its JSON in --out, tables.md is made from both")
     a = ap.parse_args(argv)
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"latency", "throughput"}:
+        ap.error(f"--modes takes latency and/or throughput, got {a.modes!r}")
     a.out.mkdir(parents=True, exist_ok=True)
     base = SamplerConfig(steps=a.steps, cfg_scale=a.cfg_scale, precision=a.precision, drafter=a.drafter).validate()
     lengths = [int(v) for v in a.draft_lengths.split(",")]
     parts = []
     for mode, repeats in (("latency", a.repeats), ("throughput", max(2, a.repeats // 3))):
+        path = a.out / f"{mode}.json"
+        if mode not in modes:
+            if path.is_file():
+                parts.append(markdown(json.loads(path.read_text())))
+            continue
         print(f"{mode}: load average {os.getloadavg()[0]:.2f}", flush=True)
-        rep = run_timing_bench(BenchPlan(a.model, base, [a.drafter], lengths, mode, repeats), on_note=print)
-        (a.out / f"{mode}.json").write_text(json.dumps(rep, indent=1))
+        rep = run_timing_bench(BenchPlan(a.model, base, [a.drafter], lengths, mode, repeats, threads=a.threads), on_note=print)
+        path.write_text(json.dumps(rep, indent=1))
         parts.append(markdown(rep))
         if mode == "latency":
             plot(rep, a.out / "batch-cost.png")
@@ -97,6 +109,7 @@ def main(argv=None) -> None:
 
     rows = profile(["--model", a.model, "--steps", str(a.steps), "--cfg-scale", str(a.cfg_scale), "--drafter",
                     a.drafter, "--draft-length", str(lengths[len(lengths) // 2]), "--seeds", "2",
+                    *(["--threads", str(a.threads)] if a.threads else []),
                     "--json", str(a.out / "profile.json")])
     parts.append("\n".join(f"profile {r['sampler']} L={r['draft_length']}: {1e3 * r['seconds_per_sample']:.0f} ms/sample,"
                            f" outside the networks {100 * r['rest_share']:.1f}%" for r in rows))

@@ -211,11 +211,12 @@ def drafter_fingerprint(spec: str, model_name: str | None) -> str:
 
 
 def plan_key(model_name: str, config: SamplerConfig, device: str, batch: int) -> dict:
-    """What a stored schedule is keyed by."""
+    """What a stored schedule is keyed by (the costs it was planned from depend on the torch thread count
+    too: the key takes the current one)."""
     return {"model": model_name, "drafter": drafter_fingerprint(config.drafter, model_name),
             "device": device_name(device), "steps": config.steps, "eta": config.eta, "cfg_scale": config.cfg_scale,
             "cfg_channels": config.cfg_channels, "verify": config.verify, "precision": config.precision,
-            "batch": batch}
+            "batch": batch, "threads": torch.get_num_threads()}
 
 
 def key_file(key: dict) -> Path:

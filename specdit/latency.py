@@ -7,9 +7,11 @@ the paired speed-up against the best plain sampler (``ddpm`` at the thread count
 median latency), median over seeds with a bootstrap 95% interval. Throughput (batch 64): each variant
 samples one batch per repeat, order rotated per repeat; samples/s and the paired speed-up.
 
-Contention: a variant's repeats should cost the same per unit of work (per round: plain steps, or rounds of
-the speculative sampler); if they spread by more than ``MAX_SPREAD`` ((max - min) / median) the variant is
-flagged ``unstable`` and its speed-up is not reported. Every variant's networks are timed in place
+Contention: a variant's repeats should take the same time per unit of work. The work of a run is what the cost
+model says it costs (``predicted_wall``: its target calls at the measured c(n), its drafter steps, its rounds),
+so a run's *speed index* is wall / predicted wall: the same for every repeat on a steady machine, whatever
+its seed's mix of call sizes, rejections and rounds. If a variant's speed indices spread by more than
+``MAX_SPREAD`` ((max - min) / median) it is flagged ``unstable`` and its speed-up is not reported. Every variant's networks are timed in place
 (``specdit.timing``) to measure the drafter's cost d and the sampler's own work v per round; with the
 target's batch-cost curve c(n) these give the predicted speed-up (``specdit.costmodel``).
 """
@@ -66,8 +68,10 @@ class VariantResult:
     def walls(self) -> list[float]:
         return [r.wall for r in self.runs]
 
-    def spread(self) -> float:
-        return spread([r.wall / max(1, r.rounds) for r in self.runs])
+    def speed_index(self, curve: dict[int, float]) -> list[float]:
+        """Per run: wall / the cost model's wall for its work (c(n) from ``curve``, d and v from these runs)."""
+        d, own, _ = parts(self)
+        return [r.wall / predicted_wall(r, curve, d, own) for r in self.runs]
 
     def pe(self) -> float:
         return sum(r.steps * r.samples for r in self.runs) / max(1, sum(r.rounds * r.samples for r in self.runs))
@@ -220,6 +224,7 @@ def summarize(results: list[VariantResult], curves: dict, seed: int = 0,
     ref = reference(results, reference_name)
     ref_curve = curves[(_curve_key(ref.variant.config), ref.variant.threads)]
     _, _, p_ref = parts(ref)
+    ref_spread = spread(ref.speed_index(ref_curve))
     rows = []
     for res in results:
         v = res.variant
@@ -227,7 +232,8 @@ def summarize(results: list[VariantResult], curves: dict, seed: int = 0,
         d, own, _ = parts(res)
         ratios = [a.wall / b.wall for a, b in zip(ref.runs, res.runs)]
         pred = [r.steps * (_call(ref_curve, r.samples) + p_ref) / predicted_wall(r, curve, d, own) for r in res.runs]
-        sp = res.spread()
+        index = res.speed_index(curve)
+        sp = spread(index)
         per_sample = [r.wall / r.samples for r in res.runs]
         lo, hi = bootstrap_median_ci(ratios, seed)
         rows.append({
@@ -238,7 +244,8 @@ def summarize(results: list[VariantResult], curves: dict, seed: int = 0,
             "speedup": statistics.median(ratios), "speedup_ci95": [lo, hi], "predicted_speedup": statistics.median(pred),
             "parallel_efficiency": res.pe(), "drafter_s_per_step": d, "own_s_per_round": own,
             "target_cost_in_run": in_run_cost(res),
-            "spread": sp, "unstable": sp > MAX_SPREAD or ref.spread() > MAX_SPREAD, "reference": res is ref,
+            "walls_s": res.walls, "speed_index": index,
+            "spread": sp, "unstable": sp > MAX_SPREAD or ref_spread > MAX_SPREAD, "reference": res is ref,
         })
     return rows
 
@@ -282,10 +289,11 @@ def break_even(rows: list[dict], curves: dict, results: list[VariantResult]) -> 
 
 def build_variants(base: SamplerConfig, drafters: list[str], lengths: list[int], threads: int, cores: int,
                    auto: "tuple[SamplerConfig, str] | None" = None) -> list[Variant]:
-    """``ddpm`` at 1..cores threads (the best is the reference), speculative with each drafter and L at
-    ``threads``, and the auto-planned config (``auto``: (config, its one-line description))."""
+    """``ddpm`` at 1..``threads`` threads (the best is the reference; ``threads`` <= ``cores``: the most any
+    variant may use), speculative with each drafter and L at ``threads``, and the auto-planned config
+    (``auto``: (config, its one-line description))."""
     out = [Variant(f"ddpm t={t}", replace(base, sampler="ddpm", draft_schedule=None).validate(), t)
-           for t in range(1, cores + 1)]
+           for t in range(1, min(threads, cores) + 1)]
     for drafter in drafters:
         for L in lengths:
             cfg = replace(base, sampler="speculative", drafter=drafter, draft_length=L, draft_schedule=None).validate()
@@ -306,7 +314,7 @@ class BenchPlan:
     mode: str = "latency"  # latency (batch 1, one chain per seed) | throughput (one batch per repeat)
     repeats: int = 8  # seeds (latency) or repeats (throughput)
     batch: int = 64  # throughput batch
-    threads: int | None = None  # speculative variants' threads (default: all cores)
+    threads: int | None = None  # the most threads a variant uses (default: all cores); ddpm tries 1..threads
     device: str = "cpu"
     seed: int = 0
     auto: bool = True

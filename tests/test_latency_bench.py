@@ -180,3 +180,30 @@ def test_bench_latency_command(tmp_path, monkeypatch):
     assert all(r["repeats"] == 2 for r in rep["rows"])
     bad = CliRunner().invoke(app, ["bench", "--mode", "latncy", "--model", "gmm-2d"])
     assert bad.exit_code == 2 and "latency" in bad.output
+
+
+def _spec_run(sizes: list[int], slow: float = 1.0, c=lambda n: 0.01 + 0.004 * n, d=1e-4, v=2e-3):
+    """A speculative run whose target calls (``sizes``) cost c(n), its drafter d per draft step, its rounds v;
+    ``slow`` stretches the whole run (a contended repeat)."""
+    from specdit.latency import Run
+
+    target = sum(c(n) for n in sizes)
+    drafts = sum(sizes)
+    wall = slow * (target + drafts * d + len(sizes) * v)
+    return Run(wall, len(sizes), 250, 1, sizes, slow * target, slow * drafts * d, drafts)
+
+
+def test_speed_index_ignores_the_work_mix_and_flags_a_slowed_repeat():
+    """Repeats of one speculative variant differ in rounds and call sizes (seed-dependent acceptance): their
+    wall per round spreads by far more than 20% on a steady machine, their speed index (wall / cost-model
+    wall) does not; one repeat slowed by 1.4x (contention) is flagged (negative control)."""
+    from specdit.latency import Variant, VariantResult
+
+    curve = {n: 0.01 + 0.004 * n for n in (1, 2, 4, 8)}
+    mixes = [[8] * 20 + [1] * 30, [8] * 40, [8] * 10 + [2] * 60, [4] * 50]
+    steady = VariantResult(Variant("spec", SamplerConfig(), 1), [_spec_run(m) for m in mixes])
+    assert spread([r.wall / r.rounds for r in steady.runs]) > 0.2  # the old per-round measure would flag it
+    assert spread(steady.speed_index(curve)) < 1e-9
+    slowed = VariantResult(Variant("spec", SamplerConfig(), 1),
+                           [_spec_run(m, 1.4 if i == 2 else 1.0) for i, m in enumerate(mixes)])
+    assert spread(slowed.speed_index(curve)) > 0.2

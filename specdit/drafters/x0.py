@@ -34,18 +34,22 @@ class FrozenX0Drafter:
     cost = 0
 
     def __init__(self, training: TrainingSchedule):
-        self.abar = alphas_cumprod_of(training)  # (T,) float64, abar_t for t = 0..T-1
+        abar = alphas_cumprod_of(training)  # (T,) float64, abar_t for t = 0..T-1
+        self.signal, self.noise = abar.sqrt(), (1 - abar).sqrt()  # (T,) sqrt(abar_t), sqrt(1 - abar_t)
         self.prediction_type = training.prediction_type  # the output is in the target's own parametrisation
 
-    def start(self, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x0_hat (B, *shape) float64, has_last (B,) bool, fallback eps (B, *shape)) for the round."""
+    def start(self, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(x0_hat (B, *shape) float64, has_last (B,) bool or None when every chain has one, fallback eps
+        (B, *shape)) for the round."""
         x0 = ctx.x.double() if ctx.last_x0 is None else ctx.last_x0.double()
-        return x0, ctx.has_last, latest_target_eps(ctx)
+        has_last = None if bool(ctx.has_last.all()) else ctx.has_last
+        return x0, has_last, latest_target_eps(ctx)
 
     def step(self, x, t, y, carry):
         x0, has_last, fallback = carry
-        abar = self.abar.to(x.device)[t].view(-1, *([1] * (x.dim() - 1)))  # (B, 1, ...) t >= 0 at every step
-        signal, noise = abar.sqrt(), (1 - abar).sqrt()
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        signal = self.signal.to(x.device)[t].view(shape)  # (B, 1, ...) t >= 0 at every step
+        noise = self.noise.to(x.device)[t].view(shape)
         eps = (x.double() - signal * x0) / noise  # (B, *shape)
         if self.prediction_type == "sample":
             out = x0.expand_as(eps)
@@ -53,5 +57,6 @@ class FrozenX0Drafter:
             out = signal * eps - noise * x0  # v = sqrt(abar) eps - sqrt(1 - abar) x0
         else:
             out = eps
-        mask = has_last.view(-1, *([1] * (x.dim() - 1)))
-        return torch.where(mask, out, fallback), carry
+        if has_last is None:
+            return out, carry
+        return torch.where(has_last.view(shape), out, fallback), carry
