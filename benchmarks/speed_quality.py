@@ -200,9 +200,10 @@ def latency(model, variants: list[Variant], args) -> tuple[list[dict], dict]:
                   f"about {_minutes(el / done[0] * (total - done[0]))} left", flush=True)
 
     env = lat.environment()
-    results = lat.run_paired(runner, lv, args.seeds, 1, args.seed, progress)
-    sizes = tuple(sorted({1, 2, 4, args.draft_length}))
-    curves = lat.cost_curves(runner, lv, sizes, repeats=3)
+    curves = lat.InterleavedCurves(runner, lv, tuple(sorted({1, 2, 4, args.draft_length})))
+    results = lat.run_paired(runner, lv, args.seeds, 1, args.seed, progress, curves.time_pass)
+    curves.time_pass()
+    curves = curves.curves(repeats=3)
     return lat.summarize(results, curves, args.seed, reference_name="ddpm"), env
 
 

@@ -10,8 +10,11 @@ samples one batch per repeat, order rotated per repeat; samples/s and the paired
 Contention: a variant's repeats should take the same time per unit of work. The work of a run is what the cost
 model says it costs (``predicted_wall``: its target calls at the measured c(n), its drafter steps, its rounds),
 so a run's *speed index* is wall / predicted wall: the same for every repeat on a steady machine, whatever
-its seed's mix of call sizes, rejections and rounds. If a variant's speed indices spread by more than
-``MAX_SPREAD`` ((max - min) / median) it is flagged ``unstable`` and its speed-up is not reported. Every variant's networks are timed in place
+its seed's mix of call sizes, rejections and rounds. Each index is divided by the median index of its repeat
+(the variants of a repeat run back to back: the machine's slow drift divides out, ``paired_speed_index``).
+If a variant's indices spread by more than ``MAX_SPREAD`` ((max - min) / median) it is flagged ``unstable``
+and its speed-up is not reported. The small sizes of c(n) are timed between the repeats
+(:class:`InterleavedCurves`), so the prediction meets the machine in the runs' states. Every variant's networks are timed in place
 (``specdit.timing``) to measure the drafter's cost d and the sampler's own work v per round; with the
 target's batch-cost curve c(n) these give the predicted speed-up (``specdit.costmodel``).
 """
@@ -25,13 +28,14 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from specdit.config import SamplerConfig
-from specdit.costmodel import CostModel, break_even_batch, measure_call_costs
+from specdit.costmodel import CostModel, break_even_batch, measure_call_costs, monotone, round_robin_seconds
 from specdit.noise import NoiseStreams, sample_seed
 from specdit.stability import MAX_SPREAD, spread
 from specdit.timing import Stopwatch, TimedDrafter, TimedModel
 
 BOOTSTRAP = 2000
 CURVE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256)
+INTERLEAVED_MAX = 16  # sizes up to this are timed between the repeats (InterleavedCurves)
 
 
 @dataclass
@@ -148,10 +152,11 @@ def rotated(items: list, i: int) -> list:
 
 
 def run_paired(runner: Runner, variants: list[Variant], repeats: int, batch: int, base_seed: int = 0,
-               progress=None) -> list[VariantResult]:
+               progress=None, between=None) -> list[VariantResult]:
     """Every variant on the same chains, ``repeats`` times, the order rotated per repeat. ``batch`` = 1:
     repeat i is the chain of seed i (latency); otherwise every repeat samples the same ``batch`` chains
-    (throughput). One untimed warm-up run per variant first. ``progress()`` is called after each run."""
+    (throughput). One untimed warm-up run per variant first. ``progress()`` is called after each run,
+    ``between()`` before each repeat (e.g. :meth:`InterleavedCurves.time_pass`)."""
     results = {v.name: VariantResult(v) for v in variants}
     warm = sample_seed(base_seed + 1, torch.arange(batch))
     for v in variants:
@@ -159,11 +164,46 @@ def run_paired(runner: Runner, variants: list[Variant], repeats: int, batch: int
     for i in range(repeats):
         idx = torch.tensor([i]) if batch == 1 else torch.arange(batch)
         seeds = sample_seed(base_seed, idx)
+        if between is not None:
+            between()
         for v in rotated(variants, i):
             results[v.name].runs.append(runner.run(v, seeds, idx))
             if progress is not None:
                 progress()
     return [results[v.name] for v in variants]
+
+
+class InterleavedCurves:
+    """c(n) for the small sizes a batch-1 round uses (n <= ``INTERLEAVED_MAX``), timed in passes between the
+    repeats of :func:`run_paired` (one call per size and pass, round-robin), so that the curve sees the machine
+    in the same states as the runs it predicts (a curve timed apart, after the runs, met another machine
+    speed on this VM: c(1) 16 ms against 10.8 ms in the runs). :meth:`curves` adds the larger sizes, timed
+    at the end, and makes each curve non-decreasing."""
+
+    def __init__(self, runner: Runner, variants: list[Variant], sizes: tuple[int, ...] = CURVE_SIZES):
+        self.runner, self.sizes = runner, sizes
+        self.small = tuple(n for n in sizes if n <= INTERLEAVED_MAX)
+        self.keyed = {}  # (curve key, threads) -> a variant with those networks
+        for v in variants:
+            self.keyed.setdefault((_curve_key(v.config), v.threads), v)
+        self.seconds = {key: {n: [] for n in self.small} for key in self.keyed}
+
+    def time_pass(self) -> None:
+        """One call per small size and curve, round-robin."""
+        for key, v in self.keyed.items():
+            target = self.runner.networks(v)[0].model  # untimed
+            torch.set_num_threads(v.threads)
+            for n, sec in round_robin_seconds(target, self.small, 1, self.runner.device).items():
+                self.seconds[key][n].append(sec)
+
+    def curves(self, repeats: int = 5) -> dict[tuple[str, int], dict[int, float]]:
+        large = cost_curves(self.runner, list(self.keyed.values()), tuple(n for n in self.sizes
+                                                                          if n not in self.small), repeats)
+        out = {}
+        for key, per in self.seconds.items():
+            small = {n: statistics.median(v) for n, v in per.items() if v}
+            out[key] = monotone({**large.get(key, {}), **small})
+        return out
 
 
 def cost_curves(runner: Runner, variants: list[Variant], sizes: tuple[int, ...] = CURVE_SIZES,
@@ -175,7 +215,7 @@ def cost_curves(runner: Runner, variants: list[Variant], sizes: tuple[int, ...] 
         if key not in out:
             target = runner.networks(v)[0].model  # untimed
             torch.set_num_threads(v.threads)
-            out[key] = measure_call_costs(target, sizes, repeats, runner.device)
+            out[key] = measure_call_costs(target, sizes, repeats, runner.device) if sizes else {}
     return out
 
 
@@ -224,7 +264,8 @@ def summarize(results: list[VariantResult], curves: dict, seed: int = 0,
     ref = reference(results, reference_name)
     ref_curve = curves[(_curve_key(ref.variant.config), ref.variant.threads)]
     _, _, p_ref = parts(ref)
-    ref_spread = spread(ref.speed_index(ref_curve))
+    index = paired_speed_index(results, curves)
+    ref_spread = spread(index[ref.variant.name])
     rows = []
     for res in results:
         v = res.variant
@@ -232,8 +273,7 @@ def summarize(results: list[VariantResult], curves: dict, seed: int = 0,
         d, own, _ = parts(res)
         ratios = [a.wall / b.wall for a, b in zip(ref.runs, res.runs)]
         pred = [r.steps * (_call(ref_curve, r.samples) + p_ref) / predicted_wall(r, curve, d, own) for r in res.runs]
-        index = res.speed_index(curve)
-        sp = spread(index)
+        sp = spread(index[v.name])
         per_sample = [r.wall / r.samples for r in res.runs]
         lo, hi = bootstrap_median_ci(ratios, seed)
         rows.append({
@@ -244,10 +284,21 @@ def summarize(results: list[VariantResult], curves: dict, seed: int = 0,
             "speedup": statistics.median(ratios), "speedup_ci95": [lo, hi], "predicted_speedup": statistics.median(pred),
             "parallel_efficiency": res.pe(), "drafter_s_per_step": d, "own_s_per_round": own,
             "target_cost_in_run": in_run_cost(res),
-            "walls_s": res.walls, "speed_index": index,
+            "walls_s": res.walls, "speed_index": index[v.name],
             "spread": sp, "unstable": sp > MAX_SPREAD or ref_spread > MAX_SPREAD, "reference": res is ref,
         })
     return rows
+
+
+def paired_speed_index(results: list[VariantResult], curves: dict) -> dict[str, list[float]]:
+    """Per variant and repeat: the run's speed index (:meth:`VariantResult.speed_index`) divided by the median
+    index of all variants in the same repeat. The variants of a repeat run back to back, so a slow drift of
+    the machine's speed (seen here: the same ddpm chain 2.5 s to 3.5 s over minutes, nothing else running)
+    divides out, while contention that hits one run stands out."""
+    raw = {r.variant.name: r.speed_index(curves[(_curve_key(r.variant.config), r.variant.threads)]) for r in results}
+    repeats = min(len(v) for v in raw.values())
+    med = [statistics.median(v[i] for v in raw.values()) for i in range(repeats)]
+    return {name: [x / m for x, m in zip(v, med)] for name, v in raw.items()}
 
 
 def in_run_cost(res: VariantResult) -> dict[str, float]:
@@ -357,8 +408,10 @@ def run_timing_bench(plan: BenchPlan, base=None, progress=None, on_note=None) ->
     variants = build_variants(plan.base, plan.drafters, plan.lengths, threads, cores, auto)
     env = environment()
     runner = Runner(base, plan.model, plan.device)
-    results = run_paired(runner, variants, plan.repeats, batch, plan.seed, progress)
-    curves = cost_curves(runner, variants)
+    interleaved = InterleavedCurves(runner, variants)
+    results = run_paired(runner, variants, plan.repeats, batch, plan.seed, progress, interleaved.time_pass)
+    interleaved.time_pass()
+    curves = interleaved.curves()
     rows = summarize(results, curves, plan.seed)
     report = {"mode": plan.mode, "model": plan.model, "batch": batch, "steps": plan.base.steps,
               "cfg_scale": plan.base.cfg_scale, "precision": plan.base.precision, "environment": env,
