@@ -328,7 +328,7 @@ def break_even(rows: list[dict], curves: dict, results: list[VariantResult]) -> 
     curve = curves[(_curve_key(res.variant.config), res.variant.threads)]
     ref = reference(results)
     _, _, p_ref = parts(ref)
-    scale = _call(curve, res.runs[0].samples)
+    scale = _call(curve, res.runs[0].samples) / _call(curve, 1)  # d, v, p at this batch -> per chain at batch 1
     costs = CostModel(curve, row["drafter_s_per_step"] / scale, row["own_s_per_round"] / scale, p_ref / scale,
                       res.variant.threads)
     pe = {r["config"].get("draft_length", SamplerConfig().draft_length): r["parallel_efficiency"]

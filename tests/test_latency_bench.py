@@ -207,3 +207,21 @@ def test_speed_index_ignores_the_work_mix_and_flags_a_slowed_repeat():
     slowed = VariantResult(Variant("spec", SamplerConfig(), 1),
                            [_spec_run(m, 1.4 if i == 2 else 1.0) for i, m in enumerate(mixes)])
     assert spread(slowed.speed_index(curve)) > 0.2
+
+
+def test_break_even_of_a_batch_1_run_that_pays_is_above_1():
+    """A batch-1 run whose speculative variant is faster (sub-linear c(n)) breaks even at a batch > 1: d, v and p
+    measured at batch 1 enter the cost model as they are (they were divided by c(1) in seconds once, which
+    read a 25 ms round as 0.4 s and put the break-even at batch 1)."""
+    from specdit.latency import Run, Variant, VariantResult, break_even, summarize
+
+    c = lambda n: 0.01 + 0.002 * n  # noqa: E731  sub-linear at small n: speculation pays at batch 1
+    curve = {n: c(n) for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)}
+    plain = Run(250 * (c(1) + 5e-4), 250, 250, 1, [1] * 250, 250 * c(1), 0.0, 0)
+    ddpm = VariantResult(Variant("ddpm t=1", SamplerConfig(sampler="ddpm"), 1), [plain, plain])
+    spec_cfg = SamplerConfig(draft_length=4)
+    spec = VariantResult(Variant("spec", spec_cfg, 1), [_spec_run([4] * 80, c=c), _spec_run([4] * 80, c=c)])
+    curves = {(f"{cfg.precision}/cfg{cfg.cfg_scale}/{cfg.cfg_channels}", 1): curve for cfg in (spec_cfg,)}
+    rows = summarize([ddpm, spec], curves)
+    assert rows[1]["speedup"] > 1.2
+    assert break_even(rows, curves, [ddpm, spec])["batch"] > 1
