@@ -92,3 +92,16 @@ def test_profile_round_command_splits_a_round():
     assert spec_row["drafter_s"] > 0 and spec_row["rounds"] >= 2
     for r in rows:
         assert abs(r["target_s"] + r["drafter_s"] + r["rest_s"] - r["seconds_per_sample"]) < 1e-9
+
+
+def test_thread_jitter_command_times_identical_chains():
+    """benchmarks/thread_jitter.py at a tiny size: one list of walls per thread count, all positive."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "thread_jitter.py"
+    spec = importlib.util.spec_from_file_location("thread_jitter", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--threads", "1", "--runs", "3", "--steps", "3"])
+    assert list(out) == [1] and len(out[1]) == 3 and min(out[1]) > 0
