@@ -105,3 +105,37 @@ def test_thread_jitter_command_times_identical_chains():
     spec.loader.exec_module(mod)
     out = mod.main(["--threads", "1", "--runs", "3", "--steps", "3"])
     assert list(out) == [1] and len(out[1]) == 3 and min(out[1]) > 0
+
+
+def _newton_iterations(log_c, d, w, monkeypatch):
+    """Newton iterations of sample_residual_coordinate for each row alone (counting log G evaluations)."""
+    calls, original = [0], C._log_residual_cdf
+
+    def counted(*a):
+        calls[0] += 1
+        return original(*a)
+
+    monkeypatch.setattr(C, "_log_residual_cdf", counted)
+    out = []
+    for i in range(len(d)):
+        calls[0] = 0
+        C.sample_residual_coordinate(log_c[i:i + 1], d[i:i + 1], w[i:i + 1])
+        out.append(calls[0] - 1)  # one evaluation is log(w R)
+    return out
+
+
+def test_newton_stops_when_rounding_stalls_it(monkeypatch):
+    """Typical residual draws (c = 1 or below, small gaps d): F's rounding bounces some rows between floats
+    ~1e-14 apart; the stall rule ends them in a few iterations, still at float64 accuracy against the
+    bisection. Negative control: without the stall rule (NEWTON_STALL = 0) rows run to the 40-iteration cap."""
+    g = torch.Generator().manual_seed(1)
+    n = 400
+    log_c = torch.where(torch.rand(n, generator=g) < 0.5, torch.zeros(n, dtype=torch.float64),
+                        -torch.rand(n, generator=g, dtype=torch.float64))
+    d = 0.02 + 0.5 * torch.rand(n, generator=g, dtype=torch.float64)
+    w = torch.rand(n, generator=g, dtype=torch.float64)
+    assert max(_newton_iterations(log_c, d, w, monkeypatch)) < 20
+    u = C.sample_residual_coordinate(log_c, d, w)
+    assert _disagreement(u, C.sample_residual_coordinate_bisection(log_c, d, w), log_c, d) < 1e-12
+    monkeypatch.setattr(C, "NEWTON_STALL", 0.0)
+    assert sum(i >= C.NEWTON_MAX_ITERS for i in _newton_iterations(log_c, d, w, monkeypatch)) > 10
