@@ -151,8 +151,8 @@ def resolve_auto(config: SamplerConfig, model_name: str, device: str = "cpu", ba
     if plan is None:
         if not calibrate_missing:
             raise ValueError(f"no draft-length calibration for {model_name} (drafter {config.drafter}, "
-                             f"{config.steps} steps, batch {batch}, {torch.get_num_threads()} threads) on this device: run "
-                             "specdit calibrate first")
+                             f"{config.steps} steps, batch {batch}, {torch.get_num_threads()} threads) on this "
+                             "device: run specdit calibrate first")
         plan = calibrate(model_name, config, device=device, batch=batch, base=base)
     return plan.apply(config), plan
 

@@ -14,9 +14,9 @@ its seed's mix of call sizes, rejections and rounds. Each index is divided by th
 (the variants of a repeat run back to back: the machine's slow drift divides out, ``paired_speed_index``).
 If a variant's indices spread by more than ``MAX_SPREAD`` ((max - min) / median) it is flagged ``unstable``
 and its speed-up is not reported. The small sizes of c(n) are timed between the repeats
-(:class:`InterleavedCurves`), so the prediction meets the machine in the runs' states. Every variant's networks are timed in place
-(``specdit.timing``) to measure the drafter's cost d and the sampler's own work v per round; with the
-target's batch-cost curve c(n) these give the predicted speed-up (``specdit.costmodel``).
+(:class:`InterleavedCurves`), so the prediction meets the machine in the runs' states. Every variant's
+networks are timed in place (``specdit.timing``) to measure the drafter's cost d and the sampler's own work v
+per round; with the target's batch-cost curve c(n) these give the predicted speed-up (``specdit.costmodel``).
 """
 from __future__ import annotations
 

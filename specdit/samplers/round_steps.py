@@ -201,7 +201,10 @@ def verify(schedule: Schedule, streams: NoiseStreams, k: torch.Tensor, draft: Dr
     if verification == "block":
         eta = streams.uniform(Purpose.BLOCK, k, n=Lmax)  # (B, Lmax)
         # the residual's uniform, keyed by (seed, k): drawn only for the rows that reject
-        return verify_block(proposal, eta, lambda rows: streams.subset(rows).uniform(Purpose.RESIDUAL_COORD, k[rows], n=1)[:, 0])
+        def residual_uniform(rows: torch.Tensor) -> torch.Tensor:  # (R,) for the rejecting rows, keyed (seed, k)
+            return streams.subset(rows).uniform(Purpose.RESIDUAL_COORD, k[rows], n=1)[:, 0]
+
+        return verify_block(proposal, eta, residual_uniform)
     raise ValueError(f"verification must be 'token' or 'block', got {verification!r}")
 
 
