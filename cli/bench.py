@@ -246,7 +246,7 @@ def calibrate(
     c = plan.costs
     typer.echo(f"cost model: c(1) {1e3 * c.call[min(c.call)]:.2f} ms, drafter d {1e3 * c.draft:.2f} ms/step, "
                f"sampler's own work v {1e3 * c.verify:.2f} ms/round, plain step overhead {1e3 * c.plain:.2f} ms "
-               f"({c.threads} threads)")
+               f"({c.threads} thread{'' if c.threads == 1 else 's'})")
     for note in c.notes:
         typer.echo(plain(f"note: {note}"))
     if plan_doubt(plan) is None:
