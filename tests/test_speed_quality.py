@@ -41,6 +41,7 @@ def test_an_unstable_speedup_is_withheld(sq):
     assert "unstable" in sq.speed_cell(row) and "1.7" not in sq.speed_cell(row)
     assert sq.speed_cell({**row, "unstable": False}) == "1.70 [1.50, 1.90]"
     assert sq.speed_cell({"speedup": None}) == "-"
+    assert "reference" in sq.speed_cell({**row, "spread": 0.1})  # flagged through its reference's spread
 
 
 def test_unknown_variant_is_a_usage_error(sq, capsys):
