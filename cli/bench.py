@@ -159,17 +159,14 @@ def bench(
     from rich.console import Console
 
     from cli.render import markup, plain
-    from specdit.bench import BenchSettings, bench_model
+    from specdit.bench import bench_model
 
     if json_out is not None:
         check_output_file(json_out, "--json file")
-    settings = BenchSettings(model=model, base=opt.sampler_config(steps=steps, cfg_scale=cfg_scale,
-                                                                  cfg_channels=cfg_channels, precision=precision,
-                                                                  refine_noise=refine_noise),
-                             num_samples=num_samples, draft_lengths=_lengths(draft_lengths),
-                             drafters=_drafters(drafters),
-                             labels=labels, seed=opt.seed_value(seed), batch_size=batch_size, threads=threads,
-                             device=device, num_heads=num_heads, weights=weights)
+    settings = _table_settings(model, opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
+                                                         precision=precision, refine_noise=refine_noise),
+                               num_samples, draft_lengths, drafters, labels, seed, batch_size, threads, device,
+                               num_heads, weights)
     console = Console(width=max(Console().width, 120))
 
     def start(threads_used: int, curve) -> None:
@@ -185,6 +182,16 @@ def bench(
     if markdown:
         print(plain(_markdown(report.rows), one_line=False))
     _write_json(json_out, report.as_dict())
+
+
+def _table_settings(model, base, num_samples, draft_lengths, drafters, labels, seed, batch_size, threads, device,
+                    num_heads, weights):
+    """The table mode's settings from the parsed options (one-line errors from the option checks)."""
+    from specdit.bench import BenchSettings
+
+    return BenchSettings(model=model, base=base, num_samples=num_samples, draft_lengths=_lengths(draft_lengths),
+                         drafters=_drafters(drafters), labels=labels, seed=opt.seed_value(seed), batch_size=batch_size,
+                         threads=threads, device=device, num_heads=num_heads, weights=weights)
 
 
 def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats, batch, threads,
