@@ -200,8 +200,7 @@ def verify(schedule: Schedule, streams: NoiseStreams, k: torch.Tensor, draft: Dr
         return verify_token(proposal, log_u)
     if verification == "block":
         eta = streams.uniform(Purpose.BLOCK, k, n=Lmax)  # (B, Lmax)
-        # the residual's uniform, keyed by (seed, k): drawn only for the rows that reject
-        def residual_uniform(rows: torch.Tensor) -> torch.Tensor:  # (R,) for the rejecting rows, keyed (seed, k)
+        def residual_uniform(rows: torch.Tensor) -> torch.Tensor:  # (R,), drawn only for the rejecting rows
             return streams.subset(rows).uniform(Purpose.RESIDUAL_COORD, k[rows], n=1)[:, 0]
 
         return verify_block(proposal, eta, residual_uniform)
