@@ -3,7 +3,7 @@ side by side in one run, with the cost model's prediction beside every measured 
 
 Latency (batch 1): chains one at a time; every variant on the same seeds; the variants' order rotated per
 seed (so drift in the machine's speed hits every variant alike); median and p95 latency per variant and
-the paired speed-up against the best plain sampler (``ddpm`` at the thread count, 1..cores, with the lowest
+the paired speed-up against the best plain sampler (``ddpm`` at the thread count, 1..threads, with the lowest
 median latency), median over seeds with a bootstrap 95% interval. Throughput (batch 64): each variant
 samples one batch per repeat, order rotated per repeat; samples/s and the paired speed-up.
 
