@@ -206,6 +206,17 @@ class InterleavedCurves:
         return out
 
 
+def run_with_curves(runner: Runner, variants: list[Variant], repeats: int, batch: int, base_seed: int = 0,
+                    progress=None, sizes: tuple[int, ...] = CURVE_SIZES, curve_repeats: int = 5
+                    ) -> tuple[list[VariantResult], dict[tuple[str, int], dict[int, float]]]:
+    """:func:`run_paired` with the small sizes of c(n) timed between (and after) the repeats
+    (:class:`InterleavedCurves`); returns (results, curves)."""
+    curves = InterleavedCurves(runner, variants, sizes)
+    results = run_paired(runner, variants, repeats, batch, base_seed, progress, curves.time_pass)
+    curves.time_pass()
+    return results, curves.curves(curve_repeats)
+
+
 def cost_curves(runner: Runner, variants: list[Variant], sizes: tuple[int, ...] = CURVE_SIZES,
                 repeats: int = 5) -> dict[tuple[str, int], dict[int, float]]:
     """c(n) per (precision-and-guidance key, threads) among the variants: the target's batch-cost curve."""
@@ -408,10 +419,7 @@ def run_timing_bench(plan: BenchPlan, base=None, progress=None, on_note=None) ->
     variants = build_variants(plan.base, plan.drafters, plan.lengths, threads, cores, auto)
     env = environment()
     runner = Runner(base, plan.model, plan.device)
-    interleaved = InterleavedCurves(runner, variants)
-    results = run_paired(runner, variants, plan.repeats, batch, plan.seed, progress, interleaved.time_pass)
-    interleaved.time_pass()
-    curves = interleaved.curves()
+    results, curves = run_with_curves(runner, variants, plan.repeats, batch, plan.seed, progress)
     rows = summarize(results, curves, plan.seed)
     report = {"mode": plan.mode, "model": plan.model, "batch": batch, "steps": plan.base.steps,
               "cfg_scale": plan.base.cfg_scale, "precision": plan.base.precision, "environment": env,
