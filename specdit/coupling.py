@@ -11,7 +11,8 @@ With ``d = |m - mh| / s``:
   ``R(c, d) = c Phi(d/2 + ln c / d) - Phi(-d/2 + ln c / d)`` and the continuous residual sampler of
   ``norm(max(0, c q - p))``.
 
-Everything is evaluated in float64 and in log space where a naive ratio would overflow.
+Everything is evaluated in float64 and in log space where a naive ratio would overflow; the residual's
+one-dimensional maths (R, its CDF and their inverse) runs in numpy on the host (``specdit.residual``).
 A step with s = 0 (the deterministic last step) is handled as a point mass: d = inf, the draft is
 rejected unless it equals the target mean, and the residual is the target mean itself.
 """
@@ -19,13 +20,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
-from torch.special import log_ndtr
 
-
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate near 0 and for very negative x (Maechler 2012)."""
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+from specdit import residual
 
 
 def _bcast(v: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -86,28 +84,17 @@ def tv_distance(d: torch.Tensor) -> torch.Tensor:
     return torch.erf(d / (2.0 * math.sqrt(2.0)))
 
 
-def _log_residual_cdf(u: torch.Tensor, log_c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """log G(u), G(u) = c Phi(u) - Phi(u - d), valid for u <= u* (where G is increasing)."""
-    lp = log_ndtr(u)
-    return log_c + lp + log1mexp((log_ndtr(u - d) - lp - log_c).clamp_max(0.0))
+def _host(t: torch.Tensor | float, like: torch.Tensor) -> np.ndarray:
+    """A float64 tensor (or scalar, broadcast to ``like``) as a host numpy array, for ``specdit.residual``."""
+    return np.broadcast_to(torch.as_tensor(t, dtype=torch.float64).detach().cpu().numpy(), tuple(like.shape))
 
 
-def residual_threshold(log_c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """u* = d/2 + ln(c)/d: the residual c phi(u) - phi(u - d) is positive exactly on u < u*."""
-    return d / 2.0 + log_c / d
-
-
-def log_residual_mass(log_c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """log R(c, d), R = integral max(0, c q - p) = c Phi(u*) - Phi(u* - d), for c in (0, 1], d >= 0.
-
-    R = 0 (log R = -inf) when d = 0 (c <= 1) or c = 0; R = c when d = inf (point-mass target)."""
-    log_c = torch.as_tensor(log_c, dtype=torch.float64, device=d.device).expand_as(d)
-    finite = (d > 0) & torch.isfinite(d) & torch.isfinite(log_c)
-    d_safe = torch.where(finite, d, torch.ones_like(d))
-    lc_safe = torch.where(finite, log_c, torch.zeros_like(log_c))
-    val = _log_residual_cdf(residual_threshold(lc_safe, d_safe), lc_safe, d_safe)
-    out = torch.where(finite, val, torch.full_like(d, -math.inf))
-    return torch.where(torch.isinf(d) & (d > 0), log_c, out)
+def log_residual_mass(log_c: torch.Tensor | float, d: torch.Tensor) -> torch.Tensor:
+    """log R(c, d), R = integral max(0, c q - p) = c Phi(u*) - Phi(u* - d), for c in (0, 1], d >= 0, u* = d/2 +
+    ln(c)/d (same shape and device as d). R = 0 (log R = -inf) when d = 0 (c <= 1) or c = 0; R = c when d = inf
+    (point-mass target). Computed in numpy on the host (``specdit.residual.log_residual_mass``)."""
+    out = residual.log_residual_mass(_host(log_c, d), _host(d, d))
+    return torch.from_numpy(np.ascontiguousarray(out)).to(d.device)
 
 
 def residual_mass(c: torch.Tensor | float, d: torch.Tensor) -> torch.Tensor:
@@ -116,101 +103,39 @@ def residual_mass(c: torch.Tensor | float, d: torch.Tensor) -> torch.Tensor:
     return log_residual_mass(torch.log(c), d).exp()
 
 
-NEWTON_MAX_ITERS = 40
-NEWTON_STALL = 1e-12  # a step this short (relative to 1 + |u|) that does not shrink ends the iteration
-_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+def sample_residual_coordinate(log_c: torch.Tensor, d: torch.Tensor, w: torch.Tensor,
+                               iters: int = residual.NEWTON_MAX_ITERS) -> torch.Tensor:
+    """u ~ norm(max(0, c phi(u) - phi(u - d))) by Newton's method on the log CDF
+    (``specdit.residual.sample_coordinate``: arithmetic, accuracy and stopping rule there).
+
+    log_c, d, w: (B,), w uniform in (0, 1). Requires d in (0, inf) and c > 0; returns u (B,) on d's device,
+    measured from the target mean towards the draft mean in units of s."""
+    u = residual.sample_coordinate(*(np.array(_host(a, d)) for a in (log_c, d, w)), iters=iters)
+    return torch.from_numpy(u).to(d.device)
 
 
-def _log_residual_density(u: torch.Tensor, log_c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """log g(u), g(u) = c phi(u) - phi(u - d) = c phi(u) (1 - exp(u d - d^2/2 - ln c)), for u < u*."""
-    return log_c - 0.5 * u * u - _LOG_SQRT_2PI + log1mexp((u * d - 0.5 * d * d - log_c).clamp_max(0.0))
-
-
-def _newton_start(target: torch.Tensor, log_c: torch.Tensor, u_star: torch.Tensor) -> torch.Tensor:
-    """A start left of the root of log G(u) = target: the root of log c + log Phi(u) = target (G <= c Phi),
-    or, where exp underflows, -sqrt(-2 (target - ln c)) (log Phi(u) < -u^2/2 for u < 0), capped at u*."""
-    lt = (target - log_c).clamp_max(0.0)
-    far = -torch.sqrt(-2.0 * lt)
-    near = torch.special.ndtri(torch.exp(lt.clamp_min(-700.0)))
-    return torch.minimum(torch.where(lt > -700.0, near, far), u_star)
-
-
-def sample_residual_coordinate(
-    log_c: torch.Tensor, d: torch.Tensor, w: torch.Tensor, iters: int = NEWTON_MAX_ITERS
-) -> torch.Tensor:
-    """Draw u ~ norm(max(0, c phi(u) - phi(u - d))) by inverting its CDF G(u)/R: Newton's method on
-    F(u) = log G(u) - log(w R) in float64 (arithmetic version 3: version 2 stopped only on a step below
-    1e-15 + 4e-16 |u| and ran ~5% of draws to the 40-iteration cap, bouncing between floats 1e-14 apart;
-    version 1 bisected 80 times, see :func:`sample_residual_coordinate_bisection`; all agree to float64
-    accuracy).
-
-    G is the CDF of a log-concave density (g = c phi (1 - e^{ud - d^2/2 - ln c}): log phi and the log of a
-    positive concave function are concave), so F is concave and increasing on u < u*: Newton steps from a
-    start left of the root (:func:`_newton_start`) increase monotonically to it. Each row stops on its own
-    once its step is below float64 resolution (so a row's value never depends on the other rows), after at
-    most ``iters`` steps; the run time depends only on (c, d, w), never on random state. Rows where log G
-    underflows to -inf (extreme c and d, reached with vanishing probability) take the bisection's value.
-
-    log_c, d, w: (B,), w uniform in (0, 1). Requires d in (0, inf) and c > 0; returns u (B,), measured
-    from the target mean towards the draft mean in units of s."""
-    u_star = residual_threshold(log_c, d)
-    target = torch.log(w) + _log_residual_cdf(u_star, log_c, d)  # log(w R)
-    u = _newton_start(target, log_c, u_star)
-    live = torch.ones_like(u, dtype=torch.bool)  # rows still iterating (every row is computed; dead rows kept)
-    last = torch.full_like(u, math.inf)  # each row's previous step length
-    for _ in range(iters):
-        log_G = _log_residual_cdf(u, log_c, d)
-        step = (log_G - target) * torch.exp(log_G - _log_residual_density(u, log_c, d))  # F / F'
-        new = torch.minimum(u - step, u_star)
-        ok = torch.isfinite(new)
-        new = torch.where(ok, new, u)
-        moved = (new - u).abs()
-        # converged: a step below float64 resolution, or (version 3) a tiny step no shorter than the last one:
-        # F's own rounding (up to ~1e-14 relative in log space) then bounces u between neighbouring floats
-        stalled = (moved >= last) & (moved <= NEWTON_STALL * (1 + new.abs()))
-        done = ~ok | (moved <= 1e-15 + 4e-16 * new.abs()) | stalled
-        u = torch.where(live, new, u)
-        last = moved
-        live = live & ~done
-        if not bool(live.any()):
-            break
-    bad = ~torch.isfinite(u)  # log G underflows everywhere (extreme c, d): the bisection's answer
-    if bool(bad.any()):
-        u[bad] = sample_residual_coordinate_bisection(log_c[bad], d[bad], w[bad])
-    return u
-
-
-def sample_residual_coordinate_bisection(
-    log_c: torch.Tensor, d: torch.Tensor, w: torch.Tensor, iters: int = 80
-) -> torch.Tensor:
-    """The reference inverse CDF by bisection (sampler arithmetic version 1): 80 halvings of a bracket, in
-    float64 and log space. Kept to test :func:`sample_residual_coordinate` against.
-
-    log_c, d, w: (B,), w uniform in (0, 1). Requires d in (0, inf) and c > 0; returns u (B,), measured
-    from the target mean towards the draft mean in units of s."""
-    u_star = residual_threshold(log_c, d)
-    target = torch.log(w) + _log_residual_cdf(u_star, log_c, d)  # log(w R)
-    # G(u) <= c Phi(u), so G(lo) <= w R once c Phi(lo) <= w R: a safe lower bracket.
-    lo = torch.minimum(u_star, torch.full_like(u_star, -40.0))
-    lo = torch.where(log_ndtr(lo) + log_c <= target, lo, lo - 40.0)
-    hi = u_star.clone()
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        below = _log_residual_cdf(mid, log_c, d) < target
-        lo = torch.where(below, mid, lo)
-        hi = torch.where(below, hi, mid)
-    return 0.5 * (lo + hi)
+def ratio_and_gap(dot: np.ndarray, n: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Host float64 arrays of one shape: from dot = (m - mh).(2x - m - mh), n = |m - mh| and s, the log density
+    ratio log q(x)/p(x) = dot / (2 s^2) (:func:`log_density_ratio`) and the gap d = n / s (:func:`mean_gap`); a
+    point mass (s = 0) has log q/p = 0 and d = 0 if n = 0, else -inf and inf."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        log_r = np.where(s > 0, dot / (2.0 * np.maximum(s, 1e-300) ** 2), np.where(n == 0, 0.0, -math.inf))
+        return log_r, np.where(n == 0, 0.0, n / s)
 
 
 def sample_residual(
     m_target: torch.Tensor,
     m_draft: torch.Tensor,
-    sigma: torch.Tensor | float,
-    log_c: torch.Tensor,
-    w: torch.Tensor,
+    sigma,
+    log_c,
+    w,
     x_draft: torch.Tensor,
 ) -> torch.Tensor:
     """A draw from norm(max(0, c q - p)), (B, D), that keeps the rejected draft's orthogonal noise.
+
+    m_target, m_draft, x_draft: (B, D); sigma, log_c, w: (B,) tensors or host numpy arrays (w uniforms in (0, 1)).
+    Computed as m + v + (mh - m) (s u / n - ((mh - m).v / n) / n) with v = x_draft - mh and n = |mh - m|, i.e.
+    m + s u e + (v minus its e-component); the scalars run on the host (one transfer each way).
 
     Only the component along e = (mh - m)/|mh - m| differs from q: along e, ``w`` (B,) uniforms give the
     coordinate by inverting the residual's CDF (``sample_residual_coordinate``); orthogonal to e the
@@ -231,19 +156,17 @@ def sample_residual(
     keep the draft's noise deliberately (tighter coupling; block and token outputs on the same drafts
     then differ only along e).
 
-    A point-mass target (s = 0) returns m.
+    A point-mass target (s = 0) returns m; equal means (d = 0) return the draft.
     """
-    d = mean_gap(m_target, m_draft, sigma)  # (B,)
-    s = _bcast(sigma, d)
-    diff = m_draft - m_target
-    norm = diff.norm(dim=1, keepdim=True)
-    e = diff / torch.where(norm > 0, norm, torch.ones_like(norm))  # (B, D)
-    ok = (d > 0) & torch.isfinite(d)
-    u = sample_residual_coordinate(
-        torch.where(ok, log_c, torch.zeros_like(log_c)), torch.where(ok, d, torch.ones_like(d)), w
-    )
-    u = torch.where(ok, u, torch.zeros_like(u))
-    v = x_draft - m_draft  # (B, D) the draft's displacement sigma * z
-    perp = v - e * (e * v).sum(dim=1, keepdim=True)
-    perp = torch.where((s > 0)[:, None], perp, torch.zeros_like(perp))
-    return m_target + s[:, None] * u[:, None] * e + perp
+    diff, v = m_draft - m_target, x_draft - m_draft  # (B, D)
+    n, dot = torch.stack([torch.linalg.vector_norm(diff, dim=1), torch.linalg.vecdot(diff, v)]).cpu().numpy()
+    s, log_c, w = (np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64) * np.ones_like(n)
+                   for a in (sigma, log_c, w))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        d = np.where(n == 0, 0.0, n / s)
+        ok = (d > 0) & np.isfinite(d)  # else (equal means, or a point-mass target) no coordinate to draw
+        u = residual.sample_coordinate(np.where(ok, log_c, 0.0), np.where(ok, d, 1.0), w)
+        nn = np.where(ok, n, 1.0)
+        coef = np.where(ok, s * u / nn - dot / nn / nn, 0.0)
+    scale = torch.from_numpy(np.stack([(s > 0).astype(np.float64), coef], 1)).to(diff.device)  # (B, 2)
+    return m_target + v * scale[:, :1] + diff * scale[:, 1:]

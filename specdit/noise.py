@@ -54,7 +54,7 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
 
 
 def mix64_reference(x: int) -> int:
-    """Pure-Python SplitMix64 finaliser on unsigned ints (used to test ``mix64``)."""
+    """Pure-Python SplitMix64 finaliser on unsigned ints (the keys of a few rows, and the tests of ``mix64``)."""
     x &= _MASK64
     x ^= x >> 30
     x = (x * _M1) & _MASK64
@@ -232,13 +232,35 @@ class NoiseStreams:
         return wide.normal(purpose, *ws, j, shape=shape).view(B, n, *shape)
 
 
+_S30, _S27, _S31, _M1_U, _M2_U, _G_U = (np.uint64(v) for v in (30, 27, 31, _M1, _M2, _GOLDEN))
+_PYTHON_KEYS = 16  # up to this many rows, keys are hashed with Python ints (fewer calls than numpy's)
+
+
 def _mix64_np(x: np.ndarray) -> np.ndarray:
     """:func:`mix64` on uint64 numpy arrays (the same bits: integer arithmetic modulo 2^64)."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * np.uint64(_M1)
-    x = x ^ (x >> np.uint64(27))
-    x = x * np.uint64(_M2)
-    return x ^ (x >> np.uint64(31))
+    x = x ^ (x >> _S30)
+    x = x * _M1_U
+    x = x ^ (x >> _S27)
+    x = x * _M2_U
+    return x ^ (x >> _S31)
+
+
+def _keys_np(seeds: np.ndarray, purpose: int, kind: int, words: list[np.ndarray]) -> np.ndarray:
+    """(B,) uint64 keys of ``NoiseStreams._key``, bit for bit: per row with Python ints for a few rows (a round at
+    batch 1 draws ~4 keyed batches: numpy's per-call cost dominated there), else vectorised in numpy."""
+    header = mix64_reference(((kind * 256 + len(words)) * _GOLDEN + _GOLDEN) & _MASK64)
+    if len(seeds) <= _PYTHON_KEYS:
+        out = []
+        for row in zip(seeds.tolist(), *(w.tolist() for w in words)):
+            h = mix64_reference(mix64_reference(row[0] ^ ((purpose * _GOLDEN) & _MASK64)) ^ header)
+            for w in row[1:]:
+                h = mix64_reference(h ^ mix64_reference((w & _MASK64) * _GOLDEN + _GOLDEN))
+            out.append(h)
+        return np.array(out, dtype=np.uint64).reshape(len(seeds))
+    h = _mix64_np(_mix64_np(seeds.view(np.uint64) ^ np.uint64((purpose * _GOLDEN) & _MASK64)) ^ np.uint64(header))
+    for w in words:
+        h = _mix64_np(h ^ _mix64_np(w.view(np.uint64) * _G_U + _G_U))
+    return h
 
 
 def _words_np(seeds: np.ndarray, purpose: int, kind: int, words: list[np.ndarray], n: int) -> np.ndarray:
@@ -246,13 +268,8 @@ def _words_np(seeds: np.ndarray, purpose: int, kind: int, words: list[np.ndarray
     (tests/test_noise_keys.py), without torch's per-operation overhead (a round draws ~10 small keyed
     batches; at batch 1 torch spent ~1 ms per draw on dispatch alone). Returns (B, n) int64."""
     with np.errstate(over="ignore"):
-        g = np.uint64(_GOLDEN)
-        h = _mix64_np(seeds.view(np.uint64) ^ np.uint64((purpose * _GOLDEN) & _MASK64))  # (B,)
-        header = np.uint64(mix64_reference(((kind * 256 + len(words)) * _GOLDEN + _GOLDEN) & _MASK64))
-        h = _mix64_np(h ^ header)
-        for w in words:
-            h = _mix64_np(h ^ _mix64_np(w.view(np.uint64) * g + g))
-        ctr = np.arange(1, n + 1, dtype=np.uint64) * g  # (n,)
+        h = _keys_np(seeds, purpose, kind, words)  # (B,)
+        ctr = np.arange(1, n + 1, dtype=np.uint64) * _G_U  # (n,)
         return _mix64_np(h[:, None] + ctr[None, :]).view(np.int64)
 
 

@@ -12,9 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
-from specdit import coupling
+from specdit import coupling, residual
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
 
 
 @dataclass
@@ -26,21 +31,22 @@ class Proposal:
     length: torch.Tensor  # (B,) int64 number of valid positions, >= 1
     temper: torch.Tensor | None = None  # (B, L) >= 1: relaxation divides log q/p by it (None: exact)
 
+    def host_scalars(self) -> tuple[np.ndarray, np.ndarray]:
+        """(log_r, d), both (B, L) float64 numpy on the host, from one device-to-host transfer: log q_j(xh_j) /
+        p_j(xh_j) (relaxed by ``temper`` when given) and d_j = |m_j - mh_j| / s_j (``coupling.ratio_and_gap``)."""
+        diff = self.m_target - self.m_draft  # (B, L, D)
+        dot = torch.linalg.vecdot(diff, 2.0 * self.x_draft - self.m_target - self.m_draft)  # (B, L)
+        n, dot = torch.stack([torch.linalg.vector_norm(diff, dim=-1), dot]).cpu().numpy()
+        log_r, d = coupling.ratio_and_gap(dot, n, _host(self.sigma))
+        return (log_r if self.temper is None else log_r / _host(self.temper)), d
+
     def log_ratio(self) -> torch.Tensor:
         """(B, L) log q_j(xh_j) / p_j(xh_j), relaxed by ``temper`` when given."""
-        B, L, D = self.x_draft.shape
-        flat = lambda a: a.reshape(B * L, D)  # noqa: E731
-        lr = coupling.log_density_ratio(
-            flat(self.x_draft), flat(self.m_target), flat(self.m_draft), self.sigma.reshape(-1)
-        ).view(B, L)
-        return lr if self.temper is None else lr / self.temper
+        return torch.from_numpy(self.host_scalars()[0]).to(self.x_draft.device)
 
     def gaps(self) -> torch.Tensor:
         """(B, L) d_j = |m_j - mh_j| / s_j."""
-        B, L, D = self.x_draft.shape
-        return coupling.mean_gap(
-            self.m_target.reshape(B * L, D), self.m_draft.reshape(B * L, D), self.sigma.reshape(-1)
-        ).view(B, L)
+        return torch.from_numpy(self.host_scalars()[1]).to(self.x_draft.device)
 
     def valid(self) -> torch.Tensor:
         L = self.x_draft.shape[1]
@@ -75,28 +81,30 @@ def verify_token(p: Proposal, log_u: torch.Tensor) -> Verdict:
     return Verdict(state, kept, torch.where(rejected, kept + 1, kept))
 
 
-def block_decisions(p: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block verification's acceptance weights (Sun et al. 2025, Alg. 2, continuous form).
+def block_weights(log_r: np.ndarray, gaps: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Block verification's acceptance weights (Sun et al. 2025, Alg. 2, continuous form), in float64 numpy.
 
-    Returns (log_p, h), both (B, L + 1) with index j = 0..L:
-    ``p_0 = 1, p_j = min(1, p_{j-1} r_j)``; ``h_j = R_j / (R_j + 1 - p_j)`` for j < length,
-    ``h_length = p_length``, with ``R_j = R(p_j, d_{j+1})``. h_0 is unused (0)."""
-    B, L, _ = p.x_draft.shape
-    log_r = p.log_ratio()
-    gaps = p.gaps()
-    log_p = torch.zeros(B, L + 1, dtype=torch.float64, device=log_r.device)
+    ``log_r`` (B, L): log q_j(xh_j)/p_j(xh_j); ``gaps`` (B, L): d_j; ``length`` (B,) ints. Returns (log_p, h),
+    both (B, L + 1) with index j = 0..L: ``p_0 = 1, p_j = min(1, p_{j-1} r_j)``; ``h_j = R_j / (R_j + 1 - p_j)``
+    for j < length, ``h_length = p_length``, 0 beyond, with ``R_j = R(p_j, d_{j+1})``. h_0 is unused (0)."""
+    B, L = log_r.shape
+    log_p = np.zeros((B, L + 1))
     for j in range(1, L + 1):
-        log_p[:, j] = (log_p[:, j - 1] + log_r[:, j - 1]).clamp_max(0.0)
-    h = torch.zeros_like(log_p)
-    log_R = coupling.log_residual_mass(log_p[:, 1:L], gaps[:, 1:L])  # (B, L-1): R_j for j = 1..L-1
-    R = log_R.exp()
-    one_minus_p = -torch.expm1(log_p[:, 1:L])
-    h_mid = torch.where(one_minus_p > 0, R / (R + one_minus_p), torch.ones_like(R))
-    h[:, 1:L] = h_mid
-    j = torch.arange(L + 1, device=log_r.device)[None, :]
-    h = torch.where(j == p.length[:, None], log_p.exp(), h)
-    h = torch.where(j > p.length[:, None], torch.zeros_like(h), h)
-    return log_p, h
+        log_p[:, j] = np.minimum(log_p[:, j - 1] + log_r[:, j - 1], 0.0)
+    h = np.zeros_like(log_p)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        R = np.exp(residual.log_residual_mass(log_p[:, 1:L], gaps[:, 1:L]))  # (B, L-1): R_j for j = 1..L-1
+        one_minus_p = -np.expm1(log_p[:, 1:L])
+        h[:, 1:L] = np.where(one_minus_p > 0, R / (R + one_minus_p), 1.0)
+        j = np.arange(L + 1)[None, :]
+        h = np.where(j == length[:, None], np.exp(log_p), h)
+    return log_p, np.where(j > length[:, None], 0.0, h)
+
+
+def block_decisions(p: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block_weights` of a proposal, as (B, L + 1) float64 tensors on its device."""
+    log_p, h = block_weights(_host(p.log_ratio()), _host(p.gaps()), _host(p.length))
+    return torch.from_numpy(log_p).to(p.x_draft.device), torch.from_numpy(h).to(p.x_draft.device)
 
 
 def verify_block(p: Proposal, eta: torch.Tensor, w: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]) -> Verdict:
@@ -105,19 +113,22 @@ def verify_block(p: Proposal, eta: torch.Tensor, w: torch.Tensor | Callable[[tor
 
     eta: (B, L) uniforms; w: (B,) uniforms for the residual's coordinate along e, or a function of the rejected
     rows (R,) returning their (R,) uniforms (drawn only where a residual is sampled). The residual keeps the
-    rejected draft xh_{tau+1}'s noise orthogonal to e (exact: see ``coupling.sample_residual``)."""
+    rejected draft xh_{tau+1}'s noise orthogonal to e (exact: see ``coupling.sample_residual``). The scalar
+    maths (weights, tau, the residual's coordinate) runs in numpy on the host (``specdit.residual``)."""
     B, L, _ = p.x_draft.shape
-    log_p, h = block_decisions(p)
-    hit = eta <= h[:, 1:]  # (B, L)
-    pos = torch.arange(1, L + 1, device=eta.device)[None, :]
-    kept = torch.where(hit, pos, torch.zeros_like(pos)).amax(dim=1)  # (B,)
-    rejected = kept < p.length
-    state = _pick(p.x_draft, p.length - 1).clone()
-    rows = rejected.nonzero().squeeze(1)  # the residual sampler runs only where a draft was rejected
-    if rows.numel():
-        at = kept[rows]
-        state[rows] = coupling.sample_residual(
-            _pick(p.m_target[rows], at), _pick(p.m_draft[rows], at), _pick(p.sigma[rows], at),
-            log_p[rows, at], w(rows) if callable(w) else w[rows], _pick(p.x_draft[rows], at),
-        )
-    return Verdict(state, kept, torch.where(rejected, kept + 1, kept))
+    dev, length = p.x_draft.device, _host(p.length)
+    log_r, gaps = p.host_scalars()
+    log_p, h = block_weights(log_r, gaps, length)
+    kept = np.where(_host(eta) <= h[:, 1:], np.arange(1, L + 1)[None, :], 0).max(axis=1)  # (B,) tau
+    rejected = kept < length
+    flat = lambda a: a.flatten(0, 1)  # noqa: E731 (B, L, ...) -> (B L, ...), item b L + j - 1 is position j
+    state = flat(p.x_draft)[torch.from_numpy(np.arange(B) * L + length - 1).to(dev)]  # (B, D) xh_length, a copy
+    rows = np.flatnonzero(rejected)  # the residual sampler runs only where a draft was rejected
+    if rows.size:
+        at = kept[rows]  # 0-based index of position tau + 1
+        item, rows_t = (torch.from_numpy(a).to(dev) for a in (rows * L + at, rows))
+        w_rows = w(rows_t) if callable(w) else w[rows_t]
+        state[rows_t] = coupling.sample_residual(flat(p.m_target)[item], flat(p.m_draft)[item],
+                                                 _host(p.sigma)[rows, at], log_p[rows, at], w_rows, flat(p.x_draft)[item])
+    kept_t = torch.from_numpy(kept).to(dev)
+    return Verdict(state, kept_t, torch.where(torch.from_numpy(rejected).to(dev), kept_t + 1, kept_t))

@@ -190,6 +190,9 @@ def test_fallback_rule_flags_non_finite_and_huge_drafts():
     mean[0, 0] = math.inf  # a non-finite mean alone is enough
     assert spec.unusable_drafts(eps, mean).tolist() == [True, True, True, True, False]
     assert np.isfinite(spec.EPS_LIMIT)
+    # the whole-round check a round runs first agrees row by row (each row alone) and on the whole batch
+    assert [spec.all_usable(eps[i:i + 1], mean[i:i + 1]) for i in range(5)] == [False, False, False, False, True]
+    assert not spec.all_usable(eps, mean) and spec.all_usable(eps[4:], mean[4:])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -44,6 +44,12 @@ def unusable_drafts(eps_hat: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return ~(finite & small)
 
 
+def all_usable(eps_hat: torch.Tensor, mean: torch.Tensor) -> bool:
+    """True when no row of ``unusable_drafts(eps_hat, mean)`` is flagged, in three reductions over the whole
+    round (NaN fails the comparison, so a NaN eps is caught by the same test as a huge one)."""
+    return bool((eps_hat.abs().amax() <= EPS_LIMIT) & torch.isfinite(mean).all())
+
+
 def keep_finite_carry(old: Any, new: Any, bad: torch.Tensor) -> Any:
     """A drafter's carry after a replaced draft: rows of ``new`` that are not finite (e.g. a FREE feature
     gone to inf) take the previous carry's rows, so later positions do not inherit the fault."""
@@ -92,7 +98,7 @@ def propose(drafter: Drafter, schedule: Schedule, streams: NoiseStreams, ctx: Dr
     noise = schedule.sigma[kk].view(*kk.shape, *([1] * dims)) * z  # (B, Lmax, *shape) s_j z_j
     states, means, eps_hats = _draft(drafter, schedule, ctx, kk, noise, None)
     replaced = torch.zeros(ctx.x.shape[0], dtype=torch.int64, device=dev)
-    if unusable_drafts(eps_hats.flatten(0, 1), means.flatten(0, 1)).any():
+    if not all_usable(eps_hats, means):
         states, means, eps_hats = _draft(drafter, schedule, ctx, kk, noise, (replaced, length))
     return DraftBatch(states, means, eps_hats, length, replaced, drafter.cost * length)
 

@@ -125,7 +125,9 @@ def run_rounds(chains: Chains, executor: RoundExecutor, streams: NoiseStreams, y
             if rows.numel():
                 r = _Round(g, rows, chains.context(rows, y))
                 pending[submit(executor.propose, rows, r.ctx)] = r
-        done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+        done = {f for f in pending if f.done()}  # an in-process executor's futures are done already
+        if not done:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
         for fut in [f for f in pending if f in done]:  # in submission order
             r = pending.pop(fut)
             if r.draft is None:  # drafts ready: the target batch next

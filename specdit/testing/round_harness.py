@@ -514,7 +514,7 @@ def fault(name: str | None) -> Iterator[None]:
     elif name == "c-one":
         inner_res = coupling.sample_residual
         patch(coupling, "sample_residual",
-              lambda mt, md, s, log_c, w, z: inner_res(mt, md, s, torch.zeros_like(log_c), w, z))
+              lambda mt, md, s, log_c, w, z: inner_res(mt, md, s, np.zeros(np.shape(log_c)), w, z))
     else:
         raise ValueError(f"unknown fault {name!r}")
     try:
