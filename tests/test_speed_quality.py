@@ -94,3 +94,19 @@ def test_the_speedup_reference_can_be_named():
     assert reference(results, "ddpm").variant.name == "ddpm"
     with pytest.raises(ValueError, match="no variant 'nope'"):
         reference(results, "nope")
+
+
+def test_relax_paired_compares_a_relaxed_cell_with_the_exact_one_on_the_same_seeds(tmp_path, sq):
+    """benchmarks/relax_paired.py at a tiny size: draws both cells, prints and writes the paired differences;
+    the exact sampler against itself (relax 0 vs relax 0) differs by exactly 0 (a control on the pairing)."""
+    spec = importlib.util.spec_from_file_location("relax_paired", SCRIPT.parent / "relax_paired.py")
+    rp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rp)
+    out = tmp_path / "paired.json"
+    rows = rp.main(["--relax", "1,0", "--num-samples", "4", "--steps", "3", "--draft-length", "2",
+                    "--cells", str(tmp_path / "cells"), "--json", str(out)])
+    assert set(rows) == {"1", "0"} and json.loads(out.read_text())["rows"].keys() == rows.keys()
+    assert rows["0"]["fid_minus_exact"] == 0.0 and rows["0"]["mcnemar_p"] == 1.0
+    assert all(len(r["fid_minus_exact_ci95"]) == 2 and r["parallel_efficiency"] >= 1 for r in rows.values())
+    with pytest.raises(SystemExit):
+        rp.main(["--relax", "7"])
