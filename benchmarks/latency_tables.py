@@ -1,7 +1,7 @@
 """Issue 24's README tables in one command: latency (batch 1) and throughput (batch 64) of ``mnist-dit``,
 each with the cost model's predicted speed-up beside the measured one, the batch-cost curve with the
-speed-up limit (a plot), and where a round's time goes (the profile). Run it on a QUIET machine
-(``uptime`` load well below 1 on 2 cores); a run whose repeats spread by more than 20% is flagged and its
+speed-up limit (a plot), and where a round's time goes (the profile: ddpm, every L and auto). Run it on a
+QUIET machine (``uptime`` load well below 1 on 2 cores); a run whose repeats spread by more than 20% is flagged and its
 speed-ups withheld.
 
     .venv/bin/python benchmarks/latency_tables.py --out docs/latency        # ~40 min on 2 cores
@@ -107,11 +107,14 @@ def main(argv=None) -> None:
             plot(rep, a.out / "batch-cost.png")
     from benchmarks.profile_round import main as profile
 
-    rows = profile(["--model", a.model, "--steps", str(a.steps), "--cfg-scale", str(a.cfg_scale), "--drafter",
-                    a.drafter, "--draft-length", str(lengths[len(lengths) // 2]), "--seeds", "2",
-                    *(["--threads", str(a.threads)] if a.threads else []),
-                    "--json", str(a.out / "profile.json")])
-    parts.append("\n".join(f"profile {r['sampler']} L={r['draft_length']}: {1e3 * r['seconds_per_sample']:.0f} ms/sample,"
+    rows: list[dict] = []
+    for length in [*lengths, "auto"]:  # ddpm's row from the first call only
+        got = profile(["--model", a.model, "--steps", str(a.steps), "--cfg-scale", str(a.cfg_scale), "--drafter",
+                       a.drafter, "--draft-length", str(length), "--seeds", "2",
+                       *(["--threads", str(a.threads)] if a.threads else [])])
+        rows += got[1:] if rows else got
+    (a.out / "profile.json").write_text(json.dumps(rows, indent=2))
+    parts.append("\n".join(f"profile {r['sampler']} L={r['draft_length'] or '-'}: {1e3 * r['seconds_per_sample']:.0f} ms/sample,"
                            f" outside the networks {100 * r['rest_share']:.1f}%" for r in rows))
     (a.out / "tables.md").write_text("\n\n".join(parts) + "\n")
     print("\n\n".join(parts))

@@ -1,7 +1,7 @@
 """Where a round's time goes at batch 1: the target's and the drafter's forward passes vs everything else.
 
     python benchmarks/profile_round.py --model mnist-dit --steps 250 --cfg-scale 1.5 --drafter feature \
-        --draft-length 4 --seeds 2 [--cprofile 25] [--json out.json]
+        --draft-length 4|auto --seeds 2 [--cprofile 25] [--json out.json]
 
 Prints, per sampler (ddpm and speculative), seconds per sample split into target forward, drafter forward
 (its whole cost: its network and the target's final layer it calls) and the rest (verification maths,
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from specdit.api import SamplerConfig, guided, load_model, make_drafter, run_sampler  # noqa: E402
+from specdit.calibrate import resolve_auto  # noqa: E402
 from specdit.noise import NoiseStreams, sample_seed  # noqa: E402
 from specdit.timing import Stopwatch, TimedDrafter, TimedModel  # noqa: E402
 
@@ -58,7 +59,9 @@ def profile_sampler(model_name: str, config: SamplerConfig, seeds: int, threads:
     parts = {p: watch.seconds(p) / seeds for p in ("target", "drafter", "drafter_start")}
     per = wall / seeds
     rest = per - sum(parts.values())
-    out = {"sampler": config.sampler, "draft_length": config.draft_length, "threads": torch.get_num_threads(),
+    length = None if config.sampler == "ddpm" else "auto" if config.draft_schedule else config.draft_length
+    out = {"sampler": config.sampler, "draft_length": length,
+           "threads": torch.get_num_threads(),
            "seconds_per_sample": per, "target_s": parts["target"], "drafter_s": parts["drafter"] + parts["drafter_start"],
            "rest_s": rest, "rest_share": rest / per, "rounds": rounds, "rounds_per_sample": rounds / seeds,
            "target_calls_per_sample": watch.calls("target") / seeds}
@@ -75,18 +78,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--drafter", default="feature")
-    p.add_argument("--draft-length", type=int, default=4)
+    p.add_argument("--draft-length", default="4", help="L, or auto (the stored calibration's L(k); made if missing)")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cprofile", type=int, default=0, help="print the top N functions by own time")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
-    base = SamplerConfig(steps=a.steps, cfg_scale=a.cfg_scale, drafter=a.drafter, draft_length=a.draft_length)
+    auto = a.draft_length == "auto"
+    if not (auto or a.draft_length.isdigit()):
+        p.error(f"--draft-length takes an integer or auto, got {a.draft_length!r}")
+    base = SamplerConfig(steps=a.steps, cfg_scale=a.cfg_scale, drafter=a.drafter,
+                         draft_length=8 if auto else int(a.draft_length))
+    if auto:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        base = resolve_auto(base.validate(), a.model)[0]
+        if base.sampler == "ddpm":
+            print("draft length auto: speculation cannot pay here (plain steps), so only ddpm is profiled")
     rows = []
-    for cfg in (SamplerConfig(sampler="ddpm", steps=a.steps, cfg_scale=a.cfg_scale), base):
+    plain = SamplerConfig(sampler="ddpm", steps=a.steps, cfg_scale=a.cfg_scale)
+    for cfg in (plain, base) if base.sampler == "speculative" else (plain,):
         r = profile_sampler(a.model, cfg.validate(), a.seeds, a.threads, a.cprofile)
         rows.append(r)
-        print(f"{r['sampler']:>11} L={r['draft_length']} threads={r['threads']}: {r['seconds_per_sample'] * 1e3:.1f} ms/sample "
+        print(f"{r['sampler']:>11} L={r['draft_length'] or '-'} threads={r['threads']}: {r['seconds_per_sample'] * 1e3:.1f} ms/sample "
               f"= target {r['target_s'] * 1e3:.1f} + drafter {r['drafter_s'] * 1e3:.1f} + rest {r['rest_s'] * 1e3:.1f} ms "
               f"(rest {100 * r['rest_share']:.1f}%, {r['rounds_per_sample']:.1f} rounds/sample, mean over "
               f"{a.seeds} seeds)")

@@ -225,3 +225,25 @@ def test_break_even_of_a_batch_1_run_that_pays_is_above_1():
     rows = summarize([ddpm, spec], curves)
     assert rows[1]["speedup"] > 1.2
     assert break_even(rows, curves, [ddpm, spec])["batch"] > 1
+
+
+def test_make_latency_script_at_a_tiny_size(tmp_path, monkeypatch):
+    """``make latency``'s script (benchmarks/latency_tables.py) end to end on gmm-2d: both JSONs are kept or
+    written, the plot and tables.md exist, and the profile has ddpm once, then every L and auto (or auto's
+    plain steps, which add no row)."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("SPECDIT_CACHE", str(tmp_path / "cache"))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "latency_tables.py"
+    spec = importlib.util.spec_from_file_location("latency_tables", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "lat"
+    mod.main(["--model", "gmm-2d", "--cfg-scale", "1", "--steps", "6", "--repeats", "2", "--draft-lengths", "2",
+              "--threads", "1", "--modes", "latency", "--out", str(out)])
+    assert {"latency.json", "profile.json", "tables.md", "batch-cost.png"} <= {p.name for p in out.iterdir()}
+    rows = json.loads((out / "profile.json").read_text())
+    assert [r["sampler"] for r in rows][:2] == ["ddpm", "speculative"] and rows[1]["draft_length"] == 2
+    assert [r["draft_length"] for r in rows[2:]] in ([], ["auto"]) and rows[0]["draft_length"] is None
+    assert "latency at batch 1" in (out / "tables.md").read_text()
