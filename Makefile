@@ -17,7 +17,7 @@ run: $(STAMP)
 	$(BIN)/specdit generate --model $(or $(MODEL),mnist-dit) --sampler speculative --drafter $(or $(DRAFTER),x0) \
 		--verify block --draft-length auto --cfg-scale 1.5 --steps 250 --num-samples 16 --batch-size 1 --out outputs/run
 
-latency: $(STAMP)  ## latency and throughput tables at 1 thread (quiet machine, ~30 min): docs/latency/
+latency: $(STAMP)  ## latency and throughput tables at 1 thread (quiet machine, ~35 min): docs/latency/
 	$(BIN)/python benchmarks/latency_tables.py --threads 1 --out docs/latency
 
 test: $(STAMP)

@@ -4,7 +4,7 @@ speed-up limit (a plot), and where a round's time goes (the profile: ddpm, every
 QUIET machine (``uptime`` load well below 1 on 2 cores); a run whose repeats spread by more than 20% is flagged and its
 speed-ups withheld.
 
-    .venv/bin/python benchmarks/latency_tables.py --out docs/latency        # ~40 min on 2 cores
+    .venv/bin/python benchmarks/latency_tables.py --out docs/latency        # ~35 min on 2 cores
     .venv/bin/python benchmarks/latency_tables.py --steps 20 --repeats 2 --out /tmp/lat   # smoke run
 
 Writes ``<out>/latency.json``, ``throughput.json``, ``profile.json``, ``tables.md`` and ``batch-cost.png``.
@@ -114,8 +114,9 @@ def main(argv=None) -> None:
                        *(["--threads", str(a.threads)] if a.threads else [])])
         rows += got[1:] if rows else got
     (a.out / "profile.json").write_text(json.dumps(rows, indent=2))
-    parts.append("\n".join(f"profile {r['sampler']} L={r['draft_length'] or '-'}: {1e3 * r['seconds_per_sample']:.0f} ms/sample,"
-                           f" outside the networks {100 * r['rest_share']:.1f}%" for r in rows))
+    parts.append("\n".join(f"profile {r['sampler']} L={r['draft_length'] or '-'}: "
+                           f"{1e3 * r['seconds_per_sample']:.0f} ms/sample, outside the networks "
+                           f"{100 * r['rest_share']:.1f}%" for r in rows))
     (a.out / "tables.md").write_text("\n\n".join(parts) + "\n")
     print("\n\n".join(parts))
 

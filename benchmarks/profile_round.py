@@ -60,9 +60,9 @@ def profile_sampler(model_name: str, config: SamplerConfig, seeds: int, threads:
     per = wall / seeds
     rest = per - sum(parts.values())
     length = None if config.sampler == "ddpm" else "auto" if config.draft_schedule else config.draft_length
-    out = {"sampler": config.sampler, "draft_length": length,
-           "threads": torch.get_num_threads(),
-           "seconds_per_sample": per, "target_s": parts["target"], "drafter_s": parts["drafter"] + parts["drafter_start"],
+    out = {"sampler": config.sampler, "draft_length": length, "threads": torch.get_num_threads(),
+           "seconds_per_sample": per, "target_s": parts["target"],
+           "drafter_s": parts["drafter"] + parts["drafter_start"],
            "rest_s": rest, "rest_share": rest / per, "rounds": rounds, "rounds_per_sample": rounds / seeds,
            "target_calls_per_sample": watch.calls("target") / seeds}
     if prof is not None:

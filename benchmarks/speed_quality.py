@@ -16,8 +16,8 @@ same run. Each variant's samples are saved as a cell (``benchmarks/mnist_quality
 Speed: the paired batch-1 latency speed-up against ``ddpm`` (fp32), exactly as ``specdit bench --mode
 latency`` measures it (``specdit.latency``): one chain per seed, every variant on the same ``--seeds`` seeds,
 the variants' order rotated per seed, median of the per-seed ratios with a bootstrap 95% interval; a
-variant whose repeats spread by more than 20% (per round) is flagged unstable and its speed-up is not
-reported. The figure's x axis is then parallel efficiency instead.
+variant whose repeats spread by more than 20% (by speed index, as ``specdit bench``) is flagged unstable and
+its speed-up is not reported. The figure's x axis is then parallel efficiency instead.
 
 Writes ``<out>/speed_quality.json``, ``<out>/speed_quality.md`` (the table) and ``<out>/speed_quality.png``.
 Prints an estimate of the run time at the start (from the target's call cost measured then) and each

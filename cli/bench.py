@@ -234,8 +234,8 @@ def calibrate(
 ) -> None:
     """Measure acceptance by timestep and the cost model here; store the --draft-length auto schedule.
 
-    The schedule is keyed by model, drafter (its weights' hash), device, steps, eta, cfg, verification,
-    precision and batch size, in $SPECDIT_CACHE/draft-schedules (default ~/.cache/specdit)."""
+    The schedule is keyed by model, drafter (its weights' hash), device, steps, eta, cfg and cfg channels,
+    verification, precision, batch size and torch threads, in $SPECDIT_CACHE/draft-schedules (default ~/.cache/specdit)."""
     from cli.render import plain
     from specdit.autodraft import key_file
     from specdit.calibrate import calibrate as run
