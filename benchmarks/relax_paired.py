@@ -12,13 +12,15 @@ The cells are ``benchmarks/speed_quality.py``'s (same folder, names and settings
 drafter, block verification, uniform labels); missing ones are drawn first (about an hour per 1,000 samples at
 1 thread here). Prints a table and writes ``--json``.
 
-    python benchmarks/relax_paired.py --relax 1 [--num-samples 1000] [--cells outputs/speed-quality-cells]
+    python benchmarks/relax_paired.py --relax 0.125,0.5,1 [--num-samples 1000] [--cells outputs/speed-quality-cells]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,11 +33,18 @@ from speed_quality import BATCH_ITEMS, MODEL, cell_path, chains_per_batch, confi
 from specdit.api import load_model  # noqa: E402
 
 
-def cell_metrics(model, name: str, args) -> dict:
-    """A variant's cell (drawn if missing): its MNIST-classifier features, hits (prediction == label) and PE."""
+def relax_variant(lam: float, args):
+    """speed_quality.py's relaxed variant at any lambda >= 0 (named ``spec-relax<lambda>``, its cells too)."""
+    v = configs(["spec-relax1"], args.steps, args.cfg, args.draft_length)[0]
+    return replace(v, name=f"spec-relax{lam:g}", label=f"speculative, relax {lam:g}", exact=lam == 0,
+                   config=replace(v.config, relax=lam).validate())
+
+
+def cell_metrics(model, lam: float, args) -> dict:
+    """Relax ``lam``'s cell (drawn if missing): its MNIST-classifier features, hits (prediction == label), PE."""
     from specdit.metrics.extractors import get_extractor
 
-    v = configs([name], args.steps, args.cfg, args.draft_length)[0]
+    v = relax_variant(lam, args)
     cells = SimpleNamespace(num_samples=args.num_samples, seed=args.seed, cells=args.cells)
     cell = sample_cell(model, v.config, args.seed, args.num_samples, chains_per_batch(v.config, BATCH_ITEMS),
                        cell_path(v, cells), False)
@@ -74,7 +83,7 @@ def table(rows: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--relax", default="1", help="comma-separated relax lambdas of speed_quality.py's variants")
+    ap.add_argument("--relax", default="0.5,1", help="comma-separated relax lambdas (>= 0) to compare with 0")
     ap.add_argument("--num-samples", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=100)
@@ -85,20 +94,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     try:
-        names = [f"spec-relax{float(s):g}" for s in args.relax.split(",") if s.strip()]
-        configs(["spec-relax0", *names], args.steps, args.cfg, args.draft_length)
-    except KeyError as e:
-        ap.error(f"--relax: no variant {e.args[0]!r}; speed_quality.py has lambda 0.25, 0.5 and 1")
+        lams = [float(s) for s in args.relax.split(",") if s.strip()]
+        if not all(math.isfinite(v) and v >= 0 for v in lams):
+            raise ValueError(f"relax lambdas must be finite and >= 0, got {args.relax!r}")
+        [relax_variant(v, args) for v in [0.0, *lams]]
     except ValueError as e:
         ap.error(f"--relax, --steps, --cfg or --draft-length: {e}")
-    if args.num_samples < 2 or not names:
+    if args.num_samples < 2 or not lams:
         ap.error("need --num-samples >= 2 and at least one --relax value")
     torch.set_num_threads(args.threads)
     Path(args.cells).mkdir(parents=True, exist_ok=True)
     model = load_model(MODEL)
-    exact = cell_metrics(model, "spec-relax0", args)
-    rows = {name.removeprefix("spec-relax"): compare(cell_metrics(model, name, args), exact, args.seed)
-            for name in names}
+    exact = cell_metrics(model, 0.0, args)
+    rows = {f"{v:g}": compare(cell_metrics(model, v, args), exact, args.seed) for v in lams}
     print(f"exact speculative (relax 0): PE {exact['parallel_efficiency']:.2f}, accuracy {exact['hits'].mean():.3f}, "
           f"{args.num_samples} samples, {args.steps} steps, cfg {args.cfg:g}, L = {args.draft_length}")
     print(table(rows))

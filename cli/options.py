@@ -43,7 +43,8 @@ PRECISION = _opt("precision", "NAME", "Networks' precision: fp32 | bf16 (bf16 un
 VERIFY = _opt("verify", "NAME", f"Verification: token | block")
 DRAFTER = _opt("drafter", "SPEC", "free | x0 (reuse the target's latest x0 estimate: training-free, usually the "
                                   "fastest) | feature | feature:<folder> | perturbed:<error> | model:<name>")
-RELAX = _opt("relax", "FLOAT", f"Uncertainty-guided relaxation lambda >= 0 (0: exact)")
+RELAX = _opt("relax", "FLOAT", "Uncertainty-guided relaxation lambda >= 0 (0: exact; 1: the built-in drafters' "
+             "parallel efficiency about doubles, quality drops a little)")
 CFG_SCALE = _opt("cfg_scale", "FLOAT", f"Classifier-free guidance scale w >= 0 (1: none)")
 CFG_CHANNELS = _opt("cfg_channels", "all|INT", "Guided channels: all | 3 (3: the original DiT's forward_with_cfg) "
                                                "")

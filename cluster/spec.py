@@ -28,8 +28,9 @@ from specdit.config import (MAX_SEED, SAMPLER_ARITHMETIC_VERSION, SamplerConfig,
 
 _DRAFTER_PATH = re.compile(r"^[\w.\-/]+$")
 _LABELS = re.compile(r"^(none|uniform|random|fixed:\d+)$")
-SPEC_VERSION = 3  # 1: ids hashed the full spec with its defaults; 2: without defaults, version in the hash;
-# 3: sampler.relax divides log q/p by 1 + relax u / c(t), c the drafter's relaxation scale (specdit.relaxation)
+SPEC_VERSION = 4  # 1: ids hashed the full spec with its defaults; 2: without defaults, version in the hash;
+# 3: sampler.relax divides log q/p by 1 + relax u / c(t), c the drafter's relaxation scale (specdit.relaxation);
+# 4: the calibrated scale is the median u over 32 (was over 4): relax = 1 now means what relax = 8 meant
 MAX_NAME_LENGTH = 100
 # FID feature extractors a spec may name: specdit.metrics.extractors.extractor_names() and "auto" (torch-free here)
 EXTRACTORS = ("auto", "inception", "mnist", "raw")

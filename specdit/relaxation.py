@@ -9,11 +9,12 @@ verification divides its log q/p by
 
 where c(t) is the drafter's *relaxation scale*:
 
-- **calibrated** (``specdit calibrate-relax``): c(t) = median(u at t) / 4, the median over every draft
+- **calibrated** (``specdit calibrate-relax``): c(t) = median(u at t) / 32, the median over every draft
   scored in exact speculative chains of that drafter, stored beside the drafter as ``relax_scale.json``
-  and interpolated linearly in t for other step counts. The median draft then has u / c = 4, so lambda = 1
-  divides its log q/p by 5 (+34-41% parallel efficiency on the built-in models; the mean of u, or its
-  median, gave lambda = 1 only +10-12%);
+  and interpolated linearly in t for other step counts. The median draft then has u / c = 32, so lambda = 1
+  divides its log q/p by 33: parallel efficiency about doubles on the built-in models, with the first
+  quality loss a paired 1,000-sample comparison resolves (README "Relaxation"); lambda = 1/8 is the
+  earlier median / 4 rule (+34-43%, no loss resolved);
 - **default** (drafters without a calibration: free, perturbed, model, an uncalibrated feature drafter):
   the u at which the drafted step's mean lies one kernel standard deviation from the target's,
   c_k = sigma_k^2 / (g_k^2 D) with g_k the eps coefficient of the kernel mean and D the sample size, so
@@ -35,7 +36,7 @@ from specdit.schedule import Schedule
 CALIBRATION_FILE = "relax_scale.json"
 CALIBRATION_VERSION = 1
 DEFAULT_QUANTILE = 0.5  # the calibrated scale is this quantile of u per timestep (the median) ...
-DEFAULT_DIVISOR = 4.0  # ... divided by this: lambda = 1 divides the median draft's log q/p by 1 + 4 = 5
+DEFAULT_DIVISOR = 32.0  # ... divided by this: lambda = 1 divides the median draft's log q/p by 1 + 32 = 33
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class RelaxCalibration:
     """A drafter's relaxation scale: ``scale[i]`` (> 0) is the scale c of the uncertainty u at original timestep
     ``timesteps[i]`` (increasing ints in [0, 999]), measured on ``samples`` exact chains of ``steps`` steps,
     draft length ``draft_length``, guidance ``cfg_scale``, by drafter ``drafter`` on ``model``; ``statistic``
-    names the statistic of u per timestep ("quantile 0.5 / 4": the median over 4; "mean" in files written
+    names the statistic of u per timestep ("quantile 0.5 / 32": the median over 32; "mean" in files written
     before it was recorded)."""
 
     timesteps: tuple[int, ...]

@@ -48,6 +48,8 @@ SIZES = {
     "-m specdit.training.train_mnist_latent": "--per-class 1 --steps 10",
     "specdit calibrate-relax": "-n 2 --steps 10",
     "benchmarks/relax_scale.py": "--models mnist-dit --num-samples 4 --steps 10 --relax 0,1",
+    "benchmarks/relax_paired.py": "--num-samples 4 --steps 3 --draft-length 2 --cells outputs/relax-paired-cells "
+                                  "--json outputs/relax_paired.json",
     "benchmarks/driffusion_range.py": "--steps 20 --parallel 2 --num-samples 2",
     "benchmarks/drafter_acceptance.py": "-n 2 --steps 10 --L 2 --threads 1",
     # the README's redraw command rewrites the shipped figure in docs/: here it writes to outputs/
@@ -346,7 +348,8 @@ def _expect(name: str, root: Path, out: str) -> None:
         "latent-service": lambda: _latent_service_agrees(o / "latent-service" / "result.json"),
         "adm": lambda: (root / "samples.npz").is_file() and "FID" in out,
         "driffusion-range": lambda: (o / "driffusion-range.json").is_file(),
-        "relax-scale": lambda: (o / "relax-scale" / "relax_scale.json").is_file() and "mnist-dit" in out,
+        "relax-scale": lambda: ((o / "relax-scale" / "relax_scale.json").is_file() and "mnist-dit" in out
+                                and (o / "relax_paired.json").is_file()),
         "speed-quality": lambda: all((o / "speed-quality" / f"speed_quality.{e}").is_file()
                                      for e in ("json", "md", "png")),
     }

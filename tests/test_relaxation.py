@@ -82,7 +82,7 @@ def test_calibration_is_the_median_not_the_mean(gmm2d, monkeypatch):
     assert cal.scale == (1.5, 0.5)  # medians; the means (21.1, 10.4) would relax typical drafts 14-20x less
     four = rc.calibrate(gmm2d, None, s, NoiseStreams(sample_seed(0, torch.arange(5))), None, draft_length=2,
                         cfg_scale=1.0, drafter_name="x", model_name="gmm-2d")
-    assert four.scale == (1.5 / 4, 0.5 / 4) and four.statistic == "quantile 0.5 / 4"  # the default divisor
+    assert four.scale == (1.5 / 32, 0.5 / 32) and four.statistic == "quantile 0.5 / 32"  # the default divisor
     q = rc.calibrate(gmm2d, None, s, NoiseStreams(sample_seed(0, torch.arange(5))), None, draft_length=2,
                      cfg_scale=1.0, drafter_name="x", model_name="gmm-2d", quantile=0.25, divisor=1.0)
     assert q.scale == (1.0, 0.5)
@@ -121,3 +121,31 @@ def test_feature_drafter_warns_far_from_its_trained_steps():
     assert msg is not None and "\n" not in msg and "250 sampling steps" in msg and "at 20" in msg
     assert drafter_steps_warning(drafter, 100) is None and drafter_steps_warning(drafter, 1000) is None
     assert drafter_steps_warning(SimpleNamespace(), 20) is None and drafter_steps_warning(None, 20) is None
+
+
+def test_a_scale_divided_by_a_power_of_two_is_lambda_multiplied_by_it_bit_for_bit():
+    """The divisor's move from 4 to 32 (spec version 4) divided every stored scale by 8, exactly (a power of two):
+    lambda = 1 on the new scale is lambda = 8 on the old one bit for bit, and 1/8 the old lambda = 1, so samples
+    drawn under the old scale stand for the new lambda = old lambda / 8. Negative control: a factor of 3 is not
+    exact."""
+    from specdit.relaxation import temper
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(64, 8, generator=g, dtype=torch.float64) * torch.logspace(-6, 2, 8, dtype=torch.float64)
+    c = torch.rand(64, 8, generator=g, dtype=torch.float64) * 1e-3 + 1e-6
+    assert torch.equal(temper(1.0, u, c / 8), temper(8.0, u, c))
+    assert torch.equal(temper(0.125, u, c / 8), temper(1.0, u, c))
+    assert not torch.equal(temper(1.0, u, c / 3), temper(3.0, u, c))
+
+
+def test_shipped_calibrations_follow_the_current_rule():
+    """Both built-in drafters ship a relax_scale.json made with today's statistic (the median over 32): a scale
+    left on an older rule would give their lambda another meaning than the docs state."""
+    from pathlib import Path
+
+    from specdit.relaxation import DEFAULT_DIVISOR, DEFAULT_QUANTILE
+
+    assets = Path(__file__).resolve().parents[1] / "specdit" / "assets"
+    for name in ("mnist-dit-drafter", "mnist-latent-dit-drafter"):
+        cal = load_calibration(assets / name)
+        assert cal is not None and cal.statistic == f"quantile {DEFAULT_QUANTILE:g} / {DEFAULT_DIVISOR:g}", name

@@ -108,5 +108,6 @@ def test_relax_paired_compares_a_relaxed_cell_with_the_exact_one_on_the_same_see
     assert set(rows) == {"1", "0"} and json.loads(out.read_text())["rows"].keys() == rows.keys()
     assert rows["0"]["fid_minus_exact"] == 0.0 and rows["0"]["mcnemar_p"] == 1.0
     assert all(len(r["fid_minus_exact_ci95"]) == 2 and r["parallel_efficiency"] >= 1 for r in rows.values())
-    with pytest.raises(SystemExit):
-        rp.main(["--relax", "7"])
+    for bad in ("-1", "nan", "x"):
+        with pytest.raises(SystemExit):
+            rp.main(["--relax", bad])

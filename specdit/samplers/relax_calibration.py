@@ -2,8 +2,8 @@
 
 Runs exact speculative chains (relax = 0, block verification) with the drafter and records, for every draft
 that the target scores, its uncertainty u = mean((eps_hat - eps)^2) at the draft's timestep; the scale at
-timestep t is the median of u over every draft at t divided by 4 (``specdit.relaxation.DEFAULT_DIVISOR``),
-so that lambda = 1 divides the median draft's log q/p by 5. Chains follow the target's law whatever the
+timestep t is the median of u over every draft at t divided by 32 (``specdit.relaxation.DEFAULT_DIVISOR``),
+so that lambda = 1 divides the median draft's log q/p by 33. Chains follow the target's law whatever the
 drafter, so the scale describes the states the sampler meets.
 """
 from __future__ import annotations
