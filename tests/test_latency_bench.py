@@ -247,3 +247,21 @@ def test_make_latency_script_at_a_tiny_size(tmp_path, monkeypatch):
     assert [r["sampler"] for r in rows][:2] == ["ddpm", "speculative"] and rows[1]["draft_length"] == 2
     assert [r["draft_length"] for r in rows[2:]] in ([], ["auto"]) and rows[0]["draft_length"] is None
     assert "latency at batch 1" in (out / "tables.md").read_text()
+
+
+def test_precision_cost_script_times_both_precisions(capsys):
+    """benchmarks/precision_cost.py at a tiny size: c(n) for fp32 and bf16 at every size, the table printed;
+    a bad --sizes is a usage error (exit 2)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "precision_cost.py"
+    spec = importlib.util.spec_from_file_location("precision_cost", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rep = mod.main(["--model", "gmm-2d", "--cfg-scale", "1", "--sizes", "1,2", "--repeats", "1", "--threads", "1"])
+    assert set(rep["seconds"]) == {"fp32", "bf16"} and all(set(v) == {1, 2} for v in rep["seconds"].values())
+    assert "| 2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--sizes", "0,x"])
+    assert e.value.code == 2
