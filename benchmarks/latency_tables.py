@@ -107,13 +107,9 @@ def main(argv=None) -> None:
             plot(rep, a.out / "batch-cost.png")
     from benchmarks.profile_round import main as profile
 
-    rows: list[dict] = []
-    for length in [*lengths, "auto"]:  # ddpm's row from the first call only
-        got = profile(["--model", a.model, "--steps", str(a.steps), "--cfg-scale", str(a.cfg_scale), "--drafter",
-                       a.drafter, "--draft-length", str(length), "--seeds", "2",
-                       *(["--threads", str(a.threads)] if a.threads else [])])
-        rows += got[1:] if rows else got
-    (a.out / "profile.json").write_text(json.dumps(rows, indent=2))
+    rows = profile(["--model", a.model, "--steps", str(a.steps), "--cfg-scale", str(a.cfg_scale), "--drafter",
+                    a.drafter, "--draft-length", ",".join(map(str, [*lengths, "auto"])), "--seeds", "2",
+                    *(["--threads", str(a.threads)] if a.threads else []), "--json", str(a.out / "profile.json")])
     parts.append("\n".join(f"profile {r['sampler']} L={r['draft_length'] or '-'}: "
                            f"{1e3 * r['seconds_per_sample']:.0f} ms/sample, outside the networks "
                            f"{100 * r['rest_share']:.1f}%" for r in rows))

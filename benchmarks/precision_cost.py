@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def costs(model_name: str, cfg_scale: float, sizes: tuple[int, ...], repeats: in
         for p, model in models.items():
             for n, s in round_robin_seconds(model, sizes, 1).items():
                 out[p][n].append(s)
-    return {p: {n: sorted(v)[len(v) // 2] for n, v in per.items()} for p, per in out.items()}
+    return {p: {n: statistics.median(v) for n, v in per.items()} for p, per in out.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,10 +55,12 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     try:
         sizes = tuple(int(s) for s in a.sizes.split(","))
-        if not sizes or min(sizes) < 1 or a.repeats < 1:
+        if min(sizes) < 1:
             raise ValueError
     except ValueError:
-        ap.error(f"--sizes takes positive integers (got {a.sizes!r}) and --repeats must be >= 1")
+        ap.error(f"--sizes takes positive integers, got {a.sizes!r}")
+    if a.repeats < 1 or (a.threads is not None and a.threads < 1):
+        ap.error("--repeats and --threads must be >= 1")
     if a.threads:
         torch.set_num_threads(a.threads)
     c = costs(a.model, a.cfg_scale, sizes, a.repeats)

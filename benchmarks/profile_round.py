@@ -1,7 +1,7 @@
 """Where a round's time goes at batch 1: the target's and the drafter's forward passes vs everything else.
 
     python benchmarks/profile_round.py --model mnist-dit --steps 250 --cfg-scale 1.5 --drafter feature \
-        --draft-length 4|auto --seeds 2 [--cprofile 25] [--json out.json]
+        --draft-length 4,auto --seeds 2 [--cprofile 25] [--json out.json]
 
 Prints, per sampler (ddpm and speculative), seconds per sample split into target forward, drafter forward
 (its whole cost: its network and the target's final layer it calls) and the rest (verification maths,
@@ -78,27 +78,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--drafter", default="feature")
-    p.add_argument("--draft-length", default="4", help="L, or auto (the stored calibration's L(k); made if missing)")
+    p.add_argument("--draft-length", default="4",
+                   help="comma-separated L or auto (the stored calibration's L(k); made if missing): ddpm once, then each")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cprofile", type=int, default=0, help="print the top N functions by own time")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
-    auto = a.draft_length == "auto"
-    if not (auto or a.draft_length.isdigit()):
-        p.error(f"--draft-length takes an integer or auto, got {a.draft_length!r}")
-    base = SamplerConfig(steps=a.steps, cfg_scale=a.cfg_scale, drafter=a.drafter,
-                         draft_length=8 if auto else int(a.draft_length))
-    if auto:
-        if a.threads:
-            torch.set_num_threads(a.threads)
-        base = resolve_auto(base.validate(), a.model)[0]
-        if base.sampler == "ddpm":
-            print("draft length auto: speculation cannot pay here (plain steps), so only ddpm is profiled")
+    lengths = [v.strip() for v in a.draft_length.split(",")]
+    if not all(v == "auto" or v.isdigit() for v in lengths):
+        p.error(f"--draft-length takes integers or auto, got {a.draft_length!r}")
+    if a.seeds < 1 or (a.threads is not None and a.threads < 1):
+        p.error("--seeds and --threads must be >= 1")
+    if a.threads:
+        torch.set_num_threads(a.threads)  # before auto's lookup: plans are keyed by thread count
+    try:
+        configs = [SamplerConfig(sampler="ddpm", steps=a.steps, cfg_scale=a.cfg_scale).validate()]
+        for v in lengths:
+            spec = SamplerConfig(steps=a.steps, cfg_scale=a.cfg_scale, drafter=a.drafter,
+                                 draft_length=8 if v == "auto" else int(v)).validate()
+            if v == "auto":
+                spec = resolve_auto(spec, a.model)[0]
+                if spec.sampler == "ddpm":
+                    print("draft length auto: speculation cannot pay here (plain steps), so it adds no row")
+                    continue
+            configs.append(spec)
+    except ValueError as e:  # SettingError, or no calibration to be made
+        p.error(str(e))
     rows = []
-    plain = SamplerConfig(sampler="ddpm", steps=a.steps, cfg_scale=a.cfg_scale)
-    for cfg in (plain, base) if base.sampler == "speculative" else (plain,):
-        r = profile_sampler(a.model, cfg.validate(), a.seeds, a.threads, a.cprofile)
+    for cfg in configs:
+        r = profile_sampler(a.model, cfg, a.seeds, a.threads, a.cprofile)
         rows.append(r)
         print(f"{r['sampler']:>11} L={r['draft_length'] or '-'} threads={r['threads']}: {r['seconds_per_sample'] * 1e3:.1f} ms/sample "
               f"= target {r['target_s'] * 1e3:.1f} + drafter {r['drafter_s'] * 1e3:.1f} + rest {r['rest_s'] * 1e3:.1f} ms "

@@ -97,7 +97,8 @@ def main(argv=None) -> dict:
         lams = [float(s) for s in args.relax.split(",") if s.strip()]
         if not all(math.isfinite(v) and v >= 0 for v in lams):
             raise ValueError(f"relax lambdas must be finite and >= 0, got {args.relax!r}")
-        [relax_variant(v, args) for v in [0.0, *lams]]
+        for v in [0.0, *lams]:
+            relax_variant(v, args)  # validates the settings
     except ValueError as e:
         ap.error(f"--relax, --steps, --cfg or --draft-length: {e}")
     if args.num_samples < 2 or not lams:

@@ -37,7 +37,7 @@ class DraftFallbackWarning(RuntimeWarning):
 
 class DrafterStepsWarning(RuntimeWarning):
     """A feature drafter samples at a step count far from the one it was trained on: its drafts are poor
-    there and acceptance falls (the samples stay exact). Issued once per ``generate`` call."""
+    there and acceptance falls (an exact sampler's samples keep their law). Issued once per ``generate`` call."""
 
 
 STEPS_RATIO_WARN = 4.0  # warn when steps / trained steps lies outside [1/4, 4] (docs/design.md, "Drafters")
@@ -50,7 +50,7 @@ def drafter_steps_warning(drafter, steps: int) -> str | None:
     if not trained or 1 / STEPS_RATIO_WARN <= steps / trained <= STEPS_RATIO_WARN:
         return None
     return (f"the feature drafter was trained for {trained} sampling steps and drafts poorly at {steps} "
-            f"(acceptance falls; samples stay exact): sample with --steps near {trained} or train one for {steps}")
+            f"(acceptance falls): sample with --steps near {trained} or train one for {steps}")
 
 
 @dataclass

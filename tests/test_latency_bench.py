@@ -262,6 +262,7 @@ def test_precision_cost_script_times_both_precisions(capsys):
     rep = mod.main(["--model", "gmm-2d", "--cfg-scale", "1", "--sizes", "1,2", "--repeats", "1", "--threads", "1"])
     assert set(rep["seconds"]) == {"fp32", "bf16"} and all(set(v) == {1, 2} for v in rep["seconds"].values())
     assert "| 2 |" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        mod.main(["--sizes", "0,x"])
-    assert e.value.code == 2
+    for bad in (["--sizes", "0,x"], ["--repeats", "0"], ["--threads", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            mod.main(bad)
+        assert e.value.code == 2

@@ -33,3 +33,13 @@ def test_rounds_per_sample_is_the_mean_over_seeds(monkeypatch, capsys):
     assert spec["rounds"] == sum(per_seed) and spec["rounds_per_sample"] == pytest.approx(sum(per_seed) / 4)
     assert rows[0]["rounds_per_sample"] == 40  # ddpm: one round per step
     assert f"{sum(per_seed) / 4:.1f} rounds/sample, mean over 4 seeds" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [["--draft-length", "0"], ["--draft-length", "2,x"], ["--steps", "0"],
+                                 ["--drafter", "bogus"], ["--seeds", "0"], ["--threads", "-1"]])
+def test_bad_options_are_one_line_usage_errors(bad, capsys):
+    """Every bad option (a setting SamplerConfig refuses, a malformed list, a count below 1) exits 2 with one
+    line naming it, before any sampling (before: SettingError, ZeroDivisionError or RuntimeError tracebacks)."""
+    with pytest.raises(SystemExit) as e:
+        _module().main(["--drafter", "x0", *bad])
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
