@@ -180,8 +180,7 @@ class NoiseStreams:
         """``_words`` computed in numpy (CPU streams without a log: no per-operation dispatch), else None."""
         if self.device.type != "cpu" or self.log is not None:
             return None
-        ws = [_as_words(w, len(self), self.device).numpy() for w in words]
-        return _words_np(self.seeds.numpy(), int(purpose), int(kind), ws, n)
+        return _words_np(self.seeds.numpy(), int(purpose), int(kind), _np_words(words, len(self)), n)
 
     def _words(self, purpose: Purpose, kind: Kind, words: tuple, n: int) -> torch.Tensor:
         """(B, n) int64 random words for counters 1..n of the stream keyed (seed, purpose, kind, words)."""
@@ -198,6 +197,11 @@ class NoiseStreams:
     def _uniforms(self, purpose: Purpose, kind: Kind, words: tuple, n: int) -> torch.Tensor:
         """(B, n) float64 uniforms in (0, 1) from ``_words`` (converted in numpy where the words are: exact
         integer and power-of-two arithmetic, so both paths give the same bits)."""
+        B = len(self)
+        if B * n <= _PYTHON_DRAWS and self.device.type == "cpu" and self.log is None:
+            rows = zip(self.seeds.tolist(), *_word_lists(words, B))
+            return torch.tensor([_uniforms_py(_key_py(r[0], int(purpose), int(kind), r[1:]), n) for r in rows],
+                                dtype=torch.float64, device=self.device).view(B, n)
         fast = self._words_numpy(purpose, kind, words, n)
         if fast is not None:
             return torch.from_numpy(_to_uniform_np(fast))
@@ -214,26 +218,53 @@ class NoiseStreams:
     def normal(self, purpose: Purpose, *words, shape: tuple[int, ...]) -> torch.Tensor:
         """(B, *shape) float64 standard normals (Box-Muller on counter pairs (2i-1, 2i))."""
         n = math.prod(shape)
-        half = (n + 1) // 2
-        u = self._uniforms(purpose, Kind.NORMAL, words, 2 * half).view(-1, half, 2)
-        r = (-2.0 * u[..., 0].log()).sqrt()
-        theta = 2.0 * math.pi * u[..., 1]
-        z = torch.stack([r * theta.cos(), r * theta.sin()], dim=-1).view(len(self), -1)[:, :n]
-        return z.reshape(len(self), *shape)
+        return _box_muller(self._uniforms(purpose, Kind.NORMAL, words, 2 * ((n + 1) // 2)), shape)
 
     def normal_positions(self, purpose: Purpose, *words, positions: int, shape: tuple[int, ...]) -> torch.Tensor:
         """(B, positions, *shape) float64 normals: entry [:, j - 1] is ``normal(purpose, *words, j, shape=shape)``
         for j = 1..positions, bit for bit (the same keys), drawn in one batch of B * positions streams (a
         speculative round's draft noise z_1..z_L in one call instead of L)."""
         B, n = len(self), positions
+        if self.device.type == "cpu" and self.log is None:  # the torch path's words, without its dispatch
+            ws = [*_np_words(words, B, n), np.array(list(range(1, n + 1)) * B, dtype=np.int64)]  # row b*n + j-1
+            fast = _words_np(np.array(self.seeds.tolist(), dtype=np.int64).repeat(n), int(purpose),
+                             int(Kind.NORMAL), ws, 2 * ((math.prod(shape) + 1) // 2))
+            return _box_muller(torch.from_numpy(_to_uniform_np(fast)), shape).view(B, n, *shape)
         wide = NoiseStreams(self.seeds.repeat_interleave(n), self.device, self.log)  # (B n,) row b*n + j-1
         ws = [_as_words(w, B, self.device).repeat_interleave(n) for w in words]
         j = torch.arange(1, n + 1, dtype=torch.int64, device=self.device).repeat(B)  # (B n,)
         return wide.normal(purpose, *ws, j, shape=shape).view(B, n, *shape)
 
 
+def _box_muller(u: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """(N, 2 h) float64 uniforms, h = ceil(prod(shape) / 2) -> (N, *shape) standard normals (Box-Muller on the
+    counter pairs (2i - 1, 2i); the last normal of an odd count is dropped)."""
+    N, n = u.shape[0], math.prod(shape)
+    u = u.view(N, -1, 2)
+    r = (-2.0 * u[..., 0].log()).sqrt()
+    theta = 2.0 * math.pi * u[..., 1]
+    z = torch.stack([r * theta.cos(), r * theta.sin()], dim=-1).view(N, -1)[:, :n]
+    return z.reshape(N, *shape)
+
+
+def _word_lists(words: tuple, rows: int) -> list[list[int]]:
+    """Key words (ints, or (rows,) or 0-d int64 CPU tensors) as Python lists of ``rows`` ints each (no numpy:
+    its heavier functions cost ~100 us right after a network call has evicted them from the caches)."""
+    out = []
+    for w in words:
+        v = w.tolist() if isinstance(w, torch.Tensor) else w
+        out.append(v if isinstance(v, list) else [v] * rows)
+    return out
+
+
+def _np_words(words: tuple, rows: int, repeat: int = 1) -> list[np.ndarray]:
+    """``_word_lists`` as int64 numpy arrays of rows * repeat entries, each row's word ``repeat`` times in a row."""
+    return [np.array(v, dtype=np.int64).repeat(repeat) for v in _word_lists(words, rows)]
+
+
 _S30, _S27, _S31, _M1_U, _M2_U, _G_U = (np.uint64(v) for v in (30, 27, 31, _M1, _M2, _GOLDEN))
 _PYTHON_KEYS = 16  # up to this many rows, keys are hashed with Python ints (fewer calls than numpy's)
+_PYTHON_DRAWS = 64  # up to this many uniforms (rows x counters), they are made with Python ints and floats
 
 
 def _mix64_np(x: np.ndarray) -> np.ndarray:
@@ -248,29 +279,41 @@ def _mix64_np(x: np.ndarray) -> np.ndarray:
 def _keys_np(seeds: np.ndarray, purpose: int, kind: int, words: list[np.ndarray]) -> np.ndarray:
     """(B,) uint64 keys of ``NoiseStreams._key``, bit for bit: per row with Python ints for a few rows (a round at
     batch 1 draws ~4 keyed batches: numpy's per-call cost dominated there), else vectorised in numpy."""
-    header = mix64_reference(((kind * 256 + len(words)) * _GOLDEN + _GOLDEN) & _MASK64)
     if len(seeds) <= _PYTHON_KEYS:
-        out = []
-        for row in zip(seeds.tolist(), *(w.tolist() for w in words)):
-            h = mix64_reference(mix64_reference(row[0] ^ ((purpose * _GOLDEN) & _MASK64)) ^ header)
-            for w in row[1:]:
-                h = mix64_reference(h ^ mix64_reference((w & _MASK64) * _GOLDEN + _GOLDEN))
-            out.append(h)
-        return np.array(out, dtype=np.uint64).reshape(len(seeds))
+        rows = zip(seeds.tolist(), *(w.tolist() for w in words))
+        return np.array([_key_py(r[0], purpose, kind, r[1:]) for r in rows], dtype=np.uint64).reshape(len(seeds))
+    header = mix64_reference(((kind * 256 + len(words)) * _GOLDEN + _GOLDEN) & _MASK64)
     h = _mix64_np(_mix64_np(seeds.view(np.uint64) ^ np.uint64((purpose * _GOLDEN) & _MASK64)) ^ np.uint64(header))
     for w in words:
         h = _mix64_np(h ^ _mix64_np(w.view(np.uint64) * _G_U + _G_U))
     return h
 
 
+def _key_py(seed: int, purpose: int, kind: int, words: tuple[int, ...]) -> int:
+    """One row's unsigned key of ``NoiseStreams._key`` with Python ints (signed inputs: two's complement)."""
+    header = mix64_reference(((kind * 256 + len(words)) * _GOLDEN + _GOLDEN) & _MASK64)
+    h = mix64_reference(mix64_reference(seed ^ ((purpose * _GOLDEN) & _MASK64)) ^ header)
+    for w in words:
+        h = mix64_reference(h ^ mix64_reference((w & _MASK64) * _GOLDEN + _GOLDEN))
+    return h
+
+
+def _uniforms_py(key: int, n: int) -> list[float]:
+    """The uniforms of counters 1..n of a key with Python ints and floats: ``_to_uniform_np``'s IEEE operations
+    in the same order (an exact int -> float conversion of the top 53 bits, + 0.5, * 2^-53), bit for bit.
+    Used for a handful of draws, where numpy's per-call cost (~20 us each right after a network call has
+    evicted its code from the caches) dominates."""
+    return [(float(mix64_reference(key + c * _GOLDEN) >> 11) + 0.5) * 2.0**-53 for c in range(1, n + 1)]
+
+
 def _words_np(seeds: np.ndarray, purpose: int, kind: int, words: list[np.ndarray], n: int) -> np.ndarray:
     """``NoiseStreams._key`` and ``_words`` for CPU tensors in numpy: the same integer arithmetic, bit for bit
     (tests/test_noise_keys.py), without torch's per-operation overhead (a round draws ~10 small keyed
-    batches; at batch 1 torch spent ~1 ms per draw on dispatch alone). Returns (B, n) int64."""
-    with np.errstate(over="ignore"):
-        h = _keys_np(seeds, purpose, kind, words)  # (B,)
-        ctr = np.arange(1, n + 1, dtype=np.uint64) * _G_U  # (n,)
-        return _mix64_np(h[:, None] + ctr[None, :]).view(np.int64)
+    batches; at batch 1 torch spent ~1 ms per draw on dispatch alone). Returns (B, n) int64. Array integer
+    arithmetic wraps modulo 2^64 without a warning (only numpy scalars warn), so no ``np.errstate`` is needed."""
+    h = _keys_np(seeds, purpose, kind, words)  # (B,)
+    ctr = np.arange(1, n + 1, dtype=np.uint64) * _G_U  # (n,)
+    return _mix64_np(h[:, None] + ctr[None, :]).view(np.int64)
 
 
 def _to_uniform_np(words: np.ndarray) -> np.ndarray:

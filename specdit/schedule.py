@@ -213,6 +213,13 @@ class Schedule:
         """Whether the predicted x0 is clipped or thresholded before the mean (``clip_sample``/``thresholding``)."""
         return self.training.clip_sample or self.training.thresholding
 
+    def step_mean_coefficients(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(a, b), float64 of ``k``'s shape on its device, with the kernel mean a x + b out at state indices
+        ``k`` (>= 1); None when the schedule clips (the mean is then not linear in the output)."""
+        if self.clips:
+            return None
+        return self.coef_x.to(k.device)[k], self.coef_e.to(k.device)[k]
+
     def step_mean(self, x: torch.Tensor, eps: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Kernel mean of the step x_k -> x_{k-1}; ``k`` is (N,) per-item state indices >= 1.
 
@@ -220,12 +227,11 @@ class Schedule:
         in float64 and returned in float64. With clipping the mean is ``post_x x + post_0 clip(x0)`` (DDPM's
         posterior mean, i.e. the noise implied by the clipped x0)."""
         shape = (-1,) + (1,) * (x.dim() - 1)
-        if self.clips:
+        coefs = self.step_mean_coefficients(k)
+        if coefs is None:
             x0 = self.predicted_x0(x, eps, k)
             return self.post_x.to(x.device)[k].view(shape) * x.double() + self.post_0.to(x.device)[k].view(shape) * x0
-        a = self.coef_x.to(x.device)[k].view(shape)
-        b = self.coef_e.to(x.device)[k].view(shape)
-        return a * x.double() + b * eps.double()
+        return coefs[0].view(shape) * x.double() + coefs[1].view(shape) * eps.double()
 
     def predicted_x0(self, x: torch.Tensor, out: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """x0 predicted at state index k (N,) from x and the model output (N, *shape), float64, clipped or

@@ -170,7 +170,7 @@ def test_an_executor_may_return_futures(gmm2d):
 
 def test_hand_overs_are_typed_and_the_scorer_gets_states_only():
     d = DraftBatch(torch.zeros(2, 3, 4), torch.ones(2, 2, 4), torch.ones(2, 2, 4), torch.tensor([2, 1]),
-                   torch.zeros(2, dtype=torch.int64), torch.tensor([2, 1]))
+                   torch.zeros(2, dtype=torch.int64), torch.tensor([2, 1]), torch.tensor([[5, 4], [3, 2]]))
     slim = d.for_scoring()
     assert slim.m_draft is None and slim.eps_hat is None and slim.states is d.states
     s = TargetScores(torch.zeros(2, 2, 4), torch.zeros(2, 2, 4), None).to("cpu")

@@ -55,8 +55,11 @@ def test_a_row_does_not_depend_on_its_batch():
 
 
 def test_numpy_keyed_noise_is_bit_identical_to_torch():
-    """The CPU fast path of NoiseStreams (numpy integer arithmetic; keys hashed per row with Python ints up to
-    16 rows, vectorised above) gives the torch path's bits (a DrawLog forces the torch path)."""
+    """The CPU fast paths of NoiseStreams (numpy integer arithmetic; keys hashed per row with Python ints up to
+    16 rows, vectorised above; up to 64 uniforms made with Python ints and floats) give the torch path's bits
+    (a DrawLog forces the torch path), without numpy warnings (they run without ``np.errstate``)."""
+    import numpy as np
+
     from specdit.noise import DrawLog, NoiseStreams, Purpose, sample_seed
 
     for rows in (7, 40):
@@ -64,9 +67,11 @@ def test_numpy_keyed_noise_is_bit_identical_to_torch():
         fast, slow = NoiseStreams(seeds), NoiseStreams(seeds, log=DrawLog())
         k = torch.tensor([4, 5, 6, 7, 250, 1, 999, -3] * 5)[:rows]
         for words in [(Purpose.DRAFT, k, 2), (Purpose.INIT,), (Purpose.STEP, 17), (Purpose.BLOCK, k)]:
-            assert torch.equal(fast.normal(*words, shape=(3, 5)), slow.normal(*words, shape=(3, 5)))
-            assert torch.equal(fast.uniform(*words, n=4), slow.uniform(*words, n=4))
-            assert torch.equal(fast.bits(*words, n=2), slow.bits(*words, n=2))
+            with np.errstate(all="raise"):
+                assert torch.equal(fast.normal(*words, shape=(3, 5)), slow.normal(*words, shape=(3, 5)))
+                for n in (1, 4, 20):  # 7 to 800 uniforms: the Python path and the numpy path
+                    assert torch.equal(fast.uniform(*words, n=n), slow.uniform(*words, n=n))
+                assert torch.equal(fast.bits(*words, n=2), slow.bits(*words, n=2))
         assert not torch.equal(fast.uniform(Purpose.BLOCK, k, n=4), slow.uniform(Purpose.ACCEPT, k, n=4))  # control
 
 
@@ -75,11 +80,14 @@ def test_draft_noise_of_a_round_in_one_draw_is_the_per_position_draws():
     from specdit.noise import DrawLog, NoiseStreams, Purpose, sample_seed
 
     seeds, k = sample_seed(5, torch.arange(3)), torch.tensor([9, 3, 250])
-    for streams in (NoiseStreams(seeds), NoiseStreams(seeds, log=DrawLog())):
+    both = []
+    for streams in (NoiseStreams(seeds), NoiseStreams(seeds, log=DrawLog())):  # numpy words, torch words
         z = streams.normal_positions(Purpose.DRAFT, k, positions=4, shape=(2, 3))  # (3, 4, 2, 3)
         for j in range(1, 5):
             assert torch.equal(z[:, j - 1], streams.normal(Purpose.DRAFT, k, j, shape=(2, 3)))
         assert not torch.equal(z[:, 0], z[:, 1])  # control: positions differ
+        both.append(streams.normal_positions(Purpose.REFINE, 7, k, positions=3, shape=(5,)))  # int and odd count
+    assert torch.equal(*both)
 
 
 def test_profile_round_command_splits_a_round():

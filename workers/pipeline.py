@@ -8,7 +8,7 @@ how long both devices worked at once (and, on CPUs, whether a device got a whole
 
 - drafter executor: ``draft(seeds, ctx, draft_length) -> DraftBatch`` (step 1 of a round,
   ``specdit.samplers.round_steps.propose``);
-- verifier executor: ``verify(draft, k, y) -> TargetScores`` (step 2, ``round_steps.score``);
+- verifier executor: ``verify(draft, y) -> TargetScores`` (step 2, ``round_steps.score``);
 - model executor (DRiffusion): ``evaluate(x, t, y) -> ModelOutput``.
 
 The rounds themselves are driven by the one round loop, ``specdit.samplers.rounds.run_rounds``
@@ -142,10 +142,10 @@ class VerifyComputer:
         self.model, self.device = model, torch.device(device)
         self.schedule = None if schedule is None else schedule.to(device)
 
-    def verify(self, draft: DraftBatch, k: torch.Tensor, y: torch.Tensor | None):
+    def verify(self, draft: DraftBatch, y: torch.Tensor | None):
         t0, c0 = time.time(), time.thread_time()
         with torch.no_grad():
-            out = score(self.model, self.schedule, to_device(draft, self.device), k.to(self.device),
+            out = score(self.model, self.schedule, to_device(draft, self.device),
                         None if y is None else y.to(self.device))
         return to_device(out, COORDINATOR_DEVICE), (t0, time.time(), time.thread_time() - c0)
 
@@ -196,7 +196,7 @@ class ExecutorRounds:
         return self._timed("drafter", self.drafter_ex.draft(self.seeds[rows], ctx, self.draft_length))
 
     def score(self, draft: DraftBatch, ctx: DraftContext) -> Future:
-        return self._timed("verifier", self.verifier_ex.verify(draft, ctx.k, ctx.y))
+        return self._timed("verifier", self.verifier_ex.verify(draft, ctx.y))
 
     def _timed(self, role: str, call) -> Future:
         """A future of the call's result, its busy interval added to the timeline once it is known."""

@@ -2,6 +2,8 @@
 raised when the target model returns a non-finite value."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from specdit.models.base import EpsModel, ModelOutput
@@ -25,19 +27,18 @@ class NonFiniteTargetError(ValueError):
 
 
 def call_model(model: EpsModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, *,
-               steps: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> ModelOutput:
+               steps: torch.Tensor | None = None, row_of: Callable[[int], int] | None = None) -> ModelOutput:
     """Evaluate the target ``model`` on float64 states x (N, *shape); eps comes back as float64 and, like the
     features, on x's device (the model may live on another one).
 
-    Raises :class:`NonFiniteTargetError` if any eps is not finite, naming the first such item by its state
-    index ``steps[i]`` (N,), its timestep ``t[i]`` and its sample row ``rows[i]`` (N,) (default: i)."""
+    Raises :class:`NonFiniteTargetError` if any eps is not finite, naming the first such item i by its state
+    index ``steps[i]`` (N,), its timestep ``t[i]`` and its sample row ``row_of(i)`` (default: i)."""
     out = model(x.to(model.dtype), t, y)
     eps = out.eps.to(device=x.device, dtype=torch.float64)  # the model may live on another device
-    bad = ~torch.isfinite(eps).flatten(1).all(1)  # (N,)
-    if bad.any():
-        i = int(bad.nonzero()[0, 0])
+    if not bool(torch.isfinite(eps).all()):  # one reduction in the usual case; the culprit found only on failure
+        i = int((~torch.isfinite(eps).flatten(1).all(1)).nonzero()[0, 0])
         raise NonFiniteTargetError(None if steps is None else int(steps[i]), int(t[i]),
-                                   i if rows is None else int(rows[i]))
+                                   i if row_of is None else row_of(i))
     return ModelOutput(eps, None if out.features is None else out.features.to(x.device))
 
 

@@ -186,7 +186,7 @@ def _draft_eps(model: EpsModel, schedule: Schedule, d: torch.Tensor, k: int, y: 
     kd = (k - torch.arange(1, K + 1, device=dev)).repeat(B)  # (B*K,) row b*K + (i-1) -> state index k - i
     yy = None if y is None else y.repeat_interleave(K)
     return call_model(model, d.flatten(0, 1), schedule.timesteps[kd], yy, steps=kd,
-                      rows=torch.arange(B, device=dev).repeat_interleave(K)).eps.view(d.shape)
+                      row_of=lambda i: i // K).eps.view(d.shape)
 
 
 def refine(

@@ -23,6 +23,7 @@ class DraftBatch:
     length: torch.Tensor  # (B,) int64 draft length L_b = min(L, k_b)
     fallbacks: torch.Tensor  # (B,) int64 drafter outputs replaced by the fallback proposal
     draft_evals: torch.Tensor  # (B,) int64 drafter network evaluations spent (drafter.cost * L_b)
+    step_index: torch.Tensor  # (B, Lmax) int64 state index k_b - j + 1 of position j's step (>= 1 at padding)
 
     def for_scoring(self) -> "DraftBatch":
         """The part the scorer needs (states and lengths): means and eps stay with the proposer."""

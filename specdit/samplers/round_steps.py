@@ -100,7 +100,7 @@ def propose(drafter: Drafter, schedule: Schedule, streams: NoiseStreams, ctx: Dr
     replaced = torch.zeros(ctx.x.shape[0], dtype=torch.int64, device=dev)
     if not all_usable(eps_hats, means):
         states, means, eps_hats = _draft(drafter, schedule, ctx, kk, noise, (replaced, length))
-    return DraftBatch(states, means, eps_hats, length, replaced, drafter.cost * length)
+    return DraftBatch(states, means, eps_hats, length, replaced, drafter.cost * length, kk)
 
 
 def _draft(drafter: Drafter, schedule: Schedule, ctx: DraftContext, kk: torch.Tensor, noise: torch.Tensor,
@@ -110,14 +110,20 @@ def _draft(drafter: Drafter, schedule: Schedule, ctx: DraftContext, kk: torch.Te
     length (B,)) to apply the fallback rule at every position, counting replaced non-padding drafts."""
     dims, dev = ctx.x.dim() - 1, ctx.x.device
     t = schedule.timesteps[kk]  # (B, Lmax)
+    coefs = _coefficient_columns(schedule, kk, dims)  # Lmax pairs (a_j, b_j) (B, 1, ...), or None
     carry = drafter.start(ctx)
     fallback = None if checked is None else latest_target_eps(ctx)  # (B, *shape) finite
     states, means, eps_hats = [ctx.x], [], []
+    # Column j - 1 of kk, t and noise for position j, as views made in one operation each
+    k_cols, t_cols, noise_cols = kk.unbind(1), t.unbind(1), noise.unbind(1)
     for j in range(1, kk.shape[1] + 1):
-        kj = kk[:, j - 1]  # (B,) state index of the step taken at position j
-        eps_hat, new_carry = drafter.step(states[-1], t[:, j - 1], ctx.y, carry)
+        kj = k_cols[j - 1]  # (B,) state index of the step taken at position j
+        eps_hat, new_carry = drafter.step(states[-1], t_cols[j - 1], ctx.y, carry)
         eps_hat = eps_hat.to(device=dev, dtype=torch.float64)
-        mean = schedule.step_mean(states[-1], eps_hat, kj)
+        if coefs is None:
+            mean = schedule.step_mean(states[-1], eps_hat, kj)
+        else:  # step_mean's arithmetic, bit for bit, on coefficients gathered once per round
+            mean = coefs[j - 1][0] * states[-1].double() + coefs[j - 1][1] * eps_hat
         if checked is not None:
             bad = unusable_drafts(eps_hat, mean)  # (B,)
             if bad.any():
@@ -126,21 +132,31 @@ def _draft(drafter: Drafter, schedule: Schedule, ctx: DraftContext, kk: torch.Te
                 new_carry = keep_finite_carry(carry, new_carry, bad)
                 checked[0].add_((bad & (j <= checked[1])).long())  # padding positions are not counted
         carry = new_carry
-        states.append(mean + noise[:, j - 1])
+        states.append(mean + noise_cols[j - 1])
         means.append(mean)
         eps_hats.append(eps_hat)
     return torch.stack(states, 1), torch.stack(means, 1), torch.stack(eps_hats, 1)
 
 
-def score(model: EpsModel, schedule: Schedule, draft: DraftBatch, k: torch.Tensor,
-          y: torch.Tensor | None) -> TargetScores:
-    """Step 2: one batched target call on xh_0..xh_{L_b-1} of every chain (round started at ``k`` (B,)).
+def _coefficient_columns(schedule: Schedule, kk: torch.Tensor, dims: int) -> list[tuple] | None:
+    """Per position j = 1..Lmax, (a_j, b_j) (B, 1, ..., 1) with ``schedule.step_mean`` = a_j x + b_j eps at
+    state indices kk[:, j - 1]; None when the schedule clips. Two gathers per round instead of two per
+    position (at batch 1 a round's cost outside the networks is mostly per-operation dispatch)."""
+    coefs = schedule.step_mean_coefficients(kk.T)  # (Lmax, B) each
+    if coefs is None:
+        return None
+    a, b = (c.view(*c.shape, *([1] * dims)).unbind(0) for c in coefs)  # Lmax views (B, 1, ..., 1) each
+    return list(zip(a, b))
+
+
+def score(model: EpsModel, schedule: Schedule, draft: DraftBatch, y: torch.Tensor | None) -> TargetScores:
+    """Step 2: one batched target call on xh_0..xh_{L_b-1} of every chain, each at its own step
+    (``draft.step_index``); ``y`` (B,) labels or None.
 
     Raises ``NonFiniteTargetError`` naming the step and the chain's row in this batch if the target returns
     NaN/inf (the round loop renames the row to the sample's index)."""
-    states, length = draft.states, draft.length
-    B, Lmax, dev = states.shape[0], states.shape[1] - 1, states.device
-    kk = (k[:, None] - torch.arange(Lmax, device=dev)[None, :]).clamp_min(1)  # (B, Lmax) state index k - j
+    states, length, kk = draft.states, draft.length, draft.step_index  # kk (B, Lmax): state index k - j
+    Lmax = kk.shape[1]
     if int(length.min()) == Lmax:  # every position evaluated (the usual round): no gather, no scatter
         eps, feats = _score_all(model, schedule, states, kk, y)
     else:
@@ -156,9 +172,8 @@ def _score_all(model: EpsModel, schedule: Schedule, states: torch.Tensor, kk: to
     """The target on all B * Lmax items, in (chain, position) order: eps (B, Lmax, *shape), features or None."""
     B, Lmax = kk.shape
     yy = None if y is None else y.repeat_interleave(Lmax)  # (B Lmax,)
-    rows = torch.arange(B, device=kk.device).repeat_interleave(Lmax)  # chain row of each item
     out = call_model(model, states[:, :Lmax].flatten(0, 1), schedule.timesteps[kk].flatten(), yy,
-                     steps=kk.flatten(), rows=rows)
+                     steps=kk.flatten(), row_of=lambda i: i // Lmax)  # item i is chain i // Lmax
     feats = None if out.features is None else out.features.view(B, Lmax, *out.features.shape[1:])
     return out.eps.view(B, Lmax, *states.shape[2:]), feats
 
@@ -171,7 +186,8 @@ def _score_items(model: EpsModel, schedule: Schedule, states: torch.Tensor, kk: 
     items = torch.arange(Lmax, device=dev)[None, :] < length[:, None]  # (B, Lmax) evaluated pairs
     yy = None if y is None else y[:, None].expand(B, Lmax)[items]
     rows = torch.arange(B, device=dev)[:, None].expand(B, Lmax)[items]  # chain row of each item
-    out = call_model(model, states[:, :Lmax][items], schedule.timesteps[kk[items]], yy, steps=kk[items], rows=rows)
+    out = call_model(model, states[:, :Lmax][items], schedule.timesteps[kk[items]], yy, steps=kk[items],
+                     row_of=lambda i: int(rows[i]))
     eps = torch.zeros(B, Lmax, *states.shape[2:], dtype=torch.float64, device=dev)
     eps[items] = out.eps
     feats = None
@@ -189,8 +205,8 @@ def verify(schedule: Schedule, streams: NoiseStreams, k: torch.Tensor, draft: Dr
     ``relax`` > 0 is uncertainty-guided relaxation (not exact, ``specdit.relaxation``): log q/p is divided
     by 1 + relax * u / c(k), u = mean((eps_hat - eps)^2), with ``relax_scale`` c (S + 1,) by state index on
     the chains' device (required when relax > 0). relax = 0 takes the exact path."""
-    B, Lmax = scores.eps.shape[:2]
-    kk = (k[:, None] - torch.arange(Lmax, device=k.device)[None, :]).clamp_min(1)  # (B, Lmax)
+    kk = draft.step_index  # (B, Lmax)
+    Lmax = kk.shape[1]
     temper = None
     if relax > 0:
         if relax_scale is None:
@@ -219,7 +235,7 @@ def speculative_round(model: EpsModel, drafter: Drafter, schedule: Schedule, str
                       ) -> tuple[Verdict, TargetScores, DraftBatch]:
     """One round for a batch of chains (all with k >= 1), the three calls in a row."""
     draft = propose(drafter, schedule, streams, ctx, draft_length)
-    scores = score(model, schedule, draft, ctx.k, ctx.y)
+    scores = score(model, schedule, draft, ctx.y)
     verdict = verify(schedule, streams, ctx.k, draft, scores, verification=verification, relax=relax,
                      relax_scale=relax_scale)
     return verdict, scores, draft

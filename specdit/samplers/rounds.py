@@ -51,7 +51,7 @@ class LocalRounds:
         return propose(self.drafter, self.schedule, self.streams.subset(rows), ctx, self.draft_length)
 
     def score(self, draft: DraftBatch, ctx: DraftContext) -> TargetScores:
-        return score(self.model, self.schedule, draft, ctx.k, ctx.y)
+        return score(self.model, self.schedule, draft, ctx.y)
 
 
 def as_future(value) -> Future:
@@ -91,6 +91,7 @@ class _Round:
     group: int
     rows: torch.Tensor
     ctx: DraftContext
+    whole: bool = False  # the rows are every chain, in order
     draft: DraftBatch | None = None
 
 
@@ -123,7 +124,7 @@ def run_rounds(chains: Chains, executor: RoundExecutor, streams: NoiseStreams, y
             g = waiting.popleft()
             rows = chains.active(parts[g])
             if rows.numel():
-                r = _Round(g, rows, chains.context(rows, y))
+                r = _Round(g, rows, chains.context(rows, y), whole=groups is None and rows.numel() == len(streams))
                 pending[submit(executor.propose, rows, r.ctx)] = r
         done = {f for f in pending if f.done()}  # an in-process executor's futures are done already
         if not done:
@@ -148,5 +149,5 @@ def _finish(chains: Chains, streams: NoiseStreams, rule: RoundRule, r: _Round, f
         raise NonFiniteTargetError(e.step, e.timestep, int(r.rows[e.sample])) from None
     verdict = verify(rule.schedule, streams.subset(r.rows), r.ctx.k, r.draft, scores,
                      verification=rule.verification, relax=rule.relax, relax_scale=rule.relax_scale)
-    chains.advance(r.rows, r.ctx.k, verdict, scores, r.draft)
+    chains.advance(r.rows, r.ctx.k, verdict, scores, r.draft, whole=r.whole)
     return int(verdict.steps.sum())

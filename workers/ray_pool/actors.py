@@ -191,12 +191,12 @@ class Verifier(DeviceWorker):
 
     role = "verifier"
 
-    def verify(self, model: str, sampler: dict, draft, k, y):
+    def verify(self, model: str, sampler: dict, draft, y):
         from workers.pipeline import VerifyComputer
 
         self.crash_point("verify")
         target, _, schedule, _ = self._get(model, sampler)
-        return VerifyComputer(target, schedule, self.device).verify(draft, k, y)
+        return VerifyComputer(target, schedule, self.device).verify(draft, y)
 
 
 class Drafter(DeviceWorker):

@@ -42,8 +42,8 @@ class _Remote:
     def draft(self, seeds, ctx, draft_length):
         return self.h.draft.remote(self.model, self.sampler, seeds, ctx, draft_length).future()
 
-    def verify(self, draft, k, y):
-        return self.h.verify.remote(self.model, self.sampler, draft, k, y).future()
+    def verify(self, draft, y):
+        return self.h.verify.remote(self.model, self.sampler, draft, y).future()
 
     def evaluate(self, x, t, y):
         return self.h.evaluate.remote(self.model, self.sampler, x, t, y).future()
