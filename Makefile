@@ -17,8 +17,8 @@ run: $(STAMP)
 	$(BIN)/specdit generate --model $(or $(MODEL),mnist-dit) --sampler speculative --drafter $(or $(DRAFTER),x0) \
 		--verify block --draft-length auto --cfg-scale 1.5 --steps 250 --num-samples 16 --batch-size 1 --out outputs/run
 
-latency: $(STAMP)  ## latency and throughput tables at 1 thread (quiet machine, ~35 min): docs/latency/
-	$(BIN)/python benchmarks/latency_tables.py --threads 1 --out docs/latency
+latency: $(STAMP)  ## latency and throughput tables, ddpm at 1..all cores (quiet machine, ~45 min): docs/latency/
+	$(BIN)/python benchmarks/latency_tables.py --out docs/latency
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15

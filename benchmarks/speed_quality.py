@@ -200,8 +200,8 @@ def latency(model, variants: list[Variant], args) -> tuple[list[dict], dict]:
                   f"about {_minutes(el / done[0] * (total - done[0]))} left", flush=True)
 
     env = lat.environment()
-    results, curves = lat.run_with_curves(runner, lv, args.seeds, 1, args.seed, progress,
-                                          tuple(sorted({1, 2, 4, args.draft_length})), curve_repeats=3)
+    results, curves, _ = lat.run_with_curves(runner, lv, args.seeds, 1, args.seed, progress,
+                                             tuple(sorted({1, 2, 4, args.draft_length})), curve_repeats=3)
     return lat.summarize(results, curves, args.seed, reference_name="ddpm"), env
 
 

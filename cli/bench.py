@@ -210,7 +210,8 @@ def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_le
     base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, precision=precision)
     plan = BenchPlan(model, base, list(_drafters(drafters)), lengths, _mode(mode), repeats, batch, threads,
                      str(resolve_device(device)), opt.seed_value(seed), auto,
-                     {k: v for k, v in (("num_heads", num_heads), ("weights", weights)) if v is not None}).check()
+                     load_options={k: v for k, v in (("num_heads", num_heads), ("weights", weights)) if v is not None}
+                     ).check()
     console = Console(width=max(Console().width, 140))
     with one_line_warnings():
         report = run_timing_bench(plan, on_note=lambda text: console.print(markup(text)))

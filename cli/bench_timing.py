@@ -49,6 +49,9 @@ def render(report: dict, console, markdown: bool = False) -> None:
                   f"predicted = cost model PE(L) c(1) / (c(L) + L d + v) from measured parts")
     console.print("speculation stops paying at batch " + (str(be["batch"]) if be.get("batch") else "> 4096 or unknown")
                   + f" (cost model; {be.get('note', '')})")
+    if report.get("reruns"):
+        console.print(f"contention: {len(report['reruns'])} run(s) rerun on the same chain (the discarded walls "
+                      "are in the JSON)")
     if report["unstable"]:
         console.print(f"[bold red]unstable:[/] repeats spread by more than {100 * report['max_spread']:.0f}% "
                       "(contention?): those speed-ups are not reported; rerun on a quiet machine")

@@ -151,26 +151,67 @@ def rotated(items: list, i: int) -> list:
     return items[i:] + items[:i]
 
 
+def _chains(i: int, batch: int, base_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seeds, index) of repeat i: the chain of seed i at batch 1 (latency), else the same ``batch`` chains."""
+    idx = torch.tensor([i]) if batch == 1 else torch.arange(batch)
+    return sample_seed(base_seed, idx), idx
+
+
 def run_paired(runner: Runner, variants: list[Variant], repeats: int, batch: int, base_seed: int = 0,
                progress=None, between=None) -> list[VariantResult]:
-    """Every variant on the same chains, ``repeats`` times, the order rotated per repeat. ``batch`` = 1:
-    repeat i is the chain of seed i (latency); otherwise every repeat samples the same ``batch`` chains
-    (throughput). One untimed warm-up run per variant first. ``progress()`` is called after each run,
-    ``between()`` before each repeat (e.g. :meth:`InterleavedCurves.time_pass`)."""
+    """Every variant on the same chains (:func:`_chains`), ``repeats`` times, the order rotated per repeat,
+    after one untimed warm-up run per variant. ``progress()`` is called after each run, ``between()`` before
+    each repeat (e.g. :meth:`InterleavedCurves.time_pass`)."""
     results = {v.name: VariantResult(v) for v in variants}
     warm = sample_seed(base_seed + 1, torch.arange(batch))
     for v in variants:
         runner.run(v, warm, torch.arange(batch))
     for i in range(repeats):
-        idx = torch.tensor([i]) if batch == 1 else torch.arange(batch)
-        seeds = sample_seed(base_seed, idx)
         if between is not None:
             between()
+        seeds, idx = _chains(i, batch, base_seed)
         for v in rotated(variants, i):
             results[v.name].runs.append(runner.run(v, seeds, idx))
             if progress is not None:
                 progress()
     return [results[v.name] for v in variants]
+
+
+def contended_runs(results: list[VariantResult], curves: dict, tolerance: float = MAX_SPREAD / 2
+                   ) -> list[tuple[int, int]]:
+    """(variant position, repeat) of every run whose paired speed index (:func:`paired_speed_index`) lies more
+    than ``tolerance`` from its variant's median: other work on the machine slowed it (or, against slowed
+    neighbours, seemed to speed it). When none is flagged, every variant's spread is at most 2 x tolerance
+    (= ``MAX_SPREAD``)."""
+    index = paired_speed_index(results, curves)
+    bad = []
+    for j, r in enumerate(results):
+        v = index[r.variant.name]
+        med = statistics.median(v)
+        bad += [(j, i) for i, x in enumerate(v) if abs(x / med - 1) > tolerance]
+    return sorted(bad, key=lambda ji: (ji[1], ji[0]))
+
+
+def rerun_contended(runner: Runner, results: list[VariantResult], curves: "InterleavedCurves", batch: int,
+                    base_seed: int, budget: int, progress=None) -> tuple[dict, list[dict]]:
+    """Rerun contended runs (:func:`contended_runs`), each on its own chains (the same seed, hence the same
+    work: the pairing by seed holds), pass after pass until none is flagged or ``budget`` runs are spent.
+    Returns (the final curves, one record per rerun: variant, repeat and the discarded wall seconds)."""
+    cv, log = curves.curves(), []
+    while budget > 0:
+        bad = contended_runs(results, cv)[:budget]
+        if not bad:
+            break
+        curves.time_pass()
+        for j, i in bad:
+            r = results[j]
+            log.append({"variant": r.variant.name, "repeat": i, "discarded_wall_s": r.runs[i].wall})
+            r.runs[i] = runner.run(r.variant, *_chains(i, batch, base_seed))
+            if progress is not None:
+                progress()
+        budget -= len(bad)
+        cv = curves.curves()
+    return cv, log
 
 
 class InterleavedCurves:
@@ -187,6 +228,7 @@ class InterleavedCurves:
         for v in variants:
             self.keyed.setdefault((_curve_key(v.config), v.threads), v)
         self.seconds = {key: {n: [] for n in self.small} for key in self.keyed}
+        self._large: dict | None = None  # the sizes above INTERLEAVED_MAX, timed once by curves()
 
     def time_pass(self) -> None:
         """One call per small size and curve, round-robin."""
@@ -197,24 +239,30 @@ class InterleavedCurves:
                 self.seconds[key][n].append(sec)
 
     def curves(self, repeats: int = 5) -> dict[tuple[str, int], dict[int, float]]:
-        large = cost_curves(self.runner, list(self.keyed.values()), tuple(n for n in self.sizes
-                                                                          if n not in self.small), repeats)
+        """The curves so far: the small sizes' medians over the passes, the large sizes timed once (first call)."""
+        if self._large is None:
+            self._large = cost_curves(self.runner, list(self.keyed.values()),
+                                      tuple(n for n in self.sizes if n not in self.small), repeats)
         out = {}
         for key, per in self.seconds.items():
             small = {n: statistics.median(v) for n, v in per.items() if v}
-            out[key] = monotone({**large.get(key, {}), **small})
+            out[key] = monotone({**self._large.get(key, {}), **small})
         return out
 
 
 def run_with_curves(runner: Runner, variants: list[Variant], repeats: int, batch: int, base_seed: int = 0,
-                    progress=None, sizes: tuple[int, ...] = CURVE_SIZES, curve_repeats: int = 5
-                    ) -> tuple[list[VariantResult], dict[tuple[str, int], dict[int, float]]]:
+                    progress=None, sizes: tuple[int, ...] = CURVE_SIZES, curve_repeats: int = 5,
+                    max_reruns: int | None = None) -> tuple[list[VariantResult], dict, list[dict]]:
     """:func:`run_paired` with the small sizes of c(n) timed between (and after) the repeats
-    (:class:`InterleavedCurves`); returns (results, curves)."""
+    (:class:`InterleavedCurves`), then contended runs rerun (:func:`rerun_contended`, at most
+    ``max_reruns`` runs; None: as many as the runs themselves). Returns (results, curves, reruns)."""
     curves = InterleavedCurves(runner, variants, sizes)
     results = run_paired(runner, variants, repeats, batch, base_seed, progress, curves.time_pass)
     curves.time_pass()
-    return results, curves.curves(curve_repeats)
+    curves.curves(curve_repeats)  # the large sizes, once
+    budget = repeats * len(variants) if max_reruns is None else max_reruns
+    cv, reruns = rerun_contended(runner, results, curves, batch, base_seed, budget, progress)
+    return results, cv, reruns
 
 
 def cost_curves(runner: Runner, variants: list[Variant], sizes: tuple[int, ...] = CURVE_SIZES,
@@ -380,6 +428,7 @@ class BenchPlan:
     device: str = "cpu"
     seed: int = 0
     auto: bool = True
+    max_reruns: int | None = None  # contended runs rerun at most this often (None: as many as runs; 0: never)
     load_options: dict = field(default_factory=dict)  # load_model options (num_heads, weights)
 
     def check(self) -> "BenchPlan":
@@ -419,14 +468,15 @@ def run_timing_bench(plan: BenchPlan, base=None, progress=None, on_note=None) ->
     variants = build_variants(plan.base, plan.drafters, plan.lengths, threads, cores, auto)
     env = environment()
     runner = Runner(base, plan.model, plan.device)
-    results, curves = run_with_curves(runner, variants, plan.repeats, batch, plan.seed, progress)
+    results, curves, reruns = run_with_curves(runner, variants, plan.repeats, batch, plan.seed, progress,
+                                              max_reruns=plan.max_reruns)
     rows = summarize(results, curves, plan.seed)
     report = {"mode": plan.mode, "model": plan.model, "batch": batch, "steps": plan.base.steps,
               "cfg_scale": plan.base.cfg_scale, "precision": plan.base.precision, "environment": env,
               "load_average_after": list(os.getloadavg()), "reference": reference(results).variant.name,
               "rows": rows, "break_even": break_even(rows, curves, results), "auto": None if auto is None else auto[1],
               "auto_schedule": auto_runs,
-              "unstable": any(r["unstable"] for r in rows), "max_spread": MAX_SPREAD,
+              "unstable": any(r["unstable"] for r in rows), "max_spread": MAX_SPREAD, "reruns": reruns,
               "cost_curves": {f"{k[0]} t={k[1]}": {str(n): c for n, c in cv.items()} for k, cv in curves.items()}}
     torch.set_num_threads(threads)
     return report

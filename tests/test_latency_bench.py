@@ -209,6 +209,55 @@ def test_speed_index_ignores_the_work_mix_and_flags_a_slowed_repeat():
     assert spread(slowed.speed_index(curve)) > 0.2
 
 
+class _ContendedRunner:
+    """A fake Runner: variant runs as _spec_run; variant "a" slowed 1.5x in repeat ``hit``, ``times`` times."""
+
+    def __init__(self, hit: int, times: int):
+        self.hit, self.left, self.calls = hit, times, 0
+
+    def run(self, v, seeds, idx):
+        self.calls += 1
+        i = int(idx[0])
+        slow = 1.5 if i == self.hit and v.name == "a" and self.left > 0 else 1.0
+        if slow > 1:
+            self.left -= 1
+        return _spec_run([4] * (40 + 5 * i) + [1] * (3 * i), slow)  # every seed its own work mix
+
+
+class _FixedCurves:
+    def __init__(self, curve):
+        self.curve, self.passes = curve, 0
+
+    def time_pass(self):
+        self.passes += 1
+
+    def curves(self):
+        return self.curve
+
+
+def test_contended_runs_are_rerun_until_none_is_flagged():
+    """One run slowed 1.5x (contention) is flagged, rerun on the same chain and logged with its discarded wall;
+    a steady run reruns nothing (negative control); contention that outlasts the budget stays flagged, so
+    the report stays unstable."""
+    from specdit.latency import contended_runs, paired_speed_index, rerun_contended, run_paired, Variant
+
+    c = lambda n: 0.01 + 0.004 * n  # noqa: E731
+    variants = [Variant(name, SamplerConfig(draft_length=L), 1) for name, L in (("a", 2), ("b", 4), ("c", 8))]
+    key = (f"{variants[0].config.precision}/cfg{variants[0].config.cfg_scale}/{variants[0].config.cfg_channels}", 1)
+    curves = _FixedCurves({key: {n: c(n) for n in (1, 2, 4, 8)}})
+    for hit, times, budget, reruns, flagged in ((2, 1, 6, 1, False), (None, 0, 6, 0, False), (3, 99, 2, 2, True)):
+        runner = _ContendedRunner(hit, times)
+        results = run_paired(runner, variants, 6, 1)
+        assert contended_runs(results, curves.curve) == ([] if hit is None else [(0, hit)])
+        _, log = rerun_contended(runner, results, curves, 1, 0, budget)
+        assert [(r["variant"], r["repeat"]) for r in log] == [("a", hit)] * reruns
+        assert (contended_runs(results, curves.curve) != []) is flagged
+        assert runner.calls == 3 + 3 * 6 + reruns  # warm-up, the repeats, the reruns
+        assert (spread(paired_speed_index(results, curves.curve)["a"]) > 0.2) is flagged
+        if reruns and not flagged:
+            assert log[0]["discarded_wall_s"] > results[0].runs[hit].wall  # the slowed run was replaced
+
+
 def test_break_even_of_a_batch_1_run_that_pays_is_above_1():
     """A batch-1 run whose speculative variant is faster (sub-linear c(n)) breaks even at a batch > 1: d, v and p
     measured at batch 1 enter the cost model as they are (they were divided by c(1) in seconds once, which

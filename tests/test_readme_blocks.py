@@ -76,7 +76,7 @@ PLAN = [
     Plan("benchmarks/drafter_acceptance.py", "## The built-in model: `mnist-dit`", run="drafter-acceptance"),
     Plan("--drafters free,feature:", "## The built-in model: `mnist-dit`", run="bench-mnist"),
     Plan("specdit calibrate --model mnist-dit", "### Latency and throughput",
-         why="timings for a quiet machine (make latency: ~35 min); tests/test_latency_bench.py runs calibrate and "
+         why="timings for a quiet machine (make latency: ~45 min); tests/test_latency_bench.py runs calibrate and "
              "bench --mode latency end to end at a tiny size"),
     Plan("benchmarks/driffusion_quality.py", "### DRiffusion on `mnist-dit`", run="driffusion", slow=True),
     Plan("benchmarks/driffusion_range.py", "### DRiffusion's range", run="driffusion-range", slow=True),
