@@ -1,9 +1,9 @@
 """Issue 24's README tables in one command: latency (batch 1) and throughput (batch 64) of ``mnist-dit``,
 each with the cost model's predicted speed-up beside the measured one, the batch-cost curve with the
 speed-up limit (a plot), and where a round's time goes (the profile: ddpm, every L and auto). Run it on a
-QUIET machine (``uptime`` load well below 1 on 2 cores); a run that deviates by more than 10% from its variant's
-median (per unit of work) is rerun on the same chain, and a variant whose repeats still spread by more than 20%
-is flagged and its speed-ups withheld.
+QUIET machine (``uptime`` load well below 1 on 2 cores); a repeat with a run more than 10% from its variant's
+median (per unit of work) is rerun whole on the same chains (at most twice), and a variant whose repeats still
+spread by more than 20% is flagged and its speed-ups withheld.
 
     .venv/bin/python benchmarks/latency_tables.py --out docs/latency        # ~45 min on 2 cores
     .venv/bin/python benchmarks/latency_tables.py --steps 20 --repeats 2 --out /tmp/lat   # smoke run
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli.bench_timing import LATENCY_COLS, THROUGHPUT_COLS, cells  # noqa: E402
+from cli.bench_timing import LATENCY_COLS, THROUGHPUT_COLS, cells, contention_line  # noqa: E402
 from specdit.config import SamplerConfig  # noqa: E402
 from specdit.latency import BenchPlan, run_timing_bench  # noqa: E402
 
@@ -32,12 +32,14 @@ def markdown(report: dict) -> str:
     head = (f"{report['model']}, {report['mode']} at batch {report['batch']}, {report['steps']} steps, cfg "
             f"{report['cfg_scale']}, {report['precision']}; torch {env['torch']}, {env['cpu']}, {env['cores']} cores, "
             f"load {env['load_average'][0]:.2f} -> {report['load_average_after'][0]:.2f}"
-            + (f"; {len(report['reruns'])} contended run(s) rerun" if report.get("reruns") else "")
+            + (f"; {len(report['reruns'])} contended repeat(s) rerun" if report.get("reruns") else "")
             + ("; UNSTABLE (spread > 20%): rerun quiet" if report["unstable"] else ""))
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cells(r, report["mode"])) + " |" for r in report["rows"]]
     be = report["break_even"]["batch"]
     lines += ["", f"auto: {report['auto']}", f"speculation stops paying at batch {be if be else '> 4096'} (cost model)"]
+    if report.get("reruns"):
+        lines.append(contention_line(report))
     return "\n".join(lines)
 
 

@@ -14,6 +14,15 @@ THROUGHPUT_COLS = ["variant", "threads", "samples/s", "speed-up (paired median)"
                    "predicted speed-up", "parallel eff.", "spread"]
 
 
+def contention_line(report: dict) -> str:
+    """What the reruns did: how many repeats were rerun whole, whether the cap was reached, and the
+    speed-ups of the first pass (before any rerun) beside the table's."""
+    first = ", ".join(f"{name} {_f(v['speedup'])}x" for name, v in report.get("first_pass", {}).items())
+    return (f"contention: {len(report['reruns'])} repeat(s) rerun whole on the same chains"
+            + (" (cap reached: contention outlasted it)" if report.get("reruns_exhausted") else "")
+            + (f"; speed-ups before the reruns: {first}" if first else ""))
+
+
 def cells(row: dict, mode: str) -> list[str]:
     """A row's cells; an unstable row shows no speed-up (contention), only its spread."""
     unstable = row["unstable"]
@@ -50,8 +59,7 @@ def render(report: dict, console, markdown: bool = False) -> None:
     console.print("speculation stops paying at batch " + (str(be["batch"]) if be.get("batch") else "> 4096 or unknown")
                   + f" (cost model; {be.get('note', '')})")
     if report.get("reruns"):
-        console.print(f"contention: {len(report['reruns'])} run(s) rerun on the same chain (the discarded walls "
-                      "are in the JSON)")
+        console.print(markup(contention_line(report)))
     if report["unstable"]:
         console.print(f"[bold red]unstable:[/] repeats spread by more than {100 * report['max_spread']:.0f}% "
                       "(contention?): those speed-ups are not reported; rerun on a quiet machine")

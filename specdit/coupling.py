@@ -12,7 +12,7 @@ With ``d = |m - mh| / s``:
   ``norm(max(0, c q - p))``.
 
 Everything is evaluated in float64 and in log space where a naive ratio would overflow; the residual's
-one-dimensional maths (R, its CDF and their inverse) runs in numpy on the host (``specdit.residual``).
+one-dimensional maths (R, its CDF and their inverse) runs on the host in Python floats (``specdit.residual``).
 A step with s = 0 (the deterministic last step) is handled as a point mass: d = inf, the draft is
 rejected unless it equals the target mean, and the residual is the target mean itself.
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from specdit import residual
@@ -84,17 +83,18 @@ def tv_distance(d: torch.Tensor) -> torch.Tensor:
     return torch.erf(d / (2.0 * math.sqrt(2.0)))
 
 
-def _host(t: torch.Tensor | float, like: torch.Tensor) -> np.ndarray:
-    """A float64 tensor (or scalar, broadcast to ``like``) as a host numpy array, for ``specdit.residual``."""
-    return np.broadcast_to(torch.as_tensor(t, dtype=torch.float64).detach().cpu().numpy(), tuple(like.shape))
+def _floats(t: torch.Tensor | float, like: torch.Tensor) -> list[float]:
+    """A float64 tensor (or scalar), broadcast to ``like``'s shape, as a flat list of Python floats on the host
+    (the arguments of ``specdit.residual``'s scalar functions)."""
+    return torch.as_tensor(t, dtype=torch.float64).detach().cpu().expand(like.shape).reshape(-1).tolist()
 
 
 def log_residual_mass(log_c: torch.Tensor | float, d: torch.Tensor) -> torch.Tensor:
     """log R(c, d), R = integral max(0, c q - p) = c Phi(u*) - Phi(u* - d), for c in (0, 1], d >= 0, u* = d/2 +
     ln(c)/d (same shape and device as d). R = 0 (log R = -inf) when d = 0 (c <= 1) or c = 0; R = c when d = inf
-    (point-mass target). Computed in numpy on the host (``specdit.residual.log_residual_mass``)."""
-    out = residual.log_residual_mass(_host(log_c, d), _host(d, d))
-    return torch.from_numpy(np.ascontiguousarray(out)).to(d.device)
+    (point-mass target). Computed on the host (``specdit.residual.log_residual_mass``)."""
+    out = [residual.log_residual_mass(a, b) for a, b in zip(_floats(log_c, d), _floats(d, d))]
+    return torch.tensor(out, dtype=torch.float64, device=d.device).view(d.shape)
 
 
 def residual_mass(c: torch.Tensor | float, d: torch.Tensor) -> torch.Tensor:
@@ -110,17 +110,29 @@ def sample_residual_coordinate(log_c: torch.Tensor, d: torch.Tensor, w: torch.Te
 
     log_c, d, w: (B,), w uniform in (0, 1). Requires d in (0, inf) and c > 0; returns u (B,) on d's device,
     measured from the target mean towards the draft mean in units of s."""
-    u = residual.sample_coordinate(*(np.array(_host(a, d)) for a in (log_c, d, w)), iters=iters)
-    return torch.from_numpy(u).to(d.device)
+    u = [residual.sample_coordinate(a, b, c, iters) for a, b, c in zip(*(_floats(x, d) for x in (log_c, d, w)))]
+    return torch.tensor(u, dtype=torch.float64, device=d.device).view(d.shape)
 
 
-def ratio_and_gap(dot: np.ndarray, n: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Host float64 arrays of one shape: from dot = (m - mh).(2x - m - mh), n = |m - mh| and s, the log density
-    ratio log q(x)/p(x) = dot / (2 s^2) (:func:`log_density_ratio`) and the gap d = n / s (:func:`mean_gap`); a
-    point mass (s = 0) has log q/p = 0 and d = 0 if n = 0, else -inf and inf."""
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        log_r = np.where(s > 0, dot / (2.0 * np.maximum(s, 1e-300) ** 2), np.where(n == 0, 0.0, -math.inf))
-        return log_r, np.where(n == 0, 0.0, n / s)
+def ratio_and_gap(dot: float, n: float, s: float) -> tuple[float, float]:
+    """From dot = (m - mh).(2x - m - mh), n = |m - mh| and s (host floats), the log density ratio
+    log q(x)/p(x) = dot / (2 s^2) (:func:`log_density_ratio`) and the gap d = n / s (:func:`mean_gap`); a point
+    mass (s = 0) has log q/p = 0 and d = 0 if n = 0, else -inf and inf."""
+    if s > 0:
+        twice_var = 2.0 * (s * s)  # 0 once s^2 underflows (s < ~1e-162): then +-inf, or nan for dot = 0, as numpy
+        log_r = dot / twice_var if twice_var > 0 else (math.copysign(math.inf, dot) if dot != 0 else math.nan)
+        return log_r, (0.0 if n == 0 else n / s)
+    return (0.0, 0.0) if n == 0 else (-math.inf, math.inf)
+
+
+def _row_floats(a, rows: int) -> list[float]:
+    """A (rows,) or 0-d tensor, a sequence of ``rows`` numbers or one number, as ``rows`` Python floats."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().to("cpu", torch.float64).expand(rows).tolist()
+    try:
+        return [float(v) for v in a]
+    except TypeError:  # one number (Python or numpy scalar)
+        return [float(a)] * rows
 
 
 def sample_residual(
@@ -133,7 +145,8 @@ def sample_residual(
 ) -> torch.Tensor:
     """A draw from norm(max(0, c q - p)), (B, D), that keeps the rejected draft's orthogonal noise.
 
-    m_target, m_draft, x_draft: (B, D); sigma, log_c, w: (B,) tensors or host numpy arrays (w uniforms in (0, 1)).
+    m_target, m_draft, x_draft: (B, D); sigma, log_c, w: (B,) tensors, sequences of B numbers or single numbers
+    (w uniforms in (0, 1)).
     Computed as m + v + (mh - m) (s u / n - ((mh - m).v / n) / n) with v = x_draft - mh and n = |mh - m|, i.e.
     m + s u e + (v minus its e-component); the scalars run on the host (one transfer each way).
 
@@ -159,14 +172,14 @@ def sample_residual(
     A point-mass target (s = 0) returns m; equal means (d = 0) return the draft.
     """
     diff, v = m_draft - m_target, x_draft - m_draft  # (B, D)
-    n, dot = torch.stack([torch.linalg.vector_norm(diff, dim=1), torch.linalg.vecdot(diff, v)]).cpu().numpy()
-    s, log_c, w = (np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64) * np.ones_like(n)
-                   for a in (sigma, log_c, w))
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        d = np.where(n == 0, 0.0, n / s)
-        ok = (d > 0) & np.isfinite(d)  # else (equal means, or a point-mass target) no coordinate to draw
-        u = residual.sample_coordinate(np.where(ok, log_c, 0.0), np.where(ok, d, 1.0), w)
-        nn = np.where(ok, n, 1.0)
-        coef = np.where(ok, s * u / nn - dot / nn / nn, 0.0)
-    scale = torch.from_numpy(np.stack([(s > 0).astype(np.float64), coef], 1)).to(diff.device)  # (B, 2)
-    return m_target + v * scale[:, :1] + diff * scale[:, 1:]
+    n, dot = torch.stack([torch.linalg.vector_norm(diff, dim=1), torch.linalg.vecdot(diff, v)]).cpu().tolist()
+    B = len(n)
+    s, log_c, w = (_row_floats(a, B) for a in (sigma, log_c, w))
+    scale = []  # per row: (1 if s > 0, the coefficient of diff)
+    for n_b, dot_b, s_b, lc_b, w_b in zip(n, dot, s, log_c, w):
+        d = 0.0 if n_b == 0 else (n_b / s_b if s_b > 0 else math.inf)
+        ok = 0 < d < math.inf  # else (equal means, or a point-mass target) no coordinate to draw
+        u = residual.sample_coordinate(lc_b, d, w_b) if ok else 0.0
+        scale.append((1.0 if s_b > 0 else 0.0, s_b * u / n_b - dot_b / n_b / n_b if ok else 0.0))
+    scale_t = torch.tensor(scale, dtype=torch.float64, device=diff.device).view(B, 2)  # (B, 2)
+    return m_target + v * scale_t[:, :1] + diff * scale_t[:, 1:]

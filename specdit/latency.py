@@ -177,41 +177,41 @@ def run_paired(runner: Runner, variants: list[Variant], repeats: int, batch: int
     return [results[v.name] for v in variants]
 
 
-def contended_runs(results: list[VariantResult], curves: dict, tolerance: float = MAX_SPREAD / 2
-                   ) -> list[tuple[int, int]]:
-    """(variant position, repeat) of every run whose paired speed index (:func:`paired_speed_index`) lies more
-    than ``tolerance`` from its variant's median: other work on the machine slowed it (or, against slowed
-    neighbours, seemed to speed it). When none is flagged, every variant's spread is at most 2 x tolerance
+def contended_repeats(results: list[VariantResult], curves: dict, tolerance: float = MAX_SPREAD / 2) -> list[int]:
+    """Repeats in which some variant's paired speed index (:func:`paired_speed_index`) lies more than
+    ``tolerance`` from that variant's median: other work on the machine slowed (or, against slowed
+    neighbours, seemed to speed) a run. When none is flagged, every variant's spread is at most 2 x tolerance
     (= ``MAX_SPREAD``)."""
-    index = paired_speed_index(results, curves)
-    bad = []
-    for j, r in enumerate(results):
-        v = index[r.variant.name]
+    bad: set[int] = set()
+    for v in paired_speed_index(results, curves).values():
         med = statistics.median(v)
-        bad += [(j, i) for i, x in enumerate(v) if abs(x / med - 1) > tolerance]
-    return sorted(bad, key=lambda ji: (ji[1], ji[0]))
+        bad |= {i for i, x in enumerate(v) if abs(x / med - 1) > tolerance}
+    return sorted(bad)
 
 
 def rerun_contended(runner: Runner, results: list[VariantResult], curves: "InterleavedCurves", batch: int,
-                    base_seed: int, budget: int, progress=None) -> tuple[dict, list[dict]]:
-    """Rerun contended runs (:func:`contended_runs`), each on its own chains (the same seed, hence the same
-    work: the pairing by seed holds), pass after pass until none is flagged or ``budget`` runs are spent.
-    Returns (the final curves, one record per rerun: variant, repeat and the discarded wall seconds)."""
-    cv, log = curves.curves(), []
-    while budget > 0:
-        bad = contended_runs(results, cv)[:budget]
+                    base_seed: int, per_repeat: int, progress=None) -> tuple[dict, list[dict], bool]:
+    """Rerun contended repeats (:func:`contended_repeats`) whole: every variant again on the repeat's chains, in
+    its rotated order, back to back, so the pairing holds and no run is judged against another moment's
+    neighbours. Each repeat is rerun at most ``per_repeat`` times. Returns (the final curves, one record per
+    rerun: the repeat and the discarded runs' wall seconds by variant, whether contention outlasted the cap)."""
+    variants, at = [r.variant for r in results], {r.variant.name: r for r in results}
+    cv, log, count = curves.curves(), [], {}
+    while True:
+        bad = [i for i in contended_repeats(results, cv) if count.get(i, 0) < per_repeat]
         if not bad:
             break
-        curves.time_pass()
-        for j, i in bad:
-            r = results[j]
-            log.append({"variant": r.variant.name, "repeat": i, "discarded_wall_s": r.runs[i].wall})
-            r.runs[i] = runner.run(r.variant, *_chains(i, batch, base_seed))
-            if progress is not None:
-                progress()
-        budget -= len(bad)
+        for i in bad:
+            curves.time_pass()
+            log.append({"repeat": i, "discarded_walls_s": {r.variant.name: r.runs[i].wall for r in results}})
+            seeds, idx = _chains(i, batch, base_seed)
+            for v in rotated(variants, i):
+                at[v.name].runs[i] = runner.run(v, seeds, idx)
+                if progress is not None:
+                    progress()
+            count[i] = count.get(i, 0) + 1
         cv = curves.curves()
-    return cv, log
+    return cv, log, bool(contended_repeats(results, cv))
 
 
 class InterleavedCurves:
@@ -252,17 +252,18 @@ class InterleavedCurves:
 
 def run_with_curves(runner: Runner, variants: list[Variant], repeats: int, batch: int, base_seed: int = 0,
                     progress=None, sizes: tuple[int, ...] = CURVE_SIZES, curve_repeats: int = 5,
-                    max_reruns: int | None = None) -> tuple[list[VariantResult], dict, list[dict]]:
+                    reruns_per_repeat: int = 0) -> tuple[list[VariantResult], dict, dict]:
     """:func:`run_paired` with the small sizes of c(n) timed between (and after) the repeats
-    (:class:`InterleavedCurves`), then contended runs rerun (:func:`rerun_contended`, at most
-    ``max_reruns`` runs; None: as many as the runs themselves). Returns (results, curves, reruns)."""
+    (:class:`InterleavedCurves`), then contended repeats rerun whole (:func:`rerun_contended`, each at most
+    ``reruns_per_repeat`` times). Returns (results, curves, contention: the reruns, whether the cap was
+    reached, and the first pass's results before any rerun)."""
     curves = InterleavedCurves(runner, variants, sizes)
     results = run_paired(runner, variants, repeats, batch, base_seed, progress, curves.time_pass)
     curves.time_pass()
     curves.curves(curve_repeats)  # the large sizes, once
-    budget = repeats * len(variants) if max_reruns is None else max_reruns
-    cv, reruns = rerun_contended(runner, results, curves, batch, base_seed, budget, progress)
-    return results, cv, reruns
+    first = [VariantResult(r.variant, list(r.runs)) for r in results]
+    cv, reruns, exhausted = rerun_contended(runner, results, curves, batch, base_seed, reruns_per_repeat, progress)
+    return results, cv, {"reruns": reruns, "exhausted": exhausted, "first_pass": first}
 
 
 def cost_curves(runner: Runner, variants: list[Variant], sizes: tuple[int, ...] = CURVE_SIZES,
@@ -349,6 +350,13 @@ def summarize(results: list[VariantResult], curves: dict, seed: int = 0,
     return rows
 
 
+def first_pass(results: list[VariantResult], curves: dict, seed: int = 0) -> dict[str, dict]:
+    """The speed-ups before any rerun (per variant: paired median, its interval, unstable), reported beside
+    the final ones so that what the reruns changed is visible."""
+    return {r["variant"]: {"speedup": r["speedup"], "speedup_ci95": r["speedup_ci95"], "unstable": r["unstable"]}
+            for r in summarize(results, curves, seed)}
+
+
 def paired_speed_index(results: list[VariantResult], curves: dict) -> dict[str, list[float]]:
     """Per variant and repeat: the run's speed index (:meth:`VariantResult.speed_index`) divided by the median
     index of all variants in the same repeat. The variants of a repeat run back to back, so a slow drift of
@@ -428,7 +436,7 @@ class BenchPlan:
     device: str = "cpu"
     seed: int = 0
     auto: bool = True
-    max_reruns: int | None = None  # contended runs rerun at most this often (None: as many as runs; 0: never)
+    reruns_per_repeat: int = 2  # a contended repeat is rerun whole at most this often (0: never)
     load_options: dict = field(default_factory=dict)  # load_model options (num_heads, weights)
 
     def check(self) -> "BenchPlan":
@@ -468,15 +476,17 @@ def run_timing_bench(plan: BenchPlan, base=None, progress=None, on_note=None) ->
     variants = build_variants(plan.base, plan.drafters, plan.lengths, threads, cores, auto)
     env = environment()
     runner = Runner(base, plan.model, plan.device)
-    results, curves, reruns = run_with_curves(runner, variants, plan.repeats, batch, plan.seed, progress,
-                                              max_reruns=plan.max_reruns)
+    results, curves, contention = run_with_curves(runner, variants, plan.repeats, batch, plan.seed, progress,
+                                                  reruns_per_repeat=plan.reruns_per_repeat)
     rows = summarize(results, curves, plan.seed)
     report = {"mode": plan.mode, "model": plan.model, "batch": batch, "steps": plan.base.steps,
               "cfg_scale": plan.base.cfg_scale, "precision": plan.base.precision, "environment": env,
               "load_average_after": list(os.getloadavg()), "reference": reference(results).variant.name,
               "rows": rows, "break_even": break_even(rows, curves, results), "auto": None if auto is None else auto[1],
               "auto_schedule": auto_runs,
-              "unstable": any(r["unstable"] for r in rows), "max_spread": MAX_SPREAD, "reruns": reruns,
+              "unstable": any(r["unstable"] for r in rows), "max_spread": MAX_SPREAD,
+              "reruns": contention["reruns"], "reruns_exhausted": contention["exhausted"],
+              "first_pass": first_pass(contention["first_pass"], curves, plan.seed),
               "cost_curves": {f"{k[0]} t={k[1]}": {str(n): c for n, c in cv.items()} for k, cv in curves.items()}}
     torch.set_num_threads(threads)
     return report

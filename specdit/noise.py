@@ -248,12 +248,12 @@ def _box_muller(u: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _word_lists(words: tuple, rows: int) -> list[list[int]]:
-    """Key words (ints, or (rows,) or 0-d int64 CPU tensors) as Python lists of ``rows`` ints each (no numpy:
+    """Key words (ints, numpy integers, or (rows,) or 0-d int64 CPU tensors) as Python lists of ``rows`` ints each (no numpy:
     its heavier functions cost ~100 us right after a network call has evicted them from the caches)."""
     out = []
     for w in words:
-        v = w.tolist() if isinstance(w, torch.Tensor) else w
-        out.append(v if isinstance(v, list) else [v] * rows)
+        v = w.tolist() if isinstance(w, (torch.Tensor, np.ndarray, np.generic)) else w  # -> Python ints
+        out.append([int(x) for x in v] if isinstance(v, list) else [int(v)] * rows)
     return out
 
 

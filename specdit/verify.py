@@ -12,14 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
 from specdit import coupling, residual
-
-
-def _host(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
 
 
 @dataclass
@@ -31,22 +26,28 @@ class Proposal:
     length: torch.Tensor  # (B,) int64 number of valid positions, >= 1
     temper: torch.Tensor | None = None  # (B, L) >= 1: relaxation divides log q/p by it (None: exact)
 
-    def host_scalars(self) -> tuple[np.ndarray, np.ndarray]:
-        """(log_r, d), both (B, L) float64 numpy on the host, from one device-to-host transfer: log q_j(xh_j) /
+    def host_scalars(self) -> tuple[list[list[float]], list[list[float]]]:
+        """(log_r, d), both B lists of L Python floats on the host, from one device-to-host transfer: log q_j(xh_j) /
         p_j(xh_j) (relaxed by ``temper`` when given) and d_j = |m_j - mh_j| / s_j (``coupling.ratio_and_gap``)."""
         diff = self.m_target - self.m_draft  # (B, L, D)
         dot = torch.linalg.vecdot(diff, 2.0 * self.x_draft - self.m_target - self.m_draft)  # (B, L)
-        n, dot = torch.stack([torch.linalg.vector_norm(diff, dim=-1), dot]).cpu().numpy()
-        log_r, d = coupling.ratio_and_gap(dot, n, _host(self.sigma))
-        return (log_r if self.temper is None else log_r / _host(self.temper)), d
+        n, dot = torch.stack([torch.linalg.vector_norm(diff, dim=-1), dot]).cpu().tolist()
+        pairs = [[coupling.ratio_and_gap(*a) for a in zip(*row)] for row in zip(dot, n, self.sigma.tolist())]
+        log_r = [[lr for lr, _ in row] for row in pairs]
+        if self.temper is not None:
+            log_r = [[lr / t for lr, t in zip(row, trow)] for row, trow in zip(log_r, self.temper.tolist())]
+        return log_r, [[d for _, d in row] for row in pairs]
 
     def log_ratio(self) -> torch.Tensor:
         """(B, L) log q_j(xh_j) / p_j(xh_j), relaxed by ``temper`` when given."""
-        return torch.from_numpy(self.host_scalars()[0]).to(self.x_draft.device)
+        return self._tensor(self.host_scalars()[0])
 
     def gaps(self) -> torch.Tensor:
         """(B, L) d_j = |m_j - mh_j| / s_j."""
-        return torch.from_numpy(self.host_scalars()[1]).to(self.x_draft.device)
+        return self._tensor(self.host_scalars()[1])
+
+    def _tensor(self, rows: list[list[float]]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.float64, device=self.x_draft.device).view(self.x_draft.shape[:2])
 
     def valid(self) -> torch.Tensor:
         L = self.x_draft.shape[1]
@@ -81,30 +82,30 @@ def verify_token(p: Proposal, log_u: torch.Tensor) -> Verdict:
     return Verdict(state, kept, torch.where(rejected, kept + 1, kept))
 
 
-def block_weights(log_r: np.ndarray, gaps: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Block verification's acceptance weights (Sun et al. 2025, Alg. 2, continuous form), in float64 numpy.
+def block_weights(log_r: list[float], gaps: list[float], length: int) -> tuple[list[float], list[float]]:
+    """One chain's block verification acceptance weights (Sun et al. 2025, Alg. 2, continuous form), in float64.
 
-    ``log_r`` (B, L): log q_j(xh_j)/p_j(xh_j); ``gaps`` (B, L): d_j; ``length`` (B,) ints. Returns (log_p, h),
-    both (B, L + 1) with index j = 0..L: ``p_0 = 1, p_j = min(1, p_{j-1} r_j)``; ``h_j = R_j / (R_j + 1 - p_j)``
-    for j < length, ``h_length = p_length``, 0 beyond, with ``R_j = R(p_j, d_{j+1})``. h_0 is unused (0)."""
-    B, L = log_r.shape
-    log_p = np.zeros((B, L + 1))
-    for j in range(1, L + 1):
-        log_p[:, j] = np.minimum(log_p[:, j - 1] + log_r[:, j - 1], 0.0)
-    h = np.zeros_like(log_p)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
-        R = np.exp(residual.log_residual_mass(log_p[:, 1:L], gaps[:, 1:L]))  # (B, L-1): R_j for j = 1..L-1
-        one_minus_p = -np.expm1(log_p[:, 1:L])
-        h[:, 1:L] = np.where(one_minus_p > 0, R / (R + one_minus_p), 1.0)
-        j = np.arange(L + 1)[None, :]
-        h = np.where(j == length[:, None], np.exp(log_p), h)
-    return log_p, np.where(j > length[:, None], 0.0, h)
+    ``log_r`` (L floats): log q_j(xh_j)/p_j(xh_j); ``gaps`` (L floats): d_j; ``length`` its draft length. Returns
+    (log_p, h), both L + 1 floats with index j = 0..L: ``p_0 = 1, p_j = min(1, p_{j-1} r_j)``;
+    ``h_j = R_j / (R_j + 1 - p_j)`` for j < length, ``h_length = p_length``, 0 beyond, with
+    ``R_j = R(p_j, d_{j+1})``. h_0 is unused (0)."""
+    log_p = [0.0]
+    for lr in log_r:
+        log_p.append(min(log_p[-1] + lr, 0.0))
+    h = [0.0] * len(log_p)
+    for j in range(1, length):
+        R = residual.safe_exp(residual.log_residual_mass(log_p[j], gaps[j]))  # R_j, gaps[j] = d_{j+1}
+        one_minus_p = -residual.safe_expm1(log_p[j])
+        h[j] = R / (R + one_minus_p) if one_minus_p > 0 else 1.0
+    h[length] = residual.safe_exp(log_p[length])
+    return log_p, h
 
 
 def block_decisions(p: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`block_weights` of a proposal, as (B, L + 1) float64 tensors on its device."""
-    log_p, h = block_weights(_host(p.log_ratio()), _host(p.gaps()), _host(p.length))
-    return torch.from_numpy(log_p).to(p.x_draft.device), torch.from_numpy(h).to(p.x_draft.device)
+    """:func:`block_weights` of a proposal's chains, as (B, L + 1) float64 tensors on its device."""
+    log_r, gaps = p.host_scalars()
+    rows = [block_weights(*a) for a in zip(log_r, gaps, p.length.tolist())]
+    return tuple(torch.tensor([r[i] for r in rows], dtype=torch.float64, device=p.x_draft.device) for i in (0, 1))
 
 
 def verify_block(p: Proposal, eta: torch.Tensor, w: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]) -> Verdict:
@@ -114,21 +115,27 @@ def verify_block(p: Proposal, eta: torch.Tensor, w: torch.Tensor | Callable[[tor
     eta: (B, L) uniforms; w: (B,) uniforms for the residual's coordinate along e, or a function of the rejected
     rows (R,) returning their (R,) uniforms (drawn only where a residual is sampled). The residual keeps the
     rejected draft xh_{tau+1}'s noise orthogonal to e (exact: see ``coupling.sample_residual``). The scalar
-    maths (weights, tau, the residual's coordinate) runs in numpy on the host (``specdit.residual``)."""
+    maths (weights, tau, the residual's coordinate) runs on the host in Python floats, chain by chain
+    (``specdit.residual``)."""
     B, L, _ = p.x_draft.shape
-    dev, length = p.x_draft.device, _host(p.length)
+    dev, length = p.x_draft.device, p.length.tolist()
     log_r, gaps = p.host_scalars()
-    log_p, h = block_weights(log_r, gaps, length)
-    kept = np.where(_host(eta) <= h[:, 1:], np.arange(1, L + 1)[None, :], 0).max(axis=1)  # (B,) tau
-    rejected = kept < length
+    kept, rows, at, log_c = [], [], [], []  # tau per chain; the rejecting chains, their tau and log p_tau
+    for b, (eta_b, L_b) in enumerate(zip(eta.tolist(), length)):
+        log_p, h = block_weights(log_r[b], gaps[b], L_b)
+        tau = max((j for j in range(1, L + 1) if eta_b[j - 1] <= h[j]), default=0)
+        kept.append(tau)
+        if tau < L_b:  # the residual sampler runs only where a draft was rejected
+            rows.append(b), at.append(tau), log_c.append(log_p[tau])
     flat = lambda a: a.flatten(0, 1)  # noqa: E731 (B, L, ...) -> (B L, ...), item b L + j - 1 is position j
-    state = flat(p.x_draft)[torch.from_numpy(np.arange(B) * L + length - 1).to(dev)]  # (B, D) xh_length, a copy
-    rows = np.flatnonzero(rejected)  # the residual sampler runs only where a draft was rejected
-    if rows.size:
-        at = kept[rows]  # 0-based index of position tau + 1
-        item, rows_t = (torch.from_numpy(a).to(dev) for a in (rows * L + at, rows))
+    state = flat(p.x_draft)[torch.tensor([b * L + n - 1 for b, n in enumerate(length)], device=dev)]  # (B, D)
+    if rows:
+        item = torch.tensor([b * L + a for b, a in zip(rows, at)], device=dev)  # position tau + 1 of each
+        rows_t = torch.tensor(rows, device=dev)
         w_rows = w(rows_t) if callable(w) else w[rows_t]
+        sigma = p.sigma.tolist()
         state[rows_t] = coupling.sample_residual(flat(p.m_target)[item], flat(p.m_draft)[item],
-                                                 _host(p.sigma)[rows, at], log_p[rows, at], w_rows, flat(p.x_draft)[item])
-    kept_t = torch.from_numpy(kept).to(dev)
-    return Verdict(state, kept_t, torch.where(torch.from_numpy(rejected).to(dev), kept_t + 1, kept_t))
+                                                 [sigma[b][a] for b, a in zip(rows, at)], log_c, w_rows,
+                                                 flat(p.x_draft)[item])
+    kept_t = torch.tensor(kept, dtype=torch.int64, device=dev)
+    return Verdict(state, kept_t, torch.minimum(kept_t + 1, p.length))

@@ -235,27 +235,26 @@ class _FixedCurves:
         return self.curve
 
 
-def test_contended_runs_are_rerun_until_none_is_flagged():
-    """One run slowed 1.5x (contention) is flagged, rerun on the same chain and logged with its discarded wall;
-    a steady run reruns nothing (negative control); contention that outlasts the budget stays flagged, so
-    the report stays unstable."""
-    from specdit.latency import contended_runs, paired_speed_index, rerun_contended, run_paired, Variant
+def test_contended_repeats_are_rerun_whole_until_none_is_flagged():
+    """One run slowed 1.5x (contention) flags its repeat, which is rerun whole on the same chains (every
+    variant back to back: the pairing holds) and logged with the discarded walls; a steady run reruns nothing
+    (negative control); contention that outlasts the cap stays flagged and is reported as exhausted."""
+    from specdit.latency import Variant, contended_repeats, paired_speed_index, rerun_contended, run_paired
 
     c = lambda n: 0.01 + 0.004 * n  # noqa: E731
     variants = [Variant(name, SamplerConfig(draft_length=L), 1) for name, L in (("a", 2), ("b", 4), ("c", 8))]
     key = (f"{variants[0].config.precision}/cfg{variants[0].config.cfg_scale}/{variants[0].config.cfg_channels}", 1)
     curves = _FixedCurves({key: {n: c(n) for n in (1, 2, 4, 8)}})
-    for hit, times, budget, reruns, flagged in ((2, 1, 6, 1, False), (None, 0, 6, 0, False), (3, 99, 2, 2, True)):
+    for hit, times, reruns, flagged in ((2, 1, 1, False), (None, 0, 0, False), (3, 99, 2, True)):
         runner = _ContendedRunner(hit, times)
         results = run_paired(runner, variants, 6, 1)
-        assert contended_runs(results, curves.curve) == ([] if hit is None else [(0, hit)])
-        _, log = rerun_contended(runner, results, curves, 1, 0, budget)
-        assert [(r["variant"], r["repeat"]) for r in log] == [("a", hit)] * reruns
-        assert (contended_runs(results, curves.curve) != []) is flagged
-        assert runner.calls == 3 + 3 * 6 + reruns  # warm-up, the repeats, the reruns
+        assert contended_repeats(results, curves.curve) == ([] if hit is None else [hit])
+        _, log, exhausted = rerun_contended(runner, results, curves, 1, 0, per_repeat=2)
+        assert [r["repeat"] for r in log] == [hit] * reruns and exhausted is flagged
+        assert runner.calls == 3 + 3 * 6 + 3 * reruns  # warm-up, the repeats, whole reruns
         assert (spread(paired_speed_index(results, curves.curve)["a"]) > 0.2) is flagged
         if reruns and not flagged:
-            assert log[0]["discarded_wall_s"] > results[0].runs[hit].wall  # the slowed run was replaced
+            assert log[0]["discarded_walls_s"]["a"] > results[0].runs[hit].wall  # the slowed run was replaced
 
 
 def test_break_even_of_a_batch_1_run_that_pays_is_above_1():
