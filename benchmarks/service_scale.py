@@ -121,12 +121,12 @@ def run_job(client: SpecditRedis, n: int, args, url: str, root: Path, rng: rando
             if time.perf_counter() - t0 > args.timeout:
                 raise RuntimeError(f"job of {n} samples not done after {args.timeout:g}s ({done} shards done)")
             time.sleep(0.05)
-    finally:
+    finally:  # every worker gets an end time, also one that exited between the loop's last look and its exit
         for i, p in enumerate(procs):
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=30)
-                ended.setdefault(i, time.perf_counter())
+            ended.setdefault(i, time.perf_counter())
     outside = time.perf_counter() - t0
     rec = client.get(job_id)
     if rec.status != JobStatus.DONE:
