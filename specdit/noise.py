@@ -165,6 +165,12 @@ class NoiseStreams:
     def __len__(self) -> int:
         return self.seeds.numel()
 
+    @property
+    def _host_path(self) -> bool:
+        """Whether draws may take the numpy / Python-int paths (CPU streams without a log), bit for bit the
+        torch path's."""
+        return self.device.type == "cpu" and self.log is None
+
     def subset(self, index: torch.Tensor) -> "NoiseStreams":
         """The streams of rows ``index`` (same keys: a chain's draws do not depend on its batch)."""
         return NoiseStreams(self.seeds[index], self.device, self.log)
@@ -178,7 +184,7 @@ class NoiseStreams:
 
     def _words_numpy(self, purpose: Purpose, kind: Kind, words: tuple, n: int) -> np.ndarray | None:
         """``_words`` computed in numpy (CPU streams without a log: no per-operation dispatch), else None."""
-        if self.device.type != "cpu" or self.log is not None:
+        if not self._host_path:
             return None
         return _words_np(self.seeds.numpy(), int(purpose), int(kind), _np_words(words, len(self)), n)
 
@@ -198,7 +204,7 @@ class NoiseStreams:
         """(B, n) float64 uniforms in (0, 1) from ``_words`` (converted in numpy where the words are: exact
         integer and power-of-two arithmetic, so both paths give the same bits)."""
         B = len(self)
-        if B * n <= _PYTHON_DRAWS and self.device.type == "cpu" and self.log is None:
+        if B * n <= _PYTHON_DRAWS and self._host_path:
             rows = zip(self.seeds.tolist(), *_word_lists(words, B))
             return torch.tensor([_uniforms_py(_key_py(r[0], int(purpose), int(kind), r[1:]), n) for r in rows],
                                 dtype=torch.float64, device=self.device).view(B, n)
@@ -225,7 +231,7 @@ class NoiseStreams:
         for j = 1..positions, bit for bit (the same keys), drawn in one batch of B * positions streams (a
         speculative round's draft noise z_1..z_L in one call instead of L)."""
         B, n = len(self), positions
-        if self.device.type == "cpu" and self.log is None:  # the torch path's words, without its dispatch
+        if self._host_path:  # the torch path's words, without its dispatch
             ws = [*_np_words(words, B, n), np.array(list(range(1, n + 1)) * B, dtype=np.int64)]  # row b*n + j-1
             fast = _words_np(np.array(self.seeds.tolist(), dtype=np.int64).repeat(n), int(purpose),
                              int(Kind.NORMAL), ws, 2 * ((math.prod(shape) + 1) // 2))
