@@ -178,3 +178,21 @@ def test_newton_stops_when_rounding_stalls_it(monkeypatch):
     assert _disagreement(u, _bisection(log_c, d, w), log_c, d) < 1e-12
     monkeypatch.setattr(residual, "NEWTON_STALL", 0.0)
     assert sum(i >= residual.NEWTON_MAX_ITERS for i in _newton_iterations(log_c, d, w, monkeypatch)) > 10
+
+
+def test_host_paths_take_every_input_the_numpy_paths_took():
+    """Review fixes of the Python-float paths: s^2 underflowing to 0 gives +-inf / nan (as numpy did, not a
+    ZeroDivisionError), numpy integers are key words (bit for bit the torch path's), and numpy scalars
+    are residual arguments."""
+    import numpy as np
+
+    from specdit.noise import DrawLog, NoiseStreams, Purpose, sample_seed
+
+    assert C.ratio_and_gap(1.0, 1.0, 1e-200) == (math.inf, 1e200)
+    assert C.ratio_and_gap(-1.0, 1.0, 1e-200)[0] == -math.inf and math.isnan(C.ratio_and_gap(0.0, 1.0, 1e-200)[0])
+    seeds = sample_seed(1, torch.arange(2))
+    fast, slow = NoiseStreams(seeds), NoiseStreams(seeds, log=DrawLog())
+    assert torch.equal(fast.uniform(Purpose.BLOCK, np.int64(-5), n=3), slow.uniform(Purpose.BLOCK, -5, n=3))
+    m, mh = torch.zeros(1, 3, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64)
+    out = C.sample_residual(m, mh, np.float32(0.5), np.float64(0.0), np.float64(0.3), mh + 0.1)
+    assert torch.isfinite(out).all()
