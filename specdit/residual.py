@@ -24,6 +24,7 @@ NEWTON_MAX_ITERS = 40
 NEWTON_STALL = 1e-12  # a step this short (relative to 1 + |u|) that does not shrink ends the iteration
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _SQRT2 = math.sqrt(2.0)
+_MINUS_LOG2 = -math.log(2.0)
 _STANDARD_NORMAL = NormalDist()
 # log Phi(x) ~ -x^2/2 - log(-x) - log sqrt(2 pi) + log(1 + sum_k (-1)^k (2k-1)!! / x^(2k)) for x <= -20
 _ASYMPTOTIC = [(-1) ** k * math.prod(range(1, 2 * k, 2)) for k in range(1, 11)]
@@ -58,10 +59,10 @@ def log_ndtr(x: float) -> float:
     relative accuracy), log(erfc(-x / sqrt 2) / 2) on (-20, 0], and the asymptotic series (10 terms, relative
     error < 1e-16) at and below -20. Checked against mpmath and scipy's ``log_ndtr``
     (tests/test_overheads.py)."""
-    if x > 0.0:
-        return _log1p(-0.5 * math.erfc(x / _SQRT2))
-    if x > -20.0:
-        return _log(0.5 * math.erfc(-x / _SQRT2))
+    if x > 0.0:  # -Phi(-x) in [-1/2, 0): log1p needs no guard
+        return math.log1p(-0.5 * math.erfc(x / _SQRT2))
+    if x > -20.0:  # Phi(x) >= Phi(-20) ~ 3e-89 > 0: log needs no guard
+        return math.log(0.5 * math.erfc(-x / _SQRT2))
     if x != x or x == -math.inf:
         return x
     t = 1.0 / (x * x)
@@ -73,7 +74,10 @@ def log_ndtr(x: float) -> float:
 
 def log1mexp(x: float) -> float:
     """log(1 - exp(x)) for x <= 0, accurate near 0 and for very negative x (Maechler 2012)."""
-    return _log(-safe_expm1(x)) if x > -math.log(2.0) else _log1p(-safe_exp(x))
+    if x > _MINUS_LOG2:  # x <= 0 here: expm1 cannot overflow; log(0) at x = 0 is -inf
+        e = -math.expm1(x)
+        return math.log(e) if e > 0 else (-math.inf if e == 0 else math.nan)
+    return math.log1p(-math.exp(x))  # exp(x) <= 1/2 (NaN passes through)
 
 
 def residual_threshold(log_c: float, d: float) -> float:

@@ -17,6 +17,13 @@ import torch
 from specdit import coupling, residual
 
 
+# Above this many (chain, position) values a proposal's scalars are computed as tensors, below it value by
+# value in Python floats (faster at batch 1, where every vectorised call runs cache-cold after a network call);
+# both give the same floats, so the switch never changes a sample.
+PER_VALUE_MAX = 256
+H_BOUND_SLACK = 1e-9  # relative slack on the bound h_j <= p_j (block_tau)
+
+
 @dataclass
 class Proposal:
     x_draft: torch.Tensor  # (B, L, D) draft states xh_1..xh_L, float64
@@ -29,9 +36,13 @@ class Proposal:
     def host_scalars(self) -> tuple[list[list[float]], list[list[float]]]:
         """(log_r, d), both B lists of L Python floats on the host, from one device-to-host transfer: log q_j(xh_j) /
         p_j(xh_j) (relaxed by ``temper`` when given) and d_j = |m_j - mh_j| / s_j (``coupling.ratio_and_gap``)."""
-        diff = self.m_target - self.m_draft  # (B, L, D)
-        dot = torch.linalg.vecdot(diff, 2.0 * self.x_draft - self.m_target - self.m_draft)  # (B, L)
-        n, dot = torch.stack([torch.linalg.vector_norm(diff, dim=-1), dot]).cpu().tolist()
+        dot, n = self._dot_and_norm()
+        if dot.numel() > PER_VALUE_MAX:
+            return tuple(t.cpu().tolist() for t in self._scalar_rows(dot, n))
+        return self._scalars_by_value(dot, n)
+
+    def _scalars_by_value(self, dot: torch.Tensor, n: torch.Tensor) -> tuple[list[list[float]], list[list[float]]]:
+        n, dot = torch.stack([n, dot]).cpu().tolist()
         pairs = [[coupling.ratio_and_gap(*a) for a in zip(*row)] for row in zip(dot, n, self.sigma.tolist())]
         log_r = [[lr for lr, _ in row] for row in pairs]
         if self.temper is not None:
@@ -40,11 +51,25 @@ class Proposal:
 
     def log_ratio(self) -> torch.Tensor:
         """(B, L) log q_j(xh_j) / p_j(xh_j), relaxed by ``temper`` when given."""
-        return self._tensor(self.host_scalars()[0])
+        dot, n = self._dot_and_norm()
+        if dot.numel() > PER_VALUE_MAX:
+            return self._scalar_rows(dot, n)[0]
+        return self._tensor(self._scalars_by_value(dot, n)[0])
 
     def gaps(self) -> torch.Tensor:
         """(B, L) d_j = |m_j - mh_j| / s_j."""
         return self._tensor(self.host_scalars()[1])
+
+    def _dot_and_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m - mh).(2 xh - m - mh) and |m - mh|, (B, L) each."""
+        diff = self.m_target - self.m_draft  # (B, L, D)
+        dot = torch.linalg.vecdot(diff, 2.0 * self.x_draft - self.m_target - self.m_draft)  # (B, L)
+        return dot, torch.linalg.vector_norm(diff, dim=-1)
+
+    def _scalar_rows(self, dot: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """host_scalars' values as (B, L) tensors (``coupling.ratio_and_gap_rows``, the same floats)."""
+        log_r, d = coupling.ratio_and_gap_rows(dot, n, self.sigma.to(torch.float64))
+        return (log_r if self.temper is None else log_r / self.temper), d
 
     def _tensor(self, rows: list[list[float]]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.float64, device=self.x_draft.device).view(self.x_draft.shape[:2])
@@ -89,16 +114,43 @@ def block_weights(log_r: list[float], gaps: list[float], length: int) -> tuple[l
     (log_p, h), both L + 1 floats with index j = 0..L: ``p_0 = 1, p_j = min(1, p_{j-1} r_j)``;
     ``h_j = R_j / (R_j + 1 - p_j)`` for j < length, ``h_length = p_length``, 0 beyond, with
     ``R_j = R(p_j, d_{j+1})``. h_0 is unused (0)."""
+    log_p = acceptance_log_p(log_r)
+    return log_p, [0.0] + [block_weight(log_p, gaps, length, j) for j in range(1, len(log_p))]
+
+
+def acceptance_log_p(log_r: list[float]) -> list[float]:
+    """log p_j, j = 0..L, of one chain: p_0 = 1, p_j = min(1, p_{j-1} r_j) (``log_r``: L floats log r_j)."""
     log_p = [0.0]
     for lr in log_r:
         log_p.append(min(log_p[-1] + lr, 0.0))
-    h = [0.0] * len(log_p)
-    for j in range(1, length):
-        R = residual.safe_exp(residual.log_residual_mass(log_p[j], gaps[j]))  # R_j, gaps[j] = d_{j+1}
-        one_minus_p = -residual.safe_expm1(log_p[j])
-        h[j] = R / (R + one_minus_p) if one_minus_p > 0 else 1.0
-    h[length] = residual.safe_exp(log_p[length])
-    return log_p, h
+    return log_p
+
+
+def block_weight(log_p: list[float], gaps: list[float], length: int, j: int) -> float:
+    """h_j of :func:`block_weights` alone (j in 1..L); R_j is computed only where p_j < 1 needs it."""
+    if j >= length:
+        return residual.safe_exp(log_p[j]) if j == length else 0.0
+    one_minus_p = -residual.safe_expm1(log_p[j])
+    if not one_minus_p > 0:  # p_j = 1: h_j = R / R
+        return 1.0
+    R = residual.safe_exp(residual.log_residual_mass(log_p[j], gaps[j]))  # R_j, gaps[j] = d_{j+1}
+    return R / (R + one_minus_p)
+
+
+def block_tau(log_r: list[float], gaps: list[float], length: int, eta: list[float]) -> tuple[int, list[float]]:
+    """One chain's tau = max{j : eta_j <= h_j} (0 if none) and its log p (:func:`acceptance_log_p`): the decisions
+    of :func:`block_weights`' h, with fewer residual masses. The h_j are visited from j = L down, so none below
+    tau is computed; and since R_j <= p_j makes h_j = R_j / (R_j + 1 - p_j) <= p_j, a position with
+    eta_j > p_j (1 + ``H_BOUND_SLACK``) fails without R_j. In floats the computed log R_j exceeds log p_j by at
+    most the rounding of two additions (log R = log p + log Phi(u*) + log(1 - ...), both terms <= 0), far
+    inside the slack, so every decision is the one the computed h_j gives (tests/test_overheads.py)."""
+    log_p = acceptance_log_p(log_r)
+    for j in range(len(log_r), 0, -1):
+        if j < length and eta[j - 1] > residual.safe_exp(log_p[j]) * (1.0 + H_BOUND_SLACK):
+            continue
+        if eta[j - 1] <= block_weight(log_p, gaps, length, j):
+            return j, log_p
+    return 0, log_p
 
 
 def block_decisions(p: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,8 +174,7 @@ def verify_block(p: Proposal, eta: torch.Tensor, w: torch.Tensor | Callable[[tor
     log_r, gaps = p.host_scalars()
     kept, rows, at, log_c = [], [], [], []  # tau per chain; the rejecting chains, their tau and log p_tau
     for b, (eta_b, L_b) in enumerate(zip(eta.tolist(), length)):
-        log_p, h = block_weights(log_r[b], gaps[b], L_b)
-        tau = max((j for j in range(1, L + 1) if eta_b[j - 1] <= h[j]), default=0)
+        tau, log_p = block_tau(log_r[b], gaps[b], L_b, eta_b)
         kept.append(tau)
         if tau < L_b:  # the residual sampler runs only where a draft was rejected
             rows.append(b), at.append(tau), log_c.append(log_p[tau])

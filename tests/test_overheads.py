@@ -196,3 +196,88 @@ def test_host_paths_take_every_input_the_numpy_paths_took():
     m, mh = torch.zeros(1, 3, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64)
     out = C.sample_residual(m, mh, np.float32(0.5), np.float64(0.0), np.float64(0.3), mh + 0.1)
     assert torch.isfinite(out).all()
+
+
+def _proposal(B: int, L: int, seed: int = 0, D: int = 2):
+    """A random proposal with the edge cases verification meets: equal means (d = 0), a point-mass
+    position (s = 0), tiny and huge gaps, varied lengths and relaxation."""
+    from specdit.verify import Proposal
+
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(B, L, D, generator=g, dtype=torch.float64)
+    scale = torch.exp(torch.empty(B, L, 1, dtype=torch.float64).uniform_(-25, 3, generator=g))
+    mh = m + scale * torch.randn(B, L, D, generator=g, dtype=torch.float64)
+    mh[0, 0] = m[0, 0]  # equal means
+    sigma = torch.exp(torch.empty(B, L, dtype=torch.float64).uniform_(-4, 0.5, generator=g))
+    sigma[1, 0] = 0.0  # point-mass target
+    sigma[2, 0] = 1e-170  # s^2 underflows
+    x = mh + sigma[..., None] * torch.randn(B, L, D, generator=g, dtype=torch.float64)
+    length = torch.randint(1, L + 1, (B,), generator=g)
+    temper = 1 + torch.rand(B, L, generator=g, dtype=torch.float64)
+    return Proposal(x, mh, m, sigma, length), Proposal(x, mh, m, sigma, length, temper=temper)
+
+
+def test_many_chains_take_the_vectorised_scalars_with_the_same_floats():
+    """Above ``PER_VALUE_MAX`` values a proposal's log ratios and gaps come from ``ratio_and_gap_rows``; every
+    float must equal the per-value path's bit for bit (nan where that one has nan), with and without
+    relaxation. Negative control: dividing by 2 s and then by s (a different rounding) is caught."""
+    from specdit import verify
+
+    for p in _proposal(200, 4, seed=3):
+        assert p.x_draft.shape[0] * p.x_draft.shape[1] > verify.PER_VALUE_MAX
+        dot, n = p._dot_and_norm()
+        by_value = torch.tensor(p._scalars_by_value(dot, n), dtype=torch.float64)
+        rows = torch.stack(p._scalar_rows(dot, n))
+        assert torch.equal(by_value.isnan(), rows.isnan())
+        assert torch.equal(by_value.nan_to_num(), rows.nan_to_num())
+        assert torch.equal(torch.tensor(p.host_scalars(), dtype=torch.float64).nan_to_num(), by_value.nan_to_num())
+        if p.temper is None:
+            assert not torch.equal((dot / (2.0 * p.sigma) / p.sigma)[3:], rows[0][3:])
+
+
+def test_block_tau_is_the_largest_success_of_every_weight(monkeypatch):
+    """``block_tau`` (weights from j = L down, stopping at the first success, skipping R_j where eta_j > p_j) returns
+    the tau and log p of max{j : eta_j <= h_j} over all of ``block_weights``' h, on random chains with p = 1
+    prefixes, deep rejections (log p to -900), gaps from 1e-6 to 60 and short lengths; every computed h_j is
+    <= p_j (1 + 1e-12), the bound the skip relies on. Negative controls: the smallest success differs on some
+    chain, and a wrong bound (skipping where eta_j > p_j / 2) changes some tau."""
+    from specdit import verify
+
+    g = torch.Generator().manual_seed(4)
+    cases = []
+    for _ in range(4000):
+        L = int(torch.randint(1, 9, (1,), generator=g))
+        log_r = (torch.randn(L, generator=g, dtype=torch.float64) * float(torch.rand(1, generator=g)) * 300 + 0.5).tolist()
+        gaps = torch.exp(torch.empty(L, dtype=torch.float64).uniform_(math.log(1e-6), math.log(60), generator=g))
+        length = int(torch.randint(1, L + 1, (1,), generator=g))
+        cases.append((log_r, gaps.tolist(), length, torch.rand(L, generator=g, dtype=torch.float64).tolist()))
+    def hits(log_r, gaps, length, eta):
+        h = verify.block_weights(log_r, gaps, length)[1]
+        return [j for j in range(1, len(h)) if eta[j - 1] <= h[j]]
+
+    smallest_differs = False
+    for case in cases:
+        log_p, h = verify.block_weights(*case[:3])
+        assert all(h[j] <= math.exp(log_p[j]) * (1 + 1e-12) for j in range(1, len(h)))
+        assert verify.block_tau(*case) == (max(hits(*case), default=0), log_p)
+        smallest_differs |= min(hits(*case), default=0) != max(hits(*case), default=0)
+    assert smallest_differs
+    monkeypatch.setattr(verify, "H_BOUND_SLACK", -0.5)
+    assert any(verify.block_tau(*case)[0] != max(hits(*case), default=0) for case in cases)
+
+
+def test_a_verdict_does_not_depend_on_its_batch():
+    """Token and block verdicts of 200 chains (the vectorised scalars) equal those of each chain alone (the
+    per-value floats): state bits, tau and steps."""
+    from specdit.verify import verify_block, verify_token
+
+    for p in _proposal(200, 4, seed=5):
+        g = torch.Generator().manual_seed(6)
+        eta, w = torch.rand(200, 4, generator=g, dtype=torch.float64), torch.rand(200, generator=g, dtype=torch.float64)
+        for verdict_of in (lambda q, s: verify_token(q, eta[s].log()), lambda q, s: verify_block(q, eta[s], w[s])):
+            whole = verdict_of(p, slice(None))
+            for b in range(0, 200, 7):
+                one = type(p)(*(None if v is None else v[b:b + 1] for v in vars(p).values()))
+                alone = verdict_of(one, slice(b, b + 1))
+                assert torch.equal(alone.state, whole.state[b:b + 1]) and alone.kept == whole.kept[b]
+                assert alone.steps == whole.steps[b]
