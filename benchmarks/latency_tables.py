@@ -17,11 +17,13 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli.bench_timing import LATENCY_COLS, THROUGHPUT_COLS, cells, contention_line  # noqa: E402
+from cli.bench_timing import LATENCY_COLS, THROUGHPUT_COLS, break_even_line, cells, contention_line  # noqa: E402
+from cli.common import one_line_warnings  # noqa: E402
 from specdit.config import SamplerConfig  # noqa: E402
 from specdit.latency import BenchPlan, run_timing_bench  # noqa: E402
 
@@ -36,15 +38,14 @@ def markdown(report: dict) -> str:
             + ("; UNSTABLE (spread > 20%): rerun quiet" if report["unstable"] else ""))
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cells(r, report["mode"])) + " |" for r in report["rows"]]
-    be = report["break_even"]["batch"]
-    lines += ["", f"auto: {report['auto']}", f"speculation stops paying at batch {be if be else '> 4096'} (cost model)"]
-    if report.get("reruns"):
+    lines += ["", f"auto: {report['auto']}", break_even_line(report["break_even"])]
+    if "reruns" in report:
         lines.append(contention_line(report))
     return "\n".join(lines)
 
 
 def plot(report: dict, path: Path) -> None:
-    """The target's batch cost c(n)/c(1) and the speed-up limit PE(L) c(1)/(c(L)+Ld+v) by L (batch 1)."""
+    """The target's batch cost c(n)/c(1) and the speed-up limit PE(L) (c(1) + p)/(c(L)+Ld+v) by L (batch 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,7 +65,8 @@ def plot(report: dict, path: Path) -> None:
     for r in spec:
         Ls = range(1, 17)
         d, v = r["drafter_s_per_step"], r["own_s_per_round"]
-        lim = [r["parallel_efficiency"] * curve[1] / (interpolate(curve, L) + L * d + v) for L in Ls]
+        p = ref["own_s_per_round"]  # the plain step's own overhead (the reference's rounds are its steps)
+        lim = [r["parallel_efficiency"] * (curve[1] + p) / (interpolate(curve, L) + L * d + v) for L in Ls]
         b.plot(list(Ls), lim, label=f"{r['variant']} (PE {r['parallel_efficiency']:.2f})")
         b.plot([r["config"].get("draft_length", 8)], [r["speedup"]], "k*")
     b.axhline(1.0, color="grey", lw=0.8)
@@ -76,26 +78,40 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="mnist-dit")
-    ap.add_argument("--steps", type=int, default=250)
-    ap.add_argument("--cfg-scale", type=float, default=1.5)
-    ap.add_argument("--drafter", default="x0")
-    ap.add_argument("--draft-lengths", default="2,4,6,8")
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default="mnist-dit", help="built-in model name or path")
+    ap.add_argument("--steps", type=int, default=250, help="sampling steps")
+    ap.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale")
+    ap.add_argument("--drafter", default="x0", help="drafter of the speculative variants")
+    ap.add_argument("--draft-lengths", default="2,4,6,8", help="comma-separated fixed draft lengths L")
     ap.add_argument("--repeats", type=int, default=8, help="latency seeds (throughput: a third of it, >= 2)")
-    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--precision", default="fp32", help="fp32 or bf16 (the networks)")
     ap.add_argument("--threads", type=int, default=None,
                     help="the most torch threads a variant uses (default: all cores; ddpm tries 1..threads)")
-    ap.add_argument("--out", type=Path, default=Path("docs/latency"))
+    ap.add_argument("--out", type=Path, default=Path("docs/latency"), help="output folder")
     ap.add_argument("--modes", default="latency,throughput",
                     help="which tables to (re)make; a mode left out keeps its JSON in --out, tables.md is made from both")
     a = ap.parse_args(argv)
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"latency", "throughput"}:
         ap.error(f"--modes takes latency and/or throughput, got {a.modes!r}")
-    a.out.mkdir(parents=True, exist_ok=True)
-    base = SamplerConfig(steps=a.steps, cfg_scale=a.cfg_scale, precision=a.precision, drafter=a.drafter).validate()
-    lengths = [int(v) for v in a.draft_lengths.split(",")]
+    if a.repeats < 2 or (a.threads is not None and a.threads < 1):
+        ap.error("--repeats must be >= 2 (a paired benchmark) and --threads >= 1")
+    try:
+        base = SamplerConfig(steps=a.steps, cfg_scale=a.cfg_scale, precision=a.precision, drafter=a.drafter).validate()
+    except ValueError as e:  # a SettingError names its setting
+        ap.error(str(e))
+    try:
+        lengths = [int(v) for v in a.draft_lengths.split(",")]
+        for L in lengths:
+            replace(base, draft_length=L).validate()
+    except ValueError as e:
+        ap.error(f"--draft-lengths {a.draft_lengths!r}: {e}")
+    try:
+        a.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        ap.error(f"--out {a.out}: {e.strerror}")
     parts = []
     for mode, repeats in (("latency", a.repeats), ("throughput", max(2, a.repeats // 3))):
         path = a.out / f"{mode}.json"
@@ -104,7 +120,9 @@ def main(argv=None) -> None:
                 parts.append(markdown(json.loads(path.read_text())))
             continue
         print(f"{mode}: load average {os.getloadavg()[0]:.2f}", flush=True)
-        rep = run_timing_bench(BenchPlan(a.model, base, [a.drafter], lengths, mode, repeats, threads=a.threads), on_note=print)
+        with one_line_warnings():
+            rep = run_timing_bench(BenchPlan(a.model, base, [a.drafter], lengths, mode, repeats, threads=a.threads),
+                                   on_note=lambda text: print(text, flush=True))
         path.write_text(json.dumps(rep, indent=1))
         parts.append(markdown(rep))
         if mode == "latency":

@@ -112,10 +112,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{r['sampler']:>11} L={r['draft_length'] or '-'} threads={r['threads']}: {r['seconds_per_sample'] * 1e3:.1f} ms/sample "
               f"= target {r['target_s'] * 1e3:.1f} + drafter {r['drafter_s'] * 1e3:.1f} + rest {r['rest_s'] * 1e3:.1f} ms "
               f"(rest {100 * r['rest_share']:.1f}%, {r['rounds_per_sample']:.1f} rounds/sample, mean over "
-              f"{a.seeds} seeds)")
+              f"{a.seeds} seed{'s' if a.seeds > 1 else ''})")
         if "cprofile" in r:
             print(r["cprofile"])
     if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(rows, indent=2))
     return rows
 

@@ -42,6 +42,7 @@ def _write_json(path: Path | None, doc: dict) -> None:
     if path is not None:
         from specdit.outputs import strict_json
 
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(strict_json(doc, indent=2))
 
 
@@ -102,7 +103,7 @@ AUTO = typer.Option(True, "--auto/--no-auto", help="latency/throughput: add the 
 
 # Options that only some --mode values read: parameter name -> those modes.
 MODE_ONLY = {"num_samples": ("table",), "labels": ("table",), "batch_size": ("table",), "refine_noise": ("table",),
-             "progress": ("table",), "repeats": ("latency", "throughput"), "auto": ("latency", "throughput"),
+             "repeats": ("latency", "throughput"), "auto": ("latency", "throughput"),
              "throughput_batch": ("throughput",)}
 
 
@@ -155,7 +156,8 @@ def bench(
     _warn_mode_unused(ctx, _mode(mode))
     if mode != "table":
         return _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats,
-                       throughput_batch, threads, device, seed, auto, json_out, markdown, num_heads, weights)
+                       throughput_batch, threads, device, seed, auto, json_out, markdown, num_heads, weights,
+                       progress)
     from rich.console import Console
 
     from cli.render import markup, plain
@@ -195,8 +197,9 @@ def _table_settings(model, base, num_samples, draft_lengths, drafters, labels, s
 
 
 def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats, batch, threads,
-            device, seed, auto, json_out, markdown, num_heads, weights) -> None:
-    """--mode latency | throughput: parse, run ``specdit.latency.run_timing_bench``, render."""
+            device, seed, auto, json_out, markdown, num_heads, weights, progress) -> None:
+    """--mode latency | throughput: parse, run ``specdit.latency.run_timing_bench``, render. ``progress``: a line
+    per finished repeat (no live bar: its redraws would share the cores with the timed runs)."""
     from rich.console import Console
 
     from cli.bench_timing import render
@@ -214,7 +217,7 @@ def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_le
                      ).check()
     console = Console(width=max(Console().width, 140))
     with one_line_warnings():
-        report = run_timing_bench(plan, on_note=lambda text: console.print(markup(text)))
+        report = run_timing_bench(plan, on_note=(lambda text: console.print(markup(text))) if progress else None)
     render(report, console, markdown)
     _write_json(json_out, report)
 

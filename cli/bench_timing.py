@@ -17,10 +17,21 @@ THROUGHPUT_COLS = ["variant", "threads", "samples/s", "speed-up (paired median)"
 def contention_line(report: dict) -> str:
     """What the reruns did: how many repeats were rerun whole, whether the cap was reached, and the
     speed-ups of the first pass (before any rerun) beside the table's."""
+    if not report.get("reruns"):
+        return "contention: none detected (every run within 10% of its variant's median per unit of work)"
     first = ", ".join(f"{name} {_f(v['speedup'])}x" for name, v in report.get("first_pass", {}).items())
-    return (f"contention: {len(report['reruns'])} repeat(s) rerun whole on the same chains"
-            + (" (cap reached: contention outlasted it)" if report.get("reruns_exhausted") else "")
-            + (f"; speed-ups before the reruns: {first}" if first else ""))
+    cap = ("cap reached: contention outlasted the reruns" if report.get("reruns_exhausted")
+           else "cap not reached: every repeat ended within tolerance")
+    return (f"contention: {len(report['reruns'])} rerun(s) of a whole repeat (a run > 10% off its variant's median; "
+            f"every variant again on the same chains, at most twice per repeat; {cap}). The table uses the final "
+            "runs" + (f"; before any rerun the speed-ups were: {first} (for comparison only)" if first else ""))
+
+
+def break_even_line(be: dict) -> str:
+    """Where speculation stops paying, and for which variant the cost model says so."""
+    at = str(be["batch"]) if be.get("batch") else "> 4096 or unknown"
+    who = f" for {be['variant']} (the fixed L predicted fastest here)" if be.get("variant") else ""
+    return f"speculation stops paying at batch {at}{who} (cost model; {be.get('note', '')})"
 
 
 def cells(row: dict, mode: str) -> list[str]:
@@ -28,6 +39,8 @@ def cells(row: dict, mode: str) -> list[str]:
     unstable = row["unstable"]
     sp = "unstable" if unstable else _f(row["speedup"]) + "x"
     ci = "-" if unstable else f"{_f(row['speedup_ci95'][0])}-{_f(row['speedup_ci95'][1])}"
+    if not unstable and row["repeats"] < 3:
+        ci += f" (range of {row['repeats']})"  # a bootstrap of two ratios is their range, not a 95% interval
     name = row["variant"] + (" (reference)" if row["reference"] else "")
     tail = [_f(row["predicted_speedup"]) + "x", _f(row["parallel_efficiency"], ".3f"), f"{100 * row['spread']:.0f}%"]
     if mode == "latency":
@@ -55,10 +68,9 @@ def render(report: dict, console, markdown: bool = False) -> None:
     console.print(table)
     be = report["break_even"]
     console.print(f"reference: {markup(report['reference'])} (the fastest ddpm thread count); speed-up > 1 is faster; "
-                  f"predicted = cost model PE(L) c(1) / (c(L) + L d + v) from measured parts")
-    console.print("speculation stops paying at batch " + (str(be["batch"]) if be.get("batch") else "> 4096 or unknown")
-                  + f" (cost model; {be.get('note', '')})")
-    if report.get("reruns"):
+                  f"predicted = cost model PE(L) (c(1) + p) / (c(L) + L d + v) from measured parts")
+    console.print(markup(break_even_line(be)))
+    if "reruns" in report:
         console.print(markup(contention_line(report)))
     if report["unstable"]:
         console.print(f"[bold red]unstable:[/] repeats spread by more than {100 * report['max_spread']:.0f}% "

@@ -194,7 +194,9 @@ class OneLineErrors(TyperGroup):
 
 
 def check_output_file(path, what: str = "output file") -> None:
-    """Refuse (ValueError, before any work) an output file that is a directory or whose parent is a file."""
+    """Refuse (ValueError, before any work) an output file that is a directory, whose parent is a file, or whose
+    nearest existing folder is not writable (missing folders below it are made when the file is written)."""
+    import os
     from pathlib import Path
 
     p = Path(path)
@@ -204,19 +206,29 @@ def check_output_file(path, what: str = "output file") -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise ValueError(f"{what} {p}: {parent} is not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{what} {p}: {parent} is not writable")
             break
 
 
 @contextmanager
 def one_line_warnings():
-    """Show the library's warnings (e.g. replaced drafts) as one ``warning: ...`` line each on stderr."""
+    """Show the library's warnings (e.g. replaced drafts, a calibration made now) as one ``warning: ...`` line each
+    on stderr, when they happen (a message repeated later is not printed again)."""
     import warnings
 
-    with warnings.catch_warnings(record=True) as caught:
+    seen: set[str] = set()
+
+    def show(message, *_args, **_kwargs) -> None:
+        text = " ".join(str(message).split())
+        if text not in seen:
+            seen.add(text)
+            typer.secho(f"warning: {text}", err=True, fg=typer.colors.YELLOW)
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = show
         yield
-    for msg in dict.fromkeys(str(w.message) for w in caught):
-        typer.secho(f"warning: {' '.join(msg.split())}", err=True, fg=typer.colors.YELLOW)
 
 
 @contextmanager

@@ -55,6 +55,7 @@ def generate(
                                 refine_noise=refine_noise)
     opt.warn_unused(config.sampler, drafter=drafter, draft_length="auto" if auto else draft_length, verify=verify,
                     relax=relax, refine_mode=refine_mode, refine_noise=refine_noise, parallel=parallel)
+    auto = auto and config.sampler == "speculative"  # other samplers ignore it (warned above): nothing to calibrate
     base_seed = opt.seed_value(seed)
     with one_line_warnings(), step_progress(num_samples * config.steps, markup(f"{config.sampler} on {model}"),
                                             progress) as advance:

@@ -70,8 +70,21 @@ WEIGHTS = typer.Option(None, "--weights", help="ema | model: weights of a DiT tr
 # Other shared settings.
 LABELS_HELP = "Label policy: none | uniform (i mod C) | random | fixed:<class>."
 LABELS = typer.Option("uniform", "--labels", help=LABELS_HELP)
-THREADS = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice, one per core; "
-                       "several processes on one machine should split the cores between them).")
+def threads_value(value: int | None) -> int | None:
+    """``--threads``: a count above this machine's cores is allowed (another machine's setting, say) but warned
+    about in one line: threads then share cores, which is slower and makes timings noisy."""
+    import os
+
+    cores = os.cpu_count() or 1
+    if value is not None and value > cores:
+        typer.secho(f"warning: --threads {value} is more than this machine's {cores} cores: threads will share "
+                    "cores (slower, and timings get noisy)", err=True, fg=typer.colors.YELLOW)
+    return value
+
+
+THREADS = typer.Option(None, "--threads", min=1, callback=threads_value,
+                       help="torch CPU threads (default: torch's choice, one per core; several processes on one "
+                       "machine should split the cores between them).")
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with ETA.")
 RAY_ADDRESS_HELP = "Ray cluster address: host:port | ray://host:port | auto (any cluster running here)."
 

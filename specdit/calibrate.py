@@ -153,6 +153,9 @@ def resolve_auto(config: SamplerConfig, model_name: str, device: str = "cpu", ba
             raise ValueError(f"no draft-length calibration for {model_name} (drafter {config.drafter}, "
                              f"{config.steps} steps, batch {batch}, {torch.get_num_threads()} threads) on this "
                              "device: run specdit calibrate first")
+        warnings.warn(f"no stored draft-length calibration for {model_name} (drafter {config.drafter}, "
+                      f"{config.steps} steps, batch {batch}, {torch.get_num_threads()} threads): calibrating now "
+                      "(`specdit calibrate` stores one ahead)")
         plan = calibrate(model_name, config, device=device, batch=batch, base=base)
     return plan.apply(config), plan
 

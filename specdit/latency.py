@@ -401,7 +401,7 @@ def break_even(rows: list[dict], curves: dict, results: list[VariantResult]) -> 
     pe = {r["config"].get("draft_length", SamplerConfig().draft_length): r["parallel_efficiency"]
           for r, _ in spec}
     b = break_even_batch(costs, pe)
-    return {"batch": b, "pe": {str(k): v for k, v in pe.items()},
+    return {"batch": b, "variant": row["variant"], "pe": {str(k): v for k, v in pe.items()},
             "note": "d and v scaled with the target's batch cost; PE as measured at this batch"}
 
 
@@ -453,6 +453,25 @@ class BenchPlan:
         return self
 
 
+def _repeat_notes(variants: int, repeats: int, progress=None, on_note=None):
+    """A per-run ``progress()`` for :func:`run_with_curves` that also calls ``on_note`` once per whole repeat
+    (every ``variants`` runs: "repeat 3 of 8 done", then "rerun 1 done"), or None when neither is given."""
+    if progress is None and on_note is None:
+        return None
+    runs, start = [0], time.perf_counter()
+
+    def tick() -> None:
+        runs[0] += 1
+        if progress is not None:
+            progress()
+        done, rest = divmod(runs[0], variants)
+        if on_note is not None and rest == 0:
+            what = f"repeat {done} of {repeats}" if done <= repeats else f"rerun {done - repeats}"
+            on_note(f"  {what} done ({time.perf_counter() - start:.0f} s)")
+
+    return tick
+
+
 def run_timing_bench(plan: BenchPlan, base=None, progress=None, on_note=None) -> dict:
     """Run ``plan`` and return the report (JSON-able): environment, rows, break-even batch, auto plan (``auto``:
     its one-line description; ``auto_schedule``: the whole L(k) as runs, None for the plain sampler).
@@ -471,12 +490,11 @@ def run_timing_bench(plan: BenchPlan, base=None, progress=None, on_note=None) ->
         first = replace(plan.base, sampler="speculative", drafter=plan.drafters[0]).validate()
         cfg, auto_plan = resolve_auto(first, plan.model, plan.device, batch, base=base)
         auto, auto_runs = (cfg, auto_plan.describe()), auto_plan.runs() if auto_plan.sampler != "ddpm" else None
-        if on_note is not None:
-            on_note(auto[1])
     variants = build_variants(plan.base, plan.drafters, plan.lengths, threads, cores, auto)
     env = environment()
     runner = Runner(base, plan.model, plan.device)
-    results, curves, contention = run_with_curves(runner, variants, plan.repeats, batch, plan.seed, progress,
+    results, curves, contention = run_with_curves(runner, variants, plan.repeats, batch, plan.seed,
+                                                  _repeat_notes(len(variants), plan.repeats, progress, on_note),
                                                   reruns_per_repeat=plan.reruns_per_repeat)
     rows = summarize(results, curves, plan.seed)
     report = {"mode": plan.mode, "model": plan.model, "batch": batch, "steps": plan.base.steps,

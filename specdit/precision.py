@@ -7,6 +7,9 @@ Sampling stays exact for the bf16 target (the law sampled is the bf16 network's 
 """
 from __future__ import annotations
 
+import functools
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +17,18 @@ import torch
 from specdit.models.base import EpsModel, ModelOutput
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16_units() -> bool | None:
+    """Whether this CPU advertises bf16 arithmetic (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo's flags);
+    None where that file is not readable (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -25,6 +40,7 @@ class AutocastModel:
 
     def __init__(self, model: EpsModel, dtype: torch.dtype):
         self.model, self.autocast_dtype = model, dtype
+        self._checked = False  # the CPU's bf16 units, looked at on the first call
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self.model, attr)
@@ -33,6 +49,11 @@ class AutocastModel:
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> ModelOutput:
+        if not self._checked:
+            self._checked = True
+            if x.device.type == "cpu" and self.autocast_dtype == torch.bfloat16 and cpu_has_bf16_units() is False:
+                warnings.warn("this CPU has no bf16 units (avx512_bf16 or amx_bf16): bf16 is emulated here and "
+                              "usually slower than fp32")
         with self._cast(x.device):
             out = self.model(x, t, y)
         return ModelOutput(out.eps.float(), _float(out.features))

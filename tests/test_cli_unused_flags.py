@@ -58,7 +58,7 @@ def test_submit_warns_against_the_spec_files_sampler(tmp_path, capsys):
     (["--mode", "latency", "-n", "5", "--labels", "none", "--throughput-batch", "4"],
      ["--num-samples", "--labels", "--throughput-batch"]),
     (["--mode", "throughput", "--batch-size", "8", "--refine-noise", "coupled", "--no-progress"],
-     ["--refine-noise", "--batch-size", "--progress/--no-progress"]),  # in the options' order
+     ["--refine-noise", "--batch-size"]),  # in the options' order; --progress: a line per repeat in every mode
     (["--repeats", "3", "--no-auto", "--throughput-batch", "4"],
      ["--repeats", "--throughput-batch", "--auto/--no-auto"]),
     (["--mode", "latency", "--repeats", "3", "--seed", "1"], []),  # defaults and options the mode reads: silent
@@ -71,3 +71,32 @@ def test_bench_warns_on_options_its_mode_ignores(args, warned):
     assert res.exit_code == 2 and "--draft-lengths" in res.output, res.output
     lines = [ln for ln in res.output.splitlines() if ln.startswith("warning:") and "has no effect" in ln]
     assert [ln.split()[1] for ln in lines] == warned
+
+
+def test_generate_ddpm_with_draft_length_auto_calibrates_nothing(tmp_path, monkeypatch):
+    """auto applies to the speculative sampler only: with ddpm it is warned about and nothing is calibrated
+    (no schedule in the cache, no 'calibrating now' line)."""
+    from cli.main import app
+
+    monkeypatch.setenv("SPECDIT_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(app, ["generate", "-m", "gmm-2d", "--steps", "4", "-n", "2", "-o", str(tmp_path / "s.npz"),
+                                   "--no-progress", "--sampler", "ddpm", "--draft-length", "auto"])
+    assert res.exit_code == 0, res.output
+    assert "--draft-length has no effect" in res.output and "calibrating" not in res.output
+    assert not (tmp_path / "cache").exists()
+
+
+def test_threads_above_the_cores_and_unwritable_outputs(tmp_path, monkeypatch):
+    """--threads above this machine's cores runs, with one warning line; an output whose nearest existing
+    folder is not writable is refused before any work (exit 2, one line)."""
+    import os
+
+    from cli.main import app
+
+    args = ["generate", "-m", "gmm-2d", "--steps", "3", "-n", "2", "--no-progress"]
+    res = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "s.npz"), "--threads", str((os.cpu_count() or 1) + 1)])
+    assert res.exit_code == 0 and "more than this machine's" in res.output, res.output
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root may write anywhere: pretend it may not
+    res = CliRunner().invoke(app, ["bench", "-m", "gmm-2d", "--steps", "3", "-n", "2", "--no-progress",
+                                   "--json", str(tmp_path / "sub" / "b.json")])
+    assert res.exit_code == 2 and "is not writable" in res.output, res.output

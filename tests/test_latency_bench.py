@@ -167,12 +167,16 @@ def test_bench_latency_command(tmp_path, monkeypatch):
     from cli.main import app
 
     monkeypatch.setenv("SPECDIT_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "lat.json"
+    out = tmp_path / "new-folder" / "lat.json"  # made when the JSON is written
     res = CliRunner().invoke(app, ["bench", "--mode", "latency", "--model", "gmm-2d", "--steps", "5", "--drafters",
                                    "perturbed:1", "--draft-lengths", "2", "--repeats", "2", "--threads", "1",
                                    "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert "speed-up" in res.output and "predicted" in res.output
+    text = " ".join(res.output.split())  # rich wraps long lines
+    assert "repeat 1 of 2 done" in text and "repeat 2 of 2 done" in text  # a line per repeat
+    assert "contention:" in text and "stops paying at batch" in text and "(c(1) + p)" in text
+    assert "(range of 2)" in text  # two ratios give a range, not a 95% interval
     rep = json.loads(out.read_text())
     assert {"torch", "cpu", "threads", "load_average"} <= set(rep["environment"])
     names = [r["variant"] for r in rep["rows"]]
@@ -314,3 +318,55 @@ def test_precision_cost_script_times_both_precisions(capsys):
         with pytest.raises(SystemExit) as e:
             mod.main(bad)
         assert e.value.code == 2
+
+
+def test_contention_line_says_what_the_reruns_did():
+    from cli.bench_timing import break_even_line, contention_line
+
+    assert contention_line({"reruns": []}).startswith("contention: none detected")
+    rep = {"reruns": [{"repeat": 3}], "reruns_exhausted": False,
+           "first_pass": {"auto": {"speedup": 1.52}, "spec x0 L=4": {"speedup": 1.31}}}
+    line = contention_line(rep)
+    assert "1 rerun(s)" in line and "cap not reached" in line and "auto 1.52x" in line and "final runs" in line
+    assert "cap reached" in contention_line(rep | {"reruns_exhausted": True})
+    assert "for spec x0 L=4" in break_even_line({"batch": 32, "variant": "spec x0 L=4", "note": "n"})
+    assert "> 4096 or unknown" in break_even_line({"batch": None, "note": "no fixed-L speculative variant"})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--repeats", "1"], "--repeats must be >= 2"),
+    (["--threads", "0"], "--threads >= 1"),
+    (["--draft-lengths", "2,x"], "--draft-lengths '2,x'"),
+    (["--draft-lengths", "0"], "draft length"),
+    (["--precision", "fp16"], "precision"),
+])
+def test_make_latency_script_refuses_mistakes_in_one_line(args, message, tmp_path, capsys):
+    """Each mistake: argparse's one line and exit 2, before any work (no output folder made)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "latency_tables.py"
+    spec = importlib.util.spec_from_file_location("latency_tables", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit) as e:
+        mod.main([*args, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns_once(monkeypatch):
+    import warnings
+
+    from specdit import precision
+    from specdit.models.gmm import GMM_PRESETS
+
+    x, t = torch.zeros(2, 2), torch.zeros(2, dtype=torch.int64)
+    for has_units, expected in ((False, 1), (True, 0), (None, 0)):
+        monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda v=has_units: v)
+        model = precision.AutocastModel(GMM_PRESETS["gmm-2d"](), torch.bfloat16)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(x, t, None), model(x, t, None)
+        assert sum("no bf16 units" in str(w.message) for w in caught) == expected
