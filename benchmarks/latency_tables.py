@@ -68,11 +68,12 @@ def plot(report: dict, path: Path) -> None:
         p = ref["own_s_per_round"]  # the plain step's own overhead (the reference's rounds are its steps)
         lim = [r["parallel_efficiency"] * (curve[1] + p) / (interpolate(curve, L) + L * d + v) for L in Ls]
         b.plot(list(Ls), lim, label=f"{r['variant']} (PE {r['parallel_efficiency']:.2f})")
-        b.plot([r["config"].get("draft_length", 8)], [r["speedup"]], "k*")
+        marker = dict(marker="x", color="grey") if r["unstable"] else dict(marker="*", color="k")
+        b.plot([r["config"].get("draft_length", 8)], [r["speedup"]], linestyle="none", **marker)
     b.axhline(1.0, color="grey", lw=0.8)
     b.set_xlabel("draft length L (PE held at the measured value)"), b.set_ylabel("speed-up limit vs ddpm")
     b.legend(fontsize=7)
-    fig.suptitle(f"{report['model']} batch-cost curve and speed-up limit (ref {ref['variant']}; * measured)")
+    fig.suptitle(f"{report['model']} batch-cost curve and speed-up limit (ref {ref['variant']}; * measured, x unstable: not a result)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
