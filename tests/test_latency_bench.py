@@ -279,18 +279,23 @@ def test_break_even_of_a_batch_1_run_that_pays_is_above_1():
     assert break_even(rows, curves, [ddpm, spec])["batch"] > 1
 
 
+def _benchmark_script(name: str):
+    """benchmarks/<name>.py loaded as a module (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_make_latency_script_at_a_tiny_size(tmp_path, monkeypatch):
     """``make latency``'s script (benchmarks/latency_tables.py) end to end on gmm-2d: both JSONs are kept or
     written, the plot and tables.md exist, and the profile has ddpm once, then every L and auto (or auto's
     plain steps, which add no row)."""
-    import importlib.util
-    from pathlib import Path
-
     monkeypatch.setenv("SPECDIT_CACHE", str(tmp_path / "cache"))
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "latency_tables.py"
-    spec = importlib.util.spec_from_file_location("latency_tables", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark_script("latency_tables")
     out = tmp_path / "lat"
     mod.main(["--model", "gmm-2d", "--cfg-scale", "1", "--steps", "6", "--repeats", "2", "--draft-lengths", "2",
               "--threads", "1", "--modes", "latency", "--out", str(out)])
@@ -304,13 +309,7 @@ def test_make_latency_script_at_a_tiny_size(tmp_path, monkeypatch):
 def test_precision_cost_script_times_both_precisions(capsys):
     """benchmarks/precision_cost.py at a tiny size: c(n) for fp32 and bf16 at every size, the table printed;
     a bad --sizes is a usage error (exit 2)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "precision_cost.py"
-    spec = importlib.util.spec_from_file_location("precision_cost", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark_script("precision_cost")
     rep = mod.main(["--model", "gmm-2d", "--cfg-scale", "1", "--sizes", "1,2", "--repeats", "1", "--threads", "1"])
     assert set(rep["seconds"]) == {"fp32", "bf16"} and all(set(v) == {1, 2} for v in rep["seconds"].values())
     assert "| 2 |" in capsys.readouterr().out
@@ -342,13 +341,7 @@ def test_contention_line_says_what_the_reruns_did():
 ])
 def test_make_latency_script_refuses_mistakes_in_one_line(args, message, tmp_path, capsys):
     """Each mistake: argparse's one line and exit 2, before any work (no output folder made)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "latency_tables.py"
-    spec = importlib.util.spec_from_file_location("latency_tables", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark_script("latency_tables")
     with pytest.raises(SystemExit) as e:
         mod.main([*args, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
