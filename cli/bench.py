@@ -215,9 +215,9 @@ def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_le
                      str(resolve_device(device)), opt.seed_value(seed), auto,
                      load_options={k: v for k, v in (("num_heads", num_heads), ("weights", weights)) if v is not None}
                      ).check()
-    console = Console(width=max(Console().width, 140))
+    console, notes = Console(width=max(Console().width, 140)), Console(stderr=True)  # progress notes: stderr
     with one_line_warnings():
-        report = run_timing_bench(plan, on_note=(lambda text: console.print(markup(text))) if progress else None)
+        report = run_timing_bench(plan, on_note=(lambda text: notes.print(markup(text))) if progress else None)
     render(report, console, markdown)
     _write_json(json_out, report)
 

@@ -194,14 +194,19 @@ class OneLineErrors(TyperGroup):
 
 
 def check_output_file(path, what: str = "output file") -> None:
-    """Refuse (ValueError, before any work) an output file that is a directory, whose parent is a file, or whose
-    nearest existing folder is not writable (missing folders below it are made when the file is written)."""
+    """Refuse (ValueError, before any work) an output file that is a directory, whose parent is a file, that
+    exists and is not writable, or whose nearest existing folder is not writable (missing folders below it are
+    made when the file is written)."""
     import os
     from pathlib import Path
 
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{what} {p} is a directory")
+    if p.exists():  # an existing file (or /dev/null): its own permission decides
+        if not os.access(p, os.W_OK):
+            raise ValueError(f"{what} {p} is not writable")
+        return
     for parent in p.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -211,18 +216,28 @@ def check_output_file(path, what: str = "output file") -> None:
             break
 
 
+_LIVE_BARS: list = []  # the step_progress bars on screen now: warnings print above the newest
+
+
 @contextmanager
 def one_line_warnings():
     """Show the library's warnings (e.g. replaced drafts, a calibration made now) as one ``warning: ...`` line each
-    on stderr, when they happen (a message repeated later is not printed again)."""
+    on stderr, when they happen (above a live progress bar, not into its line; a message repeated later is not
+    printed again)."""
     import warnings
 
     seen: set[str] = set()
 
     def show(message, *_args, **_kwargs) -> None:
         text = " ".join(str(message).split())
-        if text not in seen:
-            seen.add(text)
+        if text in seen:
+            return
+        seen.add(text)
+        if _LIVE_BARS:
+            from rich.text import Text
+
+            _LIVE_BARS[-1].console.print(Text(f"warning: {text}", style="yellow"), soft_wrap=True)  # not wrapped
+        else:
             typer.secho(f"warning: {text}", err=True, fg=typer.colors.YELLOW)
 
     with warnings.catch_warnings():
@@ -233,18 +248,22 @@ def one_line_warnings():
 
 @contextmanager
 def step_progress(total: int, description: str, enabled: bool = True):
-    """A rich progress bar over ``total`` chain-steps; yields ``advance(n)``. If the body raises, the bar is
-    erased, so that a failed command prints its one ``error:`` line and nothing else."""
+    """A rich progress bar on stderr over ``total`` chain-steps; yields ``advance(n)``. If the body raises, the bar
+    is erased, so that a failed command prints its one ``error:`` line and nothing else."""
     if not enabled:
         yield lambda n: None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), transient=False) as bar:
+                  TimeRemainingColumn(), transient=False, console=Console(stderr=True)) as bar:
         task = bar.add_task(description, total=total)
+        _LIVE_BARS.append(bar)
         try:
             yield lambda n: bar.advance(task, n)
         except BaseException:
             bar.update(task, visible=False)  # the final render (on exit) then draws no bar
             raise
+        finally:
+            _LIVE_BARS.remove(bar)

@@ -120,7 +120,8 @@ def ratio_and_gap(dot: float, n: float, s: float) -> tuple[float, float]:
     mass (s = 0) has log q/p = 0 and d = 0 if n = 0, else -inf and inf."""
     if s > 0:
         twice_var = 2.0 * (s * s)  # 0 once s^2 underflows (s < ~1e-162): then +-inf, or nan for dot = 0, as numpy
-        log_r = dot / twice_var if twice_var > 0 else (math.copysign(math.inf, dot) if dot != 0 else math.nan)
+        log_r = dot / twice_var if twice_var > 0 else (math.copysign(math.inf, dot) if dot != 0 and dot == dot
+                                                       else math.nan)  # as numpy: +-inf, or nan for 0/0 and nan/0
         return log_r, (0.0 if n == 0 else n / s)
     return (0.0, 0.0) if n == 0 else (-math.inf, math.inf)
 

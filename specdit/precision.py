@@ -21,14 +21,19 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16_units() -> bool | None:
-    """Whether this CPU advertises bf16 arithmetic (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo's flags);
-    None where that file is not readable (not Linux)."""
+    """Whether this CPU advertises bf16 arithmetic (:func:`bf16_in_cpuinfo` of /proc/cpuinfo); None where that
+    file is not readable (not Linux)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return bf16_in_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
         return None
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_in_cpuinfo(text: str) -> bool | None:
+    """``avx512_bf16`` or ``amx_bf16`` among an x86 CPU's ``flags``, or ``bf16`` among an Arm CPU's ``Features``,
+    in /proc/cpuinfo's ``text``; None when it lists neither line."""
+    lines = [ln.split(":", 1)[1] for ln in text.splitlines() if ln.startswith(("flags", "Features")) and ":" in ln]
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(lines[0].split())) if lines else None
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -74,8 +74,8 @@ def log_ndtr(x: float) -> float:
 
 def log1mexp(x: float) -> float:
     """log(1 - exp(x)) for x <= 0, accurate near 0 and for very negative x (Maechler 2012)."""
-    if x > _MINUS_LOG2:  # x <= 0 here: expm1 cannot overflow; log(0) at x = 0 is -inf
-        e = -math.expm1(x)
+    if x > _MINUS_LOG2:  # log(0) at x = 0 is -inf; x > 0 (outside the domain) gives NaN, as before
+        e = -safe_expm1(x)
         return math.log(e) if e > 0 else (-math.inf if e == 0 else math.nan)
     return math.log1p(-math.exp(x))  # exp(x) <= 1/2 (NaN passes through)
 

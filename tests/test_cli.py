@@ -186,3 +186,21 @@ def test_json_outputs_are_standard_json_and_undefined_acceptance_prints_a_dash(t
     assert r.exit_code == 0, r.output
     rows = {row["name"]: row for row in _strict(tmp_path / "b.json")["rows"]}
     assert rows["ddpm"]["acceptance"] is None and rows["spec free L=2 block"]["acceptance"] > 0
+
+
+def test_a_warning_during_a_progress_bar_prints_once_on_stderr(capsys):
+    """A warning raised while a bar is live prints above it on stderr (the bar's console), once however often
+    it is raised; after the bar closes, warnings print directly; stdout gets neither."""
+    import warnings
+
+    from cli.common import one_line_warnings, step_progress
+
+    with one_line_warnings():
+        with step_progress(3, "steps") as advance:
+            warnings.warn("a draft was replaced " + "x" * 100)  # longer than a console line: still one line
+            warnings.warn("a draft was replaced " + "x" * 100)
+            advance(3)
+        warnings.warn("after the bar")
+    out, err = capsys.readouterr()
+    assert err.splitlines().count("warning: a draft was replaced " + "x" * 100) == 1 and "warning: after the bar" in err
+    assert "warning" not in out

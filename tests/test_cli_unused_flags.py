@@ -96,7 +96,12 @@ def test_threads_above_the_cores_and_unwritable_outputs(tmp_path, monkeypatch):
     args = ["generate", "-m", "gmm-2d", "--steps", "3", "-n", "2", "--no-progress"]
     res = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "s.npz"), "--threads", str((os.cpu_count() or 1) + 1)])
     assert res.exit_code == 0 and "more than this machine's" in res.output, res.output
+    from cli.common import check_output_file
+
+    check_output_file("/dev/null", "--json file")  # an existing writable file: its own permission decides
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # root may write anywhere: pretend it may not
+    with pytest.raises(ValueError, match="/dev/null is not writable"):
+        check_output_file("/dev/null", "--json file")
     res = CliRunner().invoke(app, ["bench", "-m", "gmm-2d", "--steps", "3", "-n", "2", "--no-progress",
                                    "--json", str(tmp_path / "sub" / "b.json")])
     assert res.exit_code == 2 and "is not writable" in res.output, res.output

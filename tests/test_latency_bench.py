@@ -363,3 +363,13 @@ def test_bf16_on_a_cpu_without_bf16_units_warns_once(monkeypatch):
             warnings.simplefilter("always")
             model(x, t, None), model(x, t, None)
         assert sum("no bf16 units" in str(w.message) for w in caught) == expected
+
+
+def test_bf16_units_are_read_from_x86_flags_and_arm_features():
+    from specdit.precision import bf16_in_cpuinfo
+
+    assert bf16_in_cpuinfo("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n") is True
+    assert bf16_in_cpuinfo("processor\t: 0\nflags\t\t: fpu avx avx2 fma\n") is False
+    assert bf16_in_cpuinfo("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n") is True
+    assert bf16_in_cpuinfo("processor\t: 0\nFeatures\t: fp asimd\n") is False
+    assert bf16_in_cpuinfo("processor\t: 0\n") is None

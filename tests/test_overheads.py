@@ -200,7 +200,8 @@ def test_host_paths_take_every_input_the_numpy_paths_took():
 
 def _proposal(B: int, L: int, seed: int = 0, D: int = 2):
     """A random proposal with the edge cases verification meets: equal means (d = 0), a point-mass
-    position (s = 0), tiny and huge gaps, varied lengths and relaxation."""
+    position (s = 0), s^2 underflowing (also beside a NaN mean), tiny and huge gaps, varied lengths and
+    relaxation."""
     from specdit.verify import Proposal
 
     g = torch.Generator().manual_seed(seed)
@@ -211,6 +212,7 @@ def _proposal(B: int, L: int, seed: int = 0, D: int = 2):
     sigma = torch.exp(torch.empty(B, L, dtype=torch.float64).uniform_(-4, 0.5, generator=g))
     sigma[1, 0] = 0.0  # point-mass target
     sigma[2, 0] = 1e-170  # s^2 underflows
+    sigma[3, 0], m[3, 0, 0] = 1e-170, math.nan  # ... with a NaN mean: nan/0 is nan, as numpy's
     x = mh + sigma[..., None] * torch.randn(B, L, D, generator=g, dtype=torch.float64)
     length = torch.randint(1, L + 1, (B,), generator=g)
     temper = 1 + torch.rand(B, L, generator=g, dtype=torch.float64)
@@ -232,7 +234,7 @@ def test_many_chains_take_the_vectorised_scalars_with_the_same_floats():
         assert torch.equal(by_value.nan_to_num(), rows.nan_to_num())
         assert torch.equal(torch.tensor(p.host_scalars(), dtype=torch.float64).nan_to_num(), by_value.nan_to_num())
         if p.temper is None:
-            assert not torch.equal((dot / (2.0 * p.sigma) / p.sigma)[3:], rows[0][3:])
+            assert not torch.equal((dot / (2.0 * p.sigma) / p.sigma)[4:], rows[0][4:])
 
 
 def test_block_tau_is_the_largest_success_of_every_weight(monkeypatch):
