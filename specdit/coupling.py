@@ -83,17 +83,23 @@ def tv_distance(d: torch.Tensor) -> torch.Tensor:
     return torch.erf(d / (2.0 * math.sqrt(2.0)))
 
 
-def _floats(t: torch.Tensor | float, like: torch.Tensor) -> list[float]:
-    """A float64 tensor (or scalar), broadcast to ``like``'s shape, as a flat list of Python floats on the host
-    (the arguments of ``specdit.residual``'s scalar functions)."""
-    return torch.as_tensor(t, dtype=torch.float64).detach().cpu().expand(like.shape).reshape(-1).tolist()
+def _floats(a, shape: torch.Size | tuple[int, ...]) -> list[float]:
+    """``a`` broadcast to ``shape``, as a flat list of Python floats on the host (the arguments of
+    ``specdit.residual``'s scalar functions): a tensor (any device and float dtype, broadcastable), a sequence of
+    that many numbers, or one number (Python or numpy scalar)."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().to("cpu", torch.float64).expand(shape).reshape(-1).tolist()
+    try:
+        return [float(v) for v in a]
+    except TypeError:  # one number
+        return [float(a)] * math.prod(shape)
 
 
 def log_residual_mass(log_c: torch.Tensor | float, d: torch.Tensor) -> torch.Tensor:
     """log R(c, d), R = integral max(0, c q - p) = c Phi(u*) - Phi(u* - d), for c in (0, 1], d >= 0, u* = d/2 +
     ln(c)/d (same shape and device as d). R = 0 (log R = -inf) when d = 0 (c <= 1) or c = 0; R = c when d = inf
     (point-mass target). Computed on the host (``specdit.residual.log_residual_mass``)."""
-    out = [residual.log_residual_mass(a, b) for a, b in zip(_floats(log_c, d), _floats(d, d))]
+    out = [residual.log_residual_mass(a, b) for a, b in zip(_floats(log_c, d.shape), _floats(d, d.shape))]
     return torch.tensor(out, dtype=torch.float64, device=d.device).view(d.shape)
 
 
@@ -110,7 +116,7 @@ def sample_residual_coordinate(log_c: torch.Tensor, d: torch.Tensor, w: torch.Te
 
     log_c, d, w: (B,), w uniform in (0, 1). Requires d in (0, inf) and c > 0; returns u (B,) on d's device,
     measured from the target mean towards the draft mean in units of s."""
-    u = [residual.sample_coordinate(a, b, c, iters) for a, b, c in zip(*(_floats(x, d) for x in (log_c, d, w)))]
+    u = [residual.sample_coordinate(a, b, c, iters) for a, b, c in zip(*(_floats(x, d.shape) for x in (log_c, d, w)))]
     return torch.tensor(u, dtype=torch.float64, device=d.device).view(d.shape)
 
 
@@ -137,16 +143,6 @@ def ratio_and_gap_rows(dot: torch.Tensor, n: torch.Tensor, s: torch.Tensor) -> t
     log_r = torch.where(positive, dot / twice_var, torch.where(point, torch.zeros_like(n), -inf))
     gap = torch.where(point, torch.zeros_like(n), torch.where(positive, n / s, inf))
     return log_r, gap
-
-
-def _row_floats(a, rows: int) -> list[float]:
-    """A (rows,) or 0-d tensor, a sequence of ``rows`` numbers or one number, as ``rows`` Python floats."""
-    if isinstance(a, torch.Tensor):
-        return a.detach().to("cpu", torch.float64).expand(rows).tolist()
-    try:
-        return [float(v) for v in a]
-    except TypeError:  # one number (Python or numpy scalar)
-        return [float(a)] * rows
 
 
 def sample_residual(
@@ -188,7 +184,7 @@ def sample_residual(
     diff, v = m_draft - m_target, x_draft - m_draft  # (B, D)
     n, dot = torch.stack([torch.linalg.vector_norm(diff, dim=1), torch.linalg.vecdot(diff, v)]).cpu().tolist()
     B = len(n)
-    s, log_c, w = (_row_floats(a, B) for a in (sigma, log_c, w))
+    s, log_c, w = (_floats(a, (B,)) for a in (sigma, log_c, w))
     scale = []  # per row: (1 if s > 0, the coefficient of diff)
     for n_b, dot_b, s_b, lc_b, w_b in zip(n, dot, s, log_c, w):
         d = 0.0 if n_b == 0 else (n_b / s_b if s_b > 0 else math.inf)
