@@ -169,12 +169,22 @@ def run_paired(runner: Runner, variants: list[Variant], repeats: int, batch: int
     for i in range(repeats):
         if between is not None:
             between()
-        seeds, idx = _chains(i, batch, base_seed)
-        for v in rotated(variants, i):
-            results[v.name].runs.append(runner.run(v, seeds, idx))
-            if progress is not None:
-                progress()
+        for name, run in run_repeat(runner, variants, i, batch, base_seed, progress).items():
+            results[name].runs.append(run)
     return [results[v.name] for v in variants]
+
+
+def run_repeat(runner: Runner, variants: list[Variant], i: int, batch: int, base_seed: int = 0,
+               progress=None) -> dict[str, Run]:
+    """Repeat ``i``: every variant on the repeat's chains (:func:`_chains`), back to back in the repeat's rotated
+    order; runs by variant name. ``progress()`` is called after each run."""
+    seeds, idx = _chains(i, batch, base_seed)
+    runs = {}
+    for v in rotated(variants, i):
+        runs[v.name] = runner.run(v, seeds, idx)
+        if progress is not None:
+            progress()
+    return runs
 
 
 def contended_repeats(results: list[VariantResult], curves: dict, tolerance: float = MAX_SPREAD / 2) -> list[int]:
@@ -204,11 +214,8 @@ def rerun_contended(runner: Runner, results: list[VariantResult], curves: "Inter
         for i in bad:
             curves.time_pass()
             log.append({"repeat": i, "discarded_walls_s": {r.variant.name: r.runs[i].wall for r in results}})
-            seeds, idx = _chains(i, batch, base_seed)
-            for v in rotated(variants, i):
-                at[v.name].runs[i] = runner.run(v, seeds, idx)
-                if progress is not None:
-                    progress()
+            for name, run in run_repeat(runner, variants, i, batch, base_seed, progress).items():
+                at[name].runs[i] = run
             count[i] = count.get(i, 0) + 1
         cv = curves.curves()
     return cv, log, bool(contended_repeats(results, cv))
