@@ -200,6 +200,8 @@ def check_output_file(path, what: str = "output file") -> None:
     import os
     from pathlib import Path
 
+    from specdit.outputs import nearest_folder
+
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{what} {p} is a directory")
@@ -207,13 +209,9 @@ def check_output_file(path, what: str = "output file") -> None:
         if not os.access(p, os.W_OK):
             raise ValueError(f"{what} {p} is not writable")
         return
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{what} {p}: {parent} is not a directory")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"{what} {p}: {parent} is not writable")
-            break
+    parent = nearest_folder(p, what)
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {p}: {parent} is not writable")
 
 
 _LIVE_BARS: list = []  # the step_progress bars on screen now: warnings print above the newest

@@ -59,12 +59,19 @@ def check_output(out: str | Path) -> Path:
         raise ValueError(f"output {out} is a directory, not a .npz file (give a new file name or a directory)")
     if out.suffix != ".npz" and out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a directory (give a .npz file name or a directory)")
-    for parent in out.parents:
+    nearest_folder(out, "output")
+    return out
+
+
+def nearest_folder(path: Path, what: str) -> Path | None:
+    """The nearest existing ancestor of ``path`` (None if none exists); ValueError (one line naming ``what``) if it
+    is a file, under which nothing can be written."""
+    for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise ValueError(f"output {out}: {parent} is a file, not a directory")
-            break
-    return out
+                raise ValueError(f"{what} {path}: {parent} is a file, not a directory")
+            return parent
+    return None
 
 
 def save_generation(gen: Generation, seeds: torch.Tensor, out: str | Path, *, model_name: str,
