@@ -290,7 +290,7 @@ def _benchmark_script(name: str):
     return mod
 
 
-def test_make_latency_script_at_a_tiny_size(tmp_path, monkeypatch):
+def test_make_latency_script_at_a_tiny_size(tmp_path, monkeypatch, capsys):
     """``make latency``'s script (benchmarks/latency_tables.py) end to end on gmm-2d: both JSONs are kept or
     written, the plot and tables.md exist, and the profile has ddpm once, then every L and auto (or auto's
     plain steps, which add no row)."""
@@ -304,6 +304,7 @@ def test_make_latency_script_at_a_tiny_size(tmp_path, monkeypatch):
     assert [r["sampler"] for r in rows][:2] == ["ddpm", "speculative"] and rows[1]["draft_length"] == 2
     assert [r["draft_length"] for r in rows[2:]] in ([], ["auto"]) and rows[0]["draft_length"] is None
     assert "latency at batch 1" in (out / "tables.md").read_text()
+    assert "calibrating now" in capsys.readouterr().err  # no stored calibration: said when it starts
 
 
 def test_precision_cost_script_times_both_precisions(capsys):

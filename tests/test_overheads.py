@@ -283,3 +283,10 @@ def test_a_verdict_does_not_depend_on_its_batch():
                 alone = verdict_of(one, slice(b, b + 1))
                 assert torch.equal(alone.state, whole.state[b:b + 1]) and alone.kept == whole.kept[b]
                 assert alone.steps == whole.steps[b]
+
+
+def test_log1mexp_outside_its_domain_is_nan_not_an_error():
+    """log(1 - exp(x)) has no real value for x > 0: NaN, as numpy's, also where exp(x) overflows (x > 709.78),
+    where math.expm1 would raise OverflowError."""
+    assert all(math.isnan(residual.log1mexp(x)) for x in (0.5, 709.0, 710.0, 1e300, math.inf))
+    assert residual.log1mexp(0.0) == -math.inf and residual.log1mexp(-math.inf) == 0.0
