@@ -2,7 +2,7 @@
 each with the cost model's predicted speed-up beside the measured one, the batch-cost curve with the
 speed-up limit (a plot), and where a round's time goes (the profile: ddpm, every L and auto). Run it on a
 QUIET machine (``uptime`` load well below 1 on 2 cores); a repeat with a run more than 10% from its variant's
-median (per unit of work) is rerun whole on the same chains (at most twice), and a variant whose repeats still
+median (per unit of work) is rerun whole on the same chains (at most ``--reruns`` times), and a variant whose repeats still
 spread by more than 20% is flagged and its speed-ups withheld.
 
     .venv/bin/python benchmarks/latency_tables.py --out docs/latency        # ~45 min on 2 cores
@@ -87,6 +87,8 @@ def main(argv=None) -> None:
     ap.add_argument("--drafter", default="x0", help="drafter of the speculative variants")
     ap.add_argument("--draft-lengths", default="2,4,6,8", help="comma-separated fixed draft lengths L")
     ap.add_argument("--repeats", type=int, default=8, help="latency seeds (throughput: a third of it, >= 2)")
+    ap.add_argument("--reruns", type=int, default=2,
+                    help="a contended repeat is rerun whole at most this often (0: never)")
     ap.add_argument("--precision", default="fp32", help="fp32 or bf16 (the networks)")
     ap.add_argument("--threads", type=int, default=None,
                     help="the most torch threads a variant uses (default: all cores; ddpm tries 1..threads)")
@@ -97,8 +99,8 @@ def main(argv=None) -> None:
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"latency", "throughput"}:
         ap.error(f"--modes takes latency and/or throughput, got {a.modes!r}")
-    if a.repeats < 2 or (a.threads is not None and a.threads < 1):
-        ap.error("--repeats must be >= 2 (a paired benchmark) and --threads >= 1")
+    if a.repeats < 2 or a.reruns < 0 or (a.threads is not None and a.threads < 1):
+        ap.error("--repeats must be >= 2 (a paired benchmark), --reruns >= 0 and --threads >= 1")
     try:
         base = SamplerConfig(steps=a.steps, cfg_scale=a.cfg_scale, precision=a.precision, drafter=a.drafter).validate()
     except ValueError as e:  # a SettingError names its setting
@@ -122,7 +124,8 @@ def main(argv=None) -> None:
             continue
         print(f"{mode}: load average {os.getloadavg()[0]:.2f}", flush=True)
         with one_line_warnings():
-            rep = run_timing_bench(BenchPlan(a.model, base, [a.drafter], lengths, mode, repeats, threads=a.threads),
+            rep = run_timing_bench(BenchPlan(a.model, base, [a.drafter], lengths, mode, repeats, threads=a.threads,
+                                             reruns_per_repeat=a.reruns),
                                    on_note=lambda text: print(text, flush=True))
         path.write_text(json.dumps(rep, indent=1))
         parts.append(markdown(rep))

@@ -96,6 +96,8 @@ MODE = typer.Option("table", "--mode", help="table: rounds, acceptance, speed-up
                     "truth per variant | latency: batch 1, chains one at a time, paired per seed, with the cost "
                     "model's predicted speed-up | throughput: samples/s at --throughput-batch, likewise.")
 REPEATS = typer.Option(8, "--repeats", min=2, help="latency: seeds; throughput: repeats (paired, order rotated).")
+RERUNS = typer.Option(2, "--reruns", min=0, help="latency/throughput: a contended repeat (a run > 10% off its "
+                      "variant's median per unit of work) is rerun whole at most this often (0: never).")
 THROUGHPUT_BATCH = typer.Option(64, "--throughput-batch", min=1, help="Batch of --mode throughput.")
 AUTO = typer.Option(True, "--auto/--no-auto", help="latency/throughput: add the --draft-length auto variant "
                     "(calibrates first if no calibration is stored).")
@@ -103,7 +105,7 @@ AUTO = typer.Option(True, "--auto/--no-auto", help="latency/throughput: add the 
 
 # Options that only some --mode values read: parameter name -> those modes.
 MODE_ONLY = {"num_samples": ("table",), "labels": ("table",), "batch_size": ("table",), "refine_noise": ("table",),
-             "repeats": ("latency", "throughput"), "auto": ("latency", "throughput"),
+             **{name: ("latency", "throughput") for name in ("repeats", "reruns", "auto")},
              "throughput_batch": ("throughput",)}
 
 
@@ -147,6 +149,7 @@ def bench(
     device: str = typer.Option("cpu", help="Where the model and the chains live: cpu | cuda | cuda:N."),
     mode: str = MODE,
     repeats: int = REPEATS,
+    reruns: int = RERUNS,
     throughput_batch: int = THROUGHPUT_BATCH,
     precision: Optional[str] = opt.PRECISION,
     auto: bool = AUTO,
@@ -157,18 +160,16 @@ def bench(
     if mode != "table":
         return _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats,
                        throughput_batch, threads, device, seed, auto, json_out, markdown, num_heads, weights,
-                       progress)
+                       progress, reruns)
     from rich.console import Console
 
     from cli.render import markup, plain
     from specdit.bench import bench_model
 
-    if json_out is not None:
-        check_output_file(json_out, "--json file")
-    settings = _table_settings(model, opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
-                                                         precision=precision, refine_noise=refine_noise),
-                               num_samples, draft_lengths, drafters, labels, seed, batch_size, threads, device,
-                               num_heads, weights)
+    base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, precision=precision,
+                              refine_noise=refine_noise)
+    settings = _table_settings(model, base, num_samples, draft_lengths, drafters, labels, seed, batch_size, threads,
+                               device, num_heads, weights, json_out)
     console = Console(width=max(Console().width, 120))
 
     def start(threads_used: int, curve) -> None:
@@ -187,17 +188,20 @@ def bench(
 
 
 def _table_settings(model, base, num_samples, draft_lengths, drafters, labels, seed, batch_size, threads, device,
-                    num_heads, weights):
-    """The table mode's settings from the parsed options (one-line errors from the option checks)."""
+                    num_heads, weights, json_out):
+    """The table mode's settings from the parsed options (one-line errors from the option checks, the --json
+    file's folder included)."""
     from specdit.bench import BenchSettings
 
+    if json_out is not None:
+        check_output_file(json_out, "--json file")
     return BenchSettings(model=model, base=base, num_samples=num_samples, draft_lengths=_lengths(draft_lengths),
                          drafters=_drafters(drafters), labels=labels, seed=opt.seed_value(seed), batch_size=batch_size,
                          threads=threads, device=device, num_heads=num_heads, weights=weights)
 
 
 def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats, batch, threads,
-            device, seed, auto, json_out, markdown, num_heads, weights, progress) -> None:
+            device, seed, auto, json_out, markdown, num_heads, weights, progress, reruns=2) -> None:
     """--mode latency | throughput: parse, run ``specdit.latency.run_timing_bench``, render. ``progress``: a line
     per finished repeat (no live bar: its redraws would share the cores with the timed runs)."""
     from rich.console import Console
@@ -213,6 +217,7 @@ def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_le
     base = opt.sampler_config(steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, precision=precision)
     plan = BenchPlan(model, base, list(_drafters(drafters)), lengths, _mode(mode), repeats, batch, threads,
                      str(resolve_device(device)), opt.seed_value(seed), auto,
+                     reruns_per_repeat=reruns,
                      load_options={k: v for k, v in (("num_heads", num_heads), ("weights", weights)) if v is not None}
                      ).check()
     console, notes = Console(width=max(Console().width, 140)), Console(stderr=True)  # progress notes: stderr

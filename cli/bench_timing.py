@@ -20,10 +20,12 @@ def contention_line(report: dict) -> str:
     if not report.get("reruns"):
         return "contention: none detected (every run within 10% of its variant's median per unit of work)"
     first = ", ".join(f"{name} {_f(v['speedup'])}x" for name, v in report.get("first_pass", {}).items())
+    cap_n = report.get("reruns_per_repeat", 2)
+    times = {1: "once", 2: "twice"}.get(cap_n, f"{cap_n} times")
     cap = ("cap reached: contention outlasted the reruns" if report.get("reruns_exhausted")
            else "cap not reached: every repeat ended within tolerance")
     return (f"contention: {len(report['reruns'])} rerun(s) of a whole repeat (a run > 10% off its variant's median; "
-            f"every variant again on the same chains, at most twice per repeat; {cap}). The table uses the final "
+            f"every variant again on the same chains, at most {times} per repeat; {cap}). The table uses the final "
             "runs" + (f"; before any rerun the speed-ups were: {first} (for comparison only)" if first else ""))
 
 

@@ -457,6 +457,8 @@ class BenchPlan:
             raise ValueError(f"the throughput batch must be >= 1, got {self.batch}")
         if any(L < 1 for L in self.lengths):
             raise ValueError(f"draft lengths must be >= 1, got {self.lengths}")
+        if self.reruns_per_repeat < 0:
+            raise ValueError(f"reruns per repeat must be >= 0, got {self.reruns_per_repeat}")
         return self
 
 
@@ -511,6 +513,7 @@ def run_timing_bench(plan: BenchPlan, base=None, progress=None, on_note=None) ->
               "auto_schedule": auto_runs,
               "unstable": any(r["unstable"] for r in rows), "max_spread": MAX_SPREAD,
               "reruns": contention["reruns"], "reruns_exhausted": contention["exhausted"],
+              "reruns_per_repeat": plan.reruns_per_repeat,
               "first_pass": first_pass(contention["first_pass"], curves, plan.seed),
               "cost_curves": {f"{k[0]} t={k[1]}": {str(n): c for n, c in cv.items()} for k, cv in curves.items()}}
     torch.set_num_threads(threads)

@@ -22,6 +22,7 @@ CASES = [
     (["--mode", "latency", "--draft-lengths", "0"], "--draft-lengths", "--draft-length:"),
     (["--mode", "throughput", "--draft-lengths", "2000"], "--draft-lengths", "--draft-length:"),
     (["--mode", "latency", "--repeats", "1"], "--repeats", None),
+    (["--mode", "latency", "--reruns", "-1"], "--reruns", None),
     (["--mode", "throughput", "--throughput-batch", "0"], "--throughput-batch", None),
     (["--batch-size", "0"], "--batch-size", None),
     (["--mode", "latncy"], "--mode", None),

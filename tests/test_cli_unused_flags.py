@@ -59,8 +59,8 @@ def test_submit_warns_against_the_spec_files_sampler(tmp_path, capsys):
      ["--num-samples", "--labels", "--throughput-batch"]),
     (["--mode", "throughput", "--batch-size", "8", "--refine-noise", "coupled", "--no-progress"],
      ["--refine-noise", "--batch-size"]),  # in the options' order; --progress: a line per repeat in every mode
-    (["--repeats", "3", "--no-auto", "--throughput-batch", "4"],
-     ["--repeats", "--throughput-batch", "--auto/--no-auto"]),
+    (["--repeats", "3", "--reruns", "4", "--no-auto", "--throughput-batch", "4"],
+     ["--repeats", "--reruns", "--throughput-batch", "--auto/--no-auto"]),
     (["--mode", "latency", "--repeats", "3", "--seed", "1"], []),  # defaults and options the mode reads: silent
 ])
 def test_bench_warns_on_options_its_mode_ignores(args, warned):

@@ -170,18 +170,19 @@ def test_bench_latency_command(tmp_path, monkeypatch):
     out = tmp_path / "new-folder" / "lat.json"  # made when the JSON is written
     res = CliRunner().invoke(app, ["bench", "--mode", "latency", "--model", "gmm-2d", "--steps", "5", "--drafters",
                                    "perturbed:1", "--draft-lengths", "2", "--repeats", "2", "--threads", "1",
-                                   "--json", str(out)])
+                                   "--reruns", "3", "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert "speed-up" in res.output and "predicted" in res.output
     text = " ".join(res.output.split())  # rich wraps long lines
     assert "repeat 1 of 2 done" in text and "repeat 2 of 2 done" in text  # a line per repeat
     assert "contention:" in text and "stops paying at batch" in text and "(c(1) + p)" in text
-    assert "(range of 2)" in text  # two ratios give a range, not a 95% interval
+    # two ratios give a range, not a 95% interval (unless this tiny run met contention: every row withheld)
+    assert "(range of 2)" in text or json.loads(out.read_text())["unstable"]
     rep = json.loads(out.read_text())
     assert {"torch", "cpu", "threads", "load_average"} <= set(rep["environment"])
     names = [r["variant"] for r in rep["rows"]]
     assert names[0] == "ddpm t=1" and "spec perturbed:1 L=2" in names and "auto" in names
-    assert all(r["repeats"] == 2 for r in rep["rows"])
+    assert all(r["repeats"] == 2 for r in rep["rows"]) and rep["reruns_per_repeat"] == 3
     bad = CliRunner().invoke(app, ["bench", "--mode", "latncy", "--model", "gmm-2d"])
     assert bad.exit_code == 2 and "latency" in bad.output
 
@@ -320,6 +321,17 @@ def test_precision_cost_script_times_both_precisions(capsys):
         assert e.value.code == 2
 
 
+def test_cells_name_two_ratios_a_range_and_withhold_unstable_rows():
+    from cli.bench_timing import cells
+
+    row = {"variant": "auto", "threads": 2, "latency_median_s": 1.2, "latency_p95_s": 1.3, "speedup": 1.5,
+           "speedup_ci95": [1.4, 1.6], "predicted_speedup": 1.55, "parallel_efficiency": 4.0, "spread": 0.1,
+           "unstable": False, "reference": False, "repeats": 2}
+    assert cells(row, "latency")[4:6] == ["1.50x", "1.40-1.60 (range of 2)"]
+    assert cells(row | {"repeats": 8}, "latency")[5] == "1.40-1.60"
+    assert cells(row | {"unstable": True}, "latency")[4:6] == ["unstable", "-"]
+
+
 def test_contention_line_says_what_the_reruns_did():
     from cli.bench_timing import break_even_line, contention_line
 
@@ -329,6 +341,8 @@ def test_contention_line_says_what_the_reruns_did():
     line = contention_line(rep)
     assert "1 rerun(s)" in line and "cap not reached" in line and "auto 1.52x" in line and "final runs" in line
     assert "cap reached" in contention_line(rep | {"reruns_exhausted": True})
+    assert "at most twice per repeat" in line  # a report without the field: the default cap
+    assert "at most 5 times per repeat" in contention_line(rep | {"reruns_per_repeat": 5})
     assert "for spec x0 L=4" in break_even_line({"batch": 32, "variant": "spec x0 L=4", "note": "n"})
     assert "> 4096 or unknown" in break_even_line({"batch": None, "note": "no fixed-L speculative variant"})
 
@@ -336,6 +350,7 @@ def test_contention_line_says_what_the_reruns_did():
 @pytest.mark.parametrize("args,message", [
     (["--repeats", "1"], "--repeats must be >= 2"),
     (["--threads", "0"], "--threads >= 1"),
+    (["--reruns", "-1"], "--reruns >= 0"),
     (["--draft-lengths", "2,x"], "--draft-lengths '2,x'"),
     (["--draft-lengths", "0"], "draft length"),
     (["--precision", "fp16"], "precision"),

@@ -43,3 +43,14 @@ def test_bad_options_are_one_line_usage_errors(bad, capsys):
     with pytest.raises(SystemExit) as e:
         _module().main(["--drafter", "x0", *bad])
     assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_json_into_a_missing_folder_is_made(tmp_path):
+    """--json into a folder that does not exist yet: the folder is made and the rows written (before: a
+    FileNotFoundError traceback after the whole run)."""
+    import json
+
+    out = tmp_path / "new" / "deeper" / "profile.json"
+    rows = _module().main(["--model", "gmm-2d", "--steps", "4", "--cfg-scale", "1", "--drafter", "perturbed:1",
+                           "--draft-length", "2", "--seeds", "1", "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
