@@ -227,3 +227,22 @@ def test_generate_on_cpu_device_equals_the_default(tmp_path):
     assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
     with np.load(tmp_path / "a.npz") as fa, np.load(tmp_path / "b.npz") as fb:
         assert np.array_equal(fa["samples"], fb["samples"])
+
+
+def test_whole_batch_context_is_the_gathered_one(gmm2d):
+    """``Chains.context(..., whole=True)`` (every chain in order: the chains' own tensors, no gathers) equals
+    the context gathered by rows 0..B-1, mid-run (after some rounds, some chains done); negative control: a
+    permuted row order gives another context."""
+    from specdit.samplers.chains import Chains
+    from specdit.samplers.rounds import LocalRounds, RoundRule, run_rounds
+
+    schedule, seeds, d = Schedule.create(10, 1.0), sample_seed(5, torch.arange(4)), make_drafter("x0", gmm2d)
+    streams = NoiseStreams(seeds)
+    chains = Chains.start(streams, gmm2d.sample_shape, schedule.num_steps)
+    local = LocalRounds(gmm2d, d, schedule, streams, 3)
+    run_rounds(chains, local, streams, None, RoundRule(schedule, "block"), groups=[torch.arange(2)])  # 2 chains done
+    y, rows = torch.tensor([1, 0, 1, 0]), torch.arange(4)
+    whole, gathered = chains.context(rows, y, whole=True), chains.context(rows, y)
+    for name in ("x", "k", "y", "last_eps", "has_last", "last_x0"):
+        assert torch.equal(getattr(whole, name), getattr(gathered, name)), name
+    assert not torch.equal(chains.context(rows.flip(0), y).x, whole.x)

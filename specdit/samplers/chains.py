@@ -75,8 +75,13 @@ class Chains:
             return (self.k > 0).nonzero().squeeze(1)
         return rows[self.k[rows] > 0]
 
-    def context(self, rows: torch.Tensor, y: torch.Tensor | None) -> DraftContext:
-        """The drafter's view of chains ``rows`` at the start of their round."""
+    def context(self, rows: torch.Tensor, y: torch.Tensor | None, *, whole: bool = False) -> DraftContext:
+        """The drafter's view of chains ``rows`` at the start of their round. ``whole``: the rows are every
+        chain, 0..B-1 in order (the chains' own tensors, no gathers; ``advance`` replaces them, never writes
+        into them, except ``has_last``, which a finished round no longer reads)."""
+        if whole:
+            return DraftContext(x=self.x, k=self.k, y=y, last_eps=self.last_eps, last_features=self.last_feats,
+                                has_last=self.has_last, last_x0=self.last_x0)
         return DraftContext(
             x=self.x[rows], k=self.k[rows], y=None if y is None else y[rows], last_eps=self.last_eps[rows],
             last_features=None if self.last_feats is None else self.last_feats[rows], has_last=self.has_last[rows],

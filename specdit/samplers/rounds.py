@@ -124,7 +124,8 @@ def run_rounds(chains: Chains, executor: RoundExecutor, streams: NoiseStreams, y
             g = waiting.popleft()
             rows = chains.active(parts[g])
             if rows.numel():
-                r = _Round(g, rows, chains.context(rows, y), whole=groups is None and rows.numel() == len(streams))
+                whole = groups is None and rows.numel() == len(streams)
+                r = _Round(g, rows, chains.context(rows, y, whole=whole), whole=whole)
                 pending[submit(executor.propose, rows, r.ctx)] = r
         done = {f for f in pending if f.done()}  # an in-process executor's futures are done already
         if not done:
@@ -147,7 +148,7 @@ def _finish(chains: Chains, streams: NoiseStreams, rule: RoundRule, r: _Round, f
         scores = fut.result()
     except NonFiniteTargetError as e:  # name the chain by its row in the batch
         raise NonFiniteTargetError(e.step, e.timestep, int(r.rows[e.sample])) from None
-    verdict = verify(rule.schedule, streams.subset(r.rows), r.ctx.k, r.draft, scores,
+    verdict = verify(rule.schedule, streams if r.whole else streams.subset(r.rows), r.ctx.k, r.draft, scores,
                      verification=rule.verification, relax=rule.relax, relax_scale=rule.relax_scale)
     chains.advance(r.rows, r.ctx.k, verdict, scores, r.draft, whole=r.whole)
     return int(verdict.steps.sum())
