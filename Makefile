@@ -18,7 +18,7 @@ run: $(STAMP)
 		--verify block --draft-length auto --cfg-scale 1.5 --steps 250 --num-samples 16 --batch-size 1 --out outputs/run
 
 latency: $(STAMP)  ## latency and throughput tables, ddpm at 1..all cores (quiet machine, ~45 min): docs/latency/
-	$(BIN)/python benchmarks/latency_tables.py --out docs/latency
+	$(BIN)/python benchmarks/latency_tables.py --reruns 8 --out docs/latency
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
