@@ -18,6 +18,9 @@ def contention_line(report: dict) -> str:
     """What the reruns did: how many repeats were rerun whole, whether the cap was reached, and the
     speed-ups of the first pass (before any rerun) beside the table's."""
     if not report.get("reruns"):
+        if report.get("reruns_exhausted"):  # --reruns 0: detected, never rerun
+            return ("contention: detected (a run > 10% off its variant's median per unit of work), not rerun "
+                    "(--reruns 0); the table uses the first pass")
         return "contention: none detected (every run within 10% of its variant's median per unit of work)"
     first = ", ".join(f"{name} {_f(v['speedup'])}x" for name, v in report.get("first_pass", {}).items())
     cap_n = report.get("reruns_per_repeat", 2)

@@ -336,6 +336,8 @@ def test_contention_line_says_what_the_reruns_did():
     from cli.bench_timing import break_even_line, contention_line
 
     assert contention_line({"reruns": []}).startswith("contention: none detected")
+    zero = contention_line({"reruns": [], "reruns_exhausted": True, "reruns_per_repeat": 0})  # --reruns 0
+    assert zero.startswith("contention: detected") and "not rerun (--reruns 0)" in zero
     rep = {"reruns": [{"repeat": 3}], "reruns_exhausted": False,
            "first_pass": {"auto": {"speedup": 1.52}, "spec x0 L=4": {"speedup": 1.31}}}
     line = contention_line(rep)
