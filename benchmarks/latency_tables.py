@@ -2,8 +2,8 @@
 each with the cost model's predicted speed-up beside the measured one, the batch-cost curve with the
 speed-up limit (a plot), and where a round's time goes (the profile: ddpm, every L and auto). Run it on a
 QUIET machine (``uptime`` load well below 1 on 2 cores); a repeat with a run more than 10% from its variant's
-median (per unit of work) is rerun whole on the same chains (at most ``--reruns`` times), and a variant whose repeats still
-spread by more than 20% is flagged and its speed-ups withheld.
+median (per unit of work) is rerun whole on the same chains (at most ``--reruns`` times), and a variant whose
+repeats still spread by more than 20% is flagged and its speed-ups withheld.
 
     .venv/bin/python benchmarks/latency_tables.py --out docs/latency        # ~45 min on 2 cores
     .venv/bin/python benchmarks/latency_tables.py --steps 20 --repeats 2 --out /tmp/lat   # smoke run
@@ -26,6 +26,7 @@ from cli.bench_timing import LATENCY_COLS, THROUGHPUT_COLS, break_even_line, cel
 from cli.common import one_line_warnings  # noqa: E402
 from specdit.config import SamplerConfig  # noqa: E402
 from specdit.latency import BenchPlan, run_timing_bench  # noqa: E402
+from specdit.stability import RERUNS_PER_REPEAT  # noqa: E402
 
 
 def markdown(report: dict) -> str:
@@ -87,7 +88,7 @@ def main(argv=None) -> None:
     ap.add_argument("--drafter", default="x0", help="drafter of the speculative variants")
     ap.add_argument("--draft-lengths", default="2,4,6,8", help="comma-separated fixed draft lengths L")
     ap.add_argument("--repeats", type=int, default=8, help="latency seeds (throughput: a third of it, >= 2)")
-    ap.add_argument("--reruns", type=int, default=2,
+    ap.add_argument("--reruns", type=int, default=RERUNS_PER_REPEAT,
                     help="a contended repeat is rerun whole at most this often (0: never)")
     ap.add_argument("--precision", default="fp32", help="fp32 or bf16 (the networks)")
     ap.add_argument("--threads", type=int, default=None,

@@ -8,6 +8,7 @@ import typer
 
 from cli import options as opt
 from cli.common import check_output_file, one_line_warnings, step_progress, user_errors
+from specdit.stability import RERUNS_PER_REPEAT
 
 
 def _fmt(v, spec=".3f"):
@@ -96,8 +97,8 @@ MODE = typer.Option("table", "--mode", help="table: rounds, acceptance, speed-up
                     "truth per variant | latency: batch 1, chains one at a time, paired per seed, with the cost "
                     "model's predicted speed-up | throughput: samples/s at --throughput-batch, likewise.")
 REPEATS = typer.Option(8, "--repeats", min=2, help="latency: seeds; throughput: repeats (paired, order rotated).")
-RERUNS = typer.Option(2, "--reruns", min=0, help="latency/throughput: a contended repeat (a run > 10% off its "
-                      "variant's median per unit of work) is rerun whole at most this often (0: never).")
+RERUNS = typer.Option(RERUNS_PER_REPEAT, "--reruns", min=0, help="latency/throughput: a contended repeat (a run "
+                      "> 10% off its variant's median per unit of work) is rerun whole at most this often (0: never).")
 THROUGHPUT_BATCH = typer.Option(64, "--throughput-batch", min=1, help="Batch of --mode throughput.")
 AUTO = typer.Option(True, "--auto/--no-auto", help="latency/throughput: add the --draft-length auto variant "
                     "(calibrates first if no calibration is stored).")
@@ -201,7 +202,7 @@ def _table_settings(model, base, num_samples, draft_lengths, drafters, labels, s
 
 
 def _timing(model, steps, cfg_scale, cfg_channels, precision, drafters, draft_lengths, mode, repeats, batch, threads,
-            device, seed, auto, json_out, markdown, num_heads, weights, progress, reruns=2) -> None:
+            device, seed, auto, json_out, markdown, num_heads, weights, progress, reruns) -> None:
     """--mode latency | throughput: parse, run ``specdit.latency.run_timing_bench``, render. ``progress``: a line
     per finished repeat (no live bar: its redraws would share the cores with the timed runs)."""
     from rich.console import Console

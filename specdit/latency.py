@@ -30,7 +30,7 @@ import torch
 from specdit.config import SamplerConfig
 from specdit.costmodel import CostModel, break_even_batch, measure_call_costs, monotone, round_robin_seconds
 from specdit.noise import NoiseStreams, sample_seed
-from specdit.stability import MAX_SPREAD, spread
+from specdit.stability import MAX_SPREAD, RERUNS_PER_REPEAT, spread
 from specdit.timing import Stopwatch, TimedDrafter, TimedModel
 
 BOOTSTRAP = 2000
@@ -443,7 +443,7 @@ class BenchPlan:
     device: str = "cpu"
     seed: int = 0
     auto: bool = True
-    reruns_per_repeat: int = 2  # a contended repeat is rerun whole at most this often (0: never)
+    reruns_per_repeat: int = RERUNS_PER_REPEAT  # a contended repeat is rerun whole at most this often (0: never)
     load_options: dict = field(default_factory=dict)  # load_model options (num_heads, weights)
 
     def check(self) -> "BenchPlan":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 
 MAX_SPREAD = 0.20
+RERUNS_PER_REPEAT = 2  # default cap on whole-repeat reruns of a contended repeat (``--reruns``)
 
 
 def spread(values: list[float]) -> float:
