@@ -35,7 +35,8 @@ def markdown(report: dict) -> str:
     head = (f"{report['model']}, {report['mode']} at batch {report['batch']}, {report['steps']} steps, cfg "
             f"{report['cfg_scale']}, {report['precision']}; torch {env['torch']}, {env['cpu']}, {env['cores']} cores, "
             f"load {env['load_average'][0]:.2f} -> {report['load_average_after'][0]:.2f}"
-            + (f"; {len(report['reruns'])} contended repeat(s) rerun" if report.get("reruns") else "")
+            + (f"; {len(report['reruns'])} rerun(s) of {len({r['repeat'] for r in report['reruns']})} contended "
+               "repeat(s)" if report.get("reruns") else "")
             + ("; UNSTABLE (spread > 20%): rerun quiet" if report["unstable"] else ""))
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cells(r, report["mode"])) + " |" for r in report["rows"]]

@@ -308,6 +308,16 @@ def test_make_latency_script_at_a_tiny_size(tmp_path, monkeypatch, capsys):
     assert "calibrating now" in capsys.readouterr().err  # no stored calibration: said when it starts
 
 
+def test_make_latency_tables_header_counts_repeats_not_reruns():
+    """One repeat rerun three times is "3 rerun(s) of 1 contended repeat(s)" (before: "3 contended repeat(s)")."""
+    mod = _benchmark_script("latency_tables")
+    rep = {"mode": "latency", "model": "m", "batch": 1, "steps": 5, "cfg_scale": 1.0, "precision": "fp32",
+           "environment": {"torch": "t", "cpu": "c", "cores": 2, "load_average": [0.1]}, "load_average_after": [0.2],
+           "reruns": [{"repeat": 0}, {"repeat": 0}, {"repeat": 0}, {"repeat": 2}], "reruns_exhausted": True,
+           "reruns_per_repeat": 3, "unstable": False, "rows": [], "auto": None, "break_even": {"batch": None}}
+    assert "; 4 rerun(s) of 2 contended repeat(s)" in mod.markdown(rep).splitlines()[0]
+
+
 def test_precision_cost_script_times_both_precisions(capsys):
     """benchmarks/precision_cost.py at a tiny size: c(n) for fp32 and bf16 at every size, the table printed;
     a bad --sizes is a usage error (exit 2)."""
