@@ -65,6 +65,25 @@ def q(redis_env):
     return JobQueue(client, Keys(prefix), heartbeat_timeout=2.0)
 
 
+def _freeze_mid_shard(proc, log, q, job_id) -> str:
+    """SIGSTOP the worker as soon as it starts a shard after its first (the first also loads the model) and
+    return that shard, frozen unfinished. A shard that finished before the stop (a fast machine) is passed
+    over: the worker resumes and the next start is tried, so the precondition holds without a timed sleep."""
+    seen = 1
+    while True:
+        def next_start():
+            starts = re.findall(r"shard (\d+) \[\d+, \d+\) attempt", log.read_text() if log.exists() else "")
+            return starts[seen] if len(starts) > seen else None
+
+        shard = wait_for(next_start, 90, interval=0.01, what=f"worker 1 to start its shard number {seen + 1}")
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.05)  # a write the worker sent before the stop reaches Redis first
+        if not q.r.hexists(q.keys.done(job_id), shard):
+            return shard
+        proc.send_signal(signal.SIGCONT)
+        seen += 1
+
+
 def test_sigkill_mid_shard_two_workers_bit_identical(q, tmp_path):
     engine, model = choose_engine()
     extra = {"SPECDIT_SYNTHETIC_COST": "0.004"} if engine == "synthetic" else {}
@@ -76,14 +95,7 @@ def test_sigkill_mid_shard_two_workers_bit_identical(q, tmp_path):
     args = ("--engine", engine, "--heartbeat-timeout", "2", "--max-idle", "6", "--poll-interval", "0.05")
     procs = [spawn_worker(*args, redis_url=URL, prefix=q.keys.prefix, log_path=p, **extra) for p in logs]
     try:
-        # Kill worker 1 while it samples its second shard (the first one also loads the model).
-        def second_shard():
-            starts = re.findall(r"shard (\d+) \[\d+, \d+\) attempt", logs[0].read_text() if logs[0].exists() else "")
-            return starts[1] if len(starts) > 1 else None
-
-        victim = wait_for(second_shard, 90, interval=0.02, what="worker 1 to start its second shard")
-        time.sleep(0.15)
-        assert not q.r.hexists(q.keys.done(spec.job_id), victim), "shard finished before the kill; too fast"
+        victim = _freeze_mid_shard(procs[0], logs[0], q, spec.job_id)
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait(timeout=10)
         assert procs[0].returncode == -signal.SIGKILL
