@@ -242,6 +242,12 @@ class NoiseStreams:
         return wide.normal(purpose, *ws, j, shape=shape).view(B, n, *shape)
 
 
+    def draft_noise(self, k: torch.Tensor, positions: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """(B, positions, *shape) float64: a speculative round's draft noise z_1..z_positions for rounds started at
+        state indices ``k`` (B,) (``Purpose.DRAFT``, keyed by k and the position j)."""
+        return self.normal_positions(Purpose.DRAFT, k, positions=positions, shape=shape)
+
+
 def _box_muller(u: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """(N, 2 h) float64 uniforms, h = ceil(prod(shape) / 2) -> (N, *shape) standard normals (Box-Muller on the
     counter pairs (2i - 1, 2i); the last normal of an odd count is dropped)."""

@@ -1,6 +1,6 @@
 """Issue 24's overhead cuts keep the sampler's outputs: the Newton residual sampler against the bisection it
 replaced (to float64 accuracy, with a negative control), log Phi in Python floats against mpmath and scipy,
-and the profile command's split of a round."""
+the profile command's split of a round, and x0_hat scored only for a drafter that reads it."""
 import math
 
 import torch
@@ -290,3 +290,28 @@ def test_log1mexp_outside_its_domain_is_nan_not_an_error():
     where math.expm1 would raise OverflowError."""
     assert all(math.isnan(residual.log1mexp(x)) for x in (0.5, 709.0, 710.0, 1e300, math.inf))
     assert residual.log1mexp(0.0) == -math.inf and residual.log1mexp(-math.inf) == 0.0
+
+
+def test_x0_hat_is_scored_only_for_a_drafter_that_reads_it(gmm2d):
+    """The frozen-x0 drafter reads the target's x0_hat; the others declare they do not, a wrapper that forwards
+    attributes keeps the declaration, and a drafter that declares nothing gets x0_hat (the safe default)."""
+    from specdit.api import make_drafter
+    from specdit.drafters.base import reads_last_x0
+    from specdit.noise import NoiseStreams, sample_seed
+    from specdit.samplers.chains import Chains
+    from specdit.samplers.rounds import LocalRounds
+    from specdit.schedule import Schedule
+    from specdit.testing.round_harness import NonFiniteDrafter
+    from specdit.timing import Stopwatch, TimedDrafter
+
+    free, x0 = make_drafter("free", gmm2d), make_drafter("x0", gmm2d)
+    assert not reads_last_x0(free) and not reads_last_x0(make_drafter("perturbed:1", gmm2d))
+    assert reads_last_x0(x0) and reads_last_x0(TimedDrafter(x0, Stopwatch()))
+    assert not reads_last_x0(TimedDrafter(free, Stopwatch()))
+    assert reads_last_x0(NonFiniteDrafter(free, lambda x, t: x[:, 0] > 1e9, float("nan")))  # declares nothing
+    schedule, streams, rows = Schedule.create(10, 1.0), NoiseStreams(sample_seed(1, torch.arange(2))), torch.arange(2)
+    for drafter, scored in ((free, False), (x0, True)):
+        rounds = LocalRounds(gmm2d, drafter, schedule, streams, 2)
+        ctx = Chains.start(streams, gmm2d.sample_shape, 10).context(rows, None, whole=True)
+        scores = rounds.score(rounds.propose(rows, ctx).for_scoring(), ctx)
+        assert (scores.x0 is not None) == scored

@@ -47,10 +47,25 @@ class Calibrated(Protocol):
     trained_sample_steps: int | None
 
 
+@runtime_checkable
+class DeclaresX0Use(Protocol):
+    """A drafter that says whether it reads ``DraftContext.last_x0`` (the target's x0_hat). A round computes
+    x0_hat for its context unless the drafter declares ``reads_last_x0 = False`` (a wrapper that does not
+    forward the attribute keeps the safe default: computed)."""
+
+    reads_last_x0: bool
+
+
+def reads_last_x0(drafter: Any) -> bool:
+    """Whether rounds must give ``drafter`` the target's x0_hat (``DeclaresX0Use``; True when undeclared)."""
+    return not isinstance(drafter, DeclaresX0Use) or bool(drafter.reads_last_x0)
+
+
 class ModelDrafter:
     """Any (cheaper or perturbed) eps model used as a drafter: eps_hat_j = drafter_model(xh_{j-1}, t_j, y)."""
 
     cost = 1
+    reads_last_x0 = False
 
     def __init__(self, model: EpsModel):
         self.model = model

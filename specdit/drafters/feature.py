@@ -102,6 +102,7 @@ class FeatureDrafter:
     network and the target are frozen, as the sampler uses them."""
 
     cost = 1
+    reads_last_x0 = False
     cache_size = 4096  # distinct (t, y) batches kept; cleared when full
     relax_calibration = None  # specdit.relaxation.RelaxCalibration stored beside the weights, if any
     trained_sample_steps: int | None = None  # the sampling steps it was trained on (config.json)

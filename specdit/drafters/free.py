@@ -24,6 +24,7 @@ def latest_target_eps(ctx: DraftContext) -> torch.Tensor:
 
 class FreeDrafter:
     cost = 0
+    reads_last_x0 = False
 
     def start(self, ctx: DraftContext) -> torch.Tensor:
         return latest_target_eps(ctx)  # (B, *shape)

@@ -32,6 +32,7 @@ class FrozenX0Drafter:
     product), i.e. ``training_schedule_of(target)``."""
 
     cost = 0
+    reads_last_x0 = True
 
     def __init__(self, training: TrainingSchedule):
         abar = alphas_cumprod_of(training)  # (T,) float64, abar_t for t = 0..T-1

@@ -24,6 +24,7 @@ from specdit.drafters.free import latest_target_eps
 from specdit.models.base import EpsModel
 from specdit.noise import NoiseStreams, Purpose
 from specdit.samplers.common import call_model
+from specdit.samplers.draft_noise import DraftNoiseSource
 from specdit.samplers.proposals import DraftBatch, TargetScores
 from specdit.relaxation import temper as relaxed_temper
 from specdit.schedule import Schedule
@@ -76,9 +77,15 @@ def draft_lengths(draft_length: DraftLength, k: torch.Tensor) -> torch.Tensor:
     return k.clamp_max(draft_length)
 
 
-def propose(drafter: Drafter, schedule: Schedule, streams: NoiseStreams, ctx: DraftContext,
+def longest_draft(draft_length: DraftLength) -> int:
+    """The most positions any round drafts with ``draft_length`` (an int L or a (S+1,) table L(k))."""
+    return int(draft_length[1:].max()) if isinstance(draft_length, torch.Tensor) else int(draft_length)
+
+
+def propose(drafter: Drafter, schedule: Schedule, streams: DraftNoiseSource, ctx: DraftContext,
             draft_length: DraftLength) -> DraftBatch:
-    """Step 1: autoregressive drafts of L_b = min(L(k_b), k_b) positions per chain (``draft_lengths``).
+    """Step 1: autoregressive drafts of L_b = min(L(k_b), k_b) positions per chain (``draft_lengths``), with
+    the draft noise of ``streams`` (the chains' ``NoiseStreams`` or a ``draft_noise.DraftNoiseWindow``'s rows).
 
     Fallback proposal: a drafted eps that ``unusable_drafts`` flags is replaced, before z_j is drawn, by the
     chain's latest target eps (the free drafter's proposal; x itself in the first round). Both verifiers
@@ -94,7 +101,7 @@ def propose(drafter: Drafter, schedule: Schedule, streams: NoiseStreams, ctx: Dr
     Lmax = int(length.max())
     dims, shape, dev = ctx.x.dim() - 1, tuple(ctx.x.shape[1:]), ctx.x.device
     kk = (ctx.k[:, None] - torch.arange(Lmax, device=dev)[None, :]).clamp_min(1)  # (B, Lmax) index of step j
-    z = streams.normal_positions(Purpose.DRAFT, ctx.k, positions=Lmax, shape=shape)  # (B, Lmax, *shape)
+    z = streams.draft_noise(ctx.k, Lmax, shape)  # (B, Lmax, *shape)
     noise = schedule.sigma[kk].view(*kk.shape, *([1] * dims)) * z  # (B, Lmax, *shape) s_j z_j
     states, means, eps_hats = _draft(drafter, schedule, ctx, kk, noise, None)
     replaced = torch.zeros(ctx.x.shape[0], dtype=torch.int64, device=dev)
@@ -149,9 +156,11 @@ def _coefficient_columns(schedule: Schedule, kk: torch.Tensor, dims: int) -> lis
     return list(zip(a, b))
 
 
-def score(model: EpsModel, schedule: Schedule, draft: DraftBatch, y: torch.Tensor | None) -> TargetScores:
+def score(model: EpsModel, schedule: Schedule, draft: DraftBatch, y: torch.Tensor | None, *,
+          x0: bool = True) -> TargetScores:
     """Step 2: one batched target call on xh_0..xh_{L_b-1} of every chain, each at its own step
-    (``draft.step_index``); ``y`` (B,) labels or None.
+    (``draft.step_index``); ``y`` (B,) labels or None. ``x0``: also the denoised estimates x0_hat (for a
+    drafter that reads them, ``drafters.base.reads_last_x0``; else ``TargetScores.x0`` is None).
 
     Raises ``NonFiniteTargetError`` naming the step and the chain's row in this batch if the target returns
     NaN/inf (the round loop renames the row to the sample's index)."""
@@ -163,8 +172,8 @@ def score(model: EpsModel, schedule: Schedule, draft: DraftBatch, y: torch.Tenso
         eps, feats = _score_items(model, schedule, states, kk, y, length)
     flat_x, flat_e, flat_k = states[:, :Lmax].flatten(0, 1), eps.flatten(0, 1), kk.flatten()
     means = schedule.step_mean(flat_x, flat_e, flat_k)
-    x0 = schedule.predicted_x0(flat_x, flat_e, flat_k).view(eps.shape)  # for the frozen-x0 drafter
-    return TargetScores(eps, means.view(eps.shape), feats, x0)
+    x0_hat = schedule.predicted_x0(flat_x, flat_e, flat_k).view(eps.shape) if x0 else None
+    return TargetScores(eps, means.view(eps.shape), feats, x0_hat)
 
 
 def _score_all(model: EpsModel, schedule: Schedule, states: torch.Tensor, kk: torch.Tensor,

@@ -21,13 +21,14 @@ from typing import Callable, Protocol, Union
 
 import torch
 
-from specdit.drafters.base import DraftContext, Drafter
+from specdit.drafters.base import DraftContext, Drafter, reads_last_x0
 from specdit.models.base import EpsModel
 from specdit.noise import NoiseStreams
 from specdit.samplers.chains import Chains
 from specdit.samplers.common import NonFiniteTargetError
+from specdit.samplers.draft_noise import draft_noise_window
 from specdit.samplers.proposals import DraftBatch, TargetScores
-from specdit.samplers.round_steps import DraftLength, Verification, propose, score, verify
+from specdit.samplers.round_steps import DraftLength, Verification, longest_draft, propose, score, verify
 from specdit.schedule import Schedule
 
 
@@ -40,18 +41,23 @@ class RoundExecutor(Protocol):
 
 
 class LocalRounds:
-    """A :class:`RoundExecutor` running the drafter and the target in this process (values, no futures)."""
+    """A :class:`RoundExecutor` running the drafter and the target in this process (values, no futures). The
+    draft noise is prefetched for several rounds where that pays (``draft_noise.draft_noise_window``); the
+    target's x0_hat is scored only for a drafter that reads it (``drafters.base.reads_last_x0``)."""
 
     def __init__(self, model: EpsModel, drafter: Drafter, schedule: Schedule, streams: NoiseStreams,
                  draft_length: DraftLength):
         self.model, self.drafter, self.schedule, self.streams = model, drafter, schedule, streams
         self.draft_length = draft_length
+        self.window = draft_noise_window(streams, longest_draft(draft_length), tuple(model.sample_shape))
+        self.x0 = reads_last_x0(drafter)  # x0_hat scored only for a drafter that reads it
 
     def propose(self, rows: torch.Tensor, ctx: DraftContext) -> DraftBatch:
-        return propose(self.drafter, self.schedule, self.streams.subset(rows), ctx, self.draft_length)
+        noise = self.streams.subset(rows) if self.window is None else self.window.rows(rows)
+        return propose(self.drafter, self.schedule, noise, ctx, self.draft_length)
 
     def score(self, draft: DraftBatch, ctx: DraftContext) -> TargetScores:
-        return score(self.model, self.schedule, draft, ctx.y)
+        return score(self.model, self.schedule, draft, ctx.y, x0=self.x0)
 
 
 def as_future(value) -> Future:
