@@ -241,7 +241,6 @@ class NoiseStreams:
         j = torch.arange(1, n + 1, dtype=torch.int64, device=self.device).repeat(B)  # (B n,)
         return wide.normal(purpose, *ws, j, shape=shape).view(B, n, *shape)
 
-
     def draft_noise(self, k: torch.Tensor, positions: int, shape: tuple[int, ...]) -> torch.Tensor:
         """(B, positions, *shape) float64: a speculative round's draft noise z_1..z_positions for rounds started at
         state indices ``k`` (B,) (``Purpose.DRAFT``, keyed by k and the position j)."""

@@ -159,6 +159,8 @@ class Schedule:
     x0_o: torch.Tensor = field(repr=False, default=None)  # type: ignore[assignment]
     post_x: torch.Tensor = field(repr=False, default=None)  # type: ignore[assignment]
     post_0: torch.Tensor = field(repr=False, default=None)  # type: ignore[assignment]
+    # (S+1, 4) columns coef_x, coef_e, x0_x, x0_o: the mean and x0 of a step gathered in one operation.
+    linear: torch.Tensor = field(repr=False, default=None)  # type: ignore[assignment]
 
     @staticmethod
     def create(num_steps: int = 250, eta: float = 1.0, train_steps: int = TRAIN_STEPS,
@@ -233,6 +235,17 @@ class Schedule:
             return self.post_x.to(x.device)[k].view(shape) * x.double() + self.post_0.to(x.device)[k].view(shape) * x0
         return coefs[0].view(shape) * x.double() + coefs[1].view(shape) * eps.double()
 
+    def step_mean_and_x0(self, x: torch.Tensor, out: torch.Tensor,
+                         k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``step_mean(x, out, k)``, ``predicted_x0(x, out, k)``), the same floats, with the coefficients of
+        both gathered in one operation where the schedule does not clip (x, out: (N, *shape); k: (N,))."""
+        if self.clips:
+            return self.step_mean(x, out, k), self.predicted_x0(x, out, k)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        a, b, c, d = self.linear.to(x.device)[k].unbind(1)  # (N,) each: coef_x, coef_e, x0_x, x0_o
+        x, out = x.double(), out.double()
+        return a.view(shape) * x + b.view(shape) * out, c.view(shape) * x + d.view(shape) * out
+
     def predicted_x0(self, x: torch.Tensor, out: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """x0 predicted at state index k (N,) from x and the model output (N, *shape), float64, clipped or
         thresholded as the training schedule says (diffusers' ``_threshold_sample``: per-item quantile)."""
@@ -269,7 +282,7 @@ class Schedule:
         return mean, std
 
 
-_TENSOR_FIELDS = ("timesteps", "abar", "sigma", "coef_x", "coef_e", "x0_x", "x0_o", "post_x", "post_0")
+_TENSOR_FIELDS = ("timesteps", "abar", "sigma", "coef_x", "coef_e", "x0_x", "x0_o", "post_x", "post_0", "linear")
 
 
 def _kernel_coefficients(abar: torch.Tensor, sigma: torch.Tensor, prediction: str) -> dict[str, torch.Tensor]:
@@ -299,4 +312,4 @@ def _kernel_coefficients(abar: torch.Tensor, sigma: torch.Tensor, prediction: st
     out = dict(coef_x=coef_x, coef_e=coef_e, x0_x=x0_x, x0_o=x0_o, post_x=post_x, post_0=post_0)
     for v in out.values():
         v[0] = float("nan")  # no step leaves x_0
-    return out
+    return {**out, "linear": torch.stack([coef_x, coef_e, x0_x, x0_o], dim=1)}

@@ -29,9 +29,10 @@ def _walk(window: DraftNoiseWindow, streams: NoiseStreams, rows: list[int], k0: 
         k = k - torch.randint(1, 4, (len(rows),), generator=g)
 
 
+@pytest.mark.parametrize("logged", [False, True])  # numpy path; torch path (what an accelerator runs)
 @pytest.mark.parametrize("rows,starts", [([0], 8), ([0, 1, 2], 8), ([2, 0], 5), ([1], 64)])
-def test_the_window_hands_each_round_the_noise_it_would_draw(rows, starts):
-    streams = NoiseStreams(sample_seed(4, torch.arange(3)))
+def test_the_window_hands_each_round_the_noise_it_would_draw(rows, starts, logged):
+    streams = NoiseStreams(sample_seed(4, torch.arange(3)), log=DrawLog() if logged else None)
     window = DraftNoiseWindow(streams, 3, SHAPE, starts)
     seen = 0
     for mine, direct in _walk(window, streams, rows, 40, seed=len(rows) + starts):
@@ -50,13 +51,24 @@ def test_negative_control_the_neighbouring_start_or_chain_differs():
 
 
 def test_each_key_is_drawn_once_even_at_the_bottom_of_the_chain():
-    """Windows never overlap and starts below 1 are not drawn: the draw log sees no key twice."""
+    """Windows never overlap and starts below 1 are not drawn: the draw log sees no key twice, and no key
+    of a round start below 1."""
     log = DrawLog()
     streams = NoiseStreams(sample_seed(4, torch.arange(1)), log=log)
     window = DraftNoiseWindow(streams, 2, SHAPE, 8)
     for _ in _walk(window, NoiseStreams(streams.seeds), [0], 30, seed=1):
         pass
-    assert log.collisions() == [] and {d.words for d in log.draws()} >= {(k, j) for k in (1, 2) for j in (1, 2)}
+    words = {d.words for d in log.draws()}
+    assert log.collisions() == [] and words >= {(k, j) for k in (1, 2) for j in (1, 2)}
+    assert min(k for k, _ in words) == 1
+
+
+def test_a_request_the_window_cannot_serve_is_refused():
+    window = DraftNoiseWindow(NoiseStreams(sample_seed(4, torch.arange(1))), 2, SHAPE, 8)
+    rows = window.rows(torch.tensor([0]))
+    for k, positions, shape in ((5, 3, SHAPE), (0, 1, SHAPE), (5, 2, (1, 2, 8))):
+        with pytest.raises(ValueError, match="cannot serve"):
+            rows.draft_noise(torch.tensor([k]), positions, shape)
 
 
 @pytest.mark.parametrize("batch,longest,shape,made", [
@@ -66,19 +78,24 @@ def test_each_key_is_drawn_once_even_at_the_bottom_of_the_chain():
     (1, 2, (4, 128, 128), False),  # large samples: fewer than 8 starts fit in the size bound
 ])
 def test_a_window_is_made_only_where_it_pays(batch, longest, shape, made):
-    window = draft_noise_window(NoiseStreams(sample_seed(0, torch.arange(batch))), longest, shape)
+    seeds = sample_seed(0, torch.arange(batch))
+    window = draft_noise_window(NoiseStreams(seeds), longest, shape)
     assert (window is not None) == made
+    assert draft_noise_window(NoiseStreams(seeds, device="meta"), longest, shape) is None  # CPU only
     if made:
         assert 8 <= window.starts <= 64 and window.z.numel() <= draft_noise.WINDOW_MAX_NORMALS
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_whole_chains_sample_the_same_with_and_without_the_window(gmm2d, monkeypatch, batch):
+TABLE = torch.tensor([0] + [1, 3, 2] * 10)  # a per-timestep schedule L(k), k = 1..30
+
+
+@pytest.mark.parametrize("batch,length", [(1, 2), (3, 2), (2, TABLE)])
+def test_whole_chains_sample_the_same_with_and_without_the_window(gmm2d, monkeypatch, batch, length):
     schedule, seeds = Schedule.create(30, 1.0), sample_seed(9, torch.arange(batch))
     drafter = make_drafter("perturbed:1", gmm2d)
 
     def run():
-        return sample_speculative(gmm2d, drafter, schedule, NoiseStreams(seeds), draft_length=2)
+        return sample_speculative(gmm2d, drafter, schedule, NoiseStreams(seeds), draft_length=length)
 
     made = []
     monkeypatch.setattr("specdit.samplers.rounds.draft_noise_window",
@@ -89,4 +106,3 @@ def test_whole_chains_sample_the_same_with_and_without_the_window(gmm2d, monkeyp
     without, ref_stats = run()
     assert torch.equal(with_window, without)
     assert torch.equal(stats.accepted, ref_stats.accepted) and int(stats.rounds.sum()) > 30 // 2
-

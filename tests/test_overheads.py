@@ -1,6 +1,7 @@
 """Issue 24's overhead cuts keep the sampler's outputs: the Newton residual sampler against the bisection it
 replaced (to float64 accuracy, with a negative control), log Phi in Python floats against mpmath and scipy,
-the profile command's split of a round, and x0_hat scored only for a drafter that reads it."""
+the profile command's split of a round, x0_hat scored only for a drafter that reads it, and a step's mean and
+x0_hat from one gather."""
 import math
 
 import torch
@@ -315,3 +316,20 @@ def test_x0_hat_is_scored_only_for_a_drafter_that_reads_it(gmm2d):
         ctx = Chains.start(streams, gmm2d.sample_shape, 10).context(rows, None, whole=True)
         scores = rounds.score(rounds.propose(rows, ctx).for_scoring(), ctx)
         assert (scores.x0 is not None) == scored
+
+
+def test_the_mean_and_x0_hat_from_one_gather_are_the_separate_ones_bit_for_bit():
+    """``Schedule.step_mean_and_x0`` against ``step_mean`` and ``predicted_x0`` for every prediction type, with
+    and without clipping (which takes the separate path); the two outputs differ, so a swapped column fails."""
+    from specdit.schedule import Schedule, TrainingSchedule
+
+    g = torch.Generator().manual_seed(0)
+    x, out = (torch.randn(6, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    k = torch.tensor([1, 2, 5, 9, 10, 3])
+    for prediction in ("epsilon", "v_prediction", "sample"):
+        for clip in (False, True):
+            s = Schedule.create(10, 1.0, training=TrainingSchedule(prediction_type=prediction, clip_sample=clip))
+            mean, x0 = s.step_mean_and_x0(x, out.float() if clip else out, k)
+            assert torch.equal(mean, s.step_mean(x, out.float() if clip else out, k))
+            assert torch.equal(x0, s.predicted_x0(x, out.float() if clip else out, k))
+            assert not torch.equal(mean, x0)

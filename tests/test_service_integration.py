@@ -23,6 +23,7 @@ from cluster.keys import Keys
 from cluster.queue import JobQueue
 from cluster.records import JobStatus
 from cluster.spec import spec_from_dict
+from cluster.storage import shard_path
 from cluster.testing import (choose_engine, load_job_samples, make_prefix, redis_server,
                              spawn_worker, wait_for)
 from cluster.worker import ShardWorker, WorkerOptions
@@ -65,20 +66,23 @@ def q(redis_env):
     return JobQueue(client, Keys(prefix), heartbeat_timeout=2.0)
 
 
-def _freeze_mid_shard(proc, log, q, job_id) -> str:
+def _freeze_mid_shard(proc, log, q, spec) -> str:
     """SIGSTOP the worker as soon as it starts a shard after its first (the first also loads the model) and
-    return that shard, frozen unfinished. A shard that finished before the stop (a fast machine) is passed
-    over: the worker resumes and the next start is tried, so the precondition holds without a timed sleep."""
+    return that shard, frozen before its file was written or its completion recorded. A shard that got that
+    far before the stop (a fast machine) is passed over: the worker resumes and its next start is tried, so
+    the precondition holds without guessing how long a shard takes."""
     seen = 1
     while True:
         def next_start():
-            starts = re.findall(r"shard (\d+) \[\d+, \d+\) attempt", log.read_text() if log.exists() else "")
+            assert proc.poll() is None, "worker 1 exited before a shard could be frozen unfinished"
+            starts = re.findall(r"shard (\d+) \[(\d+), (\d+)\) attempt", log.read_text() if log.exists() else "")
             return starts[seen] if len(starts) > seen else None
 
-        shard = wait_for(next_start, 90, interval=0.01, what=f"worker 1 to start its shard number {seen + 1}")
+        shard, start, stop = wait_for(next_start, 90, interval=0.01, what=f"worker 1's shard start {seen + 1}")
         proc.send_signal(signal.SIGSTOP)
-        time.sleep(0.05)  # a write the worker sent before the stop reaches Redis first
-        if not q.r.hexists(q.keys.done(job_id), shard):
+        time.sleep(0.2)  # a completion the worker sent before the stop reaches Redis first
+        written = shard_path(spec.job_dir(), int(start), int(stop)).exists()
+        if not written and not q.r.hexists(q.keys.done(spec.job_id), shard):
             return shard
         proc.send_signal(signal.SIGCONT)
         seen += 1
@@ -95,7 +99,7 @@ def test_sigkill_mid_shard_two_workers_bit_identical(q, tmp_path):
     args = ("--engine", engine, "--heartbeat-timeout", "2", "--max-idle", "6", "--poll-interval", "0.05")
     procs = [spawn_worker(*args, redis_url=URL, prefix=q.keys.prefix, log_path=p, **extra) for p in logs]
     try:
-        victim = _freeze_mid_shard(procs[0], logs[0], q, spec.job_id)
+        victim = _freeze_mid_shard(procs[0], logs[0], q, spec)
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait(timeout=10)
         assert procs[0].returncode == -signal.SIGKILL

@@ -49,9 +49,13 @@ class DraftNoiseWindow:
         """The window as the draft noise source of chains ``rows`` (R,), indices into the batch."""
         return WindowRows(self, rows.tolist())
 
-    def draw(self, rows: list[int], k: list[int], positions: int) -> torch.Tensor:
+    def draw(self, rows: list[int], k: list[int], positions: int, shape: tuple[int, ...]) -> torch.Tensor:
         """(R, positions, *shape) draft noise of chains ``rows`` for rounds started at ``k`` (R ints >= 1),
-        ``positions`` <= P; first refills the windows of chains whose round start has left theirs."""
+        ``positions`` <= P; first refills the windows of chains whose round start has left theirs. Raises
+        ValueError for a request the window cannot serve (a round past k = 0, more positions, another shape)."""
+        if positions > self.positions or min(k) < 1 or tuple(shape) != tuple(self.z.shape[3:]):
+            raise ValueError(f"a draft noise window of {self.positions} positions of shape {tuple(self.z.shape[3:])} "
+                             f"cannot serve {positions} positions of shape {tuple(shape)} at round starts {k}")
         stale = [i for i, (r, kr) in enumerate(zip(rows, k)) if not 0 <= self.top[r] - kr < self.starts]
         if stale:
             self._refill([rows[i] for i in stale], [k[i] for i in stale])
@@ -80,15 +84,18 @@ class WindowRows:
         self.window, self.row_list = window, rows
 
     def draft_noise(self, k: torch.Tensor, positions: int, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.window.draw(self.row_list, k.tolist(), positions)
+        """(R, positions, *shape) float64: ``NoiseStreams.draft_noise`` of these chains, from the window."""
+        return self.window.draw(self.row_list, k.tolist(), positions, shape)
 
 
 def draft_noise_window(streams: NoiseStreams, longest: int, shape: tuple[int, ...]) -> DraftNoiseWindow | None:
     """A window for chains ``streams`` (B,) drafting at most ``longest`` positions per round of samples of
-    ``shape``, where it pays (module docstring): ``longest`` <= ``WINDOW_MAX_POSITIONS``, B <=
-    ``WINDOW_MAX_ROWS`` and room for ``WINDOW_STARTS[0]`` starts within ``WINDOW_MAX_NORMALS``; else None
-    (each round draws its own)."""
+    ``shape``, where it pays (module docstring): chains on the CPU (where it was measured; an accelerator
+    would add host syncs per round), ``longest`` <= ``WINDOW_MAX_POSITIONS``, B <= ``WINDOW_MAX_ROWS`` and
+    room for ``WINDOW_STARTS[0]`` starts within ``WINDOW_MAX_NORMALS``; else None (each round draws its own)."""
     starts = min(WINDOW_STARTS[1], WINDOW_MAX_NORMALS // (len(streams) * longest * torch.Size(shape).numel()))
-    if longest > WINDOW_MAX_POSITIONS or len(streams) > WINDOW_MAX_ROWS or starts < WINDOW_STARTS[0]:
+    if streams.device.type != "cpu" or longest > WINDOW_MAX_POSITIONS or len(streams) > WINDOW_MAX_ROWS:
+        return None
+    if starts < WINDOW_STARTS[0]:
         return None
     return DraftNoiseWindow(streams, longest, shape, starts)

@@ -82,10 +82,10 @@ def longest_draft(draft_length: DraftLength) -> int:
     return int(draft_length[1:].max()) if isinstance(draft_length, torch.Tensor) else int(draft_length)
 
 
-def propose(drafter: Drafter, schedule: Schedule, streams: DraftNoiseSource, ctx: DraftContext,
+def propose(drafter: Drafter, schedule: Schedule, noise: DraftNoiseSource, ctx: DraftContext,
             draft_length: DraftLength) -> DraftBatch:
     """Step 1: autoregressive drafts of L_b = min(L(k_b), k_b) positions per chain (``draft_lengths``), with
-    the draft noise of ``streams`` (the chains' ``NoiseStreams`` or a ``draft_noise.DraftNoiseWindow``'s rows).
+    the draft noise of ``noise`` (the chains' ``NoiseStreams`` or a ``draft_noise.DraftNoiseWindow``'s rows).
 
     Fallback proposal: a drafted eps that ``unusable_drafts`` flags is replaced, before z_j is drawn, by the
     chain's latest target eps (the free drafter's proposal; x itself in the first round). Both verifiers
@@ -101,12 +101,12 @@ def propose(drafter: Drafter, schedule: Schedule, streams: DraftNoiseSource, ctx
     Lmax = int(length.max())
     dims, shape, dev = ctx.x.dim() - 1, tuple(ctx.x.shape[1:]), ctx.x.device
     kk = (ctx.k[:, None] - torch.arange(Lmax, device=dev)[None, :]).clamp_min(1)  # (B, Lmax) index of step j
-    z = streams.draft_noise(ctx.k, Lmax, shape)  # (B, Lmax, *shape)
-    noise = schedule.sigma[kk].view(*kk.shape, *([1] * dims)) * z  # (B, Lmax, *shape) s_j z_j
-    states, means, eps_hats = _draft(drafter, schedule, ctx, kk, noise, None)
+    z = noise.draft_noise(ctx.k, Lmax, shape)  # (B, Lmax, *shape)
+    kernel_noise = schedule.sigma[kk].view(*kk.shape, *([1] * dims)) * z  # (B, Lmax, *shape) s_j z_j
+    states, means, eps_hats = _draft(drafter, schedule, ctx, kk, kernel_noise, None)
     replaced = torch.zeros(ctx.x.shape[0], dtype=torch.int64, device=dev)
     if not all_usable(eps_hats, means):
-        states, means, eps_hats = _draft(drafter, schedule, ctx, kk, noise, (replaced, length))
+        states, means, eps_hats = _draft(drafter, schedule, ctx, kk, kernel_noise, (replaced, length))
     return DraftBatch(states, means, eps_hats, length, replaced, drafter.cost * length, kk)
 
 
@@ -171,9 +171,10 @@ def score(model: EpsModel, schedule: Schedule, draft: DraftBatch, y: torch.Tenso
     else:
         eps, feats = _score_items(model, schedule, states, kk, y, length)
     flat_x, flat_e, flat_k = states[:, :Lmax].flatten(0, 1), eps.flatten(0, 1), kk.flatten()
-    means = schedule.step_mean(flat_x, flat_e, flat_k)
-    x0_hat = schedule.predicted_x0(flat_x, flat_e, flat_k).view(eps.shape) if x0 else None
-    return TargetScores(eps, means.view(eps.shape), feats, x0_hat)
+    if x0:
+        means, x0_hat = (v.view(eps.shape) for v in schedule.step_mean_and_x0(flat_x, flat_e, flat_k))
+        return TargetScores(eps, means, feats, x0_hat)
+    return TargetScores(eps, schedule.step_mean(flat_x, flat_e, flat_k).view(eps.shape), feats, None)
 
 
 def _score_all(model: EpsModel, schedule: Schedule, states: torch.Tensor, kk: torch.Tensor,
