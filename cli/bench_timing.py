@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from cli.render import markup
-from specdit.stability import RERUNS_PER_REPEAT
 
 
 def _f(v, spec=".2f") -> str:
@@ -24,7 +23,7 @@ def contention_line(report: dict) -> str:
                     "(--reruns 0); the table uses the first pass")
         return "contention: none detected (every run within 10% of its variant's median per unit of work)"
     first = ", ".join(f"{name} {_f(v['speedup'])}x" for name, v in report.get("first_pass", {}).items())
-    cap_n = report.get("reruns_per_repeat", RERUNS_PER_REPEAT)  # older reports: the default
+    cap_n = report.get("reruns_per_repeat", 2)  # reports older than --reruns were all made with the cap 2
     times = {1: "once", 2: "twice"}.get(cap_n, f"{cap_n} times")
     cap = ("cap reached: contention outlasted the reruns" if report.get("reruns_exhausted")
            else "cap not reached: every repeat ended within tolerance")

@@ -220,7 +220,8 @@ class Schedule:
         ``k`` (>= 1); None when the schedule clips (the mean is then not linear in the output)."""
         if self.clips:
             return None
-        return self.coef_x.to(k.device)[k], self.coef_e.to(k.device)[k]
+        a, b, _, _ = self.linear.to(k.device)[k].unbind(-1)  # one gather (``linear``: coef_x, coef_e, ...)
+        return a, b
 
     def step_mean(self, x: torch.Tensor, eps: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Kernel mean of the step x_k -> x_{k-1}; ``k`` is (N,) per-item state indices >= 1.
@@ -242,7 +243,7 @@ class Schedule:
         if self.clips:
             return self.step_mean(x, out, k), self.predicted_x0(x, out, k)
         shape = (-1,) + (1,) * (x.dim() - 1)
-        a, b, c, d = self.linear.to(x.device)[k].unbind(1)  # (N,) each: coef_x, coef_e, x0_x, x0_o
+        a, b, c, d = self.linear.to(x.device)[k].unbind(-1)  # (N,) each: coef_x, coef_e, x0_x, x0_o
         x, out = x.double(), out.double()
         return a.view(shape) * x + b.view(shape) * out, c.view(shape) * x + d.view(shape) * out
 

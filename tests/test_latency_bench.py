@@ -353,7 +353,7 @@ def test_contention_line_says_what_the_reruns_did():
     line = contention_line(rep)
     assert "1 rerun(s)" in line and "cap not reached" in line and "auto 1.52x" in line and "final runs" in line
     assert "cap reached" in contention_line(rep | {"reruns_exhausted": True})
-    assert "at most twice per repeat" in line  # a report without the field: the default cap
+    assert "at most twice per repeat" in line  # a report older than --reruns: made with the cap 2
     assert "at most 5 times per repeat" in contention_line(rep | {"reruns_per_repeat": 5})
     assert "for spec x0 L=4" in break_even_line({"batch": 32, "variant": "spec x0 L=4", "note": "n"})
     assert "> 4096 or unknown" in break_even_line({"batch": None, "note": "no fixed-L speculative variant"})
